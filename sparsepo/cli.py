@@ -1,0 +1,153 @@
+"""The `sparsepo` command.
+
+    sparsepo demo                         # offline demo: prepare the world, train DPO, evaluate
+    sparsepo demo --method simpo --nproc 2
+    sparsepo demo prepare                 # only build the demo world (cached)
+    sparsepo train --config run.yaml [--nproc N] [--resume auto] [section.key=value ...]
+    sparsepo precompute --config run.yaml [section.key=value ...]
+    sparsepo eval --policy DIR --reference DIR --prompts FILE
+    sparsepo export CHECKPOINT_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def launch_train(config: str | None, overrides: list[str], *, nproc: int = 1, resume: str | None = None) -> int:
+    """Run `sparsepo.train` in fresh processes: plain python for one, the deepspeed launcher for more."""
+    args = (["--config", config] if config else []) + (["--resume", resume] if resume else []) + overrides
+    if nproc <= 1:
+        cmd = [sys.executable, "-m", "sparsepo.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), "--module", "sparsepo.train", *args]
+    return subprocess.call(cmd, env=_env())
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    return launch_train(a.config, a.overrides, nproc=a.nproc, resume=a.resume)
+
+
+def cmd_precompute(a: argparse.Namespace) -> int:
+    return launch_train(a.config, [*a.overrides, "reference.mode=precompute"], nproc=a.nproc)
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from sparsepo.demo import prepare_world
+
+    paths = prepare_world(Path(a.workdir) / "world", size=a.size, seed=a.seed, force=a.force)
+    print(f"demo world ready in {paths.root}")
+    return 0
+
+
+def _print_eval(result: dict, label: str) -> None:
+    print(f"\n{label}: win rate vs reference {result['win_rate']:.1%} | KL(policy||ref) {result['kl']:.3f} | "
+          f"reward {result['policy_reward']:.3f} (reference {result['reference_reward']:.3f}) | "
+          f"length {result['policy_length']:.1f} (reference {result['reference_length']:.1f}) | n={result['n']}")
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    if a.action == "prepare":
+        return cmd_prepare(a)
+    if a.action not in (None, "run"):  # `sparsepo demo train.max_steps=5`: an override, not an action
+        a.overrides.insert(0, a.action)
+    from sparsepo.demo import evaluate_policy, prepare_world
+
+    world = prepare_world(Path(a.workdir) / "world", size=a.size, seed=a.seed, force=a.force)
+    run_dir = Path(a.workdir) / f"run-{a.method}"
+    overrides = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", f"method.name={a.method}",
+                 f"logging.output_dir={run_dir}", "logging.overwrite=true", *a.overrides]
+    code = launch_train(str(RECIPES / "demo.yaml"), overrides, nproc=a.nproc)
+    if code != 0:
+        print(f"sparsepo demo: training failed (exit {code})", file=sys.stderr)
+        return code
+    result = evaluate_policy(run_dir / "final", world.sft_dir, world.eval_prompts_path, seed=a.seed)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    _print_eval(result, f"{a.method} on the demo")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from sparsepo.demo import evaluate_policy
+
+    result = evaluate_policy(a.policy, a.reference, a.prompts, samples_per_prompt=a.samples_per_prompt,
+                             seed=a.seed)
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    _print_eval(result, str(a.policy))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from sparsepo.export import export_checkpoint
+
+    export_checkpoint(a.checkpoint, a.out)
+    print(f"exported {a.checkpoint} -> {a.out} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsepo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a policy (see sparsepo/recipes/*.yaml)")
+    t.add_argument("--config")
+    t.add_argument("--nproc", type=int, default=1, help="processes on this node (deepspeed launcher when > 1)")
+    t.add_argument("--resume", help="auto | checkpoint directory")
+    t.add_argument("overrides", nargs="*")
+    t.set_defaults(fn=cmd_train)
+
+    pc = sub.add_parser("precompute", help="score the dataset with the reference into the reference cache")
+    pc.add_argument("--config")
+    pc.add_argument("--nproc", type=int, default=1)
+    pc.add_argument("overrides", nargs="*")
+    pc.set_defaults(fn=cmd_precompute)
+
+    d = sub.add_parser("demo", help="offline demo: prepare world -> train -> eval (or `demo prepare`)")
+    d.add_argument("action", nargs="?", help="run (default) | prepare")
+    d.add_argument("--method", default="dpo")
+    d.add_argument("--size", default="default", choices=["default", "tiny"])
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--nproc", type=int, default=1)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--force", action="store_true", help="rebuild the demo world even if cached")
+    d.add_argument("overrides", nargs="*", help="config overrides for training, e.g. train.max_steps=20")
+    d.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("eval", help="win rate and KL of a policy against a reference on the demo reward")
+    e.add_argument("--policy", required=True)
+    e.add_argument("--reference", required=True)
+    e.add_argument("--prompts", required=True)
+    e.add_argument("--samples-per-prompt", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out")
+    e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="checkpoint -> Hugging Face model directory")
+    x.add_argument("checkpoint")
+    x.add_argument("out")
+    x.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.fn(args))
+
+
+if __name__ == "__main__":
+    main()

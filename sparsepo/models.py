@@ -1,0 +1,64 @@
+"""Hugging Face models and tokenizers, and the one forward pass both sides share.
+
+`pair_forward` runs chosen + rejected of a collated batch through a causal LM in one forward and
+returns per-token and sequence log-probs of the response tokens (plus, when asked, the log-probs at
+given token ids, for sparse-distribution methods). The policy (inside its DeepSpeed engine) and the
+reference scorer both call it, so the two sides can never disagree on alignment or masking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsepo.losses.common import gather_logps, token_logps_from_logits, topk_logps_from_logits
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer at {path} has neither a pad nor an eos token; add a pad token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_frozen_model(path: str, *, device: torch.device | str = "cpu", precision: str = "fp32"):
+    """A model for scoring only: eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@dataclass
+class PairForward:
+    """Outputs for 2B rows (chosen rows first, then rejected), T padded positions."""
+
+    token_logps: torch.Tensor  # (2B,T) log p(x_t | x_<t), zero outside the response
+    seq_logps: torch.Tensor  # (2B,) sum over response tokens
+    logits: torch.Tensor  # (2B,T,V), kept for callers that need more (top-k, samples)
+
+
+def pair_forward(model, batch) -> PairForward:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = logits.float()
+    token_logps = token_logps_from_logits(logits, batch.input_ids) * batch.response_mask
+    return PairForward(token_logps=token_logps, seq_logps=token_logps.sum(-1), logits=logits)
+
+
+def topk_at_response(logits: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k next-token log-probs (values, ids), zeroed outside the response mask."""
+    values, ids = topk_logps_from_logits(logits, k)
+    keep = mask.unsqueeze(-1)
+    return values * keep, (ids * keep.long())
+
+
+def logps_at(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return gather_logps(logits, ids) * mask.unsqueeze(-1)

@@ -1,0 +1,66 @@
+"""Cache mode: fingerprint the reference inputs, precompute the cache when missing, open it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+
+from sparsepo.reference.cache import INDEX, CacheReader, fingerprint_components
+from sparsepo.reference.scorer import precompute_cache, required_outputs
+
+log = logging.getLogger(__name__)
+
+
+def reference_path(cfg) -> str:
+    return cfg.reference.path or cfg.model.path
+
+
+def cache_dir(cfg) -> Path:
+    return Path(cfg.reference.cache_dir or Path(cfg.logging.output_dir) / "ref_cache")
+
+
+def cache_settings(cfg, spec, outputs: tuple[str, ...]) -> dict:
+    """Every option that changes the cached numbers (data/tokenisation settings are in the data part)."""
+    settings = {"outputs": list(outputs), "precision": cfg.train.precision}
+    if "topk_ids" in outputs:
+        settings["topk"] = cfg.reference.topk
+    if spec.needs_sae_features:
+        settings.update(sae=cfg.sae.path, sae_id=cfg.sae.sae_id, layer=cfg.sae.layer, k=cfg.method.params.k)
+    return settings
+
+
+def components(cfg, spec, data_fingerprint: str, outputs: tuple[str, ...]) -> dict:
+    """Computed on rank 0 and broadcast: every rank must key the cache identically."""
+    box = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        ref = reference_path(cfg)
+        box[0] = fingerprint_components(model_dir=ref, tokenizer_dir=cfg.model.tokenizer or ref,
+                                        data=data_fingerprint, settings=cache_settings(cfg, spec, outputs))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def ensure_cache(cfg, spec, dataset, collate, *, data_fingerprint: str, rank: int, world_size: int,
+                 device, extra=None, force: bool = False) -> CacheReader | None:
+    """Open the reference cache for this run, precomputing it first when it is missing."""
+    outputs = required_outputs(spec)
+    if not outputs:
+        return None
+    expected = components(cfg, spec, data_fingerprint, outputs)
+    directory = cache_dir(cfg)
+    if force or not (directory / INDEX).is_file():
+        from sparsepo.models import load_frozen_model
+
+        if rank == 0:
+            log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
+                     reference_path(cfg))
+        model = load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision)
+        precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
+                         topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
+                         shard_size=cfg.reference.shard_size, rank=rank, world_size=world_size,
+                         device=device, extra=extra, progress=cfg.logging.progress)
+        del model
+    return CacheReader(directory, expected)

@@ -1,0 +1,94 @@
+"""Scoring with the frozen reference: one batch (`score_batch`) and the offline pass that fills the
+reference cache (`precompute_cache`). The live reference group (issue 3) calls `score_batch` too,
+so cache, precompute and live modes produce the same numbers by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from sparsepo.models import pair_forward, topk_at_response
+from sparsepo.reference.cache import write_index, write_shard
+from sparsepo.reference.outputs import ReferenceOutputs
+
+log = logging.getLogger(__name__)
+
+
+def required_outputs(spec) -> tuple[str, ...]:
+    """Which reference outputs a method's table row asks for (nothing branches on its name)."""
+    out: list[str] = []
+    if spec.needs_reference:
+        out.append("seq_logps")
+    if spec.needs_ref_distributions and not spec.needs_policy_samples:
+        out += ["topk_ids", "topk_logps"]
+    if spec.needs_sae_features:
+        out += ["feature_ids", "feature_values"]
+    if spec.needs_oracle_scores:
+        out.append("oracle_scores")
+    return tuple(out)
+
+
+@torch.no_grad()
+def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int,
+                extra: Callable | None = None) -> ReferenceOutputs:
+    """Reference outputs for one collated batch. `extra(model, batch, fwd) -> dict` adds outputs that
+    need more than log-probs (SAE features, oracle scores)."""
+    fwd = pair_forward(model, batch)
+    ro = ReferenceOutputs(example_ids=list(batch.example_ids))
+    if "seq_logps" in outputs:
+        ro.seq_logps = fwd.seq_logps
+    if "token_logps" in outputs:
+        ro.token_logps = fwd.token_logps
+    if "topk_ids" in outputs:
+        ro.topk_logps, ro.topk_ids = topk_at_response(fwd.logits, batch.response_mask, topk)
+    if extra is not None:
+        for name, value in extra(model, batch, fwd).items():
+            if name in outputs:
+                setattr(ro, name, value)
+    missing = [o for o in outputs if getattr(ro, o) is None]
+    if missing:
+        raise RuntimeError(f"reference scorer produced no {missing}: no scorer extension provides them")
+    return ro
+
+
+def precompute_cache(model, dataset, collate: Callable, *, cache_dir, components: dict,
+                     outputs: tuple[str, ...], topk: int, batch_size: int, shard_size: int,
+                     rank: int = 0, world_size: int = 1, device="cpu", extra: Callable | None = None,
+                     progress: bool = True) -> None:
+    """Score the whole dataset into `cache_dir`. Shards are split over ranks (shard i on rank
+    i % world); rank 0 writes the index last, so an interrupted run leaves no valid cache."""
+    from tqdm.auto import tqdm
+
+    n = len(dataset)
+    num_shards = (n + shard_size - 1) // shard_size
+    mine = list(range(rank, num_shards, world_size))
+    entries: list[tuple[int, dict]] = []
+    bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in mine), desc="reference precompute",
+               unit="pair", disable=not progress or rank != 0)
+    for s in mine:
+        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+        ids: list[str] = []
+        records: list[dict] = []
+        for start in range(lo, hi, batch_size):
+            rows = dataset.select(range(start, min(start + batch_size, hi)))
+            batch = collate(list(rows)).to(device)
+            ro = score_batch(model, batch, outputs, topk=topk, extra=extra)
+            ids += list(batch.example_ids)
+            records += ro.to_records(batch.response_mask)
+            bar.update(batch.num_pairs)
+        entries.append((s, write_shard(cache_dir, s, ids, records)))
+    bar.close()
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, entries)
+        entries = [e for part in gathered for e in part]
+    if rank == 0:
+        shards = [e for _, e in sorted(entries, key=lambda t: t[0])]
+        write_index(cache_dir, components, shards)
+        log.info("reference cache: %d pairs in %d shards at %s", n, num_shards, cache_dir)
+    if world_size > 1:
+        dist.barrier()

@@ -1,0 +1,57 @@
+"""Entry point for launchers: one process of a training run.
+
+    deepspeed --num_gpus 2 --module sparsepo.train --config sparsepo/recipes/demo.yaml method.name=simpo
+    torchrun --nproc_per_node 2 -m sparsepo.train --config ...
+    mpirun -np 2 python -m sparsepo.train --config ...
+
+Extra arguments are dotted config overrides. Exits through engine.shutdown (clean gloo teardown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sparsepo train", description="Train a policy with a preference method.")
+    p.add_argument("--config", help="YAML run config (default: the built-in defaults)")
+    p.add_argument("--resume", help="auto | a checkpoint directory (same as checkpoint.resume=...)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.beta=0.05 train.max_steps=20")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from sparsepo.config import ConfigError, load_config
+
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"sparsepo: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from sparsepo import engine
+    from sparsepo.trainer import train
+
+    code = 0
+    try:
+        train(cfg)
+    except Exception as e:  # every rank reports, then leaves without hanging its peers
+        logging.getLogger("sparsepo").error("%s: %s", type(e).__name__, e)
+        if os.environ.get("SPARSEPO_DEBUG"):
+            traceback.print_exc()
+        code = 1
+    engine.shutdown(code)
+
+
+if __name__ == "__main__":
+    main()

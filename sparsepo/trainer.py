@@ -1,0 +1,186 @@
+"""The training loop: one function, every method, fed by the loss table's flags.
+
+    sparsepo train --config recipes/demo_dpo.yaml method.beta=0.05
+    deepspeed --num_gpus 2 --module sparsepo.train --config recipes/demo_dpo.yaml
+
+Per optimiser step and per micro-batch: collate the rows this rank owns -> reference outputs for
+them (cache or live group) -> one policy forward of chosen + rejected -> the method's loss ->
+engine backward/step. Metrics are averaged over ranks and written by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsepo import checkpoint as ckpt
+from sparsepo import data as pdata
+from sparsepo import engine as eng
+from sparsepo.config import RunConfig, build_deepspeed_config, check_batch_size, config_fingerprint, save_resolved
+from sparsepo.losses import LossInputs, get_method
+from sparsepo.metrics import MetricsLogger, reduce_mean
+from sparsepo.models import load_tokenizer, logps_at, pair_forward
+from sparsepo.reference import offline
+from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
+
+log = logging.getLogger("sparsepo")
+
+
+class RunDirError(RuntimeError):
+    """The run directory holds a finished run and would be overwritten."""
+
+
+def prepare_run_dir(cfg: RunConfig, *, is_main: bool, resuming: bool) -> Path:
+    run_dir = Path(cfg.logging.output_dir)
+    done = run_dir / "summary.json"
+    if done.exists() and not (cfg.logging.overwrite or resuming):
+        raise RunDirError(f"{run_dir} already holds a finished run ({done}); choose another "
+                          f"logging.output_dir, or set logging.overwrite=true to replace it")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir)
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def loss_inputs(spec, fwd, batch, ref: ReferenceOutputs | None) -> LossInputs:
+    """Exactly what the method's table row asks for, split into chosen / rejected halves."""
+    b = batch.num_pairs
+    mask = batch.response_mask
+    kw = dict(policy_chosen_logps=fwd.seq_logps[:b], policy_rejected_logps=fwd.seq_logps[b:],
+              chosen_mask=mask[:b], rejected_mask=mask[b:])
+    if spec.needs_token_logps:
+        kw.update(policy_chosen_token_logps=fwd.token_logps[:b], policy_rejected_token_logps=fwd.token_logps[b:])
+    if ref is not None:
+        if ref.example_ids != list(batch.example_ids):
+            raise MisalignedOutputs(f"reference outputs for {ref.example_ids[:3]}... delivered for batch "
+                                    f"{list(batch.example_ids)[:3]}...")
+        if spec.needs_reference:
+            kw.update(ref_chosen_logps=ref.seq_logps[:b], ref_rejected_logps=ref.seq_logps[b:])
+        if ref.topk_ids is not None:
+            policy_topk = logps_at(fwd.logits, ref.topk_ids, mask)
+            kw.update(ref_chosen_topk_logps=ref.topk_logps[:b], ref_rejected_topk_logps=ref.topk_logps[b:],
+                      policy_chosen_topk_logps=policy_topk[:b], policy_rejected_topk_logps=policy_topk[b:])
+        if ref.oracle_scores is not None:
+            kw.update(chosen_oracle_scores=ref.oracle_scores[:b], rejected_oracle_scores=ref.oracle_scores[b:])
+        if ref.feature_ids is not None:
+            kw.update(ref_chosen_feature_ids=ref.feature_ids[:b], ref_rejected_feature_ids=ref.feature_ids[b:],
+                      ref_chosen_feature_values=ref.feature_values[:b],
+                      ref_rejected_feature_values=ref.feature_values[b:])
+    return LossInputs(**kw)
+
+
+def _refuse_unsupported(spec, cfg: RunConfig) -> None:
+    if spec.needs_policy_samples:
+        raise NotImplementedError(
+            f"method '{spec.name}' needs reference scores of on-policy samples, which the live reference "
+            f"group serves; this build trains it only with reference.mode=live (not available yet). "
+            f"Use dpo, ipo, simpo, tdpo1, tdpo2 or sepo/fpo with their caches.")
+    if spec.needs_sae_features:
+        raise NotImplementedError(f"method '{spec.name}' needs SAE features on the policy ranks; not wired yet")
+    if spec.needs_oracle_scores:
+        raise NotImplementedError(f"method '{spec.name}' needs oracle token scores; not wired yet")
+    if cfg.reference.mode == "live":
+        raise NotImplementedError("reference.mode=live is not available yet; use cache (or precompute)")
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train the policy described by `cfg`; returns the final averaged metrics (rank 0 writes them)."""
+    ctx = eng.init_distributed()
+    spec = get_method(cfg.method.name)
+    _refuse_unsupported(spec, cfg)
+    dp = ctx.world_size
+    global_batch = check_batch_size(cfg, dp)
+    resume = ckpt.find_resume(cfg)
+    run_dir = prepare_run_dir(cfg, is_main=ctx.is_main, resuming=resume is not None)
+    seed_everything(cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None)
+    data_fp = pdata.dataset_fingerprint(dataset)
+
+    def collate(rows):
+        return pdata.collate_pairs(rows, tokenizer.pad_token_id)
+
+    precompute_only = cfg.reference.mode == "precompute"
+    reader = offline.ensure_cache(cfg, spec, dataset, collate, data_fingerprint=data_fp, rank=ctx.rank,
+                                  world_size=ctx.world_size, device=ctx.device, force=precompute_only)
+    if precompute_only:
+        return {"cache": str(offline.cache_dir(cfg)), "pairs": len(dataset)}
+
+    per_epoch = pdata.steps_per_epoch(len(dataset), global_batch)
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} pairs cannot fill one global batch of {global_batch} "
+                         f"(micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum} x {dp} ranks)")
+    total = cfg.train.max_steps or per_epoch * cfg.train.epochs
+    ds_config = build_deepspeed_config(cfg, dp_size=dp, total_steps=total)
+    if ctx.is_main:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+    policy = eng.build_policy(cfg.model.path, ds_config, precision=cfg.train.precision,
+                              gradient_checkpointing=cfg.model.gradient_checkpointing)
+    start = 0
+    if resume is not None:
+        start = ckpt.restore(policy, resume, cfg, data_fingerprint=data_fp, ctx=ctx)
+
+    metrics = MetricsLogger(run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                            log_every=cfg.logging.log_every)
+    if ctx.is_main:
+        log.info("training %s on %d pairs: %d steps of %d pairs over %d rank(s)", spec.name, len(dataset), total,
+                 global_batch, dp)
+    params = cfg.method.params
+    last: dict[str, float] = {}
+    for step in range(start, total):
+        epoch, in_epoch = divmod(step, per_epoch)
+        order = pdata.epoch_order(len(dataset), cfg.train.seed, epoch)
+        t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
+        for micro in range(cfg.train.grad_accum):
+            idx = pdata.micro_batch_indices(order, step=in_epoch, micro_batch_size=cfg.train.micro_batch_size,
+                                            grad_accum=cfg.train.grad_accum, dp_size=dp, dp_rank=ctx.rank,
+                                            micro_step=micro)
+            batch = collate(list(dataset.select(idx))).to(ctx.device)
+            t_ref = time.perf_counter()
+            ref = None
+            if reader is not None:
+                ref = ReferenceOutputs.from_records(batch.example_ids, reader.get(batch.example_ids),
+                                                    batch.response_mask, ctx.device)
+            wait += time.perf_counter() - t_ref
+            out = spec.loss_fn(loss_inputs(spec, pair_forward(policy, batch), batch, ref), params)
+            loss = out.losses.mean()
+            policy.backward(loss)
+            policy.step()
+            tokens += int(batch.attention_mask.sum())
+            for k, v in {"loss": loss.detach(), **out.metrics,
+                         "rewards_chosen": out.chosen_rewards.mean(),
+                         "rewards_rejected": out.rejected_rewards.mean()}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+        step_time = time.perf_counter() - t_step
+        grad_norm = policy.get_global_grad_norm()
+        scalars = reduce_mean({**sums, "step_time": step_time, "ref_wait": wait,
+                               "tokens_per_s": tokens * dp / step_time})
+        scalars.update(lr=float(policy.get_lr()[0]), grad_norm=float(grad_norm or 0.0))
+        metrics.log(step + 1, scalars)
+        last = scalars
+        if ckpt.due(cfg, step + 1, total):
+            ckpt.save(policy, cfg, run_dir, step=step + 1, samples=(step + 1) * global_batch,
+                      data_fingerprint=data_fp, ctx=ctx)
+    metrics.close()
+    eng.save_hf_model(policy, tokenizer, run_dir / "final", is_main=ctx.is_main)
+    summary = {"method": spec.name, "steps": total, "final": last, "config_fingerprint": config_fingerprint(cfg),
+               "data": asdict(report) if hasattr(report, "__dataclass_fields__") else str(report)}
+    if ctx.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        log.info("done: final model in %s", run_dir / "final")
+    return summary

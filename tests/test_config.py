@@ -1,0 +1,144 @@
+"""Config: YAML round-trip, dotted overrides, DeepSpeed JSON, and every refusal."""
+
+import json
+
+import pytest
+import yaml
+
+from sparsepo.config import (
+    ConfigError,
+    RunConfig,
+    build_deepspeed_config,
+    check_batch_size,
+    config_fingerprint,
+    load_config,
+    save_resolved,
+    to_dict,
+)
+
+
+def write(tmp_path, body: dict, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_defaults_are_a_valid_run():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.method.name == "dpo" and cfg.method.params.beta == 0.1
+
+
+def test_yaml_sections_and_method_params(tmp_path):
+    path = write(tmp_path, {"method": {"name": "simpo", "beta": 2.5, "gamma": 0.3},
+                            "optim": {"lr": 1e-4, "betas": [0.9, 0.95]}, "train": {"micro_batch_size": 2}})
+    cfg = load_config(path)
+    assert cfg.method.name == "simpo"
+    assert (cfg.method.params.beta, cfg.method.params.gamma) == (2.5, 0.3)
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.lr == 1e-4
+    assert cfg.train.micro_batch_size == 2
+
+
+def test_overrides_win_over_file_and_parse_types(tmp_path):
+    path = write(tmp_path, {"method": {"name": "dpo", "beta": 0.1}})
+    cfg = load_config(path, ["method.beta=0.05", "train.max_steps=7", "logging.tensorboard=false",
+                             "model.tokenizer=null", "optim.lr=3"])
+    assert cfg.method.params.beta == 0.05
+    assert cfg.train.max_steps == 7
+    assert cfg.logging.tensorboard is False
+    assert cfg.optim.lr == 3.0 and isinstance(cfg.optim.lr, float)  # ints accepted for floats
+
+
+def test_round_trip_through_resolved_file(tmp_path):
+    cfg = load_config(None, ["method.name=tdpo2", "method.alpha=0.3", "train.seed=5"])
+    path = save_resolved(cfg, tmp_path / "run")
+    again = load_config(path)
+    assert to_dict(again) == to_dict(cfg)
+    assert config_fingerprint(again) == config_fingerprint(cfg)
+    assert config_fingerprint(load_config(None, ["train.seed=6"])) != config_fingerprint(cfg)
+
+
+@pytest.mark.parametrize("body,override,needles", [
+    ({"optim": {"lrr": 1e-4}}, [], ["unknown key 'optim.lrr'", "run.yaml", "Did you mean 'lr'"]),
+    ({"optimiser": {"lr": 1e-4}}, [], ["unknown section 'optimiser'", "Did you mean 'optim'"]),
+    ({}, ["method.bta=0.2"], ["unknown key 'method.bta'", "command-line override 'method.bta=0.2'",
+                              "Did you mean 'beta'"]),
+    ({"method": {"name": "dop"}}, [], ["unknown method 'dop'", "Did you mean 'dpo'"]),
+    ({"train": {"micro_batch_size": "four"}}, [], ["'train.micro_batch_size'", "must be int", "run.yaml"]),
+    ({"train": {"micro_batch_size": 2.5}}, [], ["must be int"]),
+    ({"logging": {"tensorboard": "yes"}}, [], ["'logging.tensorboard'", "must be bool"]),
+    ({"optim": {"betas": [0.9]}}, [], ["'optim.betas'", "list of 2"]),
+    ({"reference": {"mode": "lvie"}}, [], ["'reference.mode'", "choose one of", "Did you mean 'live'"]),
+    ({"train": {"precision": "fp16"}}, [], ["'train.precision'", "fp32, bf16"]),
+    ({"method": {"name": "dpo", "beta": -1.0}}, [], ["method", "beta"]),
+    ({"data": {"max_length": 64, "max_prompt_length": 64}}, [], ["max_prompt_length=64", "max_length=64"]),
+    ({"reference": {"mode": "live"}}, [], ["reference.mode=live", "topology.reference_ranks"]),
+    ({"topology": {"reference_ranks": 2}}, [], ["reference.mode=cache", "reference_ranks=2"]),
+    ({"method": {"name": "fpo"}}, [], ["needs an SAE", "sae.path"]),
+    ({"train": {"micro_batch_size": 0}}, [], ["train.micro_batch_size=0", ">= 1"]),
+    ({"train": "fast"}, [], ["section 'train'", "mapping"]),
+])
+def test_refusals_name_key_source_and_fix(tmp_path, body, override, needles):
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, override)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["method.beta"])
+    with pytest.raises(ConfigError, match="must be section.key"):
+        load_config(None, ["beta=0.1"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_batch_arithmetic_is_checked():
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.grad_accum=2", "train.train_batch_size=16"])
+    assert check_batch_size(cfg, dp_size=2) == 16
+    with pytest.raises(ConfigError) as e:
+        check_batch_size(cfg, dp_size=3)
+    assert "train.train_batch_size=16" in str(e.value) and "= 24" in str(e.value)
+
+
+def test_deepspeed_json_from_stage_file_and_config():
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.grad_accum=3", "optim.lr=1e-3",
+                             "optim.warmup_steps=4", "train.precision=bf16", "optim.grad_clip=0.5"])
+    ds = build_deepspeed_config(cfg, dp_size=2, total_steps=50)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 12
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 1e-3 and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["total_num_steps"] == 50
+    assert "auto" not in json.dumps(ds)
+
+
+def test_stage_file_with_auto_or_missing_is_refused(tmp_path):
+    stage = tmp_path / "mine.json"
+    stage.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    cfg = load_config(None, [f"deepspeed.stage_file={stage}"])
+    with pytest.raises(ConfigError) as e:
+        build_deepspeed_config(cfg, dp_size=1, total_steps=10)
+    assert "zero_optimization.reduce_bucket_size" in str(e.value) and "auto" in str(e.value)
+    cfg = load_config(None, ["deepspeed.stage_file=zero9.json"])
+    with pytest.raises(ConfigError, match="zero3.json"):
+        build_deepspeed_config(cfg, dp_size=1, total_steps=10)
+
+
+def test_every_shipped_stage_file_builds():
+    from sparsepo.config import DS_CONFIG_DIR
+
+    files = sorted(DS_CONFIG_DIR.glob("*.json"))
+    assert {f.name for f in files} >= {"zero3.json", "zero3_offload.json", "zero2.json"}
+    for f in files:
+        ds = build_deepspeed_config(load_config(None, [f"deepspeed.stage_file={f.name}"]), dp_size=1,
+                                    total_steps=10)
+        assert ds["zero_optimization"]["stage"] in (2, 3)
