@@ -126,7 +126,8 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     schedule: str = "cosine"
-    """constant | linear | cosine (after warmup, decaying to min_lr_ratio × lr)."""
+    """constant | linear | cosine: transformers' schedules, after `warmup_steps` of linear warmup
+    (linear decays to 0, cosine to min_lr_ratio × lr)."""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     """Gradient-norm clipping; 0 disables."""
@@ -241,6 +242,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(
             f"'{key}' in {source} must be {tp.__name__}, got {type(value).__name__} {value!r}"
@@ -492,23 +498,11 @@ def load_stage_file(name: str) -> tuple[dict, Path]:
     return stage, path
 
 
-def build_deepspeed_config(cfg: RunConfig, *, dp_size: int, total_steps: int) -> dict:
-    """The JSON handed to deepspeed.initialize for the policy engine."""
+def build_deepspeed_config(cfg: RunConfig, *, dp_size: int) -> dict:
+    """The JSON handed to deepspeed.initialize for the policy engine. The LR schedule is not in it:
+    the engine gets a transformers schedule object (see lr_schedule), which DeepSpeed checkpoints."""
     stage, _ = load_stage_file(cfg.deepspeed.stage_file)
     o, t = cfg.optim, cfg.train
-    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
-    if o.schedule == "constant":
-        scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
-                                                    "warmup_num_steps": max(warmup, 1), "warmup_type": "linear"}}
-    elif o.schedule == "linear":
-        scheduler = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
-                                                         "warmup_num_steps": max(warmup, 1),
-                                                         "total_num_steps": max(total_steps, warmup + 1),
-                                                         "warmup_type": "linear"}}
-    else:
-        scheduler = {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, warmup + 1),
-                                                          "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
-                                                          "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}}
     ds = dict(stage)
     ds.update({
         "train_batch_size": check_batch_size(cfg, dp_size),
@@ -519,8 +513,18 @@ def build_deepspeed_config(cfg: RunConfig, *, dp_size: int, total_steps: int) ->
         "fp16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                   "weight_decay": o.weight_decay, "torch_adam": True}},
-        "scheduler": scheduler,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     })
     return ds
+
+
+def lr_schedule(cfg: RunConfig, total_steps: int) -> tuple[str, dict]:
+    """(transformers scheduler name, kwargs) for `transformers.get_scheduler`."""
+    o = cfg.optim
+    kwargs = {"num_warmup_steps": o.warmup_steps, "num_training_steps": total_steps}
+    if o.schedule == "constant":
+        return "constant_with_warmup", kwargs
+    if o.schedule == "linear":
+        return "linear", kwargs
+    return "cosine_with_min_lr", {**kwargs, "scheduler_specific_kwargs": {"min_lr_rate": o.min_lr_ratio}}

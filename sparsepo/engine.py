@@ -106,11 +106,11 @@ def _dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def build_policy(model_path: str, ds_config: dict, *, precision: str = "fp32",
+def build_policy(model_path: str, ds_config: dict, *, schedule: tuple[str, dict], precision: str = "fp32",
                  gradient_checkpointing: bool = False) -> Any:
     """The trainable policy as a DeepSpeed engine. With ZeRO-3 the weights are loaded straight into
     partitions (transformers' `HfDeepSpeedConfig` turns on `zero.Init` inside from_pretrained)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
 
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must live while the model is built)
@@ -118,9 +118,11 @@ def build_policy(model_path: str, ds_config: dict, *, precision: str = "fp32",
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    name, kwargs = schedule
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad],
-                                      config=ds_config)
+                                      config=ds_config,
+                                      lr_scheduler=lambda optimizer: get_scheduler(name, optimizer, **kwargs))
     return engine
 
 

@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 2 -m sparsepo.train --config ...
     mpirun -np 2 python -m sparsepo.train --config ...
 
-Extra arguments are dotted config overrides. Exits through engine.shutdown (clean gloo teardown).
+Extra arguments are dotted config overrides. Exits through engine.shutdown (clean gloo teardown)
+with 0 (done), 1 (error), 2 (config error) or 3 (preempted: checkpoint written, requeue and
+resume with --resume auto).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # deepspeed calls torch.distributed collectives that torch has renamed; one warning per step otherwise
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -40,11 +46,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)
     from sparsepo import engine
-    from sparsepo.trainer import train
+    from sparsepo.trainer import EXIT_PREEMPTED, Preempted, train
 
     code = 0
     try:
         train(cfg)
+    except Preempted as e:
+        logging.getLogger("sparsepo").warning("%s", e)
+        code = EXIT_PREEMPTED
     except Exception as e:  # every rank reports, then leaves without hanging its peers
         logging.getLogger("sparsepo").error("%s: %s", type(e).__name__, e)
         if os.environ.get("SPARSEPO_DEBUG"):

@@ -13,17 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from sparsepo import checkpoint as ckpt
 from sparsepo import data as pdata
 from sparsepo import engine as eng
-from sparsepo.config import RunConfig, build_deepspeed_config, check_batch_size, config_fingerprint, save_resolved
+from sparsepo.config import (RunConfig, build_deepspeed_config, check_batch_size, config_fingerprint, lr_schedule,
+                             save_resolved)
 from sparsepo.losses import LossInputs, get_method
 from sparsepo.metrics import MetricsLogger, reduce_mean
 from sparsepo.models import load_tokenizer, logps_at, pair_forward
@@ -33,19 +37,54 @@ from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
 log = logging.getLogger("sparsepo")
 
 
+EXIT_PREEMPTED = 3  # the sbatch templates turn this into `scontrol requeue`
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a preemption signal asked for has been written."""
+
+
+class PreemptionFlag:
+    """SIGUSR1 (Slurm --signal) or SIGTERM sets a flag; the loop checks it after each step on every
+    rank (one all-reduce), so all ranks stop at the same step and checkpoint together."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.received: int | None = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 class RunDirError(RuntimeError):
     """The run directory holds a finished run and would be overwritten."""
 
 
-def prepare_run_dir(cfg: RunConfig, *, is_main: bool, resuming: bool) -> Path:
+def prepare_run_dir(cfg: RunConfig, *, is_main: bool) -> Path:
+    """Refuse to overwrite a finished run silently; with logging.overwrite, clear the old run's
+    outputs (the reference cache stays: it is verified by fingerprint and costly to rebuild)."""
     run_dir = Path(cfg.logging.output_dir)
     done = run_dir / "summary.json"
-    if done.exists() and not (cfg.logging.overwrite or resuming):
+    resuming = cfg.checkpoint.resume is not None
+    if done.exists() and not cfg.logging.overwrite and not resuming:
         raise RunDirError(f"{run_dir} already holds a finished run ({done}); choose another "
-                          f"logging.output_dir, or set logging.overwrite=true to replace it")
+                          f"logging.output_dir, set logging.overwrite=true to replace it, or "
+                          f"checkpoint.resume=auto to continue it")
     if is_main:
+        if cfg.logging.overwrite and not resuming and run_dir.is_dir():
+            for name in ("checkpoints", "tensorboard", "final", "summary.json", "skipped_rows.jsonl"):
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
+    dist.barrier()
     return run_dir
 
 
@@ -103,12 +142,16 @@ def train(cfg: RunConfig) -> dict:
     _refuse_unsupported(spec, cfg)
     dp = ctx.world_size
     global_batch = check_batch_size(cfg, dp)
+    run_dir = prepare_run_dir(cfg, is_main=ctx.is_main)
     resume = ckpt.find_resume(cfg)
-    run_dir = prepare_run_dir(cfg, is_main=ctx.is_main, resuming=resume is not None)
     seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    if not ctx.is_main:  # rank 0 tokenises and fills the datasets cache; the others then hit it
+        dist.barrier()
     dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None)
+    if ctx.is_main:
+        dist.barrier()
     data_fp = pdata.dataset_fingerprint(dataset)
 
     def collate(rows):
@@ -125,10 +168,10 @@ def train(cfg: RunConfig) -> dict:
         raise ValueError(f"{len(dataset)} pairs cannot fill one global batch of {global_batch} "
                          f"(micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum} x {dp} ranks)")
     total = cfg.train.max_steps or per_epoch * cfg.train.epochs
-    ds_config = build_deepspeed_config(cfg, dp_size=dp, total_steps=total)
+    ds_config = build_deepspeed_config(cfg, dp_size=dp)
     if ctx.is_main:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
-    policy = eng.build_policy(cfg.model.path, ds_config, precision=cfg.train.precision,
+    policy = eng.build_policy(cfg.model.path, ds_config, schedule=lr_schedule(cfg, total), precision=cfg.train.precision,
                               gradient_checkpointing=cfg.model.gradient_checkpointing)
     start = 0
     if resume is not None:
@@ -141,16 +184,18 @@ def train(cfg: RunConfig) -> dict:
         log.info("training %s on %d pairs: %d steps of %d pairs over %d rank(s)", spec.name, len(dataset), total,
                  global_batch, dp)
     params = cfg.method.params
+    preempt = PreemptionFlag()
     last: dict[str, float] = {}
     for step in range(start, total):
         epoch, in_epoch = divmod(step, per_epoch)
         order = pdata.epoch_order(len(dataset), cfg.train.seed, epoch)
         t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
+        lr = float(policy.get_lr()[0])  # the rate this step uses
         for micro in range(cfg.train.grad_accum):
             idx = pdata.micro_batch_indices(order, step=in_epoch, micro_batch_size=cfg.train.micro_batch_size,
                                             grad_accum=cfg.train.grad_accum, dp_size=dp, dp_rank=ctx.rank,
                                             micro_step=micro)
-            batch = collate(list(dataset.select(idx))).to(ctx.device)
+            batch = collate(pdata.gather_rows(dataset, idx)).to(ctx.device)
             t_ref = time.perf_counter()
             ref = None
             if reader is not None:
@@ -170,15 +215,23 @@ def train(cfg: RunConfig) -> dict:
         grad_norm = policy.get_global_grad_norm()
         scalars = reduce_mean({**sums, "step_time": step_time, "ref_wait": wait,
                                "tokens_per_s": tokens * dp / step_time})
-        scalars.update(lr=float(policy.get_lr()[0]), grad_norm=float(grad_norm or 0.0))
+        scalars.update(lr=lr, grad_norm=float(grad_norm or 0.0))
         metrics.log(step + 1, scalars)
         last = scalars
-        if ckpt.due(cfg, step + 1, total):
+        stop = preempt.any_rank()
+        if stop or ckpt.due(cfg, step + 1, total):
             ckpt.save(policy, cfg, run_dir, step=step + 1, samples=(step + 1) * global_batch,
                       data_fingerprint=data_fp, ctx=ctx)
+        if stop:
+            metrics.close()
+            raise Preempted(f"preempted at step {step + 1}: checkpoint written; resume with --resume auto")
     metrics.close()
     eng.save_hf_model(policy, tokenizer, run_dir / "final", is_main=ctx.is_main)
+    shards: list = [None] * ctx.world_size
+    dist.all_gather_object(shards, eng.local_parameter_count(policy))
     summary = {"method": spec.name, "steps": total, "final": last, "config_fingerprint": config_fingerprint(cfg),
+               "world_size": ctx.world_size, "parameters_per_rank": [s[0] for s in shards],
+               "parameters_total": shards[0][1],
                "data": asdict(report) if hasattr(report, "__dataclass_fields__") else str(report)}
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -12,6 +12,7 @@ from sparsepo.config import (
     check_batch_size,
     config_fingerprint,
     load_config,
+    lr_schedule,
     save_resolved,
     to_dict,
 )
@@ -110,14 +111,16 @@ def test_batch_arithmetic_is_checked():
 def test_deepspeed_json_from_stage_file_and_config():
     cfg = load_config(None, ["train.micro_batch_size=2", "train.grad_accum=3", "optim.lr=1e-3",
                              "optim.warmup_steps=4", "train.precision=bf16", "optim.grad_clip=0.5"])
-    ds = build_deepspeed_config(cfg, dp_size=2, total_steps=50)
+    ds = build_deepspeed_config(cfg, dp_size=2)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_batch_size"] == 12
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == 1e-3 and ds["optimizer"]["params"]["torch_adam"] is True
-    assert ds["scheduler"]["type"] == "WarmupCosineLR"
-    assert ds["scheduler"]["params"]["total_num_steps"] == 50
+    assert "scheduler" not in ds  # the engine gets a transformers schedule (lr_schedule)
+    assert lr_schedule(cfg, 50) == ("cosine_with_min_lr", {"num_warmup_steps": 4, "num_training_steps": 50,
+                                                          "scheduler_specific_kwargs": {"min_lr_rate": 0.0}})
+    assert lr_schedule(load_config(None, ["optim.schedule=constant"]), 9)[0] == "constant_with_warmup"
     assert "auto" not in json.dumps(ds)
 
 
@@ -126,11 +129,11 @@ def test_stage_file_with_auto_or_missing_is_refused(tmp_path):
     stage.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
     cfg = load_config(None, [f"deepspeed.stage_file={stage}"])
     with pytest.raises(ConfigError) as e:
-        build_deepspeed_config(cfg, dp_size=1, total_steps=10)
+        build_deepspeed_config(cfg, dp_size=1)
     assert "zero_optimization.reduce_bucket_size" in str(e.value) and "auto" in str(e.value)
     cfg = load_config(None, ["deepspeed.stage_file=zero9.json"])
     with pytest.raises(ConfigError, match="zero3.json"):
-        build_deepspeed_config(cfg, dp_size=1, total_steps=10)
+        build_deepspeed_config(cfg, dp_size=1)
 
 
 def test_every_shipped_stage_file_builds():
@@ -139,6 +142,5 @@ def test_every_shipped_stage_file_builds():
     files = sorted(DS_CONFIG_DIR.glob("*.json"))
     assert {f.name for f in files} >= {"zero3.json", "zero3_offload.json", "zero2.json"}
     for f in files:
-        ds = build_deepspeed_config(load_config(None, [f"deepspeed.stage_file={f.name}"]), dp_size=1,
-                                    total_steps=10)
+        ds = build_deepspeed_config(load_config(None, [f"deepspeed.stage_file={f.name}"]), dp_size=1)
         assert ds["zero_optimization"]["stage"] in (2, 3)

@@ -74,8 +74,9 @@ def precompute_cache(model, dataset, collate: Callable, *, cache_dir, components
         ids: list[str] = []
         records: list[dict] = []
         for start in range(lo, hi, batch_size):
-            rows = dataset.select(range(start, min(start + batch_size, hi)))
-            batch = collate(list(rows)).to(device)
+            from sparsepo.data import gather_rows
+
+            batch = collate(gather_rows(dataset, list(range(start, min(start + batch_size, hi))))).to(device)
             ro = score_batch(model, batch, outputs, topk=topk, extra=extra)
             ids += list(batch.example_ids)
             records += ro.to_records(batch.response_mask)

@@ -1,0 +1,44 @@
+"""Preference-optimisation losses: pure functions of torch tensors (imports torch and stdlib only).
+
+    from sparsepo.losses import LossInputs, get_method
+    spec = get_method("dpo")
+    out = spec.loss_fn(LossInputs(...fields in spec.required_fields...), spec.params_cls(beta=0.1))
+    out.losses.mean().backward()
+
+Tests: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_losses*.py -q
+"""
+
+from sparsepo.losses.common import (
+    gather_logps,
+    make_output,
+    masked_mean,
+    masked_sum,
+    pool_over_mask,
+    pooled_union_mse,
+    response_lengths,
+    select_tokens,
+    sigmoid_loss,
+    sparse_kl,
+    token_logps_from_logits,
+    topk_logps_from_logits,
+)
+from sparsepo.losses.dpo import DPOParams, dpo_loss
+from sparsepo.losses.fpo import FPOParams, fpo_loss
+from sparsepo.losses.ipo import IPOParams, ipo_loss
+from sparsepo.losses.sepo import SePOParams, sepo_loss
+from sparsepo.losses.simpo import SimPOParams, simpo_loss
+from sparsepo.losses.spo import SPOParams, spo_loss
+from sparsepo.losses.table import BASE_FIELDS, FLAG_FIELDS, METHODS, MethodSpec, get_method
+from sparsepo.losses.tdpo import TDPOParams, tdpo1_loss, tdpo2_loss
+from sparsepo.losses.types import LossInputs, LossOutput
+
+__all__ = [
+    "BASE_FIELDS", "FLAG_FIELDS", "METHODS", "MethodSpec", "get_method",
+    "LossInputs", "LossOutput",
+    "DPOParams", "dpo_loss", "IPOParams", "ipo_loss", "SimPOParams", "simpo_loss",
+    "TDPOParams", "tdpo1_loss", "tdpo2_loss", "FPOParams", "fpo_loss",
+    "SePOParams", "sepo_loss", "SPOParams", "spo_loss",
+    "gather_logps", "token_logps_from_logits", "topk_logps_from_logits",
+    "masked_sum", "masked_mean", "response_lengths", "pool_over_mask",
+    "sparse_kl", "pooled_union_mse", "select_tokens", "sigmoid_loss", "make_output",
+]
