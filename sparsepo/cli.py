@@ -6,6 +6,7 @@
     sparsepo train --config run.yaml [--nproc N] [--resume auto] [section.key=value ...]
     sparsepo precompute --config run.yaml [section.key=value ...]
     sparsepo eval --policy DIR --reference DIR --prompts FILE
+    sparsepo sae train --config run.yaml --out runs/sae    # an SAE for FPO (sae-lens format)
     sparsepo export CHECKPOINT_DIR OUT_DIR
 """
 
@@ -67,10 +68,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
         a.overrides.insert(0, a.action)
     from sparsepo.demo import evaluate_policy, prepare_world
 
+    from sparsepo.losses import get_method
+
     world = prepare_world(Path(a.workdir) / "world", size=a.size, seed=a.seed, force=a.force)
     run_dir = Path(a.workdir) / f"run-{a.method}"
     overrides = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", f"method.name={a.method}",
                  f"logging.output_dir={run_dir}", "logging.overwrite=true", *a.overrides]
+    if get_method(a.method).needs_sae_features and not any(o.startswith("sae.path=") for o in a.overrides):
+        overrides.append(f"sae.path={demo_sae(world, [f'method.name={a.method}', *a.overrides], force=a.force)}")
     code = launch_train(str(RECIPES / "demo.yaml"), overrides, nproc=a.nproc)
     if code != 0:
         print(f"sparsepo demo: training failed (exit {code})", file=sys.stderr)
@@ -90,6 +95,37 @@ def cmd_eval(a: argparse.Namespace) -> int:
         Path(a.out).write_text(json.dumps(result, indent=1))
     _print_eval(result, str(a.policy))
     return 0
+
+
+def cmd_sae_train(a: argparse.Namespace) -> int:
+    import logging
+
+    from sparsepo.config import load_config
+    from sparsepo.fpo import train_for_run
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # the SAE being trained is the one FPO will use: satisfy the config's "fpo needs sae.path" check
+    cfg = load_config(a.config, [f"sae.path={a.out}", *a.overrides])
+    stats = train_for_run(cfg, a.out, d_sae=a.d_sae, k=a.k, steps=a.steps, architecture=a.architecture,
+                          max_tokens=a.max_tokens)
+    print(f"SAE saved to {a.out}: explained variance {stats['explained_variance']:.3f}, L0 {stats['l0']:.1f}, "
+          f"{stats['tokens']} tokens, {stats['total_seconds']:.1f}s")
+    return 0
+
+
+def demo_sae(world, method_overrides: list[str], *, force: bool) -> Path:
+    """The demo's SAE (trained once on the SFT model's middle layer, cached beside the world)."""
+    from sparsepo.config import load_config
+    from sparsepo.fpo import train_for_run
+    from sparsepo.sae import SIDECAR
+
+    out = Path(world.root) / "sae"
+    if force or not (out / SIDECAR).is_file():
+        cfg = load_config(RECIPES / "demo.yaml", [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
+                                                  f"sae.path={out}", *method_overrides])
+        train_for_run(cfg, out)
+    return out
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -136,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out")
     e.set_defaults(fn=cmd_eval)
+
+    sae = sub.add_parser("sae", help="sparse autoencoders for FPO").add_subparsers(dest="sae_command", required=True)
+    st = sae.add_parser("train", help="train an SAE (sae-lens format) on the reference's layer sae.layer")
+    st.add_argument("--config")
+    st.add_argument("--out", required=True, help="directory to save the SAE in")
+    st.add_argument("--d-sae", type=int, help="dictionary size (default 8 x model width)")
+    st.add_argument("--k", type=int, default=32, help="active features per token (TopK)")
+    st.add_argument("--steps", type=int, default=2000)
+    st.add_argument("--architecture", default="topk", choices=["topk", "jumprelu"])
+    st.add_argument("--max-tokens", type=int, default=200_000, help="residual activations to train on")
+    st.add_argument("overrides", nargs="*")
+    st.set_defaults(fn=cmd_sae_train)
 
     x = sub.add_parser("export", help="checkpoint -> Hugging Face model directory")
     x.add_argument("checkpoint")

@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from sparsepo import checkpoint as ckpt
+from sparsepo import fpo
 from sparsepo import data as pdata
 from sparsepo import engine as eng
 from sparsepo.config import (RunConfig, build_deepspeed_config, check_batch_size, config_fingerprint, lr_schedule,
@@ -94,12 +96,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def loss_inputs(spec, fwd, batch, ref: ReferenceOutputs | None) -> LossInputs:
+def loss_inputs(spec, fwd, batch, ref: ReferenceOutputs | None, policy_features=None) -> LossInputs:
     """Exactly what the method's table row asks for, split into chosen / rejected halves."""
     b = batch.num_pairs
     mask = batch.response_mask
     kw = dict(policy_chosen_logps=fwd.seq_logps[:b], policy_rejected_logps=fwd.seq_logps[b:],
               chosen_mask=mask[:b], rejected_mask=mask[b:])
+    if policy_features is not None:
+        kw.update(policy_chosen_features=policy_features[:b], policy_rejected_features=policy_features[b:])
     if spec.needs_token_logps:
         kw.update(policy_chosen_token_logps=fwd.token_logps[:b], policy_rejected_token_logps=fwd.token_logps[b:])
     if ref is not None:
@@ -127,8 +131,6 @@ def _refuse_unsupported(spec, cfg: RunConfig) -> None:
             f"method '{spec.name}' needs reference scores of on-policy samples, which the live reference "
             f"group serves; this build trains it only with reference.mode=live (not available yet). "
             f"Use dpo, ipo, simpo, tdpo1, tdpo2 or sepo/fpo with their caches.")
-    if spec.needs_sae_features:
-        raise NotImplementedError(f"method '{spec.name}' needs SAE features on the policy ranks; not wired yet")
     if spec.needs_oracle_scores:
         raise NotImplementedError(f"method '{spec.name}' needs oracle token scores; not wired yet")
     if cfg.reference.mode == "live":
@@ -158,8 +160,10 @@ def train(cfg: RunConfig) -> dict:
         return pdata.collate_pairs(rows, tokenizer.pad_token_id)
 
     precompute_only = cfg.reference.mode == "precompute"
+    features = fpo.load_for_run(cfg) if spec.needs_sae_features else None
     reader = offline.ensure_cache(cfg, spec, dataset, collate, data_fingerprint=data_fp, rank=ctx.rank,
-                                  world_size=ctx.world_size, device=ctx.device, force=precompute_only)
+                                  world_size=ctx.world_size, device=ctx.device, features=features,
+                                  force=precompute_only)
     if precompute_only:
         return {"cache": str(offline.cache_dir(cfg)), "pairs": len(dataset)}
 
@@ -202,12 +206,15 @@ def train(cfg: RunConfig) -> dict:
                 ref = ReferenceOutputs.from_records(batch.example_ids, reader.get(batch.example_ids),
                                                     batch.response_mask, ctx.device)
             wait += time.perf_counter() - t_ref
-            out = spec.loss_fn(loss_inputs(spec, pair_forward(policy, batch), batch, ref), params)
+            with features.capture(policy) if features is not None else nullcontext() as cap:
+                fwd = pair_forward(policy, batch)
+            pooled, feature_metrics = features.policy(cap, batch) if features is not None else (None, {})
+            out = spec.loss_fn(loss_inputs(spec, fwd, batch, ref, pooled), params)
             loss = out.losses.mean()
             policy.backward(loss)
             policy.step()
             tokens += int(batch.attention_mask.sum())
-            for k, v in {"loss": loss.detach(), **out.metrics,
+            for k, v in {"loss": loss.detach(), **out.metrics, **feature_metrics,
                          "rewards_chosen": out.chosen_rewards.mean(),
                          "rewards_rejected": out.rejected_rewards.mean()}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum

@@ -49,6 +49,21 @@ def torch_threads(num_threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence transformers' own progress bars (weight loading/saving) unless `enabled`; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if not enabled and before:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 

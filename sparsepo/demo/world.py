@@ -58,7 +58,7 @@ import torch
 
 from sparsepo.demo import corpus as demo_corpus
 from sparsepo.demo.reward import ground_truth_reward
-from sparsepo.demo.sampling import Sample, sample_responses, torch_threads
+from sparsepo.demo.sampling import Sample, hf_progress_bars, sample_responses, torch_threads
 
 log = logging.getLogger("sparsepo.demo")
 
@@ -102,7 +102,7 @@ class WorldSize:
 
 SIZES: dict[str, WorldSize] = {
     "default": WorldSize(vocab_size=1000, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                         max_position_embeddings=256, corpus_size=24000, sft_steps=600, sft_batch_size=64,
+                         max_position_embeddings=256, corpus_size=16000, sft_steps=300, sft_batch_size=64,
                          sft_lr=3e-3, n_pairs=1500, n_eval_prompts=128, max_new_tokens=48,
                          sample_batch_size=256),
     "tiny": WorldSize(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -418,7 +418,7 @@ def prepare_world(out_dir: str | Path, *, size: str = "default", seed: int = 0, 
     with _lock(paths.root):
         if not force and _cached(paths, fp):  # another process built it while we waited
             return paths
-        with torch_threads(num_threads) as threads:
+        with torch_threads(num_threads) as threads, hf_progress_bars(progress):
             _build(paths, settings, fp, SIZES[size], seed=seed, progress=progress, threads=threads)
     return paths
 

@@ -56,7 +56,7 @@ def spo_loss(inputs: LossInputs, params: SPOParams) -> LossOutput:
     if mask.shape[0] == 0:
         raise ValueError("method 'spo' needs at least one policy sample: sample_mask has S=0 rows.")
     token_kl = sparse_kl(pol, ref)
-    if params.kl_estimator != "sequence":
+    if params.kl_estimator == "sequence":
         kl = masked_sum(token_kl, mask).mean()
     else:
         kl = masked_mean(token_kl.flatten(), mask.flatten())

@@ -20,7 +20,7 @@ from sparsepo.losses.tdpo import TDPOParams, tdpo1_loss, tdpo2_loss
 from sparsepo.losses.types import LossInputs, LossOutput
 
 BASE_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "chosen_mask", "rejected_mask")
-"""Every loss reads these (sequence log-probs and response masks)."""
+"""Required by LossInputs' constructor, so always present; a loss may read any of them."""
 
 FLAG_FIELDS: dict[str, tuple[str, ...]] = {
     "needs_reference": ("ref_chosen_logps", "ref_rejected_logps"),
@@ -33,7 +33,8 @@ FLAG_FIELDS: dict[str, tuple[str, ...]] = {
     "needs_oracle_scores": ("chosen_oracle_scores", "rejected_oracle_scores"),
     "needs_policy_samples": ("sample_mask", "ref_sample_topk_logps", "policy_sample_topk_logps"),
 }
-"""The LossInputs fields each flag promises; together with BASE_FIELDS, exactly what a loss reads."""
+"""The optional LossInputs fields each flag promises. A loss reads every field its flags promise and
+no optional field they do not (tests/test_losses.py checks both directions)."""
 
 
 @dataclass(frozen=True)

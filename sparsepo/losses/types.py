@@ -7,7 +7,6 @@ from logits[:, t-1]; position 0 holds 0 (ids 0). Masks are float 0/1, 1 on respo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -76,10 +75,6 @@ class LossInputs:
                 )
             out.append(value)
         return tuple(out)
-
-    def present(self) -> tuple[str, ...]:
-        """Names of the fields that are set (not None)."""
-        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
 
 
 @dataclass

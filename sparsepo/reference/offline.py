@@ -21,35 +21,35 @@ def cache_dir(cfg) -> Path:
     return Path(cfg.reference.cache_dir or Path(cfg.logging.output_dir) / "ref_cache")
 
 
-def cache_settings(cfg, spec, outputs: tuple[str, ...]) -> dict:
+def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
     """Every option that changes the cached numbers (data/tokenisation settings are in the data part)."""
     settings = {"outputs": list(outputs), "precision": cfg.train.precision}
     if "topk_ids" in outputs:
         settings["topk"] = cfg.reference.topk
-    if spec.needs_sae_features:
-        settings.update(sae=cfg.sae.path, sae_id=cfg.sae.sae_id, layer=cfg.sae.layer, k=cfg.method.params.k)
+    if features is not None:
+        settings.update(sae=features.fingerprint, layer=features.layer, k=features.k)
     return settings
 
 
-def components(cfg, spec, data_fingerprint: str, outputs: tuple[str, ...]) -> dict:
+def components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
     """Computed on rank 0 and broadcast: every rank must key the cache identically."""
     box = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         ref = reference_path(cfg)
         box[0] = fingerprint_components(model_dir=ref, tokenizer_dir=cfg.model.tokenizer or ref,
-                                        data=data_fingerprint, settings=cache_settings(cfg, spec, outputs))
+                                        data=data_fingerprint, settings=cache_settings(cfg, outputs, features))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def ensure_cache(cfg, spec, dataset, collate, *, data_fingerprint: str, rank: int, world_size: int,
-                 device, extra=None, force: bool = False) -> CacheReader | None:
+                 device, features=None, force: bool = False) -> CacheReader | None:
     """Open the reference cache for this run, precomputing it first when it is missing."""
     outputs = required_outputs(spec)
     if not outputs:
         return None
-    expected = components(cfg, spec, data_fingerprint, outputs)
+    expected = components(cfg, data_fingerprint, outputs, features)
     directory = cache_dir(cfg)
     if force or not (directory / INDEX).is_file():
         from sparsepo.models import load_frozen_model
@@ -61,6 +61,6 @@ def ensure_cache(cfg, spec, dataset, collate, *, data_fingerprint: str, rank: in
         precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
                          topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
                          shard_size=cfg.reference.shard_size, rank=rank, world_size=world_size,
-                         device=device, extra=extra, progress=cfg.logging.progress)
+                         device=device, features=features, progress=cfg.logging.progress)
         del model
     return CacheReader(directory, expected)

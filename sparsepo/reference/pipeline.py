@@ -44,8 +44,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -491,15 +489,6 @@ def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precis
     return engine
 
 
-@dataclass
-class _MicroBatches:
-    inputs: list[tuple[Tensor, Tensor]]
-    labels: list[tuple[Tensor, Tensor]]
-
-    def __iter__(self):
-        return iter(list(zip(self.inputs, self.labels)))
-
-
 class PipelineScorer:
     """Scores collated batches through a pipeline engine from ``build_pipeline``.
 
@@ -508,11 +497,18 @@ class PipelineScorer:
     replica need the batch (``needs_batch``); middle stages may pass None. The last stage returns
     ``ReferenceOutputs``, every other stage None. A batch's 2B rows are cut into ``micro_batches``
     row chunks that flow through the stages one after another (rows are independent, so results do
-    not depend on the cut); 2B must be >= micro_batches.
+    not depend on the cut); 2B must be >= micro_batches (the count is fixed because middle stages,
+    which never see the batch, must run the same schedule).
+
+    Hazards (they hang rather than fail): every rank of the reference world must call ``score`` the
+    same number of times, replicas included (``eval_batch``'s world barrier is matched by *any*
+    barrier, so a replica that skips a round pairs with another's next round or exit barrier); and
+    a first/last stage that raises before ``eval_batch`` (e.g. the micro-batch check) leaves the
+    other ranks waiting in that barrier until the process-group timeout.
     """
 
-    def __init__(self, engine, *, topk: int | None, micro_batches: int = 1,
-                 outputs: Sequence[str] = SCORE_FIELDS):
+    def __init__(self, engine, *, micro_batches: int = 1, outputs: Sequence[str] = SCORE_FIELDS):
+        topk = engine.module.loss_fn.topk  # the K the last stage computes (build_pipeline's topk)
         if micro_batches < 1:
             raise PipelineConfigError(f"micro_batches={micro_batches} must be >= 1")
         unknown = [o for o in outputs if o not in SCORE_FIELDS]
@@ -532,7 +528,7 @@ class PipelineScorer:
                         outputs: Sequence[str] = SCORE_FIELDS) -> "PipelineScorer":
         engine = build_pipeline(model_path, num_stages=num_stages, topk=topk, precision=precision,
                                 partition=partition)
-        return cls(engine, topk=topk, micro_batches=micro_batches, outputs=outputs)
+        return cls(engine, micro_batches=micro_batches, outputs=outputs)
 
     # --- who is who (ranks of the reference world) ---
     @property
@@ -564,6 +560,11 @@ class PipelineScorer:
         return self.stage_id == self.num_stages - 1
 
     @property
+    def parts(self) -> list[int]:
+        """Item bounds per stage: stage s holds items [parts[s], parts[s+1]) of the L+2."""
+        return list(self.engine.sparsepo_parts)
+
+    @property
     def needs_batch(self) -> bool:
         return self.is_first_stage or self.is_last_stage
 
@@ -582,7 +583,8 @@ class PipelineScorer:
         return self.stage_global_ranks(0)
 
     # --- scoring ---
-    def _micro_batches(self, batch) -> _MicroBatches:
+    def _micro_batches(self, batch) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+        """The data eval_batch reads: per micro-batch ((input_ids, attention_mask), (input_ids, response_mask))."""
         n = self.micro_batches
         rows = batch.input_ids.shape[0]
         if rows < n:
@@ -590,13 +592,13 @@ class PipelineScorer:
         ids = batch.input_ids.tensor_split(n)
         attn = batch.attention_mask.tensor_split(n)
         resp = batch.response_mask.tensor_split(n)
-        return _MicroBatches(inputs=list(zip(ids, attn)), labels=list(zip(ids, resp)))
+        return [((i, a), (i, r)) for i, a, r in zip(ids, attn, resp)]
 
     @torch.no_grad()
     def score(self, batch) -> ReferenceOutputs | None:
         if self.needs_batch and batch is None:
             raise ValueError(f"stage {self.stage_id} (first or last) needs the batch; only middle stages may pass None")
-        data = self._micro_batches(batch) if self.needs_batch else _MicroBatches([], [])
+        data = self._micro_batches(batch) if self.needs_batch else []  # middle stages never read it
         engine = self.engine
         engine.total_loss = None  # see module docstring: eval_batch accumulates into it
         engine.total_additional_losses = None

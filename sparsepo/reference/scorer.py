@@ -6,6 +6,7 @@ so cache, precompute and live modes produce the same numbers by construction.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -33,11 +34,11 @@ def required_outputs(spec) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int,
-                extra: Callable | None = None) -> ReferenceOutputs:
-    """Reference outputs for one collated batch. `extra(model, batch, fwd) -> dict` adds outputs that
-    need more than log-probs (SAE features, oracle scores)."""
-    fwd = pair_forward(model, batch)
+def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=None) -> ReferenceOutputs:
+    """Reference outputs for one collated batch. `features` (e.g. fpo.SAEFeatures) captures a layer
+    during the same forward and adds its outputs (SAE feature top-k)."""
+    with features.capture(model) if features is not None else nullcontext() as cap:
+        fwd = pair_forward(model, batch)
     ro = ReferenceOutputs(example_ids=list(batch.example_ids))
     if "seq_logps" in outputs:
         ro.seq_logps = fwd.seq_logps
@@ -45,8 +46,8 @@ def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int,
         ro.token_logps = fwd.token_logps
     if "topk_ids" in outputs:
         ro.topk_logps, ro.topk_ids = topk_at_response(fwd.logits, batch.response_mask, topk)
-    if extra is not None:
-        for name, value in extra(model, batch, fwd).items():
+    if features is not None:
+        for name, value in features.reference(cap, batch).items():
             if name in outputs:
                 setattr(ro, name, value)
     missing = [o for o in outputs if getattr(ro, o) is None]
@@ -57,7 +58,7 @@ def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int,
 
 def precompute_cache(model, dataset, collate: Callable, *, cache_dir, components: dict,
                      outputs: tuple[str, ...], topk: int, batch_size: int, shard_size: int,
-                     rank: int = 0, world_size: int = 1, device="cpu", extra: Callable | None = None,
+                     rank: int = 0, world_size: int = 1, device="cpu", features=None,
                      progress: bool = True) -> None:
     """Score the whole dataset into `cache_dir`. Shards are split over ranks (shard i on rank
     i % world); rank 0 writes the index last, so an interrupted run leaves no valid cache."""
@@ -77,7 +78,7 @@ def precompute_cache(model, dataset, collate: Callable, *, cache_dir, components
             from sparsepo.data import gather_rows
 
             batch = collate(gather_rows(dataset, list(range(start, min(start + batch_size, hi))))).to(device)
-            ro = score_batch(model, batch, outputs, topk=topk, extra=extra)
+            ro = score_batch(model, batch, outputs, topk=topk, features=features)
             ids += list(batch.example_ids)
             records += ro.to_records(batch.response_mask)
             bar.update(batch.num_pairs)

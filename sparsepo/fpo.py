@@ -1,0 +1,108 @@
+"""FPO's SAE features on both sides, and `sparsepo sae train`.
+
+The same object serves the reference scorer (pooled top-k ids/values per response, into the cache)
+and the policy (dense pooled features with gradients, for the feature MSE). Both capture layer ℓ
+during the forward that already computes the log-probs, so FPO adds no second forward.
+
+    sparsepo sae train --config run.yaml --out runs/sae-l1     # train an SAE on the reference's layer ℓ
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from sparsepo.sae import (
+    capture_residual,
+    check_sae_compatible,
+    collect_activations,
+    load_sae,
+    pooled_features,
+    reconstruction_stats,
+    sae_fingerprint,
+    save_sae,
+    sparse_topk,
+    train_sae,
+)
+
+log = logging.getLogger("sparsepo")
+
+
+class SAEFeatures:
+    """A frozen SAE reading decoder layer `layer`; k = FPO's top-k."""
+
+    outputs = ("feature_ids", "feature_values")
+
+    def __init__(self, sae, *, layer: int, k: int):
+        self.sae, self.layer, self.k = sae, layer, k
+        self.fingerprint = sae_fingerprint(sae)
+
+    @contextmanager
+    def capture(self, model):
+        with capture_residual(model, self.layer) as cap:
+            yield cap
+
+    @torch.no_grad()
+    def reference(self, cap, batch) -> dict[str, torch.Tensor]:
+        """The reference cache's FPO entries: pooled top-k (ids, values) per response, (2B,k)."""
+        pooled = pooled_features(self.sae, cap.take(), batch.response_mask)
+        ids, values = sparse_topk(pooled, min(self.k, pooled.shape[-1]))
+        return {"feature_ids": ids, "feature_values": values}
+
+    def policy(self, cap, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Dense pooled policy features (2B,F) with gradients, and SAE reconstruction quality on the
+        policy's own activations (it drifts away from the reference's as training moves the policy)."""
+        hidden = cap.take()
+        pooled = pooled_features(self.sae, hidden, batch.response_mask)
+        with torch.no_grad():
+            stats = reconstruction_stats(self.sae, hidden.detach(), batch.response_mask)
+        return pooled, {"sae_explained_variance": float(stats["explained_variance"]), "sae_l0": float(stats["l0"])}
+
+
+def model_shape(model_path: str) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return config.hidden_size, config.num_hidden_layers
+
+
+def load_for_run(cfg) -> SAEFeatures:
+    """The run's SAE, refused unless it fits the model's width and the configured layer."""
+    sae = load_sae(cfg.sae.path, sae_id=cfg.sae.sae_id)
+    d_model, num_layers = model_shape(cfg.model.path)
+    check_sae_compatible(sae, d_model=d_model, layer=cfg.sae.layer, num_layers=num_layers)
+    return SAEFeatures(sae, layer=cfg.sae.layer, k=cfg.method.params.k)
+
+
+def train_for_run(cfg, out_dir: str | Path, *, d_sae: int | None = None, k: int = 32, steps: int = 2000,
+                  max_tokens: int = 200_000, architecture: str = "topk", batch_pairs: int = 16) -> dict:
+    """Train an SAE on the reference model's layer-ℓ residuals over the run's prompts + responses,
+    save it in the sae-lens format; returns explained variance, L0 and timings."""
+    from sparsepo import data as pdata
+    from sparsepo.models import load_frozen_model, load_tokenizer
+    from sparsepo.reference.cache import MODEL_FILES, hash_files
+    from sparsepo.reference.offline import reference_path
+
+    t0 = time.perf_counter()
+    ref = reference_path(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or ref)
+    dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer)
+    model = load_frozen_model(ref)
+    d_model, num_layers = model_shape(ref)
+    if not 0 <= cfg.sae.layer < num_layers:
+        raise ValueError(f"sae.layer={cfg.sae.layer} but {ref} has layers 0..{num_layers - 1}")
+    batches = (pdata.collate_pairs(pdata.gather_rows(dataset, list(range(i, min(i + batch_pairs, len(dataset))))),
+                                   tokenizer.pad_token_id) for i in range(0, len(dataset), batch_pairs))
+    acts = collect_activations(model, batches, cfg.sae.layer, max_tokens=max_tokens,
+                               progress=cfg.logging.progress)
+    sae, stats = train_sae(acts, d_sae=d_sae or 8 * d_model, k=k, architecture=architecture, steps=steps,
+                           seed=cfg.train.seed, progress=cfg.logging.progress)
+    save_sae(sae, out_dir, layer=cfg.sae.layer, model_fingerprint=hash_files(ref, MODEL_FILES), stats=stats)
+    stats = {**stats, "tokens": int(acts.shape[0]), "total_seconds": time.perf_counter() - t0, "out": str(out_dir)}
+    log.info("SAE for %s layer %d: explained variance %.3f, L0 %.1f, %d tokens, %.1fs -> %s", ref, cfg.sae.layer,
+             stats["explained_variance"], stats["l0"], stats["tokens"], stats["total_seconds"], out_dir)
+    return stats

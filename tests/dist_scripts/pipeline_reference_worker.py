@@ -1,0 +1,78 @@
+"""Worker for tests/test_pipeline_reference.py: score batches through a PipelineScorer.
+
+Launched with `torchrun --nproc_per_node N` (world = stages x replicas). Replica r scores batches
+r, r + R, r + 2R, ... (the test passes a multiple of R); middle stages pass None. Each last-stage
+rank writes out/scores_rank{rank}.pt = {batch index: {field: tensor}}; every rank writes
+out/info_rank{rank}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from sparsepo.data.batching import collate_pairs
+from sparsepo.reference.pipeline import PipelineScorer
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batches", required=True, help="torch.save'd list of row lists (collate_pairs input)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stages", type=int, required=True)
+    ap.add_argument("--topk", type=int, required=True)
+    ap.add_argument("--micro-batches", type=int, default=1)
+    ap.add_argument("--partition", default="uniform")
+    ap.add_argument("--precision", default="fp32")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    scorer = PipelineScorer.from_pretrained(args.model, num_stages=args.stages, topk=args.topk,
+                                            precision=args.precision, partition=args.partition,
+                                            micro_batches=args.micro_batches)
+    t_build = time.perf_counter() - t0
+    all_rows = torch.load(args.batches)
+    batches = [collate_pairs(rows, pad_id=0) for rows in all_rows]
+    r, n_rep = scorer.replica_index, scorer.num_replicas
+    if len(batches) % n_rep:
+        raise SystemExit(f"{len(batches)} batches for {n_rep} replicas")
+    scores: dict[int, dict[str, torch.Tensor]] = {}
+    t1 = time.perf_counter()
+    for rnd in range(len(batches) // n_rep):
+        index = rnd * n_rep + r
+        ro = scorer.score(batches[index] if scorer.needs_batch else None)
+        if scorer.is_last_stage:
+            scores[index] = {name: getattr(ro, name).detach().cpu() for name in ro.present()}
+            scores[index]["example_ids"] = list(ro.example_ids)
+        else:
+            assert ro is None
+    t_score = time.perf_counter() - t1
+    rank = dist.get_rank()
+    if scorer.is_last_stage:
+        torch.save(scores, os.path.join(args.out, f"scores_rank{rank}.pt"))
+    info = {"rank": rank, "stage": scorer.stage_id, "replica": r, "num_stages": scorer.num_stages,
+            "num_replicas": n_rep, "is_last_stage": scorer.is_last_stage,
+            "last_stage_ranks": scorer.last_stage_global_ranks(),
+            "first_stage_ranks": scorer.first_stage_global_ranks(),
+            "parts": scorer.parts,
+            "stage_params": sum(p.numel() for p in scorer.engine.module.parameters()),
+            "build_s": t_build, "score_s": t_score}
+    with open(os.path.join(args.out, f"info_rank{rank}.json"), "w") as f:
+        json.dump(info, f)
+    # gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
