@@ -28,6 +28,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_live(cfg) -> None:
+    """One job, two roles: rewrite this process's torch.distributed environment for its role's own
+    world (DeepSpeed must own a whole world), join the bridge that spans every process, and run
+    either a policy rank or a reference stage."""
+    from transformers import AutoConfig
+
+    from sparsepo.reference.group import check_live_topology, live_outputs, serve
+    from sparsepo.reference.offline import reference_path
+    from sparsepo.reference.pipeline import max_stages
+    from sparsepo.scheduler import connect_bridge
+    from sparsepo.topology import plan
+    from sparsepo.trainer import train
+
+    live_outputs(cfg)
+    layers = AutoConfig.from_pretrained(reference_path(cfg)).num_hidden_layers
+    p = plan(cfg.topology, os.environ, num_layers=max_stages(layers))
+    check_live_topology(p.topology)
+    if p.launch.rank == 0:
+        logging.getLogger("sparsepo").info("live topology:\n%s", p.topology.describe(p.launch))
+    os.environ.update(p.env)
+    bridge = connect_bridge(*p.bridge, p.launch.rank, p.launch.world_size, cfg.reference.timeout_s)
+    if p.role.is_reference:
+        from sparsepo import engine
+
+        engine.init_distributed()
+        serve(cfg, p, bridge)
+    else:
+        train(cfg, live=(p, bridge))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -50,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
 
     code = 0
     try:
-        train(cfg)
+        if cfg.reference.mode == "live":
+            run_live(cfg)
+        else:
+            train(cfg)
     except Preempted as e:
         logging.getLogger("sparsepo").warning("%s", e)
         code = EXIT_PREEMPTED

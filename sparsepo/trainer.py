@@ -35,6 +35,7 @@ from sparsepo.metrics import MetricsLogger, reduce_mean
 from sparsepo.models import load_tokenizer, logps_at, pair_forward
 from sparsepo.reference import offline
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
+from sparsepo.scheduler import LiveReference, broadcast_int, rows_for
 
 log = logging.getLogger("sparsepo")
 
@@ -133,12 +134,12 @@ def _refuse_unsupported(spec, cfg: RunConfig) -> None:
             f"Use dpo, ipo, simpo, tdpo1, tdpo2 or sepo/fpo with their caches.")
     if spec.needs_oracle_scores:
         raise NotImplementedError(f"method '{spec.name}' needs oracle token scores; not wired yet")
-    if cfg.reference.mode == "live":
-        raise NotImplementedError("reference.mode=live is not available yet; use cache (or precompute)")
 
 
-def train(cfg: RunConfig) -> dict:
-    """Train the policy described by `cfg`; returns the final averaged metrics (rank 0 writes them)."""
+def train(cfg: RunConfig, live=None) -> dict:
+    """Train the policy described by `cfg`; returns the final averaged metrics (rank 0 writes them).
+    `live` = (ProcessPlan, bridge) when this process is a policy rank of a live job: reference
+    outputs then arrive from the reference group through the scheduler instead of the cache."""
     ctx = eng.init_distributed()
     spec = get_method(cfg.method.name)
     _refuse_unsupported(spec, cfg)
@@ -161,7 +162,7 @@ def train(cfg: RunConfig) -> dict:
 
     precompute_only = cfg.reference.mode == "precompute"
     features = fpo.load_for_run(cfg) if spec.needs_sae_features else None
-    reader = offline.ensure_cache(cfg, spec, dataset, collate, data_fingerprint=data_fp, rank=ctx.rank,
+    reader = None if live else offline.ensure_cache(cfg, spec, dataset, collate, data_fingerprint=data_fp, rank=ctx.rank,
                                   world_size=ctx.world_size, device=ctx.device, features=features,
                                   force=precompute_only)
     if precompute_only:
@@ -181,6 +182,17 @@ def train(cfg: RunConfig) -> dict:
     if resume is not None:
         start = ckpt.restore(policy, resume, cfg, data_fingerprint=data_fp, ctx=ctx)
 
+    fetch = None  # batch -> ReferenceOutputs
+    if reader is not None:
+        fetch = lambda b: ReferenceOutputs.from_records(b.example_ids, reader.get(b.example_ids),  # noqa: E731
+                                                        b.response_mask, ctx.device)
+    if live:
+        plan, bridge = live
+        broadcast_int(bridge, start)
+        broadcast_int(bridge, total)
+        src = plan.topology.stage_ranks(plan.topology.reference_for_policy(ctx.rank))[-1]
+        stream = LiveReference(bridge, src=src, window=cfg.reference.window, timeout_s=cfg.reference.timeout_s)
+        fetch = lambda b: stream.get(b, ctx.device)  # noqa: E731
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                             log_every=cfg.logging.log_every)
@@ -191,20 +203,13 @@ def train(cfg: RunConfig) -> dict:
     preempt = PreemptionFlag()
     last: dict[str, float] = {}
     for step in range(start, total):
-        epoch, in_epoch = divmod(step, per_epoch)
-        order = pdata.epoch_order(len(dataset), cfg.train.seed, epoch)
         t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
         lr = float(policy.get_lr()[0])  # the rate this step uses
         for micro in range(cfg.train.grad_accum):
-            idx = pdata.micro_batch_indices(order, step=in_epoch, micro_batch_size=cfg.train.micro_batch_size,
-                                            grad_accum=cfg.train.grad_accum, dp_size=dp, dp_rank=ctx.rank,
-                                            micro_step=micro)
-            batch = collate(pdata.gather_rows(dataset, idx)).to(ctx.device)
+            rows = rows_for(cfg, len(dataset), dp, step, micro, ctx.rank)
+            batch = collate(pdata.gather_rows(dataset, rows)).to(ctx.device)
             t_ref = time.perf_counter()
-            ref = None
-            if reader is not None:
-                ref = ReferenceOutputs.from_records(batch.example_ids, reader.get(batch.example_ids),
-                                                    batch.response_mask, ctx.device)
+            ref = fetch(batch) if fetch is not None else None
             wait += time.perf_counter() - t_ref
             with features.capture(policy) if features is not None else nullcontext() as cap:
                 fwd = pair_forward(policy, batch)
@@ -233,6 +238,8 @@ def train(cfg: RunConfig) -> dict:
             metrics.close()
             raise Preempted(f"preempted at step {step + 1}: checkpoint written; resume with --resume auto")
     metrics.close()
+    if live:
+        live[1].barrier().wait()  # the reference group finishes its write-through before anyone leaves
     eng.save_hf_model(policy, tokenizer, run_dir / "final", is_main=ctx.is_main)
     shards: list = [None] * ctx.world_size
     dist.all_gather_object(shards, eng.local_parameter_count(policy))

@@ -31,13 +31,18 @@ def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
     return settings
 
 
+def local_components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
+    ref = reference_path(cfg)
+    return fingerprint_components(model_dir=ref, tokenizer_dir=cfg.model.tokenizer or ref, data=data_fingerprint,
+                                  settings=cache_settings(cfg, outputs, features))
+
+
 def components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
-    """Computed on rank 0 and broadcast: every rank must key the cache identically."""
+    """Computed on rank 0 and broadcast: every rank must key the cache identically (and only one
+    rank reads the model files)."""
     box = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        ref = reference_path(cfg)
-        box[0] = fingerprint_components(model_dir=ref, tokenizer_dir=cfg.model.tokenizer or ref,
-                                        data=data_fingerprint, settings=cache_settings(cfg, outputs, features))
+        box[0] = local_components(cfg, data_fingerprint, outputs, features)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]

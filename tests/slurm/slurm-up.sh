@@ -11,7 +11,9 @@
 # Variables: SLURM_CI_DIR (default /tmp/slurm-ci; must be world-traversable, so not pytest's
 # mode-700 tmp dir), SLURM_CI_NODES (2), SLURM_CI_CPUS (CPUs per emulated node, 2),
 # SLURM_CI_PORT (slurmctld port, 16817; the nodes use the next N ports), SLURM_CI_HOSTS (1: add
-# node1..nodeN to /etc/hosts so `scontrol show hostnames | head -1` works as MASTER_ADDR).
+# node1..nodeN to /etc/hosts so `scontrol show hostnames | head -1` works as MASTER_ADDR),
+# SLURM_CI_FIRST_JOB_ID (1; jobs derive MASTER_PORT = 20000 + job id % 10000, so two clusters on
+# one host should start at different ids), SLURM_CI_KILLWAIT (5 s between SIGTERM and SIGKILL).
 # Exit codes: 0 up (prints SLURM_CONF=...), 77 cannot run here (not root / packages not
 # installable: the tests skip), 1 the cluster did not come up (see $SLURM_CI_DIR/log).
 set -euo pipefail
@@ -64,6 +66,7 @@ SlurmdParameters=config_overrides
 MailProg=/bin/true
 KillWait=${SLURM_CI_KILLWAIT:-5}
 SchedulerParameters=sched_interval=2,bf_interval=2
+FirstJobId=${SLURM_CI_FIRST_JOB_ID:-1}
 JobCompType=jobcomp/filetxt
 JobCompLoc=$BASE/log/jobcomp.log
 PreemptType=preempt/partition_prio

@@ -1,0 +1,145 @@
+"""The scheduler's bridge protocol: two gloo ranks on threads over a real TCPStore.
+
+Order is deterministic whatever the reference's timing; misaligned results are refused; a silent
+reference produces the timeout error (naming the rank and the last batch served), not a hang.
+Each scenario runs in a fresh interpreter that leaves through os._exit: a gloo thread still
+blocked in recv at interpreter exit aborts the process (FIELD_NOTES' exit crash).
+"""
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import free_port
+from sparsepo.reference.outputs import MisalignedOutputs
+from sparsepo.scheduler import LiveReference, ReferenceTimeout, Sender, connect_bridge, rows_for, slots_for
+
+
+def bridges(timeout_s=20.0):
+    port, out = free_port(), [None, None]
+
+    def make(rank):
+        out[rank] = connect_bridge("127.0.0.1", port, rank, 2, timeout_s)
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return out  # [policy side (rank 0), reference side (rank 1)]
+
+
+def fake_batch(i):
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]], dtype=torch.float)
+    return SimpleNamespace(example_ids=[f"ex{i}"], response_mask=mask)
+
+
+def record(i):
+    return {"seq_logps": [torch.tensor(float(i)), torch.tensor(-float(i))],
+            "token_logps": [torch.tensor([i, i + 0.5]), torch.tensor([-i])]}
+
+
+def serve(bridge, n, *, window, delays=False, ids=None, stop_after=None):
+    rng = random.Random(0)
+    sender = Sender(bridge, window)
+    for i in range(n):
+        if stop_after is not None and i == stop_after:
+            sender.flush()
+            return  # a reference that goes silent
+        if delays:
+            time.sleep(rng.uniform(0, 0.05))
+        sender.send(0, [(ids or {}).get(i, f"ex{i}")], [record(i)])
+    sender.flush()
+
+
+def _order_is_deterministic_under_random_delays():
+    policy, reference = bridges()
+    t = threading.Thread(target=serve, args=(reference, 12), kwargs={"window": 3, "delays": True})
+    t.start()
+    live = LiveReference(policy, src=1, window=3, timeout_s=20)
+    got = []
+    for i in range(12):
+        if i % 4 == 0:
+            time.sleep(0.05)  # the policy is slower at times: back-pressure, not loss
+        out = live.get(fake_batch(i))
+        got.append(out.seq_logps.tolist())
+        assert torch.equal(out.token_logps, torch.tensor([[0, i, i + 0.5], [0, -i, 0]], dtype=torch.float))
+    t.join()
+    assert got == [[float(i), -float(i)] for i in range(12)]
+
+
+def _results_for_other_examples_are_refused():
+    policy, reference = bridges()
+    t = threading.Thread(target=serve, args=(reference, 2), kwargs={"window": 2, "ids": {1: "someone-else"}})
+    t.start()
+    live = LiveReference(policy, src=1, window=2, timeout_s=20)
+    live.get(fake_batch(0))
+    with pytest.raises(MisalignedOutputs, match="refusing to train on misaligned outputs"):
+        live.get(fake_batch(1))
+    t.join()
+
+
+def _silent_reference_times_out_naming_rank_and_last_batch():
+    policy, reference = bridges(timeout_s=30)
+    t = threading.Thread(target=serve, args=(reference, 5), kwargs={"window": 2, "stop_after": 2})
+    t.start()
+    live = LiveReference(policy, src=1, window=2, timeout_s=1.5)
+    live.get(fake_batch(0))
+    live.get(fake_batch(1))
+    t0 = time.perf_counter()
+    with pytest.raises(ReferenceTimeout) as e:
+        live.get(fake_batch(2))
+    assert time.perf_counter() - t0 < 10
+    assert "reference rank 1" in str(e.value) and "#1 (ex1...)" in str(e.value)
+    t.join()
+
+
+def _window_bounds_how_far_the_reference_runs_ahead():
+    policy, reference = bridges()
+    progress = []
+
+    def counting_serve():
+        sender = Sender(reference, 2)
+        for i in range(10):
+            sender.send(0, [f"ex{i}"], [record(i)])
+            progress.append(i)
+        sender.flush()
+
+    t = threading.Thread(target=counting_serve)
+    t.start()
+    live = LiveReference(policy, src=1, window=2, timeout_s=20)
+    time.sleep(1.0)  # the policy consumes nothing yet
+    ahead = len(progress)
+    assert ahead <= 2 + 2 + 2, ahead  # receiver queue W + one in its hands + sender's W in flight
+    for i in range(10):
+        live.get(fake_batch(i))
+    t.join()
+    assert len(progress) == 10
+
+
+def test_schedule_is_the_same_on_both_sides_and_covers_each_global_batch():
+    cfg = SimpleNamespace(train=SimpleNamespace(micro_batch_size=2, grad_accum=2, seed=3))
+    slots = list(slots_for(cfg, 40, 2, 0, 3, [0, 1]))
+    assert len(slots) == 3 * 2 * 2
+    for step in range(3):
+        rows = [r for s in slots if s.step == step for r in s.rows]
+        assert len(rows) == len(set(rows)) == 8  # one global batch, no row twice
+    assert slots[5].rows == rows_for(cfg, 40, 2, slots[5].step, slots[5].micro, slots[5].policy_index)
+
+
+def run_isolated(name: str) -> None:
+    code = (f"import os, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_scheduler as m\n"
+            f"try:\n    m.{name}()\nexcept BaseException:\n    import traceback; traceback.print_exc(); "
+            f"sys.stdout.flush(); sys.stderr.flush(); os._exit(1)\nos._exit(0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("scenario", ["_order_is_deterministic_under_random_delays", "_results_for_other_examples_are_refused", "_silent_reference_times_out_naming_rank_and_last_batch", "_window_bounds_how_far_the_reference_runs_ahead"])
+def test_scenario(scenario):
+    run_isolated(scenario)
