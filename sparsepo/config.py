@@ -80,7 +80,8 @@ class MethodConfig:
 class ReferenceConfig:
     mode: str = "cache"
     """cache: read a precomputed reference cache (computed first when missing); live: a separate
-    reference group scores beside the policy; precompute: fill the cache and exit."""
+    reference group scores beside the policy; precompute: fill the cache and exit; inline: each
+    policy rank runs the frozen reference inside its step (TRL's way; the sequential baseline)."""
     path: str | None = None
     """Reference model directory; defaults to model.path (the usual case: reference = initial policy)."""
     cache_dir: str | None = None
@@ -194,7 +195,7 @@ _CHOICES = {
     ("data", "format"): ("auto", "jsonl", "json", "parquet", "csv", "disk", "hub"),
     ("data", "truncation"): ("prompt_first", "response_only", "error"),
     ("data", "on_bad_row"): ("error", "skip"),
-    ("reference", "mode"): ("cache", "live", "precompute"),
+    ("reference", "mode"): ("cache", "live", "precompute", "inline"),
     ("topology", "placement"): ("last", "interleaved"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("train", "precision"): ("fp32", "bf16"),
@@ -400,10 +401,10 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
             f"reference.mode=live needs a reference group ({source}): set topology.reference_ranks "
             f"to the number of ranks for it (a multiple of topology.pipeline_stages), or use reference.mode=cache."
         )
-    if r.mode == "cache" and cfg.topology.reference_ranks > 0:
+    if r.mode != "live" and cfg.topology.reference_ranks > 0:
         raise ConfigError(
-            f"topology.reference_ranks={cfg.topology.reference_ranks} but reference.mode=cache ({source}): "
-            f"cache mode starts no reference processes. Set reference.mode=live, or topology.reference_ranks=0."
+            f"topology.reference_ranks={cfg.topology.reference_ranks} but reference.mode={r.mode} ({source}): "
+            f"only live mode starts reference processes. Set reference.mode=live, or topology.reference_ranks=0."
         )
     if spec.needs_sae_features and not cfg.sae.path:
         raise ConfigError(

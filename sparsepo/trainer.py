@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import resource
 import shutil
 import signal
 import time
@@ -35,6 +36,7 @@ from sparsepo.metrics import MetricsLogger, reduce_mean
 from sparsepo.models import load_tokenizer, logps_at, pair_forward
 from sparsepo.reference import offline
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
+from sparsepo.reference.scorer import required_outputs, score_batch
 from sparsepo.scheduler import LiveReference, broadcast_int, rows_for
 
 log = logging.getLogger("sparsepo")
@@ -162,7 +164,8 @@ def train(cfg: RunConfig, live=None) -> dict:
 
     precompute_only = cfg.reference.mode == "precompute"
     features = fpo.load_for_run(cfg) if spec.needs_sae_features else None
-    reader = None if live else offline.ensure_cache(cfg, spec, dataset, collate, data_fingerprint=data_fp, rank=ctx.rank,
+    inline = cfg.reference.mode == "inline"
+    reader = None if live or inline else offline.ensure_cache(cfg, spec, dataset, collate, data_fingerprint=data_fp, rank=ctx.rank,
                                   world_size=ctx.world_size, device=ctx.device, features=features,
                                   force=precompute_only)
     if precompute_only:
@@ -186,6 +189,12 @@ def train(cfg: RunConfig, live=None) -> dict:
     if reader is not None:
         fetch = lambda b: ReferenceOutputs.from_records(b.example_ids, reader.get(b.example_ids),  # noqa: E731
                                                         b.response_mask, ctx.device)
+    if inline and required_outputs(spec):
+        from sparsepo.models import load_frozen_model
+
+        ref_model = load_frozen_model(offline.reference_path(cfg), device=ctx.device, precision=cfg.train.precision)
+        fetch = lambda b: score_batch(ref_model, b, required_outputs(spec), topk=cfg.reference.topk,  # noqa: E731
+                                      features=features)
     if live:
         plan, bridge = live
         broadcast_int(bridge, start)
@@ -242,10 +251,11 @@ def train(cfg: RunConfig, live=None) -> dict:
         live[1].barrier().wait()  # the reference group finishes its write-through before anyone leaves
     eng.save_hf_model(policy, tokenizer, run_dir / "final", is_main=ctx.is_main)
     shards: list = [None] * ctx.world_size
-    dist.all_gather_object(shards, eng.local_parameter_count(policy))
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    dist.all_gather_object(shards, (*eng.local_parameter_count(policy), peak_rss_mib))
     summary = {"method": spec.name, "steps": total, "final": last, "config_fingerprint": config_fingerprint(cfg),
                "world_size": ctx.world_size, "parameters_per_rank": [s[0] for s in shards],
-               "parameters_total": shards[0][1],
+               "parameters_total": shards[0][1], "peak_rss_mib_per_rank": [round(s[2], 1) for s in shards],
                "data": asdict(report) if hasattr(report, "__dataclass_fields__") else str(report)}
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

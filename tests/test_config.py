@@ -75,6 +75,7 @@ def test_round_trip_through_resolved_file(tmp_path):
     ({"data": {"max_length": 64, "max_prompt_length": 64}}, [], ["max_prompt_length=64", "max_length=64"]),
     ({"reference": {"mode": "live"}}, [], ["reference.mode=live", "topology.reference_ranks"]),
     ({"topology": {"reference_ranks": 2}}, [], ["reference.mode=cache", "reference_ranks=2"]),
+    ({"topology": {"reference_ranks": 2}, "reference": {"mode": "inline"}}, [], ["reference.mode=inline"]),
     ({"method": {"name": "fpo"}}, [], ["needs an SAE", "sae.path"]),
     ({"train": {"micro_batch_size": 0}}, [], ["train.micro_batch_size=0", ">= 1"]),
     ({"train": "fast"}, [], ["section 'train'", "mapping"]),

@@ -168,8 +168,11 @@ def test_requeue_decision():
     env = clean_env(SPARSEPO_DRY_RUN="1", SLURM_JOB_ID="42")
     proc = bash_env_sh("sparsepo_requeue_on_preempt 3", env)
     assert proc.returncode == 0 and "DRY-RUN: scontrol requeue 42" in proc.stdout, proc.stderr
+    # killed by the USR1 the batch shell forwarded, before the trainer listened for it: requeue too
+    proc = bash_env_sh("SPARSEPO_GOT_USR1=1; sparsepo_requeue_on_preempt 138", env)
+    assert proc.returncode == 0 and "DRY-RUN: scontrol requeue 42" in proc.stdout, proc.stderr
     for script in ("sparsepo_requeue_on_preempt 0", "sparsepo_requeue_on_preempt 1",
-                   "SPARSEPO_GOT_TERM=1; sparsepo_requeue_on_preempt 3"):
+                   "sparsepo_requeue_on_preempt 138", "SPARSEPO_GOT_TERM=1; sparsepo_requeue_on_preempt 3"):
         proc = bash_env_sh(f"if {script}; then echo REQUEUED; fi", env)
         assert "REQUEUED" not in proc.stdout and "scontrol requeue" not in proc.stdout, script
 

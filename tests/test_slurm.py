@@ -87,9 +87,9 @@ class Cluster:
         return env
 
     def sbatch(self, template: str, *args: str, out: Path, wait: bool = False, timeout: float = 30,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        cmd = ["sbatch", "--parsable", f"--output={out}", *(["--wait"] if wait else []), str(TEMPLATES / template),
-               *args]
+               env: dict[str, str] | None = None, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        cmd = ["sbatch", "--parsable", f"--output={out}", *(["--wait"] if wait else []), *options,
+               str(TEMPLATES / template), *args]
         return subprocess.run(cmd, env=env or self.job_env(), cwd=self.base, capture_output=True, text=True,
                               timeout=timeout)
 
@@ -191,6 +191,22 @@ def test_smoke_cpu_two_nodes(slurm_cluster, tiny_world):
     assert summary.get("world_size", 2) == 2, summary
     assert (smoke / "run" / "final" / "config.json").is_file(), log
     assert list((smoke / "run" / "final").glob("*.safetensors")), log
+
+
+def test_precompute_own_allocation(slurm_cluster, tiny_world):
+    """slurm/precompute.sbatch on one node x 2 tasks: fills the reference cache and trains nothing."""
+    c = slurm_cluster
+    run, out = c.base / "precompute", c.base / "precompute.out"
+    proc = c.sbatch("precompute.sbatch", str(RECIPE), *_tiny_overrides(tiny_world, run), out=out,
+                    options=("--nodes=1", "--ntasks-per-node=2"))
+    assert proc.returncode == 0, f"sbatch failed: {proc.stdout}{proc.stderr}"
+    jid = proc.stdout.strip()
+    info = c.wait_job(jid, lambda i: i.get("JobState") in TERMINAL, timeout=300, what="precompute finishing", log=out)
+    log = f"--- job log {out}\n{_tail(out)}\n{c.daemon_logs()}"
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{log}"
+    assert "slurm launch: world of 2" in out.read_text(), log
+    assert (run / "ref_cache" / "index.json").is_file(), log
+    assert not (run / "summary.json").exists() and not (run / "checkpoints").exists(), sorted(run.iterdir())
 
 
 def _preempted_step(text: str) -> int:

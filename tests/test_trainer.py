@@ -85,3 +85,13 @@ def test_finished_run_dir_is_not_overwritten(tiny_world, dpo_two_ranks):
                         check=False)
     assert proc.returncode == 1
     assert "already holds a finished run" in proc.stderr + proc.stdout
+
+
+def test_inline_reference_matches_cached_reference(tiny_world, dpo_two_ranks, tmp_path):
+    # reference forward inside the policy step (TRL's way) = reading the precomputed cache
+    run_training(tiny_world, tmp_path, "method.name=dpo", "train.micro_batch_size=4", f"train.max_steps={STEPS}",
+                 "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant", "reference.mode=inline", nproc=1)
+    assert not (tmp_path / "ref_cache").exists()
+    inline, cached = read_scalars(tmp_path, "train/loss"), read_scalars(dpo_two_ranks, "train/loss")
+    for step in cached:
+        assert inline[step] == pytest.approx(cached[step], abs=2e-5), (step, inline, cached)

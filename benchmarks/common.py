@@ -1,0 +1,72 @@
+"""Shared pieces of the benchmark scripts: run `sparsepo.train` as a subprocess, read its figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(world, run_dir: Path, overrides: list[str], nproc: int) -> float:
+    """Run one training job; returns its wall time. Raises with the log tail on failure."""
+    args = ["--config", str(RECIPE), f"model.path={world.sft_dir}", f"data.path={world.train_path}",
+            f"logging.output_dir={run_dir}", "logging.progress=false", "logging.overwrite=true", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "sparsepo.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+               str(free_port()), "--module", "sparsepo.train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def steady_mean(values: dict[int, float], skip: int = 3) -> float:
+    """Mean over steps after the first `skip` (warm-up: allocator, first all-gathers)."""
+    kept = [v for step, v in sorted(values.items()) if step > skip] or list(values.values())
+    return mean(kept)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def write_report(path: Path, title: str, command: str, header: list[str], rows: list[list], notes: str,
+                 data: dict) -> None:
+    lines = [f"## {title}", "", f"Command: `{command}`", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n\n" + notes.strip() + "\n"
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.with_suffix(".json").write_text(json.dumps(data, indent=1))
