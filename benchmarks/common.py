@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from statistics import mean
+
+from sparsepo.cli import train_command
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(world, run_dir: Path, overrides: list[str], nproc: int) -> float:
     """Run one training job; returns its wall time. Raises with the log tail on failure."""
-    args = ["--config", str(RECIPE), f"model.path={world.sft_dir}", f"data.path={world.train_path}",
-            f"logging.output_dir={run_dir}", "logging.progress=false", "logging.overwrite=true", *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "sparsepo.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), "--module", "sparsepo.train", *args]
+    cmd = train_command(RECIPE, [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
+                                 f"logging.output_dir={run_dir}", "logging.progress=false", "logging.overwrite=true",
+                                 *overrides], nproc=nproc)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)

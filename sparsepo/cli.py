@@ -28,15 +28,26 @@ def _env() -> dict[str, str]:
     return env
 
 
-def launch_train(config: str | None, overrides: list[str], *, nproc: int = 1, resume: str | None = None) -> int:
-    """Run `sparsepo.train` in fresh processes: plain python for one, the deepspeed launcher for more."""
-    args = (["--config", config] if config else []) + (["--resume", resume] if resume else []) + overrides
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(config: str | None, overrides: list[str], *, nproc: int = 1, resume: str | None = None) -> list[str]:
+    """The command line of a training job: plain python for one process, the deepspeed launcher for more."""
+    args = (["--config", str(config)] if config else []) + (["--resume", resume] if resume else []) + list(overrides)
     if nproc <= 1:
-        cmd = [sys.executable, "-m", "sparsepo.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "--module", "sparsepo.train", *args]
-    return subprocess.call(cmd, env=_env())
+        return [sys.executable, "-m", "sparsepo.train", *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(free_port()), "--module", "sparsepo.train", *args]
+
+
+def launch_train(config: str | None, overrides: list[str], *, nproc: int = 1, resume: str | None = None) -> int:
+    """Run `sparsepo.train` in fresh processes (so a finished run's exit path cannot hurt the caller)."""
+    return subprocess.call(train_command(config, overrides, nproc=nproc, resume=resume), env=_env())
 
 
 def cmd_train(a: argparse.Namespace) -> int:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sparsepo.cli import free_port, train_command  # noqa: E402,F401  (free_port is used by test modules)
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +32,9 @@ def train_env() -> dict[str, str]:
 def run_training(world, run_dir: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
                  check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """`sparsepo.train` on the tiny world, through the real deepspeed launcher when nproc > 1."""
-    args = ["--config", str(RECIPE), f"model.path={world.sft_dir}", f"data.path={world.train_path}",
-            f"logging.output_dir={run_dir}", "logging.progress=false", "logging.log_every=1",
-            *(["--resume", resume] if resume else []), *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "sparsepo.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(free_port()), "--module", "sparsepo.train", *args]
+    cmd = train_command(RECIPE, [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
+                                 f"logging.output_dir={run_dir}", "logging.progress=false", "logging.log_every=1",
+                                 *overrides], nproc=nproc, resume=resume)
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n"
