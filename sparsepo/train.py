@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_live(cfg) -> None:
+def run_live(cfg, preempt) -> None:
     """One job, two roles: rewrite this process's torch.distributed environment for its role's own
     world (DeepSpeed must own a whole world), join the bridge that spans every process, and run
     either a policy rank or a reference stage."""
@@ -55,11 +55,14 @@ def run_live(cfg) -> None:
         engine.init_distributed()
         serve(cfg, p, bridge)
     else:
-        train(cfg, live=(p, bridge))
+        train(cfg, live=(p, bridge), preempt=preempt)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from sparsepo.preemption import PreemptionFlag
+
+    preempt = PreemptionFlag()  # first: a SIGUSR1/SIGTERM during start-up must not kill us uncheckpointed
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # deepspeed calls torch.distributed collectives that torch has renamed; one warning per step otherwise
@@ -76,14 +79,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)
     from sparsepo import engine
-    from sparsepo.trainer import EXIT_PREEMPTED, Preempted, train
+    from sparsepo.preemption import EXIT_PREEMPTED, Preempted
+    from sparsepo.trainer import train
 
     code = 0
     try:
         if cfg.reference.mode == "live":
-            run_live(cfg)
+            run_live(cfg, preempt)
         else:
-            train(cfg)
+            train(cfg, preempt=preempt)
     except Preempted as e:
         logging.getLogger("sparsepo").warning("%s", e)
         code = EXIT_PREEMPTED

@@ -15,7 +15,6 @@ import logging
 import random
 import resource
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -33,6 +32,7 @@ from sparsepo.config import (RunConfig, build_deepspeed_config, check_batch_size
                              save_resolved)
 from sparsepo.losses import LossInputs, get_method
 from sparsepo.metrics import MetricsLogger, reduce_mean
+from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.models import load_tokenizer, logps_at, pair_forward
 from sparsepo.reference import offline
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
@@ -42,42 +42,17 @@ from sparsepo.scheduler import LiveReference, broadcast_int, rows_for
 log = logging.getLogger("sparsepo")
 
 
-EXIT_PREEMPTED = 3  # the sbatch templates turn this into `scontrol requeue`
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint that a preemption signal asked for has been written."""
-
-
-class PreemptionFlag:
-    """SIGUSR1 (Slurm --signal) or SIGTERM sets a flag; the loop checks it after each step on every
-    rank (one all-reduce), so all ranks stop at the same step and checkpoint together."""
-
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.received: int | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 class RunDirError(RuntimeError):
     """The run directory holds a finished run and would be overwritten."""
 
 
 def prepare_run_dir(cfg: RunConfig, *, is_main: bool) -> Path:
     """Refuse to overwrite a finished run silently; with logging.overwrite, clear the old run's
-    outputs (the reference cache stays: it is verified by fingerprint and costly to rebuild)."""
+    outputs (the reference cache stays: it is verified by fingerprint and costly to rebuild).
+    Precompute only (re)writes the cache, so it may run in any run directory."""
     run_dir = Path(cfg.logging.output_dir)
     done = run_dir / "summary.json"
-    resuming = cfg.checkpoint.resume is not None
+    resuming = cfg.checkpoint.resume is not None or cfg.reference.mode == "precompute"
     if done.exists() and not cfg.logging.overwrite and not resuming:
         raise RunDirError(f"{run_dir} already holds a finished run ({done}); choose another "
                           f"logging.output_dir, set logging.overwrite=true to replace it, or "
@@ -138,7 +113,7 @@ def _refuse_unsupported(spec, cfg: RunConfig) -> None:
         raise NotImplementedError(f"method '{spec.name}' needs oracle token scores; not wired yet")
 
 
-def train(cfg: RunConfig, live=None) -> dict:
+def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> dict:
     """Train the policy described by `cfg`; returns the final averaged metrics (rank 0 writes them).
     `live` = (ProcessPlan, bridge) when this process is a policy rank of a live job: reference
     outputs then arrive from the reference group through the scheduler instead of the cache."""
@@ -148,7 +123,6 @@ def train(cfg: RunConfig, live=None) -> dict:
     dp = ctx.world_size
     global_batch = check_batch_size(cfg, dp)
     run_dir = prepare_run_dir(cfg, is_main=ctx.is_main)
-    resume = ckpt.find_resume(cfg)
     seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
@@ -170,6 +144,7 @@ def train(cfg: RunConfig, live=None) -> dict:
                                   force=precompute_only)
     if precompute_only:
         return {"cache": str(offline.cache_dir(cfg)), "pairs": len(dataset)}
+    resume = ckpt.find_resume(cfg)
 
     per_epoch = pdata.steps_per_epoch(len(dataset), global_batch)
     if per_epoch == 0:
@@ -209,7 +184,7 @@ def train(cfg: RunConfig, live=None) -> dict:
         log.info("training %s on %d pairs: %d steps of %d pairs over %d rank(s)", spec.name, len(dataset), total,
                  global_batch, dp)
     params = cfg.method.params
-    preempt = PreemptionFlag()
+    preempt = preempt or PreemptionFlag()
     last: dict[str, float] = {}
     for step in range(start, total):
         t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}

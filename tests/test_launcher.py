@@ -206,6 +206,16 @@ def test_run_step_forwards_usr1_and_returns_child_code(tmp_path):
     assert "forwarding to the step" in err
 
 
+def test_run_step_after_an_early_warning_does_not_start():
+    """A USR1 before the step starts (while the batch script prepares) is remembered, not fatal:
+    the step is skipped and reported as preempted, so the job is requeued."""
+    script = ('sparsepo_trap_preemption; kill -USR1 $$; rc=0; sparsepo_run_step touch /nonexistent/x || rc=$?; '
+              'echo RC=$rc; SLURM_JOB_ID=42 SPARSEPO_DRY_RUN=1 sparsepo_requeue_on_preempt $rc')
+    proc = bash_env_sh(script, clean_env())
+    assert "RC=3" in proc.stdout and "DRY-RUN: scontrol requeue 42" in proc.stdout, proc.stdout + proc.stderr
+    assert "not starting it" in proc.stderr
+
+
 def sbatch_dry_run(template: str, *args: str, **extra: str) -> str:
     env = clean_env(SPARSEPO_DRY_RUN="1", **extra)
     proc = subprocess.run(["bash", str(REPO / "slurm" / template), *args], env=env, capture_output=True,

@@ -1,0 +1,227 @@
+# shellcheck shell=bash
+# Launch helpers for sparsepo, shared by launcher/launch.sh and the sbatch templates in slurm/.
+#
+#   source launcher/env.sh            # defines the functions below; runs nothing, sets SPARSEPO_ROOT
+#
+# Functions (all safe under `set -euo pipefail`):
+#   sparsepo_python                   the interpreter: $SPARSEPO_PYTHON, else `python`, else `python3`.
+#                                     Point SPARSEPO_PYTHON at the venv: SPARSEPO_PYTHON=$PWD/.venv/bin/python
+#   sparsepo_common_env               exports OMP_NUM_THREADS=1, DS_ACCELERATOR=cpu (when there is no
+#                                     nvidia-smi), TORCH_EXTENSIONS_DIR (shared JIT-ops cache),
+#                                     TOKENIZERS_PARALLELISM=false, PYTHONUNBUFFERED=1 - each only if unset
+#   sparsepo_launch_mode              prints slurm | mpi | local (SPARSEPO_LAUNCH_MODE overrides)
+#   sparsepo_slurm_env                inside an srun task: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+#   sparsepo_mpi_env                  under mpirun: the same from OMPI_COMM_WORLD_*
+#   sparsepo_first_host NODELIST      first host of a Slurm node list (scontrol, or a bash parser)
+#   sparsepo_output_dir ARGS...       logging.output_dir of `--config C [overrides]` (resolved by sparsepo.config)
+#   sparsepo_resume_args ARGS...      prints `--resume auto` when the job was requeued
+#                                     (SLURM_RESTART_COUNT > 0) or the run directory holds checkpoints
+#   sparsepo_trap_preemption          batch shell: remember USR1 / TERM instead of dying (call it early)
+#   sparsepo_run_step CMD...          runs CMD (srun ...) in the background and waits for it, forwarding
+#                                     USR1 (preemption warning, `--signal=B:USR1@T`) and TERM to it;
+#                                     returns its exit code (3 without running it after an early USR1)
+#   sparsepo_requeue_on_preempt RC    RC == 3 (trainer: checkpoint written after a preemption signal),
+#                                     or 138 after a USR1 we forwarded (killed while starting up)
+#                                     -> `scontrol requeue $SLURM_JOB_ID`; not after a SIGTERM to the
+#                                     batch shell (scancel / Slurm's own preemption already decided)
+#   sparsepo_job_banner               one log line with the job's id, nodes, tasks and restart count
+
+SPARSEPO_EXIT_PREEMPTED=3
+
+if [ -z "${SPARSEPO_ROOT:-}" ]; then
+  SPARSEPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+fi
+export SPARSEPO_ROOT
+
+sparsepo_log() { echo "[sparsepo-launch $(date +%H:%M:%S)] $*" >&2; }
+
+sparsepo_python() {
+  if [ -n "${SPARSEPO_PYTHON:-}" ]; then echo "$SPARSEPO_PYTHON"
+  elif command -v python >/dev/null 2>&1; then echo python
+  else echo python3
+  fi
+}
+
+sparsepo_common_env() {
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  if [ -z "${DS_ACCELERATOR:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    export DS_ACCELERATOR=cpu
+  fi
+  # DeepSpeed compiles its ops (deepspeed_shm_comm, fused_adam) just in time; a cache on the shared
+  # file system (the repository) means one compile per cluster instead of one per node and job.
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${SPARSEPO_CACHE_DIR:-$SPARSEPO_ROOT/.cache}/torch_extensions}
+  export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+  export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
+}
+
+sparsepo_launch_mode() {
+  if [ -n "${SPARSEPO_LAUNCH_MODE:-}" ]; then echo "$SPARSEPO_LAUNCH_MODE"
+  elif [ -n "${OMPI_COMM_WORLD_RANK:-}" ]; then echo mpi   # mpirun (also inside a Slurm allocation)
+  elif [ -n "${SLURM_PROCID:-}" ] && [ -n "${SLURM_STEP_ID:-${SLURM_STEPID:-}}" ]; then echo slurm  # an srun task
+  else echo local   # includes a batch script calling launch.sh without srun (SLURM_PROCID but no step)
+  fi
+}
+
+# First host of a Slurm node list, e.g. "node[01-04,07],gpu3" -> node01.
+sparsepo_first_host() {
+  local list=$1 host=""
+  if command -v scontrol >/dev/null 2>&1; then
+    host=$(timeout 20 scontrol show hostnames "$list" 2>/dev/null) || host=""
+    host=${host%%$'\n'*}   # first line (no `| head`: SIGPIPE + pipefail would discard it)
+  fi
+  if [ -z "$host" ]; then   # no scontrol (or no slurm.conf): parse the first element ourselves
+    local rest=$list head inner
+    host=""
+    while :; do   # the first element ends at the first comma outside brackets
+      head=${rest%%[\[,]*}
+      host+=$head; rest=${rest:${#head}}
+      [[ $rest == "["* ]] || break
+      inner=${rest#[}; inner=${inner%%]*}; rest=${rest#*]}
+      inner=${inner%%,*}; host+=${inner%%-*}   # a range "05-07" starts at 05
+    done
+  fi
+  echo "$host"
+}
+
+# Tasks on node NODEID from a Slurm tasks-per-node list: "2(x3),1" 3 -> 1.
+sparsepo_tasks_on_node() {
+  local spec=$1 node=$2 item count reps i=0
+  local IFS=,
+  for item in $spec; do
+    count=${item%%(*}; reps=1
+    [[ $item == *"(x"* ]] && { reps=${item#*(x}; reps=${reps%)}; }
+    if [ "$node" -lt $((i + reps)) ]; then echo "$count"; return 0; fi
+    i=$((i + reps))
+  done
+  echo "${spec%%[(,]*}"
+}
+
+sparsepo_slurm_env() {
+  export RANK=$SLURM_PROCID
+  export WORLD_SIZE=${SLURM_NTASKS:-${SLURM_NPROCS:-1}}
+  export LOCAL_RANK=${SLURM_LOCALID:-0}
+  LOCAL_SIZE=$(sparsepo_tasks_on_node "${SLURM_STEP_TASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}" "${SLURM_NODEID:-0}")
+  export LOCAL_SIZE   # DeepSpeed's CPU accelerator: ranks on this node (shm all-reduce only if = world)
+  if [ -z "${MASTER_ADDR:-}" ]; then
+    MASTER_ADDR=$(sparsepo_first_host "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-localhost}}")
+  fi
+  export MASTER_ADDR
+  export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 10000))}
+}
+
+sparsepo_mpi_env() {
+  export RANK=$OMPI_COMM_WORLD_RANK
+  export WORLD_SIZE=$OMPI_COMM_WORLD_SIZE
+  export LOCAL_RANK=${OMPI_COMM_WORLD_LOCAL_RANK:-0}
+  export LOCAL_SIZE=${OMPI_COMM_WORLD_LOCAL_SIZE:-1}
+  # One mpirun on one host: loopback. Across hosts pass `-x MASTER_ADDR=<first host>`.
+  export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+  # Every rank of one mpirun sees the same job id; pass `-x MASTER_PORT=...` to choose.
+  export MASTER_PORT=${MASTER_PORT:-$((20000 + ${OMPI_MCA_ess_base_jobid:-9500} % 10000))}
+}
+
+# logging.output_dir of a sparsepo.train argument list (--config C, overrides, --resume ignored).
+sparsepo_output_dir() {
+  "$(sparsepo_python)" - "$@" <<'PY'
+import sys
+args = sys.argv[1:]
+config, overrides, i = None, [], 0
+while i < len(args):
+    a = args[i]
+    if a in ("--config", "--resume"):
+        config = args[i + 1] if a == "--config" else config
+        i += 2
+        continue
+    if a.startswith("--config="):
+        config = a.split("=", 1)[1]
+    elif not a.startswith("--"):
+        overrides.append(a)
+    i += 1
+from sparsepo.config import load_config
+print(load_config(config, overrides).logging.output_dir)
+PY
+}
+
+sparsepo_has_checkpoints() {  # DIR: the run directory
+  compgen -G "$1/checkpoints/step-*" >/dev/null 2>&1
+}
+
+# Prints "--resume auto" when the run should continue: a requeued job, or checkpoints already in
+# the run directory. Prints nothing when the arguments already choose (--resume / checkpoint.resume=)
+# or SPARSEPO_RESUME=never.
+sparsepo_resume_args() {
+  local a out
+  [ "${SPARSEPO_RESUME:-auto}" = never ] && return 0
+  for a in "$@"; do
+    case $a in --resume|--resume=*|checkpoint.resume=*) return 0 ;; esac
+  done
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then echo "--resume auto"; return 0; fi
+  out=""
+  for a in "$@"; do   # an override wins over the config file: no need to start python for it
+    case $a in logging.output_dir=*) out=${a#logging.output_dir=} ;; esac
+  done
+  if [ -z "$out" ]; then out=$(sparsepo_output_dir "$@" 2>/dev/null) || out=""; fi
+  if [ -n "$out" ] && sparsepo_has_checkpoints "$out"; then
+    echo "--resume auto"
+  fi
+  return 0
+}
+
+# Run a job step in the background and wait for it. A USR1 to the batch shell (Slurm's
+# `--signal=B:USR1@T` warning before the time limit, or `scancel -b -s USR1 JOB`) is forwarded to the
+# step (srun passes it on to every task); a TERM (scancel, Slurm preemption) is forwarded too and
+# remembered so that the job is not requeued by us afterwards.
+SPARSEPO_GOT_USR1=0
+SPARSEPO_GOT_TERM=0
+
+# Call early in a batch script: from here on USR1 / TERM are remembered instead of killing the
+# shell (bash's default), so a warning that comes before the step starts is not lost.
+sparsepo_trap_preemption() {
+  trap 'SPARSEPO_GOT_USR1=1; sparsepo_log "batch shell got USR1"' USR1
+  trap 'SPARSEPO_GOT_TERM=1; sparsepo_log "batch shell got TERM"' TERM
+}
+
+sparsepo_run_step() {
+  local pid rc
+  if [ "${SPARSEPO_DRY_RUN:-0}" = 1 ]; then printf 'DRY-RUN:'; printf ' %q' "$@"; echo; return 0; fi
+  if [ "$SPARSEPO_GOT_TERM" = 1 ]; then sparsepo_log "TERM before the step started: not starting it"; return 143; fi
+  if [ "$SPARSEPO_GOT_USR1" = 1 ]; then
+    sparsepo_log "preemption warning before the step started: not starting it"
+    return "$SPARSEPO_EXIT_PREEMPTED"
+  fi
+  "$@" &
+  pid=$!
+  # shellcheck disable=SC2064
+  trap "SPARSEPO_GOT_USR1=1; sparsepo_log 'batch shell got USR1: forwarding to the step'; kill -USR1 $pid 2>/dev/null" USR1
+  # shellcheck disable=SC2064
+  trap "SPARSEPO_GOT_TERM=1; sparsepo_log 'batch shell got TERM: forwarding to the step'; kill -TERM $pid 2>/dev/null" TERM
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+  rc=0; wait "$pid" || rc=$?   # bash keeps the status of a reaped child: this is srun's exit code
+  sparsepo_trap_preemption      # late signals: remember them, do not die before the requeue
+  return "$rc"
+}
+
+sparsepo_requeue_on_preempt() {
+  local rc=$1
+  if [ "$rc" = 138 ] && [ "$SPARSEPO_GOT_USR1" = 1 ]; then
+    # 128 + SIGUSR1: the warning reached the tasks before the trainer listened for it (start-up):
+    # no new checkpoint, but the job still has to make way - requeue, resuming from the last one.
+    sparsepo_log "the step was killed by the USR1 we forwarded (still starting up): requeueing anyway"
+  elif [ "$rc" != "$SPARSEPO_EXIT_PREEMPTED" ]; then
+    return 1
+  fi
+  if [ "$SPARSEPO_GOT_TERM" = 1 ]; then
+    sparsepo_log "step exited $rc after a SIGTERM to the job (scancel or Slurm preemption): not requeueing"
+    return 1
+  fi
+  if [ -z "${SLURM_JOB_ID:-}" ]; then sparsepo_log "exit $rc (preempted) outside Slurm: resume with --resume auto"; return 1; fi
+  sparsepo_log "step exited $rc (preempted): scontrol requeue $SLURM_JOB_ID" \
+               "(this run: SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0})"
+  if [ "${SPARSEPO_DRY_RUN:-0}" = 1 ]; then echo "DRY-RUN: scontrol requeue $SLURM_JOB_ID"; return 0; fi
+  scontrol requeue "$SLURM_JOB_ID"
+}
+
+sparsepo_job_banner() {
+  sparsepo_log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) on ${SLURM_JOB_NODELIST:-?}:" \
+               "${SLURM_NTASKS:-?} task(s), SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, repo $SPARSEPO_ROOT"
+}
