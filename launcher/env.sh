@@ -47,9 +47,12 @@ sparsepo_common_env() {
   if [ -z "${DS_ACCELERATOR:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
     export DS_ACCELERATOR=cpu
   fi
-  # DeepSpeed compiles its ops (deepspeed_shm_comm, fused_adam) just in time; a cache on the shared
-  # file system (the repository) means one compile per cluster instead of one per node and job.
-  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${SPARSEPO_CACHE_DIR:-$SPARSEPO_ROOT/.cache}/torch_extensions}
+  # DeepSpeed compiles its ops (deepspeed_shm_comm, fused_adam) just in time, into torch's default
+  # ~/.cache/torch_extensions. Where home is not shared between nodes, SPARSEPO_CACHE_DIR on a shared
+  # file system makes it one compile per cluster instead of one per node.
+  if [ -n "${SPARSEPO_CACHE_DIR:-}" ]; then
+    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$SPARSEPO_CACHE_DIR/torch_extensions}
+  fi
   export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
   export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
 }

@@ -19,8 +19,9 @@
 # --nproc is ignored under slurm / mpi (the launcher there decides the number of processes).
 #
 # Environment (each only when unset): OMP_NUM_THREADS=1; DS_ACCELERATOR=cpu when there is no
-# nvidia-smi; TORCH_EXTENSIONS_DIR=$SPARSEPO_CACHE_DIR/torch_extensions (default <repo>/.cache: a
-# cache on the shared file system, compiled once per cluster); TOKENIZERS_PARALLELISM=false.
+# nvidia-smi; TORCH_EXTENSIONS_DIR=$SPARSEPO_CACHE_DIR/torch_extensions when SPARSEPO_CACHE_DIR is
+# set (a shared file system: DeepSpeed's ops compiled once per cluster; otherwise torch's default
+# ~/.cache/torch_extensions); TOKENIZERS_PARALLELISM=false.
 # SPARSEPO_PYTHON: the interpreter (default `python`); point it at the venv, e.g.
 #   export SPARSEPO_PYTHON=/path/to/sparsepo/.venv/bin/python
 # (srun and a local mpirun pass the environment on to every task).

@@ -111,7 +111,9 @@ def test_local_env_and_defaults():
     assert env["MODE"] == "local"
     assert env["CMD"].split() == [sys.executable, "-m", "sparsepo.train", "--config", "c.yaml"]
     assert env["OMP_NUM_THREADS"] == "1"
-    assert env["TORCH_EXTENSIONS_DIR"] == str(REPO / ".cache" / "torch_extensions")
+    assert env.get("TORCH_EXTENSIONS_DIR", "") == ""  # torch's default cache unless SPARSEPO_CACHE_DIR
+    shared = print_env(env=clean_env(SPARSEPO_CACHE_DIR="/shared/sparsepo"))
+    assert shared["TORCH_EXTENSIONS_DIR"] == "/shared/sparsepo/torch_extensions"
     if shutil.which("nvidia-smi") is None:
         assert env["DS_ACCELERATOR"] == "cpu"
     two = print_env("--config", "c.yaml", "x.y=1", env=clean_env(MASTER_PORT="29999"), nproc=2)
