@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from sparsepo.atomic import atomic_write
+
 
 
 class ConfigError(ValueError):
@@ -450,13 +452,9 @@ def save_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(
-        f"# resolved sparsepo config, fingerprint {config_fingerprint(cfg)}\n"
-        f"# rerun: sparsepo train --config {path}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    )
-    tmp.replace(path)
-    return path
+    return atomic_write(path, f"# resolved sparsepo config, fingerprint {config_fingerprint(cfg)}\n"
+                              f"# rerun: sparsepo train --config {path}\n"
+                        + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------

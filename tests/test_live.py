@@ -4,7 +4,6 @@
 (same seed, same data order); the scored outputs are written through to the cache; mpirun works
 too; a killed reference rank makes the policy fail with a message naming it, not hang."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
+from sparsepo.atomic import atomic_write
 from sparsepo.data import rows
 from sparsepo.data.errors import DataError, SkippedRow
 from sparsepo.data.sources import load_rows
@@ -153,14 +152,8 @@ def dataset_fingerprint(ds: datasets.Dataset) -> str:
 
 def write_skip_report(records: list[SkippedRow], run_dir: str | Path) -> Path:
     """Write `run_dir/skipped_rows.jsonl` atomically: one {"row", "field", "reason"} per line."""
-    out = Path(run_dir) / SKIP_REPORT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{SKIP_REPORT}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r._asdict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(Path(run_dir) / SKIP_REPORT,
+                        "".join(json.dumps(r._asdict(), ensure_ascii=False) + "\n" for r in records))
 
 
 def _check_config(cfg, tokenizer) -> None:

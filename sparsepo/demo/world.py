@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import string
@@ -56,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from sparsepo.atomic import atomic_write
 from sparsepo.demo import corpus as demo_corpus
 from sparsepo.demo.reward import ground_truth_reward
 from sparsepo.demo.sampling import Sample, hf_progress_bars, sample_responses, torch_threads
@@ -170,21 +170,11 @@ def _lock(root: Path) -> Iterator[None]:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 class _Timer:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from sparsepo.atomic import atomic_write
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -69,15 +70,6 @@ def fingerprint_components(*, model_dir: str, tokenizer_dir: str, data: str, set
     }
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.pt"
 
@@ -91,7 +83,7 @@ def write_shard(cache_dir: str | Path, index: int, example_ids: list[str], recor
     buf = io.BytesIO()
     torch.save({"example_ids": list(example_ids), "records": records}, buf)
     payload = buf.getvalue()
-    _atomic_write_bytes(cache_dir / shard_name(index), payload)
+    atomic_write(cache_dir / shard_name(index), payload)
     return {"file": shard_name(index), "sha256": hash_bytes(payload), "bytes": len(payload),
             "example_ids": list(example_ids)}
 
@@ -99,7 +91,7 @@ def write_shard(cache_dir: str | Path, index: int, example_ids: list[str], recor
 def write_index(cache_dir: str | Path, components: dict, shards: list[dict]) -> Path:
     path = Path(cache_dir) / INDEX
     body = {"format": FORMAT_VERSION, "fingerprint": components, "shards": shards}
-    _atomic_write_bytes(path, json.dumps(body, indent=1).encode())
+    atomic_write(path, json.dumps(body, indent=1))
     return path
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparsepo.atomic import atomic_write
 
 SIDECAR = "sparsepo_sae.json"
 SIDECAR_FORMAT = 1
@@ -188,9 +189,7 @@ def save_sae(sae, directory: str | Path, *, layer: int, model_fingerprint: str |
         "model_fingerprint": model_fingerprint,
         "stats": stats or {},
     }
-    tmp = directory / f".{SIDECAR}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, directory / SIDECAR)
+    atomic_write(directory / SIDECAR, json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n")
     sae.sparsepo_meta = meta
     sae.sparsepo_source = str(directory)
     return directory
