@@ -5,6 +5,10 @@ reproduces `from_pretrained`; `score_logits` equals `score_batch`. Multi-process
 PipelineModule launched with torchrun (2 stages; 3 stages with a middle stage that never sees the
 batch; 2 stages x 2 replicas) scores padded batches of different lengths and its last stages'
 outputs equal a single-process `score_batch` of the same model.
+
+FPO's SAE features: the stage holding decoder layer ℓ carries its output to the last stage, which
+alone holds the SAE; feature ids/values equal `score_batch(..., features=SAEFeatures(sae, layer=ℓ))`
+for ℓ on the first stage (crossing one or two stage boundaries) and on the last stage.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import torch
 
 from sparsepo.data.batching import collate_pairs
 from sparsepo.reference.pipeline import (
+    FEATURE_FIELDS,
     PipelineConfigError,
+    ScoreFn,
     StageLoader,
+    build_pipeline,
     max_stages,
     pipeline_layers,
     run_layers,
@@ -36,6 +43,7 @@ from conftest import REPO, free_port, train_env
 VOCAB = 101
 TOPK = 5
 FIELDS = ("seq_logps", "token_logps", "topk_ids", "topk_logps")
+D_SAE, SAE_TOPK, FEATURE_K = 64, 8, 4  # SAE width, its per-token TopK, FPO's k (<= SAE_TOPK: no zero ties)
 WORKER = REPO / "tests" / "dist_scripts" / "pipeline_reference_worker.py"
 
 
@@ -75,6 +83,32 @@ def saved_model(tmp_path_factory):
     return path, model
 
 
+def random_sae(seed: int):
+    """A TopK SAE for the 32-wide tiny Llama with sae-lens' random initial weights (b_enc 0)."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(seed)
+    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=D_SAE, k=SAE_TOPK))
+    sae.requires_grad_(False)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def sae_dirs(tmp_path_factory):
+    """Saved SAEs (sparsepo.sae.save_sae) for decoder layer 0 and layer 1: {layer: dir}."""
+    from sparsepo.sae import save_sae
+
+    root = tmp_path_factory.mktemp("sae")
+    return {layer: save_sae(random_sae(10 + layer), root / f"layer{layer}", layer=layer) for layer in (0, 1)}
+
+
+def sae_features(sae_dir: Path, layer: int):
+    from sparsepo.fpo import SAEFeatures
+    from sparsepo.sae import load_sae
+
+    return SAEFeatures(load_sae(str(sae_dir)), layer=layer, k=FEATURE_K)
+
+
 # ---------------------------------------------------------------------------------------------
 # single process
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +146,55 @@ def test_last_stage_scoring_equals_score_batch():
         assert (tok[outside] == 0).all() and (topk_ids[outside] == 0).all() and (topk_logps[outside] == 0).all()
     # topk 0 / None: only the log-probs
     assert len(score_logits(logits, batch.input_ids, batch.response_mask, 0)) == 2
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_feature_layer_is_carried_to_the_head_and_scored_like_score_batch(layer):
+    """pipeline_layers(feature_layer=ℓ) reduces to (logits, layer ℓ's output); the last-stage
+    scoring adds the SAE's pooled top-k, equal to score_batch with SAEFeatures."""
+    from sparsepo.fpo import SAEFeatures
+
+    model = tiny_llama(seed=2)
+    features = SAEFeatures(random_sae(layer), layer=layer, k=FEATURE_K)
+    plain, carried = pipeline_layers(model), pipeline_layers(model, feature_layer=layer)
+    for rows in batch_rows(7):
+        batch = collate_pairs(rows, pad_id=0)
+        want = score_batch(model, batch, FIELDS + FEATURE_FIELDS, topk=TOPK, features=features)
+        with torch.no_grad():
+            logits, hidden = run_layers(carried, batch.input_ids, batch.attention_mask)
+            torch.testing.assert_close(logits, run_layers(plain, batch.input_ids, batch.attention_mask), atol=0, rtol=0)
+            with features.capture(model) as cap:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            torch.testing.assert_close(hidden, cap.take(), atol=1e-6, rtol=0)
+        fn = ScoreFn(TOPK, features=features)
+        assert fn.feature_layer == layer and fn.fields[-2:] == FEATURE_FIELDS
+        out = fn((logits, hidden), (batch.input_ids, batch.response_mask))
+        assert len(out) == 6
+        got = dict(zip(fn.fields, out))
+        assert got["feature_ids"].shape == (batch.input_ids.shape[0], FEATURE_K)
+        assert torch.equal(got["feature_ids"], want.feature_ids)
+        torch.testing.assert_close(got["feature_values"], want.feature_values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["seq_logps"], want.seq_logps, atol=1e-5, rtol=0)
+        assert torch.equal(got["topk_ids"], want.topk_ids)
+        assert (got["feature_values"] > 0).all()
+    # a last stage without the SAE (or without the carried layer) refuses rather than serving less
+    with pytest.raises(RuntimeError, match="needs the SAE on the last stage"):
+        ScoreFn(TOPK, feature_layer=layer)((logits, hidden), (batch.input_ids, batch.response_mask))
+    with pytest.raises(RuntimeError, match="layer output missing"):
+        fn(logits, (batch.input_ids, batch.response_mask))
+
+
+def test_feature_layer_refusals(saved_model, sae_dirs):
+    """Checked before any process group is touched."""
+    model_dir, model = saved_model
+    with pytest.raises(PipelineConfigError, match="feature layer 2 is out of range.*0..1"):
+        pipeline_layers(model, feature_layer=2)
+    with pytest.raises(PipelineConfigError, match="feature layer 5 is out of range"):
+        build_pipeline(str(model_dir), num_stages=2, topk=TOPK, feature_layer=5, features=lambda: None)
+    with pytest.raises(PipelineConfigError, match="feature_layer without features"):
+        build_pipeline(str(model_dir), num_stages=2, topk=TOPK, feature_layer=1)
+    with pytest.raises(PipelineConfigError, match="SAE reads layer 0, the pipeline carries layer 1"):
+        ScoreFn(TOPK, feature_layer=1, features=sae_features(sae_dirs[0], 0))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -158,7 +241,8 @@ def test_stage_parts_and_refusals():
 # ---------------------------------------------------------------------------------------------
 
 def run_pipeline(model_dir: Path, out: Path, *, nproc: int, stages: int, batches: list, micro_batches: int = 1,
-                 partition: str = "uniform", timeout: int = 120) -> dict[int, dict]:
+                 partition: str = "uniform", timeout: int = 120, sae: tuple[Path, int] | None = None
+                 ) -> dict[int, dict]:
     out.mkdir(parents=True, exist_ok=True)
     batches_file = out / "batches.pt"
     torch.save(batches, batches_file)
@@ -166,6 +250,8 @@ def run_pipeline(model_dir: Path, out: Path, *, nproc: int, stages: int, batches
            "--master_port", str(free_port()), str(WORKER), "--model", str(model_dir),
            "--batches", str(batches_file), "--out", str(out), "--stages", str(stages), "--topk", str(TOPK),
            "--micro-batches", str(micro_batches), "--partition", partition]
+    if sae is not None:
+        cmd += ["--sae", str(sae[0]), "--sae-layer", str(sae[1]), "--sae-k", str(FEATURE_K)]
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"pipeline run failed ({proc.returncode}): {' '.join(cmd)}\n"
@@ -173,7 +259,7 @@ def run_pipeline(model_dir: Path, out: Path, *, nproc: int, stages: int, batches
     return {r: json.loads((out / f"info_rank{r}.json").read_text()) for r in range(nproc)}
 
 
-def check_against_score_batch(model, out: Path, infos: dict, batches: list) -> None:
+def check_against_score_batch(model, out: Path, infos: dict, batches: list, features=None) -> None:
     scores: dict[int, dict] = {}
     for rank, info in infos.items():
         if info["is_last_stage"]:
@@ -185,9 +271,16 @@ def check_against_score_batch(model, out: Path, infos: dict, batches: list) -> N
     assert sorted(scores) == list(range(len(batches)))
     for i, rows in enumerate(batches):
         batch = collate_pairs(rows, pad_id=0)
-        want = score_batch(model, batch, FIELDS, topk=TOPK)
+        want = score_batch(model, batch, FIELDS + (FEATURE_FIELDS if features else ()), topk=TOPK,
+                           features=features)
         got = scores[i]
         assert got["example_ids"] == list(batch.example_ids)
+        if features is None:
+            assert not set(FEATURE_FIELDS) & set(got)
+        else:
+            assert got["feature_ids"].shape == (batch.input_ids.shape[0], FEATURE_K)
+            assert torch.equal(got["feature_ids"], want.feature_ids)
+            torch.testing.assert_close(got["feature_values"], want.feature_values, atol=1e-5, rtol=0)
         assert got["token_logps"].shape == batch.input_ids.shape
         torch.testing.assert_close(got["seq_logps"], want.seq_logps, atol=1e-5, rtol=0)
         torch.testing.assert_close(got["token_logps"], want.token_logps, atol=1e-5, rtol=0)
@@ -228,3 +321,63 @@ def test_two_stages_times_two_replicas(saved_model, tmp_path):
     assert [(infos[r]["stage"], infos[r]["replica"]) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(info["last_stage_ranks"] == [2, 3] and info["first_stage_ranks"] == [0, 1] for info in infos.values())
     check_against_score_batch(model, tmp_path / "out", infos, batches)
+
+
+# --- FPO's SAE features through the pipeline ------------------------------------------------
+
+def check_sae_placement(infos: dict, layer: int) -> None:
+    """Only last stages load the SAE (and import sae-lens); every stage knows the carried layer."""
+    for info in infos.values():
+        assert info["feature_layer"] == layer
+        assert info["holds_sae"] == info["sae_lens_imported"] == info["is_last_stage"], info
+        assert info["outputs"] == list(FIELDS + FEATURE_FIELDS)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layer", [0, 1])
+def test_two_stage_pipeline_serves_sae_features(saved_model, sae_dirs, tmp_path, layer):
+    """Layer 0 lives on stage 0 (its output crosses to stage 1), layer 1 on the last stage itself."""
+    model_dir, model = saved_model
+    batches = batch_rows(8)[:3]
+    infos = run_pipeline(model_dir, tmp_path / "out", nproc=2, stages=2, batches=batches, sae=(sae_dirs[layer], layer))
+    assert infos[0]["parts"] == [0, 2, 4]
+    check_sae_placement(infos, layer)
+    check_against_score_batch(model, tmp_path / "out", infos, batches, features=sae_features(sae_dirs[layer], layer))
+
+
+@pytest.mark.distributed
+def test_three_stages_uneven_micro_batches_carry_layer_0_through_the_middle(saved_model, sae_dirs, tmp_path):
+    """Layer 0's output rides through the middle stage (which never sees the batch); 5 pairs = 10 rows
+    in 4 micro-batches of 3, 3, 2, 2 rows (DeepSpeed's eval total_loss would not add those up)."""
+    model_dir, model = saved_model
+    rng = random.Random(9)
+    batches = [random_rows(rng, 5, 9, "u"), random_rows(rng, 2, 6, "v")]
+    infos = run_pipeline(model_dir, tmp_path / "out", nproc=3, stages=3, batches=batches, micro_batches=4,
+                         sae=(sae_dirs[0], 0))
+    assert infos[1]["parts"] == [0, 2, 3, 4]
+    check_sae_placement(infos, 0)
+    check_against_score_batch(model, tmp_path / "out", infos, batches, features=sae_features(sae_dirs[0], 0))
+
+
+@pytest.mark.distributed
+def test_two_stages_times_two_replicas_serve_sae_features(saved_model, sae_dirs, tmp_path):
+    model_dir, model = saved_model
+    batches = batch_rows(10)
+    infos = run_pipeline(model_dir, tmp_path / "out", nproc=4, stages=2, batches=batches, sae=(sae_dirs[1], 1))
+    check_sae_placement(infos, 1)
+    assert [r for r, info in infos.items() if info["holds_sae"]] == [2, 3]
+    check_against_score_batch(model, tmp_path / "out", infos, batches, features=sae_features(sae_dirs[1], 1))
+
+
+@pytest.mark.distributed
+def test_sae_load_failure_on_the_last_stage_fails_every_stage(saved_model, tmp_path):
+    """Only the last stage loads the SAE; when that fails, the first stage must fail too (with the
+    reason), not wait in DeepSpeed's collectives until the process-group timeout."""
+    model_dir, _ = saved_model
+    with pytest.raises(AssertionError, match="pipeline run failed") as err:
+        run_pipeline(model_dir, tmp_path / "out", nproc=2, stages=2, batches=batch_rows(8)[:1],
+                     sae=(tmp_path / "no-such-sae", 1), timeout=90)
+    text = str(err.value)
+    for rank in (0, 1):
+        assert f"[rank{rank}]: sparsepo.reference.pipeline.PipelineConfigError: pipeline reference: the last stage " \
+               f"(rank 1) could not load the SAE: FileNotFoundError" in text, text[-3000:]

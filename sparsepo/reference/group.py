@@ -5,6 +5,10 @@ Every reference process runs `serve`. All replicas move in lockstep rounds (the 
 eval_batch synchronises the reference world), replica r serving policy ranks r, r+R, ... . At the
 end the last stages write what they scored through to the reference cache, so a later run in
 cache mode (or a restart) reuses it instead of rescoring.
+
+FPO: the pipeline carries decoder layer `sae.layer`'s output to the last stage, which alone loads
+the SAE (`sparsepo.fpo.load_for_run`) and serves the pooled top-k feature ids/values; the cache
+key includes the SAE fingerprint, layer and k exactly as cache mode's does.
 """
 
 from __future__ import annotations
@@ -28,15 +32,46 @@ class LiveModeError(ValueError):
     """A method or topology that live mode cannot serve."""
 
 
+def live_fields(cfg) -> tuple[str, ...]:
+    """What the pipeline reference group can serve for this run: the logit outputs, plus the SAE
+    feature top-k when an SAE is configured (sae.path)."""
+    from sparsepo.reference.pipeline import FEATURE_FIELDS, SCORE_FIELDS
+
+    return SCORE_FIELDS + (FEATURE_FIELDS if cfg.sae.path else ())
+
+
 def live_outputs(cfg) -> tuple[str, ...]:
-    from sparsepo.reference.pipeline import SCORE_FIELDS
+    from sparsepo.reference.pipeline import FEATURE_FIELDS
 
     outputs = required_outputs(get_method(cfg.method.name))
-    unsupported = [o for o in outputs if o not in SCORE_FIELDS]
+    served = live_fields(cfg)
+    unsupported = [o for o in outputs if o not in served]
     if unsupported:
+        hint = (" (the SAE features need sae.path)" if any(o in FEATURE_FIELDS for o in unsupported) else "")
         raise LiveModeError(f"method '{cfg.method.name}' needs {unsupported} from the reference; the pipeline "
-                            f"reference group serves {SCORE_FIELDS}. Use reference.mode=cache for it.")
+                            f"reference group serves {served}{hint}. Use reference.mode=cache for it.")
     return outputs
+
+
+def uses_features(outputs: tuple[str, ...]) -> bool:
+    from sparsepo.reference.pipeline import FEATURE_FIELDS
+
+    return any(o in FEATURE_FIELDS for o in outputs)
+
+
+def cache_components(cfg, scorer, data_fingerprint: str, outputs: tuple[str, ...]) -> dict:
+    """The cache key of this run, computed by the last stage of replica 0 (the rank holding the SAE,
+    whose fingerprint is part of the key) and broadcast over the reference world, so that every
+    reference rank keys the cache identically: `offline.local_components` with the same
+    `features` object as cache mode."""
+    src = scorer.last_stage_global_ranks()[0]
+    box = [None]
+    if dist.get_rank() == src:
+        features = scorer.features if uses_features(outputs) else None
+        box[0] = offline.local_components(cfg, data_fingerprint, outputs, features)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def check_live_topology(topology) -> None:
@@ -59,9 +94,17 @@ def serve(cfg, plan, bridge) -> None:
     ref_path = offline.reference_path(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or ref_path)
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer)
+    features = uses_features(outputs)
+
+    def load_features():  # called on the last stages only: the others never load the SAE
+        from sparsepo import fpo
+
+        return fpo.load_for_run(cfg)
+
     scorer = PipelineScorer.from_pretrained(
         ref_path, num_stages=topo.num_stages, precision=cfg.train.precision, outputs=outputs,
-        topk=cfg.reference.topk if "topk_ids" in outputs else None)
+        topk=cfg.reference.topk if "topk_ids" in outputs else None,
+        feature_layer=cfg.sae.layer if features else None, features=load_features if features else None)
     if scorer.replica_index != role.replica or scorer.stage_id != role.stage:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "
                            f"{scorer.replica_index}, topology says stage {role.stage} replica {role.replica}")
@@ -69,13 +112,14 @@ def serve(cfg, plan, bridge) -> None:
     mine = topo.policies_for_replica(role.replica)
     sender = Sender(bridge, cfg.reference.window)
     dp, n, replicas = topo.num_policy, len(dataset), topo.num_replicas
-    expected = offline.local_components(cfg, pdata.dataset_fingerprint(dataset), outputs)
+    expected = cache_components(cfg, scorer, pdata.dataset_fingerprint(dataset), outputs)
     cache = CacheReader(offline.cache_dir(cfg), expected) if (offline.cache_dir(cfg) / INDEX).is_file() else None
     scored: dict[str, dict] = {}  # last stages: every record scored so far (a second epoch reuses them)
     seen: set[int] = set()  # rows scored by any replica: the same on every reference rank
     if role.is_last_stage and role.replica == 0:
-        log.info("reference group: %d stage(s) x %d replica(s) serving %d policy ranks, steps %d..%d, window %d%s",
+        log.info("reference group: %d stage(s) x %d replica(s) serving %d policy ranks, steps %d..%d, window %d%s%s",
                  topo.num_stages, replicas, dp, start, total, cfg.reference.window,
+                 f", SAE features of layer {cfg.sae.layer} (top {scorer.features.k})" if features else "",
                  ", from the existing cache" if cache else "")
     for step in range(start, total):
         for micro in range(cfg.train.grad_accum):

@@ -7,16 +7,27 @@ A Llama-style causal LM (``model.model.embed_tokens``, ``.layers``, ``.norm``, `
     DecoderLayerStage x L  (hidden, attention_mask, position_ids) -> (hidden, attention_mask, position_ids)
     HeadStage       (hidden, attention_mask, position_ids) -> logits (N, T, V)
 
+With a feature layer ℓ (FPO's SAE reads decoder layer ℓ's output, ``capture_residual``), decoder
+item ℓ appends its output to the tuple, later decoder items pass it through unchanged, and the
+head returns ``(logits, hidden_ℓ)``:
+
+    DecoderLayerStage ℓ   (hidden, mask, pos)          -> (hidden, mask, pos, hidden_ℓ)
+    DecoderLayerStage >ℓ  (hidden, mask, pos, hidden_ℓ) -> (hidden', mask, pos, hidden_ℓ)
+    HeadStage             (hidden, mask, pos, hidden_ℓ) -> (logits, hidden_ℓ)
+
 Only tensors cross stages. Each decoder item rebuilds the 4D causal + padding mask with
 transformers' own ``create_causal_mask`` (so it matches the HF forward exactly, whatever the
 attention implementation) and its rotary (cos, sin) from ``position_ids``; both are cheap next to
 the layer. ``functools.reduce`` over ``pipeline_layers(model)`` reproduces
-``model(input_ids, attention_mask).logits`` on one process.
+``model(input_ids, attention_mask).logits`` on one process (``(logits, hidden_ℓ)`` with
+``pipeline_layers(model, feature_layer=ℓ)``).
 
 The last stage turns the logits into what the reference serves with ``score_logits`` (the same
 functions and alignment as ``sparsepo.models.pair_forward`` / ``score_batch``): sequence and token
 log-probs of the response tokens and the top-K next-token log-probs and ids, zero outside the
-response mask.
+response mask; and, given a frozen SAE (``features``, e.g. ``sparsepo.fpo.SAEFeatures``, held by
+the last stage only), the pooled SAE features of hidden_ℓ over the response tokens and their top-k
+(ids, values), computed by ``features.reference`` itself (``FEATURE_FIELDS``).
 
 ``build_pipeline`` groups the items into exactly ``num_stages`` contiguous blocks (``stage_parts``
 decides where the cuts go), hands DeepSpeed one block per stage (a ``PipelineModule`` with
@@ -36,7 +47,10 @@ DeepSpeed facts this module relies on (deepspeed 0.19.8):
   every replica must call it the same number of times.
 * In eval the engine keeps adding each micro-batch's loss_fn output into ``engine.total_loss``
   (reset only by ``train_batch``): with outputs whose shape changes between batches the second
-  ``eval_batch`` dies with a shape mismatch. ``PipelineScorer.score`` resets it before and after.
+  ``eval_batch`` dies with a shape mismatch (and so does the second micro-batch of one batch whose
+  rows do not split evenly, e.g. 3 + 2 rows). ``PipelineScorer.score`` resets it before and after,
+  and ``ScoreFn`` clears it before returning each micro-batch's outputs (``ScoreFn.engine``), so
+  only one micro-batch's outputs are ever accumulated, whatever their number and shapes.
 """
 
 from __future__ import annotations
@@ -63,6 +77,10 @@ evenly, the embedding riding on the first stage and the head on the last; parame
 items balanced by parameter count (minimise the largest stage)."""
 
 SCORE_FIELDS = ("seq_logps", "token_logps", "topk_ids", "topk_logps")
+"""What the last stage computes from the logits."""
+FEATURE_FIELDS = ("feature_ids", "feature_values")
+"""What it computes from decoder layer ℓ's output with an SAE (``build_pipeline(..., features=)``)."""
+SERVED_FIELDS = SCORE_FIELDS + FEATURE_FIELDS
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -99,31 +117,43 @@ class EmbeddingStage(nn.Module):
 
 
 class DecoderLayerStage(nn.Module):
-    """One decoder layer: (hidden, attention_mask (N,T) 2D, position_ids) -> same triple.
+    """One decoder layer: (hidden, attention_mask (N,T) 2D, position_ids, *carried) -> same shape of tuple.
 
     Builds the 4D mask with transformers' ``create_causal_mask`` for ``config`` (the attention
-    implementation recorded there) and the rotary (cos, sin) with ``rotary_emb``."""
+    implementation recorded there) and the rotary (cos, sin) with ``rotary_emb``. Tensors after the
+    first three (an earlier layer's captured output) pass through unchanged; with ``capture`` this
+    layer appends its own output (what ``capture_residual`` hooks: the output of
+    ``model.model.layers[ℓ]``)."""
 
-    def __init__(self, layer: nn.Module, rotary_emb: nn.Module, config):
+    def __init__(self, layer: nn.Module, rotary_emb: nn.Module, config, capture: bool = False):
         super().__init__()
         self.layer = layer
         self.rotary_emb = rotary_emb
         self.config = config  # a PretrainedConfig, not a module: not part of the state dict
+        self.capture = capture
 
     def forward(self, inputs):
         from transformers.masking_utils import create_causal_mask
 
-        hidden, attention_mask, position_ids = inputs
+        hidden, attention_mask, position_ids, *carried = inputs
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=None, position_ids=position_ids)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         hidden = self.layer(hidden, attention_mask=mask, position_ids=position_ids,
                             position_embeddings=position_embeddings, use_cache=False)
-        return hidden, attention_mask, position_ids
+        if isinstance(hidden, (tuple, list)):  # older transformers return (hidden, ...)
+            hidden = hidden[0]
+        if self.capture:
+            if carried:
+                raise RuntimeError("pipeline reference: two decoder items capture their output "
+                                   "(one feature layer only)")
+            carried = [hidden]
+        return (hidden, attention_mask, position_ids, *carried)
 
 
 class HeadStage(nn.Module):
-    """Final norm + lm_head: (hidden, attention_mask, position_ids) -> logits (N,T,V) in the model dtype."""
+    """Final norm + lm_head: (hidden, attention_mask, position_ids) -> logits (N,T,V) in the model dtype;
+    (hidden, attention_mask, position_ids, hidden_ℓ) -> (logits, hidden_ℓ)."""
 
     def __init__(self, norm: nn.Module, lm_head: nn.Module):
         super().__init__()
@@ -131,8 +161,10 @@ class HeadStage(nn.Module):
         self.lm_head = lm_head
 
     def forward(self, inputs):
-        hidden = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-        return self.lm_head(self.norm(hidden))
+        if not isinstance(inputs, (tuple, list)):
+            return self.lm_head(self.norm(inputs))
+        logits = self.lm_head(self.norm(inputs[0]))
+        return (logits, *inputs[3:]) if len(inputs) > 3 else logits
 
 
 class StageBlock(nn.Module):
@@ -149,8 +181,17 @@ class StageBlock(nn.Module):
         return x
 
 
-def pipeline_layers(model) -> list[nn.Module]:
-    """The L+2 pipeline items of an HF Llama-style causal LM, in order, sharing the model's modules."""
+def _check_feature_layer(feature_layer: int | None, num_layers: int) -> None:
+    if feature_layer is not None and not 0 <= feature_layer < num_layers:
+        raise PipelineConfigError(f"pipeline reference: feature layer {feature_layer} is out of range for a model "
+                                  f"with {num_layers} decoder layers (0..{num_layers - 1})")
+
+
+def pipeline_layers(model, feature_layer: int | None = None) -> list[nn.Module]:
+    """The L+2 pipeline items of an HF Llama-style causal LM, in order, sharing the model's modules.
+
+    With ``feature_layer`` ℓ, decoder item ℓ carries its output to the head, which returns
+    ``(logits, hidden_ℓ)``."""
     for path in ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head"):
         obj = model
         for part in path.split("."):
@@ -161,13 +202,16 @@ def pipeline_layers(model) -> list[nn.Module]:
     _check_full_attention(model.config)
     base = model.model
     layers = list(base.layers)[: model.config.num_hidden_layers]
+    _check_feature_layer(feature_layer, len(layers))
     return [EmbeddingStage(base.embed_tokens),
-            *[DecoderLayerStage(layer, base.rotary_emb, model.config) for layer in layers],
+            *[DecoderLayerStage(layer, base.rotary_emb, model.config, capture=(d == feature_layer))
+              for d, layer in enumerate(layers)],
             HeadStage(base.norm, model.lm_head)]
 
 
-def run_layers(layers: Sequence[nn.Module], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Logits from the items on one process: ``functools.reduce`` over ``layers``."""
+def run_layers(layers: Sequence[nn.Module], input_ids: Tensor, attention_mask: Tensor):
+    """Logits (or (logits, hidden_ℓ) with a feature layer) from the items on one process:
+    ``functools.reduce`` over ``layers``."""
     return functools.reduce(lambda x, layer: layer(x), layers, (input_ids, attention_mask))
 
 
@@ -175,32 +219,96 @@ def run_layers(layers: Sequence[nn.Module], input_ids: Tensor, attention_mask: T
 # Last-stage scoring
 # ---------------------------------------------------------------------------------------------
 
-def score_logits(logits: Tensor, input_ids: Tensor, response_mask: Tensor, topk: int | None) -> tuple[Tensor, ...]:
+class _Captured:
+    """Stands in for ``sparsepo.sae.ResidualCapture``: hands ``features.reference`` the carried hidden_ℓ."""
+
+    def __init__(self, hidden: Tensor):
+        self.hidden = hidden
+
+    def take(self) -> Tensor:
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+class _Rows:
+    """The part of a collated batch ``features.reference`` reads."""
+
+    def __init__(self, response_mask: Tensor):
+        self.response_mask = response_mask
+
+
+def score_fields(topk: int | None, features: bool) -> tuple[str, ...]:
+    """The names of ``score_logits``' outputs, in order."""
+    return (("seq_logps", "token_logps") + (("topk_logps", "topk_ids") if topk else ())
+            + (FEATURE_FIELDS if features else ()))
+
+
+def score_logits(logits: Tensor, input_ids: Tensor, response_mask: Tensor, topk: int | None, *,
+                 features=None, hidden: Tensor | None = None) -> tuple[Tensor, ...]:
     """What the reference serves, from the logits: (seq_logps (N,), token_logps (N,T)) and, when
-    topk >= 1, (topk_logps (N,T,K), topk_ids (N,T,K) long) appended.
+    topk >= 1, (topk_logps (N,T,K), topk_ids (N,T,K) long) appended; with ``features`` (an
+    ``SAEFeatures``-like object) and ``hidden`` (decoder layer ℓ's output (N,T,D)),
+    (feature_ids (N,k) long, feature_values (N,k)) appended, from ``features.reference``.
 
     Same computation as ``pair_forward`` + ``topk_at_response`` (float32 logits, position t from
-    logits[t-1], position 0 is 0, everything zero outside the response mask)."""
+    logits[t-1], position 0 is 0, everything zero outside the response mask) and ``score_batch``'s
+    features (pooled SAE activations over the response tokens, their top-k)."""
     logits = logits.float()
     token_logps = token_logps_from_logits(logits, input_ids) * response_mask
     out: tuple[Tensor, ...] = (token_logps.sum(-1), token_logps)
     if topk:
         values, ids = topk_at_response(logits, response_mask, topk)
         out = out + (values, ids)
+    if features is not None:
+        if hidden is None:
+            raise RuntimeError("score_logits: an SAE was given but no layer output reached the last stage")
+        got = features.reference(_Captured(hidden), _Rows(response_mask))
+        out = out + tuple(got[name] for name in FEATURE_FIELDS)
     return out
 
 
 class ScoreFn:
-    """The PipelineModule ``loss_fn``: ``(logits, (input_ids, response_mask)) -> score_logits(...)``."""
+    """The PipelineModule ``loss_fn``: ``(head output, (input_ids, response_mask)) -> score_logits(...)``.
+
+    The head output is the logits, or (logits, hidden_ℓ) when the pipeline carries a feature layer.
+    ``feature_layer`` is set on every stage (the decoder item that captures is built from it);
+    ``features`` (the SAE) only on the last stage, the only one that calls this. ``engine``, when
+    set, has its ``total_loss`` cleared before each micro-batch's outputs are returned (module
+    docstring)."""
 
     __name__ = "score_logits"
 
-    def __init__(self, topk: int | None):
+    def __init__(self, topk: int | None, *, feature_layer: int | None = None, features=None):
+        if features is not None and feature_layer is None:
+            feature_layer = features.layer
+        if features is not None and features.layer != feature_layer:
+            raise PipelineConfigError(f"pipeline reference: the SAE reads layer {features.layer}, the pipeline "
+                                      f"carries layer {feature_layer}")
         self.topk = topk
+        self.feature_layer = feature_layer
+        self.features = features
+        self.engine = None
 
-    def __call__(self, logits: Tensor, labels) -> tuple[Tensor, ...]:
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Names of the returned tensors, in order."""
+        return score_fields(self.topk, self.feature_layer is not None)
+
+    def __call__(self, outputs, labels) -> tuple[Tensor, ...]:
         input_ids, response_mask = labels
-        return score_logits(logits, input_ids, response_mask, self.topk)
+        hidden = None
+        if isinstance(outputs, (tuple, list)):
+            outputs, hidden = outputs[0], (outputs[1] if len(outputs) > 1 else None)
+        if self.feature_layer is not None and (self.features is None or hidden is None):
+            raise RuntimeError(f"pipeline reference: feature layer {self.feature_layer} needs the SAE on the last "
+                               f"stage and layer {self.feature_layer}'s output from the pipeline "
+                               f"(SAE {'missing' if self.features is None else 'present'}, "
+                               f"layer output {'missing' if hidden is None else 'present'})")
+        out = score_logits(outputs, input_ids, response_mask, self.topk,
+                           features=self.features if self.feature_layer is not None else None, hidden=hidden)
+        if self.engine is not None:
+            self.engine.total_loss = None  # DeepSpeed adds `out` to it next: keep that to one micro-batch
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,8 +505,10 @@ class StageLoader:
         rotary = self.skeleton.model.rotary_emb
         return type(rotary)(config=self.config)  # built on CPU: its buffers are computed, not loaded
 
-    def build(self, lo: int, hi: int) -> StageBlock:
-        """Items [lo, hi) as one StageBlock, in eval mode with gradients off."""
+    def build(self, lo: int, hi: int, feature_layer: int | None = None) -> StageBlock:
+        """Items [lo, hi) as one StageBlock, in eval mode with gradients off; decoder layer
+        ``feature_layer`` (if it is among them) carries its output on (see ``DecoderLayerStage``)."""
+        _check_feature_layer(feature_layer, self.num_layers)
         source = self._load_items(lo, hi) if self.weight_map is not None else None
         if source is None:
             full = self._full_model()
@@ -411,7 +521,8 @@ class StageLoader:
             if i == 0:
                 items.append(EmbeddingStage(source["model.embed_tokens"]))
             elif i <= self.num_layers:
-                items.append(DecoderLayerStage(source[f"model.layers.{i - 1}"], rotary, config))
+                items.append(DecoderLayerStage(source[f"model.layers.{i - 1}"], rotary, config,
+                                               capture=(i - 1 == feature_layer)))
             else:
                 items.append(HeadStage(source["model.norm"], source["lm_head"]))
         block = StageBlock(items, first_item=lo)
@@ -424,7 +535,7 @@ class StageLoader:
 # DeepSpeed pipeline
 # ---------------------------------------------------------------------------------------------
 
-def _block_spec(loader: StageLoader, lo: int, hi: int):
+def _block_spec(loader: StageLoader, lo: int, hi: int, feature_layer: int | None = None):
     """A DeepSpeed LayerSpec whose build() loads items [lo, hi): only called on the owning stage."""
     from deepspeed.pipe import LayerSpec
 
@@ -434,7 +545,7 @@ def _block_spec(loader: StageLoader, lo: int, hi: int):
             self.bounds = (lo, hi)
 
         def build(self, log=False):
-            return loader.build(lo, hi)
+            return loader.build(lo, hi, feature_layer)
 
         def __repr__(self):
             return f"StageBlock(items [{lo}, {hi}))"
@@ -451,14 +562,21 @@ def ds_inference_config(*, steps_per_print: int = 10**9) -> dict:
 
 
 def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precision: str = "fp32",
-                   partition: str = "uniform", ds_config: dict | None = None):
+                   partition: str = "uniform", ds_config: dict | None = None, feature_layer: int | None = None,
+                   features=None):
     """A DeepSpeed PipelineEngine (eval only, no optimizer) over the current torch.distributed world.
 
     World = num_stages x R data-parallel replicas (global rank = stage * R + replica). Initialises
     torch.distributed with ``deepspeed.init_distributed()`` when it is not yet (env:// variables).
     Each rank builds only its stage's items (see StageLoader). The engine's module (a
-    PipelineModule, ``dynamic_shape=True``) has ``loss_fn = ScoreFn(topk)``: ``eval_batch`` returns
+    PipelineModule, ``dynamic_shape=True``) has ``loss_fn = ScoreFn(...)``: ``eval_batch`` returns
     per-micro-batch ``score_logits`` tuples on the last stage.
+
+    SAE features: ``feature_layer`` ℓ makes the stage holding decoder layer ℓ carry its output to
+    the last stage; ``features`` is the frozen SAE wrapper there (``sparsepo.fpo.SAEFeatures``: an
+    object with ``.layer``, ``.k``, ``.reference(cap, batch)``), or a zero-argument callable
+    returning one, called on the last stage only (so only the last stage loads the SAE). Given an
+    object, ``feature_layer`` defaults to its layer. Every rank must pass the same ``feature_layer``.
     """
     import deepspeed
     import torch.distributed as dist
@@ -471,6 +589,19 @@ def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precis
     loader = StageLoader(model_path, precision)
     if topk and topk > loader.config.vocab_size:
         raise PipelineConfigError(f"pipeline reference: topk={topk} > vocab size {loader.config.vocab_size}")
+    load_features = None
+    if features is not None:
+        if callable(features) and not hasattr(features, "reference"):
+            load_features = features
+        else:
+            load_features = lambda: features  # noqa: E731
+            if feature_layer is None:
+                feature_layer = features.layer
+        if feature_layer is None:
+            raise PipelineConfigError("pipeline reference: a features loader needs feature_layer")
+    elif feature_layer is not None:
+        raise PipelineConfigError("pipeline reference: feature_layer without features (the SAE for the last stage)")
+    _check_feature_layer(feature_layer, loader.num_layers)
     parts = stage_parts(loader.num_layers, num_stages, partition,
                         loader.item_params() if partition == "parameters" else None)
     if not dist.is_initialized():
@@ -479,13 +610,35 @@ def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precis
     if world % num_stages:
         raise PipelineConfigError(f"pipeline reference: world size {world} is not a multiple of "
                                   f"num_stages={num_stages} (world = stages x replicas)")
-    specs = [_block_spec(loader, parts[s], parts[s + 1]) for s in range(num_stages)]
-    module = PipelineModule(layers=specs, num_stages=num_stages, loss_fn=ScoreFn(topk),
+    specs = [_block_spec(loader, parts[s], parts[s + 1], feature_layer) for s in range(num_stages)]
+    score_fn = ScoreFn(topk, feature_layer=feature_layer)
+    module = PipelineModule(layers=specs, num_stages=num_stages, loss_fn=score_fn,
                             partition_method="uniform", dynamic_shape=True)
     module.eval()
     module.requires_grad_(False)
+    if load_features is not None:
+        # Only the last stage loads the SAE; a failure there must fail every rank (the others would
+        # otherwise wait in deepspeed.initialize's collectives until the process-group timeout).
+        error = None
+        if module.stage_id == num_stages - 1:
+            try:
+                sae_features = load_features()
+                if sae_features.layer != feature_layer:
+                    raise PipelineConfigError(f"pipeline reference: the SAE reads layer {sae_features.layer}, the "
+                                              f"pipeline carries layer {feature_layer}")
+                score_fn.features = sae_features
+            except Exception as err:  # noqa: BLE001 - reported on every rank below
+                error = f"{type(err).__name__}: {err}"
+        errors: list = [None] * world
+        dist.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, message = failed[0]
+            raise PipelineConfigError(f"pipeline reference: the last stage (rank {rank}) could not load the SAE: "
+                                      f"{message}")
     engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config or ds_inference_config())
     engine.sparsepo_parts = parts
+    score_fn.engine = engine
     return engine
 
 
@@ -500,6 +653,10 @@ class PipelineScorer:
     not depend on the cut); 2B must be >= micro_batches (the count is fixed because middle stages,
     which never see the batch, must run the same schedule).
 
+    With a feature layer (``build_pipeline(..., features=)``) the outputs also include
+    ``FEATURE_FIELDS`` (feature_ids (2B,k), feature_values (2B,k)), computed on the last stage,
+    which holds the SAE (``features``; None on the other stages).
+
     Hazards (they hang rather than fail): every rank of the reference world must call ``score`` the
     same number of times, replicas included (``eval_batch``'s world barrier is matched by *any*
     barrier, so a replica that skips a round pairs with another's next round or exit barrier); and
@@ -507,13 +664,20 @@ class PipelineScorer:
     other ranks waiting in that barrier until the process-group timeout.
     """
 
-    def __init__(self, engine, *, micro_batches: int = 1, outputs: Sequence[str] = SCORE_FIELDS):
-        topk = engine.module.loss_fn.topk  # the K the last stage computes (build_pipeline's topk)
+    def __init__(self, engine, *, micro_batches: int = 1, outputs: Sequence[str] | None = None):
+        score_fn = engine.module.loss_fn
+        topk = score_fn.topk  # the K the last stage computes (build_pipeline's topk)
+        has_features = score_fn.feature_layer is not None
         if micro_batches < 1:
             raise PipelineConfigError(f"micro_batches={micro_batches} must be >= 1")
-        unknown = [o for o in outputs if o not in SCORE_FIELDS]
+        if outputs is None:  # everything this engine computes
+            outputs = SCORE_FIELDS + (FEATURE_FIELDS if has_features else ())
+        unknown = [o for o in outputs if o not in SERVED_FIELDS]
         if unknown:
-            raise PipelineConfigError(f"pipeline reference cannot produce {unknown}; it serves {SCORE_FIELDS}")
+            raise PipelineConfigError(f"pipeline reference cannot produce {unknown}; it serves {SERVED_FIELDS}")
+        if not has_features and any(o in FEATURE_FIELDS for o in outputs):
+            raise PipelineConfigError(f"pipeline reference: {[o for o in outputs if o in FEATURE_FIELDS]} need an "
+                                      f"SAE: build the pipeline with features= (and feature_layer=)")
         if not topk and any(o in ("topk_ids", "topk_logps") for o in outputs):
             outputs = tuple(o for o in outputs if o not in ("topk_ids", "topk_logps"))
         self.engine = engine
@@ -525,10 +689,23 @@ class PipelineScorer:
     @classmethod
     def from_pretrained(cls, model_path: str, *, num_stages: int, topk: int | None, precision: str = "fp32",
                         partition: str = "uniform", micro_batches: int = 1,
-                        outputs: Sequence[str] = SCORE_FIELDS) -> "PipelineScorer":
+                        outputs: Sequence[str] | None = None, feature_layer: int | None = None,
+                        features=None) -> "PipelineScorer":
+        """``features``/``feature_layer``: see ``build_pipeline`` (a loader callable keeps the SAE
+        off every stage but the last)."""
         engine = build_pipeline(model_path, num_stages=num_stages, topk=topk, precision=precision,
-                                partition=partition)
+                                partition=partition, feature_layer=feature_layer, features=features)
         return cls(engine, micro_batches=micro_batches, outputs=outputs)
+
+    @property
+    def feature_layer(self) -> int | None:
+        """The decoder layer whose output the pipeline carries to the SAE (None: no features)."""
+        return self.engine.module.loss_fn.feature_layer
+
+    @property
+    def features(self):
+        """The SAE wrapper (``SAEFeatures``) on the last stage; None on the others or without features."""
+        return self.engine.module.loss_fn.features
 
     # --- who is who (ranks of the reference world) ---
     @property
@@ -613,10 +790,11 @@ class PipelineScorer:
             return None
         if len(per_micro) != self.micro_batches:
             raise RuntimeError(f"pipeline returned {len(per_micro)} micro-batch outputs, expected {self.micro_batches}")
-        columns = [torch.cat([mb[j] for mb in per_micro]) for j in range(len(per_micro[0]))]
-        produced = {"seq_logps": columns[0], "token_logps": columns[1]}
-        if len(columns) == 4:
-            produced["topk_logps"], produced["topk_ids"] = columns[2], columns[3]
+        names = self.engine.module.loss_fn.fields
+        if any(len(mb) != len(names) for mb in per_micro):
+            raise RuntimeError(f"pipeline returned {[len(mb) for mb in per_micro]} outputs per micro-batch, "
+                               f"expected {len(names)} ({names})")
+        produced = {name: torch.cat([mb[j] for mb in per_micro]) for j, name in enumerate(names)}
         ro = ReferenceOutputs(example_ids=list(batch.example_ids))
         for name in self.outputs:
             setattr(ro, name, produced[name])

@@ -3,7 +3,8 @@
 Launched with `torchrun --nproc_per_node N` (world = stages x replicas). Replica r scores batches
 r, r + R, r + 2R, ... (the test passes a multiple of R); middle stages pass None. Each last-stage
 rank writes out/scores_rank{rank}.pt = {batch index: {field: tensor}}; every rank writes
-out/info_rank{rank}.json.
+out/info_rank{rank}.json. With --sae DIR --sae-layer L --sae-k K the pipeline carries decoder layer L
+to the last stage, which alone loads the SAE (a loader callable) and adds feature_ids/values.
 """
 
 from __future__ import annotations
@@ -31,12 +32,23 @@ def main() -> int:
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--partition", default="uniform")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--sae", default=None, help="SAE directory (sparsepo.sae.save_sae)")
+    ap.add_argument("--sae-layer", type=int, default=None)
+    ap.add_argument("--sae-k", type=int, default=None)
     args = ap.parse_args()
+
+    def load_features():
+        from sparsepo.fpo import SAEFeatures
+        from sparsepo.sae import load_sae
+
+        return SAEFeatures(load_sae(args.sae), layer=args.sae_layer, k=args.sae_k)
 
     t0 = time.perf_counter()
     scorer = PipelineScorer.from_pretrained(args.model, num_stages=args.stages, topk=args.topk,
                                             precision=args.precision, partition=args.partition,
-                                            micro_batches=args.micro_batches)
+                                            micro_batches=args.micro_batches,
+                                            feature_layer=args.sae_layer if args.sae else None,
+                                            features=load_features if args.sae else None)
     t_build = time.perf_counter() - t0
     all_rows = torch.load(args.batches)
     batches = [collate_pairs(rows, pad_id=0) for rows in all_rows]
@@ -63,6 +75,8 @@ def main() -> int:
             "first_stage_ranks": scorer.first_stage_global_ranks(),
             "parts": scorer.parts,
             "stage_params": sum(p.numel() for p in scorer.engine.module.parameters()),
+            "feature_layer": scorer.feature_layer, "holds_sae": scorer.features is not None,
+            "sae_lens_imported": "sae_lens" in sys.modules, "outputs": list(scorer.outputs),
             "build_s": t_build, "score_s": t_score}
     with open(os.path.join(args.out, f"info_rank{rank}.json"), "w") as f:
         json.dump(info, f)
