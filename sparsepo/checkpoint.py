@@ -5,13 +5,26 @@
                       sparsepo.json       written last by rank 0: step, samples seen, world size,
                                           config + data fingerprints, and every file with its size
     <run>/checkpoints/latest              the newest complete tag (atomic rename)
+    <run>/checkpoints/step-00000020_universal/
+                                          made on demand when resuming on another world size
+                                          (DeepSpeed's ds_to_universal), reused while its source
+                                          is unchanged
 
 A checkpoint without sparsepo.json, or whose files do not match the sizes recorded there, is not
 valid: `checkpoint.resume=auto` falls back to the newest valid one and says so.
+
+What may change between the interrupted run and its resume: the logging and checkpoint sections,
+the run length (train.max_steps / train.epochs), where the data and the reference cache live
+(the data itself is checked by fingerprint), and how the global batch is split
+(micro_batch_size x grad_accum x ranks), as long as the global batch stays the same. Changing the
+run length with a non-constant LR schedule is allowed but not exact: the scheduler's position is
+restored (transformers' LambdaLR keeps no closure state), its curve is the new total's from the
+resume step on (a warning says so). Constant (with warmup) does not depend on the total.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,10 +41,14 @@ from sparsepo.config import RunConfig, to_dict
 
 log = logging.getLogger("sparsepo")
 META = "sparsepo.json"
+UNIVERSAL_SOURCE = "sparsepo-universal-source.json"
 # Sections / keys that may change between the interrupted run and its resume.
 _MAY_DIFFER = {"logging", "checkpoint"}
 _MAY_DIFFER_KEYS = {("train", "max_steps"), ("train", "epochs"), ("reference", "timeout_s"),
-                    ("reference", "window"), ("data", "num_proc"), ("data", "cache_dir")}
+                    ("reference", "window"), ("data", "num_proc"), ("data", "cache_dir"),
+                    # the data is compared by fingerprint, the batch split by the global batch below
+                    ("data", "path"), ("reference", "cache_dir"),
+                    ("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "train_batch_size")}
 
 
 class CheckpointError(RuntimeError):
@@ -46,6 +63,13 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of(tag_dir: Path) -> int | None:
+    try:
+        return int(tag_dir.name.removeprefix("step-"))
+    except ValueError:
+        return None
+
+
 def due(cfg: RunConfig, step: int, total: int) -> bool:
     every = cfg.checkpoint.every_steps
     return step == total or (every > 0 and step % every == 0)
@@ -58,19 +82,34 @@ def comparable(cfg_dict: dict) -> dict:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
+def read_meta(tag_dir: Path) -> dict:
+    return json.loads((Path(tag_dir) / META).read_text())
+
+
 def is_valid(tag_dir: Path) -> tuple[bool, str]:
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        return False, "no such checkpoint directory"
     meta_path = tag_dir / META
     if not meta_path.is_file():
-        return False, f"{meta_path.name} missing (interrupted while saving)"
+        return False, f"{meta_path.name} missing (interrupted while saving, or not a sparsepo checkpoint)"
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+        files = dict(meta["files"])
+        if not all(key in meta for key in ("step", "samples", "world_size", "data", "config")):
+            raise KeyError("a required key")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return False, f"{meta_path} is damaged"
-    for rel, size in meta["files"].items():
+    if not files:
+        return False, f"{meta_path} lists no files"
+    for rel, size in files.items():
         path = tag_dir / rel
         if not path.is_file():
             return False, f"{rel} missing"
@@ -80,11 +119,40 @@ def is_valid(tag_dir: Path) -> tuple[bool, str]:
 
 
 def list_tags(ckpt_root: Path) -> list[Path]:
-    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith("_universal"))
+    """Checkpoint directories under `ckpt_root` (valid or not), oldest first."""
+    tags = [p for p in Path(ckpt_root).glob("step-*") if p.is_dir() and step_of(p) is not None]
+    return sorted(tags, key=step_of)
 
 
-def find_resume(cfg: RunConfig) -> Path | None:
-    """The checkpoint directory to resume from, or None to start fresh."""
+def _newest_valid(ckpt_root: Path) -> Path | None:
+    for tag_dir in reversed(list_tags(ckpt_root)):
+        ok, why = is_valid(tag_dir)
+        if ok:
+            return tag_dir
+        log.warning("skipping checkpoint %s: %s; trying an older one", tag_dir, why)
+    return None
+
+
+def resolve(path: str | Path, *, action: str = "resume from") -> Path:
+    """A valid checkpoint directory from what a user named: a checkpoint (must be valid), or a run
+    directory / its checkpoints/ directory (its newest valid checkpoint)."""
+    path = Path(path)
+    if not (path / META).exists():
+        for candidate_root in (path / "checkpoints", path):
+            if list_tags(candidate_root):
+                found = _newest_valid(candidate_root)
+                if found is None:
+                    raise CheckpointError(f"cannot {action} {path}: no valid checkpoint in {candidate_root}")
+                return found
+    ok, why = is_valid(path)
+    if not ok:
+        raise CheckpointError(f"cannot {action} {path}: {why}. Name another checkpoint directory"
+                              + (", or use checkpoint.resume=auto to take the newest valid one." if action ==
+                                 "resume from" else "."))
+    return path
+
+
+def _choose(cfg: RunConfig) -> Path | None:
     want = cfg.checkpoint.resume
     ckpt_root = root(cfg)
     if want is None:
@@ -94,35 +162,69 @@ def find_resume(cfg: RunConfig) -> Path | None:
                 f"(or --resume auto), or start over with logging.overwrite=true or another logging.output_dir.")
         return None
     if want != "auto":
-        path = Path(want)
-        ok, why = is_valid(path)
-        if not ok:
-            raise CheckpointError(f"cannot resume from {path}: {why}")
-        return path
-    for tag_dir in reversed(list_tags(ckpt_root)):
-        ok, why = is_valid(tag_dir)
-        if ok:
-            return tag_dir
-        log.warning("skipping checkpoint %s: %s; trying an older one", tag_dir, why)
-    return None
+        return resolve(want, action="resume from")
+    found = _newest_valid(ckpt_root)
+    if found is None:
+        if list_tags(ckpt_root):
+            log.warning("no valid checkpoint in %s: starting from scratch", ckpt_root)
+        else:
+            log.info("checkpoint.resume=auto: no checkpoint in %s yet, starting from scratch", ckpt_root)
+    return found
+
+
+def find_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint directory to resume from, or None to start fresh. In a distributed run rank 0
+    decides and the others follow (so no two ranks can pick different checkpoints)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return _choose(cfg)
+    choice: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            found = _choose(cfg)
+            choice[0] = ("ok", None if found is None else str(found))
+        except CheckpointError as e:
+            choice[0] = ("error", str(e))
+    dist.broadcast_object_list(choice, src=0)
+    kind, value = choice[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return None if value is None else Path(value)
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _remove(tag_dir: Path) -> None:
+    shutil.rmtree(tag_dir, ignore_errors=True)
+    shutil.rmtree(tag_dir.with_name(tag_dir.name + "_universal"), ignore_errors=True)
 
 
 def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data_fingerprint: str, ctx) -> Path:
+    """Write checkpoint `step` on every rank; rank 0 seals it with sparsepo.json, then points
+    `latest` at it, then prunes. Killed at any moment, `latest` names a complete checkpoint."""
     ckpt_root = root(cfg)
     tag = tag_for(step)
     tag_dir = ckpt_root / tag
-    if ctx.is_main and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # a leftover of an interrupted save of this same step
+    if ctx.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for old in list_tags(ckpt_root):
+            if old.name == tag:  # a leftover of an interrupted save of this same step
+                _remove(old)
+            elif step_of(old) > step:  # an abandoned future (this run resumed from an older checkpoint)
+                log.warning("removing checkpoint %s: this run resumed before it and is now at step %d", old, step)
+                _remove(old)
     dist.barrier()
     eng.save_checkpoint(engine, ckpt_root, tag, client_state={"step": step, "samples": samples})
     torch.save(_rng_state(), tag_dir / f"rng-rank{ctx.rank}.pt")
@@ -130,56 +232,118 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
     if ctx.is_main:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
                  if p.is_file() and p.name != META}
-        meta = {"step": step, "samples": samples, "world_size": ctx.world_size, "data": data_fingerprint,
-                "config": to_dict(cfg), "files": files}
+        meta = {"step": step, "samples": samples, "world_size": ctx.world_size,
+                "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size,
+                "data": data_fingerprint, "config": to_dict(cfg), "files": files}
         _atomic_write(tag_dir / META, json.dumps(meta, indent=1, default=str))
         _atomic_write(ckpt_root / "latest", tag)
         for old in list_tags(ckpt_root)[:-cfg.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+            _remove(old)
     dist.barrier()
     return tag_dir
 
 
-def _to_universal(tag_dir: Path, *, is_main: bool) -> Path:
-    """Convert a ZeRO checkpoint for loading on another world size (DeepSpeed's ds_to_universal)."""
-    out = tag_dir.with_name(tag_dir.name + "_universal")
-    if is_main and not (out / "zero").is_dir():
-        import subprocess
-        import sys
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-        log.info("world size changed: converting %s to a universal checkpoint", tag_dir)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(tag_dir), "--output_folder", str(out), "--num_extract_workers", "1",
-                        "--num_merge_workers", "1"], check=True)
-    dist.barrier()
+
+def _to_universal(tag_dir: Path, out: Path, *, is_main: bool) -> Path:
+    """Convert a ZeRO checkpoint for loading on another world size (DeepSpeed's ds_to_universal),
+    into `out`; a conversion of the same source (same sparsepo.json) is reused."""
+    source = {"source": str(Path(tag_dir).resolve()), "meta_sha256": _sha256(tag_dir / META)}
+    error = [None]
+    if is_main:
+        try:
+            marker = out / UNIVERSAL_SOURCE
+            if not ((out / "zero").is_dir() and marker.is_file() and json.loads(marker.read_text()) == source):
+                import subprocess
+                import sys
+
+                log.info("world size changed: converting %s to a universal checkpoint in %s", tag_dir, out)
+                tmp = out.with_name(out.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
+                proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                       "--input_folder", str(tag_dir), "--output_folder", str(tmp),
+                                       "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed "
+                                          f"(ds_to_universal exit {proc.returncode}):\n{proc.stdout[-2000:]}"
+                                          f"\n{proc.stderr[-3000:]}")
+                (tmp.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's, not ours
+                _atomic_write(tmp / UNIVERSAL_SOURCE, json.dumps(source))
+                tmp.replace(out)
+        except Exception as e:  # tell the other ranks instead of leaving them in the barrier
+            error[0] = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CheckpointError(error[0])
     return out
 
 
-def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx) -> int:
-    """Load engine state and RNG; returns the optimiser step to continue from."""
-    meta = json.loads((tag_dir / META).read_text())
-    now, then = comparable(to_dict(cfg)), comparable(meta["config"])
-    differ = [f"{s}.{k}: {then.get(s, {}).get(k)!r} -> {body[k]!r}" for s, body in now.items() for k in body
-              if then.get(s, {}).get(k) != body[k]]
+def check_compatible(tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, world_size: int) -> dict:
+    """Refuse (CheckpointError naming what differs) a checkpoint this run cannot continue exactly;
+    returns its metadata."""
+    meta = read_meta(tag_dir)
+    # compare what sparsepo.json can hold (tuples -> lists, paths -> str), as it was written
+    now = comparable(json.loads(json.dumps(to_dict(cfg), default=str)))
+    then = comparable(meta["config"])
+    keys = [(s, k) for s in sorted(set(now) | set(then)) for k in sorted(set(now.get(s, {})) | set(then.get(s, {})))]
+    missing = object()
+    differ = [f"{s}.{k}: {then.get(s, {}).get(k, None)!r} -> {now.get(s, {}).get(k, None)!r}" for s, k in keys
+              if then.get(s, {}).get(k, missing) != now.get(s, {}).get(k, missing)]
     if differ:
         raise CheckpointError(f"checkpoint {tag_dir} was written by a different config: {'; '.join(differ)}. "
                               f"Resume with the original settings, or start a new run directory.")
     if meta["data"] != data_fingerprint:
         raise CheckpointError(f"checkpoint {tag_dir} was trained on different data (fingerprint "
                               f"{meta['data']} vs {data_fingerprint}); resume with the original dataset.")
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size
+    old_train = meta["config"]["train"]
+    old_global = meta.get("global_batch") or (old_train["micro_batch_size"] * old_train["grad_accum"]
+                                              * meta["world_size"])
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    if global_batch != old_global:
+        raise CheckpointError(
+            f"checkpoint {tag_dir} was trained with a global batch of {old_global} pairs "
+            f"({old_train['micro_batch_size']} x {old_train['grad_accum']} x {meta['world_size']} rank(s)); this run "
+            f"has {cfg.train.micro_batch_size} x {cfg.train.grad_accum} x {world_size} = {global_batch}. Choose "
+            f"train.micro_batch_size x train.grad_accum x ranks = {old_global} to continue the same run.")
     if meta["samples"] % global_batch:
         raise CheckpointError(
             f"checkpoint {tag_dir} stopped after {meta['samples']} samples, not a whole number of global "
-            f"batches of {global_batch} on {ctx.world_size} rank(s); choose micro_batch_size x grad_accum x "
+            f"batches of {global_batch} on {world_size} rank(s); choose micro_batch_size x grad_accum x "
             f"ranks dividing {meta['samples']}.")
+    if cfg.optim.schedule != "constant" and ((old_train.get("max_steps"), old_train.get("epochs"))
+                                             != (cfg.train.max_steps, cfg.train.epochs)):
+        log.warning("checkpoint %s was written by a run of train.max_steps=%s / epochs=%s, this one has %s / %s: "
+                    "the %s LR schedule is recomputed for the new length: from step %d on it follows the new "
+                    "length's curve, the steps before followed the old one's (an uninterrupted run of either "
+                    "length differs)", tag_dir, old_train.get("max_steps"), old_train.get("epochs"),
+                    cfg.train.max_steps, cfg.train.epochs, cfg.optim.schedule, meta["samples"] // global_batch)
+    return meta
+
+
+def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx) -> int:
+    """Load engine state and RNG; returns the optimiser step to continue from."""
+    tag_dir = Path(tag_dir)
+    meta = check_compatible(tag_dir, cfg, data_fingerprint=data_fingerprint, world_size=ctx.world_size)
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size
     if meta["world_size"] == ctx.world_size:
-        eng.load_checkpoint(engine, tag_dir.parent, tag_dir.name)
-        _set_rng_state(torch.load(tag_dir / f"rng-rank{ctx.rank}.pt", weights_only=False))
+        client = eng.load_checkpoint(engine, tag_dir.parent, tag_dir.name)
     else:
-        universal = _to_universal(tag_dir, is_main=ctx.is_main)
-        eng.load_checkpoint(engine, universal.parent, universal.name, universal=True)
+        universal = _to_universal(tag_dir, root(cfg) / (tag_dir.name + "_universal"), is_main=ctx.is_main)
+        client = eng.load_checkpoint(engine, universal.parent, universal.name, universal=True)
+        if ctx.is_main:
+            log.info("loaded %s (saved on %d rank(s)) on %d rank(s) through %s", tag_dir, meta["world_size"],
+                     ctx.world_size, universal)
+    if client.get("samples", meta["samples"]) != meta["samples"]:
+        raise CheckpointError(f"checkpoint {tag_dir}: DeepSpeed's state says {client.get('samples')} samples, "
+                              f"{META} says {meta['samples']}; the directory mixes two saves")
+    # Every rank was seeded alike, so with another world size a new rank takes rank 0's state.
+    rng = tag_dir / f"rng-rank{ctx.rank}.pt"
+    _set_rng_state(torch.load(rng if rng.is_file() else tag_dir / "rng-rank0.pt", weights_only=False))
     step = meta["samples"] // global_batch
     if ctx.is_main:
         log.info("resumed from %s: %d samples seen, continuing at step %d", tag_dir, meta["samples"], step)

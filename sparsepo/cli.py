@@ -140,9 +140,14 @@ def demo_sae(world, method_overrides: list[str], *, force: bool) -> Path:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from sparsepo.checkpoint import CheckpointError
     from sparsepo.export import export_checkpoint
 
-    export_checkpoint(a.checkpoint, a.out)
+    try:
+        export_checkpoint(a.checkpoint, a.out)
+    except CheckpointError as e:
+        print(f"sparsepo export: {e}", file=sys.stderr)
+        return 1
     print(f"exported {a.checkpoint} -> {a.out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 

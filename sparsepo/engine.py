@@ -58,6 +58,9 @@ def _mpi_env_to_torch() -> None:
     os.environ.setdefault("MASTER_PORT", "29517")
 
 
+_SHM_BUFFER: Path | None = None
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     """Start (or join) the torch.distributed world: gloo on CPU, NCCL on GPUs. A plain `python`
     run becomes a world of one, so every code path is the distributed one."""
@@ -71,6 +74,11 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
+    global _SHM_BUFFER
+    if not torch.cuda.is_available() and dist.get_world_size() > 1:
+        # deepspeed_shm_comm's all-reduce buffer (shm.cpp: <prefix>_<uid>_<addr>_<port>_<rank>): never unlinked
+        _SHM_BUFFER = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                                          f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -91,6 +99,8 @@ def shutdown(code: int = 0) -> None:
             dist.destroy_process_group()
     except Exception as e:  # a dead peer must not turn a clean exit into a hang
         log.warning("process group shutdown: %s", e)
+    if _SHM_BUFFER is not None:  # 66 MB of /dev/shm per rank per run otherwise (peers keep their mapping)
+        _SHM_BUFFER.unlink(missing_ok=True)
     if "mpi4py" in sys.modules and code == 0:
         from mpi4py import MPI
 
@@ -159,10 +169,14 @@ def save_checkpoint(engine: Any, ckpt_root: str | Path, tag: str, client_state: 
 
 
 def load_checkpoint(engine: Any, ckpt_root: str | Path, tag: str, *, universal: bool = False) -> dict:
-    if universal:
-        engine._config.load_universal_checkpoint = True
-    _, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+    # deepspeed 0.19.8 reads this flag at load time, so setting it after initialize works; reset it after.
+    previous = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = universal
+    try:
+        _, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = previous
     if client_state is None:
         raise RuntimeError(f"checkpoint {Path(ckpt_root) / tag} could not be loaded by DeepSpeed")
     return client_state

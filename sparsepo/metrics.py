@@ -38,7 +38,9 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # a resumed run hides the steps the interrupted one logged after its last checkpoint
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
         if progress:
             from tqdm.auto import tqdm
 
