@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from sparsepo import engine as eng
+from sparsepo.atomic import atomic_write
 from sparsepo.config import RunConfig, to_dict
 
 log = logging.getLogger("sparsepo")
@@ -78,15 +78,6 @@ def due(cfg: RunConfig, step: int, total: int) -> bool:
 def comparable(cfg_dict: dict) -> dict:
     return {s: {k: v for k, v in body.items() if (s, k) not in _MAY_DIFFER_KEYS}
             for s, body in cfg_dict.items() if s not in _MAY_DIFFER}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def read_meta(tag_dir: Path) -> dict:
@@ -235,8 +226,8 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
         meta = {"step": step, "samples": samples, "world_size": ctx.world_size,
                 "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size,
                 "data": data_fingerprint, "config": to_dict(cfg), "files": files}
-        _atomic_write(tag_dir / META, json.dumps(meta, indent=1, default=str))
-        _atomic_write(ckpt_root / "latest", tag)
+        atomic_write(tag_dir / META, json.dumps(meta, indent=1, default=str))
+        atomic_write(ckpt_root / "latest", tag)
         for old in list_tags(ckpt_root)[:-cfg.checkpoint.keep_last]:
             _remove(old)
     dist.barrier()
@@ -272,7 +263,7 @@ def _to_universal(tag_dir: Path, out: Path, *, is_main: bool) -> Path:
                                           f"(ds_to_universal exit {proc.returncode}):\n{proc.stdout[-2000:]}"
                                           f"\n{proc.stderr[-3000:]}")
                 (tmp.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's, not ours
-                _atomic_write(tmp / UNIVERSAL_SOURCE, json.dumps(source))
+                atomic_write(tmp / UNIVERSAL_SOURCE, json.dumps(source))
                 tmp.replace(out)
         except Exception as e:  # tell the other ranks instead of leaving them in the barrier
             error[0] = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
