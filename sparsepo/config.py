@@ -413,6 +413,12 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
             f"method '{spec.name}' needs an SAE ({source}): set sae.path to a sae-lens SAE directory "
             f"(train one with `sparsepo sae train`) or a sae-lens release id with sae.sae_id."
         )
+    if spec.needs_policy_samples or spec.needs_oracle_scores:
+        what = ("reference scores of samples the policy generates during training" if spec.needs_policy_samples
+                else "token scores from a DPO-trained oracle pair")
+        raise ConfigError(
+            f"method '{spec.name}' ({source}) needs {what}; the trainer cannot produce these yet (its loss is in "
+            f"sparsepo.losses and tested). Train with dpo, ipo, simpo, tdpo1, tdpo2 or fpo.")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
 

@@ -103,23 +103,12 @@ def loss_inputs(spec, fwd, batch, ref: ReferenceOutputs | None, policy_features=
     return LossInputs(**kw)
 
 
-def _refuse_unsupported(spec, cfg: RunConfig) -> None:
-    if spec.needs_policy_samples:
-        raise NotImplementedError(
-            f"method '{spec.name}' needs reference scores of on-policy samples, which the live reference "
-            f"group serves; this build trains it only with reference.mode=live (not available yet). "
-            f"Use dpo, ipo, simpo, tdpo1, tdpo2 or sepo/fpo with their caches.")
-    if spec.needs_oracle_scores:
-        raise NotImplementedError(f"method '{spec.name}' needs oracle token scores; not wired yet")
-
-
 def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> dict:
     """Train the policy described by `cfg`; returns the final averaged metrics (rank 0 writes them).
     `live` = (ProcessPlan, bridge) when this process is a policy rank of a live job: reference
     outputs then arrive from the reference group through the scheduler instead of the cache."""
     ctx = eng.init_distributed()
     spec = get_method(cfg.method.name)
-    _refuse_unsupported(spec, cfg)
     dp = ctx.world_size
     global_batch = check_batch_size(cfg, dp)
     run_dir = prepare_run_dir(cfg, is_main=ctx.is_main)

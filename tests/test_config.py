@@ -77,6 +77,8 @@ def test_round_trip_through_resolved_file(tmp_path):
     ({"topology": {"reference_ranks": 2}}, [], ["reference.mode=cache", "reference_ranks=2"]),
     ({"topology": {"reference_ranks": 2}, "reference": {"mode": "inline"}}, [], ["reference.mode=inline"]),
     ({"method": {"name": "fpo"}}, [], ["needs an SAE", "sae.path"]),
+    ({"method": {"name": "spo"}}, [], ["method 'spo'", "samples the policy generates", "cannot produce"]),
+    ({"method": {"name": "sepo"}}, [], ["method 'sepo'", "oracle pair", "cannot produce"]),
     ({"train": {"micro_batch_size": 0}}, [], ["train.micro_batch_size=0", ">= 1"]),
     ({"train": "fast"}, [], ["section 'train'", "mapping"]),
 ])
