@@ -299,7 +299,8 @@ def render(res: dict) -> str:
                   f"{f['dense_bytes_per_pair']:,.0f} B/pair. FPO's whole cache: {f['cache_bytes_per_pair']:,.0f} "
                   f"B/pair = **{100 * f['ratio']:.2f}%** (target ≤ 5%); its feature entries alone (FPO − DPO cache) "
                   f"{f['feature_bytes_per_pair']:,.0f} B/pair = {100 * f['feature_ratio']:.2f}%. Raw tensor "
-                  f"payload per pair: " + ", ".join(f"{k} {v:,.0f} B" for k, v in f["payload_bytes_per_pair"].items())
+                  f"payload per pair: "
+              + ", ".join(f"{k} {v:,.0f} B" for k, v in f["payload_bytes_per_pair"].items())
               + ".", ""]
     for name in res["order"]:
         fm = m[name]
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
                                              "reference.mode=precompute"]), work / f"precompute-{method}.log")
             info.update(precompute_s=pre["wall_s"], precompute_rss_mib=pre["peak_rss_mib"], cache=cache_stats(cache))
             info["cache_bytes_per_pair"] = info["cache"]["bytes_per_pair"]
-            print(f"[bench] {method} cache: {info['cache_bytes_per_pair']:.0f} B/pair, {pre['wall_s']:.1f}s", flush=True)
+            print(f"[bench] {method} cache: {info['cache_bytes_per_pair']:.0f} B/pair, {pre['wall_s']:.1f}s",
+                  flush=True)
         res_methods[method] = info
     for label, (method, variant) in specs.items():
         if label != method:

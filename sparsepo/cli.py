@@ -135,7 +135,7 @@ def demo_sae(world, method_overrides: list[str], *, force: bool) -> Path:
     if force or not (out / SIDECAR).is_file():
         cfg = load_config(RECIPES / "demo.yaml", [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
                                                   f"sae.path={out}", *method_overrides])
-        train_for_run(cfg, out)
+        train_for_run(cfg, out, steps=300)  # 0.997 explained variance on the default world (2000: ~14 min on CPU)
     return out
 
 

@@ -55,6 +55,10 @@ def ensure_cache(cfg, spec, dataset, collate, *, data_fingerprint: str, rank: in
     if not outputs:
         return None
     expected = components(cfg, data_fingerprint, outputs, features)
+    recorded = (getattr(features.sae, "sparsepo_meta", None) or {}).get("model_fingerprint") if features else None
+    if recorded and recorded != expected["model"]:
+        raise ValueError(f"SAE {cfg.sae.path} was trained on activations of model {recorded}, not of the reference "
+                         f"{reference_path(cfg)} ({expected['model']}): train one with `sparsepo sae train`")
     directory = cache_dir(cfg)
     if force or not (directory / INDEX).is_file():
         from sparsepo.models import load_frozen_model
