@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
+from sparsepo.cli import free_port  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -38,12 +39,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mpi_env_to_torch() -> None:
@@ -67,7 +62,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     _mpi_env_to_torch()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     if not dist.is_initialized():
         import datetime
 

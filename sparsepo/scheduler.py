@@ -21,8 +21,6 @@ import io
 import logging
 import queue
 import threading
-from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,14 +35,6 @@ class ReferenceTimeout(RuntimeError):
     """The reference group sent nothing within reference.timeout_s."""
 
 
-@dataclass(frozen=True)
-class Slot:
-    step: int  # optimiser step (0-based)
-    micro: int  # micro-step inside it
-    policy_index: int  # consuming policy rank (in the policy world)
-    rows: list[int]  # dataset rows
-
-
 def rows_for(cfg, num_rows: int, dp: int, step: int, micro: int, policy_index: int) -> list[int]:
     """The dataset rows policy rank `policy_index` consumes at (step, micro). The trainer and the
     reference group both call this; it is the whole contract between them."""
@@ -54,14 +44,6 @@ def rows_for(cfg, num_rows: int, dp: int, step: int, micro: int, policy_index: i
     return micro_batch_indices(epoch_order(num_rows, t.seed, epoch), step=in_epoch,
                                micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, dp_size=dp,
                                dp_rank=policy_index, micro_step=micro)
-
-
-def slots_for(cfg, num_rows: int, dp: int, start: int, total: int, policy_indices: list[int]) -> Iterator[Slot]:
-    """Every (step, micro, policy rank) in consumption order, for the given policy ranks."""
-    for step in range(start, total):
-        for micro in range(cfg.train.grad_accum):
-            for p in policy_indices:
-                yield Slot(step, micro, p, rows_for(cfg, num_rows, dp, step, micro, p))
 
 
 # --- the bridge: serialised records over a gloo group -----------------------------------------
