@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparsepo import engine as eng
+from sparsepo.engine.collectives import on_one_rank
 from sparsepo.atomic import atomic_write
 from sparsepo.config import RunConfig, to_dict
 
@@ -166,20 +166,7 @@ def _choose(cfg: RunConfig) -> Path | None:
 def find_resume(cfg: RunConfig) -> Path | None:
     """The checkpoint directory to resume from, or None to start fresh. In a distributed run rank 0
     decides and the others follow (so no two ranks can pick different checkpoints)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return _choose(cfg)
-    choice: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            found = _choose(cfg)
-            choice[0] = ("ok", None if found is None else str(found))
-        except CheckpointError as e:
-            choice[0] = ("error", str(e))
-    dist.broadcast_object_list(choice, src=0)
-    kind, value = choice[0]
-    if kind == "error":
-        raise CheckpointError(value)
-    return None if value is None else Path(value)
+    return on_one_rank(lambda: _choose(cfg))
 
 
 def _rng_state() -> dict:
@@ -217,7 +204,7 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
                 log.warning("removing checkpoint %s: this run resumed before it and is now at step %d", old, step)
                 _remove(old)
     dist.barrier()
-    eng.save_checkpoint(engine, ckpt_root, tag, client_state={"step": step, "samples": samples})
+    engine.save(ckpt_root, tag, client_state={"step": step, "samples": samples})
     torch.save(_rng_state(), tag_dir / f"rng-rank{ctx.rank}.pt")
     dist.barrier()
     if ctx.is_main:
@@ -238,40 +225,37 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _to_universal(tag_dir: Path, out: Path, *, is_main: bool) -> Path:
+def _to_universal(tag_dir: Path, out: Path) -> Path:
     """Convert a ZeRO checkpoint for loading on another world size (DeepSpeed's ds_to_universal),
-    into `out`; a conversion of the same source (same sparsepo.json) is reused."""
+    into `out` (on rank 0, the others wait for it); a conversion of the same source (same
+    sparsepo.json) is reused."""
     source = {"source": str(Path(tag_dir).resolve()), "meta_sha256": _sha256(tag_dir / META)}
-    error = [None]
-    if is_main:
-        try:
-            marker = out / UNIVERSAL_SOURCE
-            if not ((out / "zero").is_dir() and marker.is_file() and json.loads(marker.read_text()) == source):
-                import subprocess
-                import sys
 
-                log.info("world size changed: converting %s to a universal checkpoint in %s", tag_dir, out)
-                tmp = out.with_name(out.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.rmtree(out, ignore_errors=True)
-                proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                                       "--input_folder", str(tag_dir), "--output_folder", str(tmp),
-                                       "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed "
-                                          f"(ds_to_universal exit {proc.returncode}):\n{proc.stdout[-2000:]}"
-                                          f"\n{proc.stderr[-3000:]}")
-                (tmp.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's, not ours
-                atomic_write(tmp / UNIVERSAL_SOURCE, json.dumps(source))
-                tmp.replace(out)
-        except Exception as e:  # tell the other ranks instead of leaving them in the barrier
-            error[0] = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise CheckpointError(error[0])
-    return out
+    def convert() -> Path:
+        marker = out / UNIVERSAL_SOURCE
+        if (out / "zero").is_dir() and marker.is_file() and json.loads(marker.read_text()) == source:
+            return out
+        import subprocess
+        import sys
+
+        log.info("world size changed: converting %s to a universal checkpoint in %s", tag_dir, out)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                               "--input_folder", str(tag_dir), "--output_folder", str(tmp),
+                               "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed "
+                                  f"(ds_to_universal exit {proc.returncode}):\n{proc.stdout[-2000:]}"
+                                  f"\n{proc.stderr[-3000:]}")
+        (tmp.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's, not ours
+        atomic_write(tmp / UNIVERSAL_SOURCE, json.dumps(source))
+        tmp.replace(out)
+        return out
+
+    return on_one_rank(convert)
 
 
 def check_compatible(tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, world_size: int) -> dict:
@@ -322,10 +306,10 @@ def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx
     meta = check_compatible(tag_dir, cfg, data_fingerprint=data_fingerprint, world_size=ctx.world_size)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size
     if meta["world_size"] == ctx.world_size:
-        client = eng.load_checkpoint(engine, tag_dir.parent, tag_dir.name)
+        client = engine.load(tag_dir.parent, tag_dir.name)
     else:
-        universal = _to_universal(tag_dir, root(cfg) / (tag_dir.name + "_universal"), is_main=ctx.is_main)
-        client = eng.load_checkpoint(engine, universal.parent, universal.name, universal=True)
+        universal = _to_universal(tag_dir, root(cfg) / (tag_dir.name + "_universal"))
+        client = engine.load(universal.parent, universal.name, universal=True)
         if ctx.is_main:
             log.info("loaded %s (saved on %d rank(s)) on %d rank(s) through %s", tag_dir, meta["world_size"],
                      ctx.world_size, universal)

@@ -21,7 +21,7 @@ log = logging.getLogger("sparsepo")
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sparsepo import engine
+    from sparsepo.engine.policy import fp32_state_dict_from_checkpoint
     from sparsepo.models import load_tokenizer
 
     tag_dir = resolve(checkpoint, action="export")
@@ -33,7 +33,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot export {tag_dir}: the model it was trained from ({source}) is needed for "
                               f"its architecture and tokenizer and could not be loaded: {e}") from e
-    state = engine.fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name)
+    state = fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name)
     model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "lm_head" not in k or not model.config.tie_word_embeddings]

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m sparsepo.train --config ...
     mpirun -np 2 python -m sparsepo.train --config ...
 
-Extra arguments are dotted config overrides. Exits through engine.shutdown (clean gloo teardown)
+Extra arguments are dotted config overrides. Exits through sparsepo.engine.dist.shutdown (clean gloo teardown)
 with 0 (done), 1 (error), 2 (config error) or 3 (preempted: checkpoint written, requeue and
 resume with --resume auto).
 """
@@ -50,9 +50,9 @@ def run_live(cfg, preempt) -> None:
     os.environ.update(p.env)
     bridge = connect_bridge(*p.bridge, p.launch.rank, p.launch.world_size, cfg.reference.timeout_s)
     if p.role.is_reference:
-        from sparsepo import engine
+        from sparsepo.engine.dist import init_distributed
 
-        engine.init_distributed()
+        init_distributed()
         serve(cfg, p, bridge)
     else:
         train(cfg, live=(p, bridge), preempt=preempt)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)
-    from sparsepo import engine
+    from sparsepo.engine.dist import shutdown
     from sparsepo.preemption import EXIT_PREEMPTED, Preempted
     from sparsepo.trainer import train
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("SPARSEPO_DEBUG"):
             traceback.print_exc()
         code = 1
-    engine.shutdown(code)
+    shutdown(code)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from sparsepo import checkpoint as ckpt
 from sparsepo import fpo
 from sparsepo import data as pdata
-from sparsepo import engine as eng
+from sparsepo.engine.dist import init_distributed
+from sparsepo.engine.policy import PolicyEngine
 from sparsepo.config import (RunConfig, build_deepspeed_config, check_batch_size, config_fingerprint, lr_schedule,
                              save_resolved)
 from sparsepo.losses import LossInputs, get_method
@@ -107,7 +108,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     """Train the policy described by `cfg`; returns the final averaged metrics (rank 0 writes them).
     `live` = (ProcessPlan, bridge) when this process is a policy rank of a live job: reference
     outputs then arrive from the reference group through the scheduler instead of the cache."""
-    ctx = eng.init_distributed()
+    ctx = init_distributed()
     spec = get_method(cfg.method.name)
     dp = ctx.world_size
     global_batch = check_batch_size(cfg, dp)
@@ -143,7 +144,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     ds_config = build_deepspeed_config(cfg, dp_size=dp)
     if ctx.is_main:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
-    policy = eng.build_policy(cfg.model.path, ds_config, schedule=lr_schedule(cfg, total), precision=cfg.train.precision,
+    policy = PolicyEngine.build(cfg.model.path, ds_config, schedule=lr_schedule(cfg, total), precision=cfg.train.precision,
                               gradient_checkpointing=cfg.model.gradient_checkpointing)
     start = 0
     if resume is not None:
@@ -177,7 +178,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     last: dict[str, float] = {}
     for step in range(start, total):
         t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
-        lr = float(policy.get_lr()[0])  # the rate this step uses
+        lr = policy.lr()  # the rate this step uses
         for micro in range(cfg.train.grad_accum):
             rows = rows_for(cfg, len(dataset), dp, step, micro, ctx.rank)
             batch = collate(pdata.gather_rows(dataset, rows)).to(ctx.device)
@@ -197,10 +198,10 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
                          "rewards_rejected": out.rejected_rewards.mean()}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
         step_time = time.perf_counter() - t_step
-        grad_norm = policy.get_global_grad_norm()
+        grad_norm = policy.grad_norm()
         scalars = reduce_mean({**sums, "step_time": step_time, "ref_wait": wait,
                                "tokens_per_s": tokens * dp / step_time})
-        scalars.update(lr=lr, grad_norm=float(grad_norm or 0.0))
+        scalars.update(lr=lr, grad_norm=grad_norm)
         metrics.log(step + 1, scalars)
         last = scalars
         stop = preempt.any_rank()
@@ -213,10 +214,10 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     metrics.close()
     if live:
         live[1].barrier().wait()  # the reference group finishes its write-through before anyone leaves
-    eng.save_hf_model(policy, tokenizer, run_dir / "final", is_main=ctx.is_main)
+    policy.save_hf(tokenizer, run_dir / "final", is_main=ctx.is_main)
     shards: list = [None] * ctx.world_size
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    dist.all_gather_object(shards, (*eng.local_parameter_count(policy), peak_rss_mib))
+    dist.all_gather_object(shards, (*policy.parameter_counts(), peak_rss_mib))
     summary = {"method": spec.name, "steps": total, "final": last, "config_fingerprint": config_fingerprint(cfg),
                "world_size": ctx.world_size, "parameters_per_rank": [s[0] for s in shards],
                "parameters_total": shards[0][1], "peak_rss_mib_per_rank": [round(s[2], 1) for s in shards],

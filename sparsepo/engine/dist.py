@@ -1,0 +1,106 @@
+"""Process-group start-up and clean shutdown, through DeepSpeed (it must own the world it runs in).
+
+`init_distributed` joins (or makes) this role's torch.distributed world: gloo on CPU, NCCL on GPUs;
+a plain `python` run becomes a world of one, so every code path is the distributed one.
+`shutdown` leaves without the gloo exit crash (FIELD_NOTES).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    # Must be set before deepspeed is imported: it picks its accelerator at import time.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _torch_dist_env(env) -> dict[str, str]:
+    if "RANK" in env:
+        return {}
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return {"RANK": env["OMPI_COMM_WORLD_RANK"], "WORLD_SIZE": env["OMPI_COMM_WORLD_SIZE"],
+                "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29517"}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+_SHM_BUFFER: Path | None = None
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistContext:
+    """Start (or join) the torch.distributed world: gloo on CPU, NCCL on GPUs. A plain `python`
+    run becomes a world of one, so every code path is the distributed one."""
+    for key, value in _torch_dist_env(os.environ).items():
+        os.environ.setdefault(key, value)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    global _SHM_BUFFER
+    if not torch.cuda.is_available() and dist.get_world_size() > 1:
+        # deepspeed_shm_comm's all-reduce buffer (shm.cpp: <prefix>_<uid>_<addr>_<port>_<rank>): never unlinked
+        _SHM_BUFFER = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                                          f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                       device=device)
+
+
+def shutdown(code: int = 0) -> None:
+    """Leave without the gloo exit crash (FIELD_NOTES): barrier, destroy the group, finalise MPI,
+    flush, and `os._exit` so no gloo worker thread is torn down by the interpreter."""
+    try:
+        if dist.is_initialized():
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+    except Exception as e:  # a dead peer must not turn a clean exit into a hang
+        log.warning("process group shutdown: %s", e)
+    if _SHM_BUFFER is not None:  # 66 MB of /dev/shm per rank per run otherwise (peers keep their mapping)
+        _SHM_BUFFER.unlink(missing_ok=True)
+    if "mpi4py" in sys.modules and code == 0:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+

@@ -1,0 +1,120 @@
+"""`PolicyEngine`: the trainable policy as a DeepSpeed ZeRO-3 engine, and everything done to it.
+
+The trainer and the checkpoint module talk to this object only (OpenRLHF's strategy object is the
+model): forward, backward, step, learning rate, gradient norm, sharded save/load, and gathering the
+shards back into a Hugging Face directory. The model is built under `zero.Init` (transformers'
+`HfDeepSpeedConfig`), so no rank ever holds the whole policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sparsepo.engine.dist import deepspeed
+
+log = logging.getLogger(__name__)
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class PolicyEngine:
+    """Wraps a `deepspeed.DeepSpeedEngine`; calling it runs the policy's forward."""
+
+    def __init__(self, engine: Any):
+        self._engine = engine
+
+    @classmethod
+    def build(cls, model_path: str, ds_config: dict, *, schedule: tuple[str, dict], precision: str = "fp32",
+              gradient_checkpointing: bool = False) -> "PolicyEngine":
+        """With ZeRO-3 the weights are loaded straight into partitions; `schedule` = (transformers
+        scheduler name, its kwargs), handed to DeepSpeed so it is checkpointed with the engine."""
+        from transformers import AutoModelForCausalLM, get_scheduler
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must live while the model is built)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(precision))
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        name, kwargs = schedule
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                         if p.requires_grad],
+                                          config=ds_config,
+                                          lr_scheduler=lambda optimizer: get_scheduler(name, optimizer, **kwargs))
+        return cls(engine)
+
+    # --- the training step ---
+    @property
+    def module(self) -> torch.nn.Module:
+        """The Hugging Face model inside the engine (its parameters are ZeRO-3 partitions)."""
+        return self._engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self._engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss)
+
+    def step(self) -> None:
+        """DeepSpeed counts micro-steps: the optimiser steps at the accumulation boundary only."""
+        self._engine.step()
+
+    def lr(self) -> float:
+        return float(self._engine.get_lr()[0])
+
+    def grad_norm(self) -> float:
+        """The global gradient norm of the last optimiser step (0.0 before the first)."""
+        return float(self._engine.get_global_grad_norm() or 0.0)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(elements this rank holds, elements of the full model): under ZeRO-3 the first is ~1/N."""
+        local = full = 0
+        for p in self.module.parameters():
+            full += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        return local, full
+
+    # --- persistence ---
+    def save(self, ckpt_root: str | Path, tag: str, client_state: dict) -> None:
+        self._engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_root: str | Path, tag: str, *, universal: bool = False) -> dict:
+        """Engine, optimiser and LR-scheduler state; returns the client state saved with it."""
+        # deepspeed 0.19.8 reads this flag at load time, so setting it after initialize works; reset it after.
+        previous = self._engine._config.load_universal_checkpoint
+        self._engine._config.load_universal_checkpoint = universal
+        try:
+            _, client_state = self._engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=True)
+        finally:
+            self._engine._config.load_universal_checkpoint = previous
+        if client_state is None:
+            raise RuntimeError(f"checkpoint {Path(ckpt_root) / tag} could not be loaded by DeepSpeed")
+        return client_state
+
+    def save_hf(self, tokenizer: Any, out_dir: str | Path, *, is_main: bool) -> None:
+        """Gather the ZeRO-3 shards into one state dict and write a Hugging Face model directory on rank 0."""
+        engine = self._engine
+        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights() \
+            else engine.module.state_dict()
+        if is_main:
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out_dir)
+        dist.barrier()
+
+
+def fp32_state_dict_from_checkpoint(ckpt_root: str | Path, tag: str) -> dict:
+    """Consolidate a ZeRO checkpoint's shards into one fp32 state dict (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
