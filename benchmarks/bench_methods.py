@@ -8,7 +8,7 @@ steps, one process (`python -m sparsepo.train`, ZeRO-3 on one CPU rank unless --
 * reference side: `reference.mode=precompute` fills the method's reference cache first, in its own
   process (timed; SimPO needs none). FPO's SAE is trained before anything is timed, on the SFT
   model's layer sae.layer with the demo's shape (d_sae = 8 x d_model, TopK k=32) by
-  `sparsepo.fpo.train_for_run` for --sae-steps steps (cached in <workdir>/sae-<steps>);
+  `sparsepo.sae.runtime.train_for_run` for --sae-steps steps (cached in <workdir>/sae-<steps>);
   --sae-steps 0 uses the demo's own SAE instead (`sparsepo demo --method fpo`: 2000 steps, cached
   in <world>/sae; ~4 min on the tiny world and ~15 min on the default one on a shared 2-core CPU).
   The SAE's training length changes neither the step time nor the cache size;
@@ -191,7 +191,7 @@ def fpo_policy_overhead(world, sae_dir: Path, *, layer: int, k: int, micro: int,
 
     from sparsepo import data as pdata
     from sparsepo.config import load_config
-    from sparsepo.fpo import SAEFeatures
+    from sparsepo.sae.runtime import SAEFeatures
     from sparsepo.losses.common import pooled_union_mse
     from sparsepo.models import load_tokenizer, pair_forward
     from sparsepo.sae import load_sae, reconstruction_stats
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "method.name=fpo", "sae.path=unused", "logging.progress=false", *a.overrides])
         sae_dir = work / f"sae-l{sae_cfg.sae.layer}-{a.sae_steps}"
         if not (sae_dir / SIDECAR).is_file():
-            from sparsepo.fpo import train_for_run
+            from sparsepo.sae.runtime import train_for_run
 
             train_for_run(sae_cfg, sae_dir, steps=a.sae_steps)
     sae_meta = json.loads((sae_dir / SIDECAR).read_text())

@@ -112,7 +112,7 @@ def cmd_sae_train(a: argparse.Namespace) -> int:
     import logging
 
     from sparsepo.config import load_config
-    from sparsepo.fpo import train_for_run
+    from sparsepo.sae.runtime import train_for_run
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -128,7 +128,7 @@ def cmd_sae_train(a: argparse.Namespace) -> int:
 def demo_sae(world, method_overrides: list[str], *, force: bool) -> Path:
     """The demo's SAE (trained once on the SFT model's middle layer, cached beside the world)."""
     from sparsepo.config import load_config
-    from sparsepo.fpo import train_for_run
+    from sparsepo.sae.runtime import train_for_run
     from sparsepo.sae import SIDECAR
 
     out = Path(world.root) / "sae"

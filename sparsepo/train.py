@@ -34,10 +34,10 @@ def run_live(cfg, preempt) -> None:
     either a policy rank or a reference stage."""
     from transformers import AutoConfig
 
-    from sparsepo.reference.group import check_live_topology, live_outputs, serve
+    from sparsepo.reference.server import check_live_topology, live_outputs, serve
     from sparsepo.reference.offline import reference_path
     from sparsepo.reference.pipeline import max_stages
-    from sparsepo.scheduler import connect_bridge
+    from sparsepo.bridge import connect
     from sparsepo.topology import plan
     from sparsepo.trainer import train
 
@@ -48,7 +48,7 @@ def run_live(cfg, preempt) -> None:
     if p.launch.rank == 0:
         logging.getLogger("sparsepo").info("live topology:\n%s", p.topology.describe(p.launch))
     os.environ.update(p.env)
-    bridge = connect_bridge(*p.bridge, p.launch.rank, p.launch.world_size, cfg.reference.timeout_s)
+    bridge = connect(*p.bridge, p.launch.rank, p.launch.world_size, cfg.reference.timeout_s)
     if p.role.is_reference:
         from sparsepo.engine.dist import init_distributed
 
@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if cfg.reference.mode == "live":
             run_live(cfg, preempt)
+        elif cfg.reference.mode == "precompute":
+            from sparsepo.reference.precompute import precompute
+
+            precompute(cfg)
         else:
             train(cfg, preempt=preempt)
     except Preempted as e:

@@ -34,8 +34,8 @@ def world_config(world, *overrides: str):
 
 
 def train_demo_sae(world, out, *overrides: str):
-    """What `sparsepo sae train --d-sae 128 --k 8 --steps 200` does (sparsepo.fpo.train_for_run)."""
-    from sparsepo.fpo import train_for_run
+    """What `sparsepo sae train --d-sae 128 --k 8 --steps 200` does (sparsepo.sae.runtime.train_for_run)."""
+    from sparsepo.sae.runtime import train_for_run
 
     cfg = world_config(world, f"sae.path={out}", *overrides)
     stats = train_for_run(cfg, out, d_sae=D_SAE, k=SAE_K, steps=200, max_tokens=20_000)
@@ -138,7 +138,7 @@ def scoring(tiny_world, sae_dir):
 
 @pytest.mark.parametrize("layer", [0, LAYER])
 def test_scored_features_are_the_dense_top_k(scoring, layer):
-    from sparsepo.fpo import SAEFeatures
+    from sparsepo.sae.runtime import SAEFeatures
     from sparsepo.reference.scorer import score_batch
 
     model, sae, batch = scoring  # (the SAE was trained on layer 1; at layer 0 it is just a fixed encoder)
@@ -198,7 +198,7 @@ def test_sae_of_another_width_is_refused(tiny_world, narrow_sae_dir, tmp_path):
 
 
 def test_sae_of_another_layer_is_refused(tiny_world, sae_dir):
-    from sparsepo.fpo import load_for_run
+    from sparsepo.sae.runtime import load_for_run
 
     assert load_for_run(world_config(tiny_world, f"sae.path={sae_dir}", f"sae.layer={LAYER}")).layer == LAYER
     with pytest.raises(ValueError, match=r"trained on layer 1 \(blocks\.1\.hook_resid_post\) but sae\.layer=0"):

@@ -103,7 +103,7 @@ def sae_dirs(tmp_path_factory):
 
 
 def sae_features(sae_dir: Path, layer: int):
-    from sparsepo.fpo import SAEFeatures
+    from sparsepo.sae.runtime import SAEFeatures
     from sparsepo.sae import load_sae
 
     return SAEFeatures(load_sae(str(sae_dir)), layer=layer, k=FEATURE_K)
@@ -152,7 +152,7 @@ def test_last_stage_scoring_equals_score_batch():
 def test_feature_layer_is_carried_to_the_head_and_scored_like_score_batch(layer):
     """pipeline_layers(feature_layer=ℓ) reduces to (logits, layer ℓ's output); the last-stage
     scoring adds the SAE's pooled top-k, equal to score_batch with SAEFeatures."""
-    from sparsepo.fpo import SAEFeatures
+    from sparsepo.sae.runtime import SAEFeatures
 
     model = tiny_llama(seed=2)
     features = SAEFeatures(random_sae(layer), layer=layer, k=FEATURE_K)

@@ -65,6 +65,21 @@ class MethodSpec:
     """Citation: authors, title, arXiv id, equation."""
 
     @property
+    def reference_outputs(self) -> tuple[str, ...]:
+        """The `ReferenceOutputs` fields this method needs from the reference side (cache, inline
+        scorer or live group), derived from the flags. Policy samples are scored on request, not here."""
+        out: list[str] = []
+        if self.needs_reference:
+            out.append("seq_logps")
+        if self.needs_ref_distributions and not self.needs_policy_samples:
+            out += ["topk_ids", "topk_logps"]
+        if self.needs_sae_features:
+            out += ["feature_ids", "feature_values"]
+        if self.needs_oracle_scores:
+            out.append("oracle_scores")
+        return tuple(out)
+
+    @property
     def required_fields(self) -> tuple[str, ...]:
         """The LossInputs fields this method's loss reads, derived from the flags."""
         fields = list(BASE_FIELDS)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch.distributed as dist
-
-from sparsepo.reference.cache import INDEX, CacheReader, fingerprint_components
-from sparsepo.reference.scorer import precompute_cache, required_outputs
+from sparsepo.engine.collectives import on_one_rank
+from sparsepo.reference.cache import INDEX, MODEL_FILES, CacheReader, fingerprint_components, hash_files
+from sparsepo.reference.scorer import precompute_cache
 
 log = logging.getLogger(__name__)
 
@@ -37,39 +36,33 @@ def local_components(cfg, data_fingerprint: str, outputs: tuple[str, ...], featu
                                   settings=cache_settings(cfg, outputs, features))
 
 
+def model_fingerprint(cfg) -> str:
+    """The reference weights' fingerprint (the cache key's "model" part; an SAE's sidecar records
+    the one it was trained on). Read on one rank and shared: the files may be large."""
+    return on_one_rank(lambda: hash_files(reference_path(cfg), MODEL_FILES))
+
+
 def components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
-    """Computed on rank 0 and broadcast: every rank must key the cache identically (and only one
+    """Computed on rank 0 and shared: every rank must key the cache identically (and only one
     rank reads the model files)."""
-    box = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        box[0] = local_components(cfg, data_fingerprint, outputs, features)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return on_one_rank(lambda: local_components(cfg, data_fingerprint, outputs, features))
 
 
-def ensure_cache(cfg, spec, dataset, collate, *, data_fingerprint: str, rank: int, world_size: int,
-                 device, features=None, force: bool = False) -> CacheReader | None:
-    """Open the reference cache for this run, precomputing it first when it is missing."""
-    outputs = required_outputs(spec)
-    if not outputs:
-        return None
+def ensure_cache(cfg, outputs: tuple[str, ...], dataset, collate, *, data_fingerprint: str, ctx, features=None,
+                 force: bool = False) -> CacheReader:
+    """Open the reference cache for this run, precomputing it first when it is missing (or `force`)."""
     expected = components(cfg, data_fingerprint, outputs, features)
-    recorded = (getattr(features.sae, "sparsepo_meta", None) or {}).get("model_fingerprint") if features else None
-    if recorded and recorded != expected["model"]:
-        raise ValueError(f"SAE {cfg.sae.path} was trained on activations of model {recorded}, not of the reference "
-                         f"{reference_path(cfg)} ({expected['model']}): train one with `sparsepo sae train`")
     directory = cache_dir(cfg)
     if force or not (directory / INDEX).is_file():
         from sparsepo.models import load_frozen_model
 
-        if rank == 0:
+        if ctx.is_main:
             log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
                      reference_path(cfg))
-        model = load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision)
+        model = load_frozen_model(reference_path(cfg), device=ctx.device, precision=cfg.train.precision)
         precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
                          topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
-                         shard_size=cfg.reference.shard_size, rank=rank, world_size=world_size,
-                         device=device, features=features, progress=cfg.logging.progress)
+                         shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
+                         device=ctx.device, features=features, progress=cfg.logging.progress)
         del model
     return CacheReader(directory, expected)

@@ -38,7 +38,7 @@ def main() -> int:
     args = ap.parse_args()
 
     def load_features():
-        from sparsepo.fpo import SAEFeatures
+        from sparsepo.sae.runtime import SAEFeatures
         from sparsepo.sae import load_sae
 
         return SAEFeatures(load_sae(args.sae), layer=args.sae_layer, k=args.sae_k)

@@ -1,4 +1,4 @@
-"""The reference group's main loop (live mode): a pipeline-parallel frozen reference that walks the
+"""The reference server (live mode): a pipeline-parallel frozen reference that walks the
 policy's schedule ahead of it and sends each result to its consumer over the bridge.
 
 Every reference process runs `serve`. All replicas move in lockstep rounds (the pipeline's
@@ -7,8 +7,9 @@ end the last stages write what they scored through to the reference cache, so a 
 cache mode (or a restart) reuses it instead of rescoring.
 
 FPO: the pipeline carries decoder layer `sae.layer`'s output to the last stage, which alone loads
-the SAE (`sparsepo.fpo.load_for_run`) and serves the pooled top-k feature ids/values; the cache
-key includes the SAE fingerprint, layer and k exactly as cache mode's does.
+the SAE (`sparsepo.sae.runtime.load_for_run`, checked against the reference model like every mode)
+and serves the pooled top-k feature ids/values; the cache key includes the SAE fingerprint, layer
+and k exactly as cache mode's does.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import logging
 
 import torch.distributed as dist
 
+from sparsepo import bridge as br
 from sparsepo import data as pdata
+from sparsepo.config import config_fingerprint
+from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.models import load_tokenizer
 from sparsepo.reference import offline
 from sparsepo.reference.cache import INDEX, CacheReader, write_index, write_shard
-from sparsepo.reference.scorer import required_outputs
-from sparsepo.scheduler import Sender, broadcast_int, rows_for
+from sparsepo.schedule import Schedule
 
 log = logging.getLogger("sparsepo")
 
@@ -43,7 +46,7 @@ def live_fields(cfg) -> tuple[str, ...]:
 def live_outputs(cfg) -> tuple[str, ...]:
     from sparsepo.reference.pipeline import FEATURE_FIELDS
 
-    outputs = required_outputs(get_method(cfg.method.name))
+    outputs = get_method(cfg.method.name).reference_outputs
     served = live_fields(cfg)
     unsupported = [o for o in outputs if o not in served]
     if unsupported:
@@ -61,17 +64,12 @@ def uses_features(outputs: tuple[str, ...]) -> bool:
 
 def cache_components(cfg, scorer, data_fingerprint: str, outputs: tuple[str, ...]) -> dict:
     """The cache key of this run, computed by the last stage of replica 0 (the rank holding the SAE,
-    whose fingerprint is part of the key) and broadcast over the reference world, so that every
+    whose fingerprint is part of the key) and shared over the reference world, so that every
     reference rank keys the cache identically: `offline.local_components` with the same
     `features` object as cache mode."""
-    src = scorer.last_stage_global_ranks()[0]
-    box = [None]
-    if dist.get_rank() == src:
-        features = scorer.features if uses_features(outputs) else None
-        box[0] = offline.local_components(cfg, data_fingerprint, outputs, features)
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=src)
-    return box[0]
+    features = scorer.features if uses_features(outputs) else None
+    return on_one_rank(lambda: offline.local_components(cfg, data_fingerprint, outputs, features),
+                       src=scorer.last_stage_global_ranks()[0])
 
 
 def check_live_topology(topology) -> None:
@@ -82,6 +80,21 @@ def check_live_topology(topology) -> None:
             f"{topology.num_policy % topology.num_replicas}. Change topology.reference_ranks or the world size.")
 
 
+def rounds(schedule: Schedule, topo, start: int, total: int):
+    """The server's walk: lockstep rounds across the replicas (replica r serves the policy ranks
+    `topo.policies_for_replica(r)`). Each policy rank receives its slots in its own order."""
+    return schedule.rounds(start, total, [topo.policies_for_replica(r) for r in range(topo.num_replicas)])
+
+
+def check_handshake(hs, cfg, outputs: tuple[str, ...]) -> None:
+    if not isinstance(hs, br.Handshake):
+        raise LiveModeError(f"the policy opened the bridge with {hs!r}, not a handshake")
+    if tuple(hs.outputs) != tuple(outputs) or hs.config_fingerprint != config_fingerprint(cfg):
+        raise LiveModeError(f"the policy and the reference group disagree on the run: the policy needs {hs.outputs} "
+                            f"(config {hs.config_fingerprint[:12]}), the group serves {outputs} (config "
+                            f"{config_fingerprint(cfg)[:12]}); every rank must start from the same config")
+
+
 def serve(cfg, plan, bridge) -> None:
     """Run one reference process until the policy's last step has been served."""
     from sparsepo.reference.pipeline import PipelineScorer
@@ -90,16 +103,18 @@ def serve(cfg, plan, bridge) -> None:
     outputs = live_outputs(cfg)
     check_live_topology(topo)
     # The policy resolves resume and total steps (and fills the datasets cache) first.
-    start, total = broadcast_int(bridge, 0), broadcast_int(bridge, 0)
+    hs = br.broadcast(bridge, None, src=topo.policy_ranks()[0])
+    check_handshake(hs, cfg, outputs)
     ref_path = offline.reference_path(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or ref_path)
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer)
     features = uses_features(outputs)
+    model_fp = offline.model_fingerprint(cfg) if features else None
 
     def load_features():  # called on the last stages only: the others never load the SAE
-        from sparsepo import fpo
+        from sparsepo.sae.runtime import load_for_run
 
-        return fpo.load_for_run(cfg)
+        return load_for_run(cfg, model_fingerprint=model_fp)
 
     scorer = PipelineScorer.from_pretrained(
         ref_path, num_stages=topo.num_stages, precision=cfg.train.precision, outputs=outputs,
@@ -109,58 +124,56 @@ def serve(cfg, plan, bridge) -> None:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "
                            f"{scorer.replica_index}, topology says stage {role.stage} replica {role.replica}")
     policy_ranks = topo.policy_ranks()
-    mine = topo.policies_for_replica(role.replica)
-    sender = Sender(bridge, cfg.reference.window)
-    dp, n, replicas = topo.num_policy, len(dataset), topo.num_replicas
+    outbox = br.Outbox(bridge, cfg.reference.window)
+    schedule = Schedule.from_config(cfg, num_rows=len(dataset), dp=topo.num_policy)
     expected = cache_components(cfg, scorer, pdata.dataset_fingerprint(dataset), outputs)
     cache = CacheReader(offline.cache_dir(cfg), expected) if (offline.cache_dir(cfg) / INDEX).is_file() else None
     scored: dict[str, dict] = {}  # last stages: every record scored so far (a second epoch reuses them)
     seen: set[int] = set()  # rows scored by any replica: the same on every reference rank
     if role.is_last_stage and role.replica == 0:
         log.info("reference group: %d stage(s) x %d replica(s) serving %d policy ranks, steps %d..%d, window %d%s%s",
-                 topo.num_stages, replicas, dp, start, total, cfg.reference.window,
+                 topo.num_stages, topo.num_replicas, topo.num_policy, hs.start_step, hs.total_steps,
+                 cfg.reference.window,
                  f", SAE features of layer {cfg.sae.layer} (top {scorer.features.k})" if features else "",
                  ", from the existing cache" if cache else "")
-    for step in range(start, total):
-        for micro in range(cfg.train.grad_accum):
-            for j, p in enumerate(mine):
-                # one lockstep round: replica r serves policy rank policies_for_replica(r)[j]
-                round_rows = [rows_for(cfg, n, dp, step, micro, topo.policies_for_replica(r)[j])
-                              for r in range(replicas)]
-                reuse = cache is not None or all(i in seen for rows in round_rows for i in rows)
-                seen.update(i for rows in round_rows for i in rows)
-                rows = round_rows[role.replica]
-                batch = None
-                if role.is_last_stage or (scorer.needs_batch and not reuse):
-                    batch = pdata.collate_pairs(pdata.gather_rows(dataset, rows), tokenizer.pad_token_id)
-                if reuse:
-                    records = (cache.get(batch.example_ids) if cache is not None
-                               else [scored[i] for i in batch.example_ids]) if role.is_last_stage else None
-                else:
-                    out = scorer.score(batch)
-                    records = out.to_records(batch.response_mask) if role.is_last_stage else None
-                if role.is_last_stage:
-                    sender.send(policy_ranks[p], list(batch.example_ids), records)
-                    scored.update(zip(batch.example_ids, records))
-    sender.flush()
-    _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)
-    bridge.barrier().wait()
+    for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
+        reuse = cache is not None or all(i in seen for slot in round_slots for i in slot.rows)
+        seen.update(i for slot in round_slots for i in slot.rows)
+        slot = round_slots[role.replica]
+        batch = None
+        if role.is_last_stage or (scorer.needs_batch and not reuse):
+            batch = pdata.collate_pairs(pdata.gather_rows(dataset, list(slot.rows)), tokenizer.pad_token_id)
+        if reuse:
+            records = (cache.get(batch.example_ids) if cache is not None
+                       else [scored[i] for i in batch.example_ids]) if role.is_last_stage else None
+        else:
+            out = scorer.score(batch)
+            records = out.to_records(batch.response_mask) if role.is_last_stage else None
+        if role.is_last_stage:
+            outbox.send(policy_ranks[slot.policy_rank], br.OUTPUTS, list(batch.example_ids), records)
+            scored.update(zip(batch.example_ids, records))
+    outbox.flush()
+    indexed = _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)
+    br.broadcast(bridge, br.Finish(pairs_scored=len(seen), cache_indexed=bool(indexed or cache)),
+                 src=topo.reference_ranks()[0])
 
 
-def _write_through(cfg, components: dict, num_pairs: int, scored: dict[str, dict], role) -> None:
-    """Last stages store what they scored; reference-world rank 0 indexes it (unless a cache exists)."""
+def _write_through(cfg, components: dict, num_pairs: int, scored: dict[str, dict], role) -> bool:
+    """Last stages store what they scored; reference-world rank 0 indexes it (unless a cache exists).
+    Returns, on rank 0, whether the cache was indexed."""
     directory = offline.cache_dir(cfg)
     exists = (directory / INDEX).is_file()
     entries = []
     if role.is_last_stage and scored and not exists:
         ids = list(scored)
         entries.append(write_shard(directory, 10_000 + role.replica, ids, [scored[i] for i in ids]))
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, entries)
-    if dist.get_rank() == 0 and not exists:
-        shards = [e for part in gathered for e in part]
-        if sum(len(s["example_ids"]) for s in shards) == num_pairs:
-            write_index(directory, components, shards)
-            log.info("reference group wrote its %d scored pairs through to the cache %s", num_pairs, directory)
-        else:
-            log.info("reference group scored part of the data only: no cache index written")
+    gathered = gather(entries)
+    if dist.get_rank() != 0 or exists:
+        return False
+    shards = [e for part in gathered for e in part]
+    if sum(len(s["example_ids"]) for s in shards) != num_pairs:
+        log.info("reference group scored part of the data only: no cache index written")
+        return False
+    write_index(directory, components, shards)
+    log.info("reference group wrote its %d scored pairs through to the cache %s", num_pairs, directory)
+    return True

@@ -1,4 +1,4 @@
-"""FPO's SAE features on both sides, and `sparsepo sae train`.
+"""The SAE runtime: FPO's SAE features on both sides, and `sparsepo sae train`.
 
 The same object serves the reference scorer (pooled top-k ids/values per response, into the cache)
 and the policy (dense pooled features with gradients, for the feature MSE). Both capture layer ℓ
@@ -16,18 +16,10 @@ from pathlib import Path
 
 import torch
 
-from sparsepo.sae import (
-    capture_residual,
-    check_sae_compatible,
-    collect_activations,
-    load_sae,
-    pooled_features,
-    reconstruction_stats,
-    sae_fingerprint,
-    save_sae,
-    sparse_topk,
-    train_sae,
-)
+from sparsepo.sae.features import pooled_features, reconstruction_stats, sparse_topk
+from sparsepo.sae.hooks import capture_residual, collect_activations
+from sparsepo.sae.io import check_sae_compatible, load_sae, sae_fingerprint, save_sae
+from sparsepo.sae.train import train_sae
 
 log = logging.getLogger("sparsepo")
 
@@ -70,11 +62,14 @@ def model_shape(model_path: str) -> tuple[int, int]:
     return config.hidden_size, config.num_hidden_layers
 
 
-def load_for_run(cfg) -> SAEFeatures:
-    """The run's SAE, refused unless it fits the model's width and the configured layer."""
+def load_for_run(cfg, *, model_fingerprint: str | None = None) -> SAEFeatures:
+    """The run's SAE, refused (through the one `check_sae_compatible`, in every mode) unless it fits
+    the model's width and the configured layer, and — given the reference weights' fingerprint
+    (`reference.cache.hash_files(dir, MODEL_FILES)`) — was trained on that model's activations."""
     sae = load_sae(cfg.sae.path, sae_id=cfg.sae.sae_id)
     d_model, num_layers = model_shape(cfg.model.path)
-    check_sae_compatible(sae, d_model=d_model, layer=cfg.sae.layer, num_layers=num_layers)
+    check_sae_compatible(sae, d_model=d_model, layer=cfg.sae.layer, num_layers=num_layers,
+                         model_fingerprint=model_fingerprint)
     return SAEFeatures(sae, layer=cfg.sae.layer, k=cfg.method.params.k)
 
 

@@ -1,4 +1,4 @@
-"""The scheduler's bridge protocol: two gloo ranks on threads over a real TCPStore.
+"""The bridge protocol: two gloo ranks on threads over a real TCPStore.
 
 Order is deterministic whatever the reference's timing; misaligned results are refused; a silent
 reference produces the timeout error (naming the rank and the last batch served), not a hang.
@@ -17,16 +17,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytestmark = pytest.mark.distributed
+
 from conftest import free_port
 from sparsepo.reference.outputs import MisalignedOutputs
-from sparsepo.scheduler import LiveReference, ReferenceTimeout, Sender, connect_bridge, rows_for
+from sparsepo import bridge as br
+from sparsepo.reference.sources import LiveSource, ReferenceTimeout
 
 
 def bridges(timeout_s=20.0):
     port, out = free_port(), [None, None]
 
     def make(rank):
-        out[rank] = connect_bridge("127.0.0.1", port, rank, 2, timeout_s)
+        out[rank] = br.connect("127.0.0.1", port, rank, 2, timeout_s)
 
     threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
     [t.start() for t in threads]
@@ -46,14 +49,14 @@ def record(i):
 
 def serve(bridge, n, *, window, delays=False, ids=None, stop_after=None):
     rng = random.Random(0)
-    sender = Sender(bridge, window)
+    sender = br.Outbox(bridge, window)
     for i in range(n):
         if stop_after is not None and i == stop_after:
             sender.flush()
             return  # a reference that goes silent
         if delays:
             time.sleep(rng.uniform(0, 0.05))
-        sender.send(0, [(ids or {}).get(i, f"ex{i}")], [record(i)])
+        sender.send(0, br.OUTPUTS, [(ids or {}).get(i, f"ex{i}")], [record(i)])
     sender.flush()
 
 
@@ -61,7 +64,7 @@ def _order_is_deterministic_under_random_delays():
     policy, reference = bridges()
     t = threading.Thread(target=serve, args=(reference, 12), kwargs={"window": 3, "delays": True})
     t.start()
-    live = LiveReference(policy, src=1, window=3, timeout_s=20)
+    live = LiveSource(policy, src=1, window=3, timeout_s=20)
     got = []
     for i in range(12):
         if i % 4 == 0:
@@ -77,7 +80,7 @@ def _results_for_other_examples_are_refused():
     policy, reference = bridges()
     t = threading.Thread(target=serve, args=(reference, 2), kwargs={"window": 2, "ids": {1: "someone-else"}})
     t.start()
-    live = LiveReference(policy, src=1, window=2, timeout_s=20)
+    live = LiveSource(policy, src=1, window=2, timeout_s=20)
     live.get(fake_batch(0))
     with pytest.raises(MisalignedOutputs, match="refusing to train on misaligned outputs"):
         live.get(fake_batch(1))
@@ -88,7 +91,7 @@ def _silent_reference_times_out_naming_rank_and_last_batch():
     policy, reference = bridges(timeout_s=30)
     t = threading.Thread(target=serve, args=(reference, 5), kwargs={"window": 2, "stop_after": 2})
     t.start()
-    live = LiveReference(policy, src=1, window=2, timeout_s=1.5)
+    live = LiveSource(policy, src=1, window=2, timeout_s=1.5)
     live.get(fake_batch(0))
     live.get(fake_batch(1))
     t0 = time.perf_counter()
@@ -104,15 +107,15 @@ def _window_bounds_how_far_the_reference_runs_ahead():
     progress = []
 
     def counting_serve():
-        sender = Sender(reference, 2)
+        sender = br.Outbox(reference, 2)
         for i in range(10):
-            sender.send(0, [f"ex{i}"], [record(i)])
+            sender.send(0, br.OUTPUTS, [f"ex{i}"], [record(i)])
             progress.append(i)
         sender.flush()
 
     t = threading.Thread(target=counting_serve)
     t.start()
-    live = LiveReference(policy, src=1, window=2, timeout_s=20)
+    live = LiveSource(policy, src=1, window=2, timeout_s=20)
     time.sleep(1.0)  # the policy consumes nothing yet
     ahead = len(progress)
     assert ahead <= 2 + 2 + 2, ahead  # receiver queue W + one in its hands + sender's W in flight
@@ -122,25 +125,66 @@ def _window_bounds_how_far_the_reference_runs_ahead():
     assert len(progress) == 10
 
 
-def test_schedule_is_the_same_on_both_sides_and_covers_each_global_batch():
-    cfg = SimpleNamespace(train=SimpleNamespace(micro_batch_size=2, grad_accum=2, seed=3))
-    slots = [(step, micro, p, rows_for(cfg, 40, 2, step, micro, p))
-             for step in range(3) for micro in range(2) for p in (0, 1)]
-    for step in range(3):
-        rows = [r for s, _, _, rr in slots if s == step for r in rr]
-        assert len(rows) == len(set(rows)) == 8  # one global batch, no row twice
-    # a pure function of its arguments: the policy and the reference group compute the same rows
-    assert all(rr == rows_for(cfg, 40, 2, s, m, p) for s, m, p, rr in slots)
+def _messages_go_both_ways_with_a_typed_handshake_and_finish():
+    policy, reference = bridges()
+    seen = {}
+
+    def reference_side():
+        hs = br.broadcast(reference, None, src=0)
+        seen["handshake"] = hs
+        request = br.Inbox(reference, src=0, window=2).get(20)  # policy -> reference
+        seen["request"] = request
+        out = br.Outbox(reference, 2)
+        out.send(0, br.OUTPUTS, request.example_ids, [record(hs.start_step)])
+        out.flush()
+        br.broadcast(reference, br.Finish(pairs_scored=1, cache_indexed=False), src=1)
+
+    t = threading.Thread(target=reference_side)
+    t.start()
+    hs = br.Handshake(start_step=7, total_steps=9, outputs=("seq_logps",), config_fingerprint="abc")
+    br.broadcast(policy, hs, src=0)
+    sample = torch.tensor([3, 1, 4])
+    requests = br.Outbox(policy, 2)
+    requests.send(1, br.REQUEST, ["ex7"], [{"sample": sample}])
+    requests.flush()
+    live = LiveSource(policy, src=1, window=2, timeout_s=20)
+    assert live.get(fake_batch(7)).seq_logps.tolist() == [7.0, -7.0]
+    assert live.finish() == br.Finish(pairs_scored=1, cache_indexed=False)
+    t.join()
+    assert seen["handshake"] == hs
+    assert seen["request"].kind == br.REQUEST and seen["request"].seq == 0
+    assert torch.equal(seen["request"].records[0]["sample"], sample)
+
+
+def _a_message_of_the_wrong_kind_is_refused():
+    policy, reference = bridges()
+
+    def reference_side():
+        out = br.Outbox(reference, 2)
+        out.send(0, br.REQUEST, ["ex0"], [record(0)])
+        out.flush()
+
+    t = threading.Thread(target=reference_side)
+    t.start()
+    live = LiveSource(policy, src=1, window=2, timeout_s=20)
+    with pytest.raises(MisalignedOutputs, match="request #0"):
+        live.get(fake_batch(0))
+    t.join()
 
 
 def run_isolated(name: str) -> None:
-    code = (f"import os, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_scheduler as m\n"
+    code = (f"import os, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_bridge as m\n"
             f"try:\n    m.{name}()\nexcept BaseException:\n    import traceback; traceback.print_exc(); "
             f"sys.stdout.flush(); sys.stderr.flush(); os._exit(1)\nos._exit(0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("scenario", ["_order_is_deterministic_under_random_delays", "_results_for_other_examples_are_refused", "_silent_reference_times_out_naming_rank_and_last_batch", "_window_bounds_how_far_the_reference_runs_ahead"])
+@pytest.mark.parametrize("scenario", ["_order_is_deterministic_under_random_delays",
+                                      "_results_for_other_examples_are_refused",
+                                      "_silent_reference_times_out_naming_rank_and_last_batch",
+                                      "_window_bounds_how_far_the_reference_runs_ahead",
+                                      "_messages_go_both_ways_with_a_typed_handshake_and_finish",
+                                      "_a_message_of_the_wrong_kind_is_refused"])
 def test_scenario(scenario):
     run_isolated(scenario)

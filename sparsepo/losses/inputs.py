@@ -1,0 +1,44 @@
+"""`build_loss_inputs`: exactly what a method's table row asks for, from one policy forward and the
+reference outputs of the same batch, split into chosen / rejected halves.
+
+Pure tensor code beside the table it reads: the trainer calls it for every method and never
+branches on a method's name. Batches hold 2B rows, chosen first; see `types.LossInputs` for shapes.
+"""
+
+from __future__ import annotations
+
+from sparsepo.losses.common import gather_logps
+from sparsepo.losses.types import LossInputs
+
+
+def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None) -> LossInputs:
+    """`fwd`: the policy's forward (`seq_logps` (2B,), `token_logps` (2B,T), `logits` (2B,T,V));
+    `ref`: the reference outputs for the same batch (None for reference-free methods);
+    `policy_features`: (2B,F) pooled SAE features of the policy (FPO)."""
+    b = response_mask.shape[0] // 2
+    mask = response_mask
+    kw = dict(policy_chosen_logps=fwd.seq_logps[:b], policy_rejected_logps=fwd.seq_logps[b:],
+              chosen_mask=mask[:b], rejected_mask=mask[b:])
+
+    def halves(prefix_c, prefix_r, value):
+        kw[prefix_c], kw[prefix_r] = value[:b], value[b:]
+
+    if spec.needs_token_logps:
+        halves("policy_chosen_token_logps", "policy_rejected_token_logps", fwd.token_logps)
+    if spec.needs_sae_features:
+        halves("policy_chosen_features", "policy_rejected_features", policy_features)
+    needed = spec.reference_outputs
+    if needed and ref is None:
+        raise ValueError(f"method '{spec.name}' needs reference outputs {needed}; none were given")
+    if "seq_logps" in needed:
+        halves("ref_chosen_logps", "ref_rejected_logps", ref.seq_logps)
+    if "topk_ids" in needed:
+        policy_topk = gather_logps(fwd.logits, ref.topk_ids) * mask.unsqueeze(-1)
+        halves("ref_chosen_topk_logps", "ref_rejected_topk_logps", ref.topk_logps)
+        halves("policy_chosen_topk_logps", "policy_rejected_topk_logps", policy_topk)
+    if "oracle_scores" in needed:
+        halves("chosen_oracle_scores", "rejected_oracle_scores", ref.oracle_scores)
+    if "feature_ids" in needed:
+        halves("ref_chosen_feature_ids", "ref_rejected_feature_ids", ref.feature_ids)
+        halves("ref_chosen_feature_values", "ref_rejected_feature_values", ref.feature_values)
+    return LossInputs(**kw)

@@ -1,0 +1,32 @@
+"""`sparsepo precompute`: score the whole dataset with the frozen reference into the verified cache.
+
+    sparsepo precompute --config run.yaml [--nproc N]      # = sparsepo.train with reference.mode=precompute
+
+The same reference code as training without the policy: shards split over the ranks, the index
+written last by rank 0. A later `train` in cache mode (the default) reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sparsepo.config import RunConfig
+from sparsepo.engine.dist import init_distributed
+from sparsepo.losses import get_method
+from sparsepo.reference import offline
+from sparsepo.rundata import load_features, load_run_data
+
+log = logging.getLogger("sparsepo")
+
+
+def precompute(cfg: RunConfig) -> dict:
+    ctx = init_distributed()
+    spec = get_method(cfg.method.name)
+    data = load_run_data(cfg, ctx)
+    outputs = spec.reference_outputs
+    if not outputs:
+        log.info("method '%s' needs nothing from the reference: no cache to precompute", spec.name)
+        return {"cache": None, "pairs": len(data.dataset)}
+    offline.ensure_cache(cfg, outputs, data.dataset, data.collate, data_fingerprint=data.fingerprint, ctx=ctx,
+                         features=load_features(cfg, spec), force=True)
+    return {"cache": str(offline.cache_dir(cfg)), "pairs": len(data.dataset)}

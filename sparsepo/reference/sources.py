@@ -1,0 +1,134 @@
+"""Reference sources: where a policy rank's reference outputs come from, behind one interface.
+
+    source = open_source(cfg, spec, ...)      # cache | inline | live (reference.mode), or none
+    ref = source.get(batch)                   # ReferenceOutputs for exactly this batch, or None
+    source.finish()                           # end of the run (live: the group's typed finish)
+
+The trainer holds one source and never knows which. Every source hands back outputs for the
+batch's own example ids, in its order, or raises `MisalignedOutputs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+
+from sparsepo import bridge as br
+from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
+
+log = logging.getLogger("sparsepo")
+
+
+class ReferenceTimeout(RuntimeError):
+    """The reference group sent nothing within reference.timeout_s, or its rank died."""
+
+
+class NoReference:
+    """Reference-free methods (SimPO, SePO's policy loss, ...): nothing to fetch."""
+
+    outputs: tuple[str, ...] = ()
+
+    def get(self, batch) -> None:
+        return None
+
+    def finish(self) -> None:
+        pass
+
+
+class CacheSource:
+    """The verified on-disk reference cache (`sparsepo precompute`, or a live run's write-through)."""
+
+    def __init__(self, reader, outputs: tuple[str, ...], device):
+        self.reader, self.outputs, self.device = reader, outputs, device
+
+    def get(self, batch) -> ReferenceOutputs:
+        return ReferenceOutputs.from_records(batch.example_ids, self.reader.get(batch.example_ids),
+                                             batch.response_mask, self.device)
+
+    def finish(self) -> None:
+        pass
+
+
+class InlineSource:
+    """The frozen reference on the policy rank itself, scored inside the step (TRL's way; the
+    sequential baseline of the overlap benchmark)."""
+
+    def __init__(self, model, outputs: tuple[str, ...], *, topk: int, features=None):
+        self.model, self.outputs, self.topk, self.features = model, outputs, topk, features
+
+    def get(self, batch) -> ReferenceOutputs:
+        from sparsepo.reference.scorer import score_batch
+
+        return score_batch(self.model, batch, self.outputs, topk=self.topk, features=self.features)
+
+    def finish(self) -> None:
+        pass
+
+
+class LiveSource:
+    """The policy-side end of a live run: the reference group's results for this rank arrive over
+    the bridge in schedule order (an `Inbox` holding at most W of them); `get` checks each one
+    belongs to the batch — kind, sequence number and example ids — before handing it over."""
+
+    def __init__(self, bridge, *, src: int, window: int, timeout_s: float, outputs: tuple[str, ...] = (),
+                 device="cpu", finish_src: int | None = None):
+        self.bridge, self.src, self.timeout_s, self.outputs, self.device = bridge, src, timeout_s, outputs, device
+        self.finish_src = src if finish_src is None else finish_src
+        self.inbox = br.Inbox(bridge, src=src, window=window)
+        self.next_seq = 0
+        self.last_served = "none yet"
+
+    def get(self, batch) -> ReferenceOutputs:
+        try:
+            msg = self.inbox.get(self.timeout_s)
+        except queue.Empty:
+            raise ReferenceTimeout(
+                f"no reference outputs from reference rank {self.src} (global) for {self.timeout_s:.0f}s "
+                f"waiting for batch {self.next_seq}; last batch served: {self.last_served}. The reference "
+                f"group is dead, hung or far slower than the policy (reference.timeout_s)") from None
+        except Exception as e:  # noqa: BLE001 - the transport's error, with who and where
+            raise ReferenceTimeout(f"bridge to reference rank {self.src} failed waiting for batch "
+                                   f"{self.next_seq} (last served: {self.last_served}): {e}") from e
+        if msg.kind != br.OUTPUTS or msg.seq != self.next_seq or msg.example_ids != list(batch.example_ids):
+            raise MisalignedOutputs(
+                f"reference rank {self.src} sent {br.KINDS.get(msg.kind, msg.kind)} #{msg.seq} for examples "
+                f"{msg.example_ids[:3]}... but the policy expects batch {self.next_seq} for "
+                f"{list(batch.example_ids)[:3]}...: refusing to train on misaligned outputs (the two sides "
+                f"disagree on the schedule or the data)")
+        self.last_served = f"#{self.next_seq} ({msg.example_ids[0]}...)"
+        self.next_seq += 1
+        return ReferenceOutputs.from_records(batch.example_ids, msg.records, batch.response_mask, self.device)
+
+    def finish(self) -> br.Finish:
+        """Wait for the group's typed finish (sent after its write-through to the cache)."""
+        done = br.broadcast(self.bridge, None, src=self.finish_src)
+        if not isinstance(done, br.Finish):
+            raise MisalignedOutputs(f"reference group ended with {done!r}, not a Finish message")
+        return done
+
+
+def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, features=None, live=None,
+                handshake: br.Handshake | None = None):
+    """The source this run's mode asks for. Cache mode precomputes the cache first when it is
+    missing; live mode sends the typed handshake (every bridge rank takes part)."""
+    from sparsepo.reference import offline
+
+    outputs = spec.reference_outputs
+    if live is not None:
+        plan, bridge = live
+        topo = plan.topology
+        br.broadcast(bridge, handshake, src=topo.policy_ranks()[0])
+        source = LiveSource(bridge, src=topo.stage_ranks(topo.reference_for_policy(ctx.rank))[-1],
+                            window=cfg.reference.window, timeout_s=cfg.reference.timeout_s, outputs=outputs,
+                            device=ctx.device, finish_src=topo.reference_ranks()[0])
+        return source
+    if not outputs:
+        return NoReference()
+    if cfg.reference.mode == "inline":
+        from sparsepo.models import load_frozen_model
+
+        model = load_frozen_model(offline.reference_path(cfg), device=ctx.device, precision=cfg.train.precision)
+        return InlineSource(model, outputs, topk=cfg.reference.topk, features=features)
+    reader = offline.ensure_cache(cfg, outputs, dataset, collate, data_fingerprint=data_fingerprint, ctx=ctx,
+                                  features=features)
+    return CacheSource(reader, outputs, ctx.device)

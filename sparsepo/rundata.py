@@ -1,0 +1,67 @@
+"""What every entry point of a run needs first (training, precompute, the reference server):
+the locked run directory, the tokenizer, the tokenised pairs and their fingerprint, and the SAE.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sparsepo import data as pdata
+from sparsepo.config import RunConfig
+from sparsepo.engine.dist import DistContext
+from sparsepo.models import load_tokenizer
+from sparsepo.rundir import prepare_run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunData:
+    """What every role's entry point needs first: the run directory, tokenizer and tokenised pairs."""
+
+    run_dir: Path
+    tokenizer: Any
+    dataset: Any
+    report: Any
+    fingerprint: str
+
+    def collate(self, rows: list[dict]):
+        """Dataset rows (dicts) -> one PairBatch."""
+        return pdata.collate_pairs(rows, self.tokenizer.pad_token_id)
+
+    def batch(self, indices) -> Any:
+        """The PairBatch of these dataset rows, in this order."""
+        return self.collate(pdata.gather_rows(self.dataset, list(indices)))
+
+
+def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
+    run_dir = prepare_run_dir(cfg, is_main=ctx.is_main)
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    if not ctx.is_main:  # rank 0 tokenises and fills the datasets cache; the others then hit it
+        dist.barrier()
+    dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None)
+    if ctx.is_main:
+        dist.barrier()
+    return RunData(run_dir, tokenizer, dataset, report, pdata.dataset_fingerprint(dataset))
+
+
+def load_features(cfg: RunConfig, spec):
+    """The frozen SAE (FPO), checked against the reference model it must have been trained on."""
+    if not spec.needs_sae_features:
+        return None
+    from sparsepo.reference.offline import model_fingerprint
+    from sparsepo.sae.runtime import load_for_run
+
+    return load_for_run(cfg, model_fingerprint=model_fingerprint(cfg))
