@@ -14,11 +14,9 @@ import json
 import logging
 import random
 import resource
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,8 +26,7 @@ from sparsepo import checkpoint as ckpt
 from sparsepo import fpo
 from sparsepo import data as pdata
 from sparsepo import engine as eng
-from sparsepo.config import (RunConfig, build_deepspeed_config, check_batch_size, config_fingerprint, lr_schedule,
-                             save_resolved)
+from sparsepo.config import RunConfig, build_deepspeed_config, check_batch_size, config_fingerprint, lr_schedule
 from sparsepo.losses import LossInputs, get_method
 from sparsepo.metrics import MetricsLogger, reduce_mean
 from sparsepo.preemption import Preempted, PreemptionFlag
@@ -37,35 +34,10 @@ from sparsepo.models import load_tokenizer, logps_at, pair_forward
 from sparsepo.reference import offline
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
 from sparsepo.reference.scorer import required_outputs, score_batch
+from sparsepo.rundir import RunDirError, prepare_run_dir, release_run_dir  # noqa: F401  (RunDirError: re-exported)
 from sparsepo.scheduler import LiveReference, broadcast_int, rows_for
 
 log = logging.getLogger("sparsepo")
-
-
-class RunDirError(RuntimeError):
-    """The run directory holds a finished run and would be overwritten."""
-
-
-def prepare_run_dir(cfg: RunConfig, *, is_main: bool) -> Path:
-    """Refuse to overwrite a finished run silently; with logging.overwrite, clear the old run's
-    outputs (the reference cache stays: it is verified by fingerprint and costly to rebuild).
-    Precompute only (re)writes the cache, so it may run in any run directory."""
-    run_dir = Path(cfg.logging.output_dir)
-    done = run_dir / "summary.json"
-    resuming = cfg.checkpoint.resume is not None or cfg.reference.mode == "precompute"
-    if done.exists() and not cfg.logging.overwrite and not resuming:
-        raise RunDirError(f"{run_dir} already holds a finished run ({done}); choose another "
-                          f"logging.output_dir, set logging.overwrite=true to replace it, or "
-                          f"checkpoint.resume=auto to continue it")
-    if is_main:
-        if cfg.logging.overwrite and not resuming and run_dir.is_dir():
-            for name in ("checkpoints", "tensorboard", "final", "summary.json", "skipped_rows.jsonl"):
-                path = run_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir)
-    dist.barrier()
-    return run_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -132,6 +104,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
                                   world_size=ctx.world_size, device=ctx.device, features=features,
                                   force=precompute_only)
     if precompute_only:
+        release_run_dir(run_dir)
         return {"cache": str(offline.cache_dir(cfg)), "pairs": len(dataset)}
     resume = ckpt.find_resume(cfg)
 
@@ -224,4 +197,5 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         log.info("done: final model in %s", run_dir / "final")
+    release_run_dir(run_dir)
     return summary
