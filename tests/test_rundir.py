@@ -74,8 +74,8 @@ def test_lock_of_a_dead_process_is_stale_not_a_conflict(tmp_path, holder, caplog
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_training_into_a_locked_run_dir_is_refused_and_touches_nothing(tiny_world, tmp_path, holder, nproc):
+@pytest.mark.parametrize("nproc, mode", [(1, "cache"), (2, "cache"), (1, "precompute")])
+def test_training_into_a_locked_run_dir_is_refused_and_touches_nothing(tiny_world, tmp_path, holder, nproc, mode):
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000002").mkdir(parents=True)
     (run / "checkpoints" / "step-00000002" / "sparsepo.json").write_text("{}")
@@ -90,8 +90,21 @@ def test_training_into_a_locked_run_dir_is_refused_and_touches_nothing(tiny_worl
 
     before = snapshot()
     # logging.overwrite=true would delete checkpoints/ and tensorboard/ if the run got that far
-    proc = run_training(tiny_world, run, "logging.overwrite=true", "train.max_steps=2", nproc=nproc, check=False)
+    proc = run_training(tiny_world, run, "logging.overwrite=true", "train.max_steps=2", f"reference.mode={mode}",
+                        nproc=nproc, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert f"is in use by another run (host {socket.gethostname()}, pid {pid}, since" in proc.stderr, out[-3000:]
-    assert snapshot() == before
+    assert snapshot() == before and not (run / "ref_cache").exists()
+
+
+@pytest.mark.distributed
+def test_precompute_after_a_crashed_holder_takes_the_stale_lock_and_releases_it(tiny_world, tmp_path, holder):
+    run = tmp_path / "run"
+    pid = holder(run)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    proc = run_training(tiny_world, run, "reference.mode=precompute")
+    assert f"stale lock {run / LOCK}" in proc.stderr and f"pid {pid}" in proc.stderr, proc.stderr[-3000:]
+    assert (run / "ref_cache" / "index.json").is_file()
+    assert (run / LOCK).read_text() == ""  # released at the end of the run
