@@ -4,14 +4,19 @@
                       rng-rank{r}.pt      each rank's RNG states
                       sparsepo.json       written last by rank 0: step, samples seen, world size,
                                           config + data fingerprints, and every file with its size
+                                          ("files") and sha256 ("sha256")
     <run>/checkpoints/latest              the newest complete tag (atomic rename)
     <run>/checkpoints/step-00000020_universal/
                                           made on demand when resuming on another world size
                                           (DeepSpeed's ds_to_universal), reused while its source
                                           is unchanged
 
-A checkpoint without sparsepo.json, or whose files do not match the sizes recorded there, is not
-valid: `checkpoint.resume=auto` falls back to the newest valid one and says so.
+A checkpoint without sparsepo.json, or whose files do not match the sizes and sha256s recorded
+there, is not valid: `checkpoint.resume=auto` falls back to the newest valid one and says so (naming
+the file that failed), an explicitly named one is refused. Hashing is shared out: the file whose name
+carries rank r (`*_rank_{r}_*`, `rng-rank{r}.pt`) is hashed by rank r % world size, files without a
+rank by rank 0, and the verdicts are gathered, so every rank reaches the same decision. A checkpoint
+written before sha256s were recorded is checked by size only, with a warning.
 
 What may change between the interrupted run and its resume: the logging and checkpoint sections,
 the run length (train.max_steps / train.epochs), where the data and the reference cache live
@@ -28,14 +33,16 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparsepo.engine.collectives import on_one_rank
+from sparsepo.engine.collectives import gather, is_multi, on_one_rank
 from sparsepo.atomic import atomic_write
 from sparsepo.config import RunConfig, to_dict
 
@@ -49,6 +56,9 @@ _MAY_DIFFER_KEYS = {("train", "max_steps"), ("train", "epochs"), ("reference", "
                     # the data is compared by fingerprint, the batch split by the global batch below
                     ("data", "path"), ("reference", "cache_dir"),
                     ("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "train_batch_size")}
+
+
+_RANK = re.compile(r"rank[_-]?(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -84,7 +94,16 @@ def read_meta(tag_dir: Path) -> dict:
     return json.loads((Path(tag_dir) / META).read_text())
 
 
-def is_valid(tag_dir: Path) -> tuple[bool, str]:
+def owner(rel: str, world_size: int) -> int:
+    """The rank that hashes file `rel`: the first rank number in its name modulo `world_size`
+    (DeepSpeed's zero_pp_rank_{r}_mp_rank_00_*, our rng-rank{r}.pt), else rank 0."""
+    m = _RANK.search(Path(rel).name)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def is_valid(tag_dir: Path, *, rank: int = 0, world_size: int = 1) -> tuple[bool, str]:
+    """(ok, why not). Checks sparsepo.json and every recorded file's size; hashes the files this
+    `rank` owns (see `owner`; all of them with the defaults) against their recorded sha256."""
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir():
         return False, "no such checkpoint directory"
@@ -94,19 +113,39 @@ def is_valid(tag_dir: Path) -> tuple[bool, str]:
     try:
         meta = json.loads(meta_path.read_text())
         files = dict(meta["files"])
+        hashes = None if meta.get("sha256") is None else dict(meta["sha256"])
         if not all(key in meta for key in ("step", "samples", "world_size", "data", "config")):
             raise KeyError("a required key")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return False, f"{meta_path} is damaged"
     if not files:
         return False, f"{meta_path} lists no files"
+    if hashes is not None and set(hashes) != set(files):
+        return False, f"{meta_path} is damaged (its sha256 list and file list differ)"
     for rel, size in files.items():
         path = tag_dir / rel
         if not path.is_file():
             return False, f"{rel} missing"
         if path.stat().st_size != size:
             return False, f"{rel} has {path.stat().st_size} bytes, {size} recorded (truncated or modified)"
+    if hashes is None:
+        if rank == 0:
+            log.warning("checkpoint %s records no sha256 (written by an older sparsepo): its files are "
+                        "checked by size only", tag_dir)
+        return True, ""
+    for rel in sorted(files):
+        if owner(rel, world_size) == rank and sha256_file(tag_dir / rel) != hashes[rel]:
+            return False, f"{rel} does not match its recorded sha256 (corrupted or modified)"
     return True, ""
+
+
+def verify(tag_dir: Path) -> tuple[bool, str]:
+    """`is_valid` with the hashing shared among the ranks of an initialised process group; every rank
+    gets the same verdict (the first failure in rank order). Collective: call it on every rank."""
+    if not is_multi():
+        return is_valid(tag_dir)
+    verdicts = gather(is_valid(tag_dir, rank=dist.get_rank(), world_size=dist.get_world_size()))
+    return next((tuple(v) for v in verdicts if not v[0]), (True, ""))
 
 
 def list_tags(ckpt_root: Path) -> list[Path]:
@@ -115,35 +154,26 @@ def list_tags(ckpt_root: Path) -> list[Path]:
     return sorted(tags, key=step_of)
 
 
-def _newest_valid(ckpt_root: Path) -> Path | None:
-    for tag_dir in reversed(list_tags(ckpt_root)):
-        ok, why = is_valid(tag_dir)
-        if ok:
-            return tag_dir
-        log.warning("skipping checkpoint %s: %s; trying an older one", tag_dir, why)
-    return None
+class _Plan(NamedTuple):
+    """Which checkpoints to try, newest first: one named explicitly (refused if invalid), or those of
+    a checkpoints/ directory (kind "run": one must be valid; "auto": none is fine)."""
+
+    kind: str
+    path: str
+    root: str
+    candidates: list[str]
 
 
-def resolve(path: str | Path, *, action: str = "resume from") -> Path:
-    """A valid checkpoint directory from what a user named: a checkpoint (must be valid), or a run
-    directory / its checkpoints/ directory (its newest valid checkpoint)."""
-    path = Path(path)
+def _plan_path(path: Path) -> _Plan:
     if not (path / META).exists():
         for candidate_root in (path / "checkpoints", path):
-            if list_tags(candidate_root):
-                found = _newest_valid(candidate_root)
-                if found is None:
-                    raise CheckpointError(f"cannot {action} {path}: no valid checkpoint in {candidate_root}")
-                return found
-    ok, why = is_valid(path)
-    if not ok:
-        raise CheckpointError(f"cannot {action} {path}: {why}. Name another checkpoint directory"
-                              + (", or use checkpoint.resume=auto to take the newest valid one." if action ==
-                                 "resume from" else "."))
-    return path
+            tags = list_tags(candidate_root)
+            if tags:
+                return _Plan("run", str(path), str(candidate_root), [str(t) for t in reversed(tags)])
+    return _Plan("explicit", str(path), str(path), [str(path)])
 
 
-def _choose(cfg: RunConfig) -> Path | None:
+def _plan(cfg: RunConfig) -> _Plan | None:
     want = cfg.checkpoint.resume
     ckpt_root = root(cfg)
     if want is None:
@@ -153,20 +183,47 @@ def _choose(cfg: RunConfig) -> Path | None:
                 f"(or --resume auto), or start over with logging.overwrite=true or another logging.output_dir.")
         return None
     if want != "auto":
-        return resolve(want, action="resume from")
-    found = _newest_valid(ckpt_root)
-    if found is None:
-        if list_tags(ckpt_root):
-            log.warning("no valid checkpoint in %s: starting from scratch", ckpt_root)
+        return _plan_path(Path(want))
+    return _Plan("auto", str(ckpt_root), str(ckpt_root), [str(t) for t in reversed(list_tags(ckpt_root))])
+
+
+def _pick(plan: _Plan | None, check, *, action: str = "resume from", talk: bool = True) -> Path | None:
+    """The first candidate of `plan` that `check` passes; `talk`: log (rank 0)."""
+    if plan is None:
+        return None
+    for candidate in plan.candidates:
+        ok, why = check(Path(candidate))
+        if ok:
+            return Path(candidate)
+        if plan.kind == "explicit":
+            raise CheckpointError(f"cannot {action} {candidate}: {why}. Name another checkpoint directory"
+                                  + (", or use checkpoint.resume=auto to take the newest valid one."
+                                     if action == "resume from" else "."))
+        if talk:
+            log.warning("skipping checkpoint %s: %s; trying an older one", candidate, why)
+    if plan.kind == "run":
+        raise CheckpointError(f"cannot {action} {plan.path}: no valid checkpoint in {plan.root}")
+    if talk:
+        if plan.candidates:
+            log.warning("no valid checkpoint in %s: starting from scratch", plan.root)
         else:
-            log.info("checkpoint.resume=auto: no checkpoint in %s yet, starting from scratch", ckpt_root)
-    return found
+            log.info("checkpoint.resume=auto: no checkpoint in %s yet, starting from scratch", plan.root)
+    return None
+
+
+def resolve(path: str | Path, *, action: str = "resume from") -> Path:
+    """A valid checkpoint directory from what a user named: a checkpoint (must be valid), or a run
+    directory / its checkpoints/ directory (its newest valid checkpoint). One process."""
+    return _pick(_plan_path(Path(path)), is_valid, action=action)
 
 
 def find_resume(cfg: RunConfig) -> Path | None:
     """The checkpoint directory to resume from, or None to start fresh. In a distributed run rank 0
-    decides and the others follow (so no two ranks can pick different checkpoints)."""
-    return on_one_rank(lambda: _choose(cfg))
+    decides which checkpoints to try, every rank hashes its share of each (`verify`), and all follow
+    the same verdicts (so no two ranks can pick different checkpoints)."""
+    if not is_multi():
+        return _pick(_plan(cfg), is_valid)
+    return _pick(on_one_rank(lambda: _plan(cfg)), verify, talk=dist.get_rank() == 0)
 
 
 def _rng_state() -> dict:
@@ -207,12 +264,18 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
     engine.save(ckpt_root, tag, client_state={"step": step, "samples": samples})
     torch.save(_rng_state(), tag_dir / f"rng-rank{ctx.rank}.pt")
     dist.barrier()
+    rels = [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != META]
+    # each rank hashes the files it owns (see `owner`), in parallel; rank 0 records them all
+    mine = {rel: sha256_file(tag_dir / rel) for rel in rels if owner(rel, ctx.world_size) == ctx.rank}
+    shares = gather(mine)
     if ctx.is_main:
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-                 if p.is_file() and p.name != META}
+        hashes = {rel: sha for share in shares for rel, sha in share.items()}
+        files = {rel: (tag_dir / rel).stat().st_size for rel in rels}
+        hashes = {rel: hashes.get(rel) or sha256_file(tag_dir / rel) for rel in rels}
         meta = {"step": step, "samples": samples, "world_size": ctx.world_size,
                 "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size,
-                "data": data_fingerprint, "config": to_dict(cfg), "files": files}
+                "data": data_fingerprint, "config": to_dict(cfg), "files": files,
+                "sha256": dict(sorted(hashes.items()))}
         atomic_write(tag_dir / META, json.dumps(meta, indent=1, default=str))
         atomic_write(ckpt_root / "latest", tag)
         for old in list_tags(ckpt_root)[:-cfg.checkpoint.keep_last]:
@@ -221,15 +284,20 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
     return tag_dir
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _to_universal(tag_dir: Path, out: Path) -> Path:
     """Convert a ZeRO checkpoint for loading on another world size (DeepSpeed's ds_to_universal),
     into `out` (on rank 0, the others wait for it); a conversion of the same source (same
     sparsepo.json) is reused."""
-    source = {"source": str(Path(tag_dir).resolve()), "meta_sha256": _sha256(tag_dir / META)}
+    source = {"source": str(Path(tag_dir).resolve()), "meta_sha256": sha256_file(tag_dir / META)}
 
     def convert() -> Path:
         marker = out / UNIVERSAL_SOURCE

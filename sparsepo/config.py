@@ -340,6 +340,7 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", overrides: typing.Seq
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
         sources[key] = f"command-line override '{text}'"
+        sources.setdefault(key.partition(".")[0], sources[key])  # a section only the override names
     classes = _section_classes()
     kwargs = {}
     for section, body in raw.items():

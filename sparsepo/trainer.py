@@ -36,6 +36,7 @@ from sparsepo.models import pair_forward
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.reference.sources import open_source
 from sparsepo.rundata import RunData, load_features, load_run_data
+from sparsepo.rundir import release_run_dir
 from sparsepo.schedule import Schedule
 
 log = logging.getLogger("sparsepo")
@@ -152,4 +153,5 @@ def finish(run: Run, last: dict) -> dict:
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         log.info("done: final model in %s", run_dir / "final")
+    release_run_dir(run_dir)
     return summary

@@ -227,6 +227,25 @@ def corrupted(tiny_world, full, tmp_path_factory):
     return SimpleNamespace(run=run, corrupt=newest, partial=partial, explicit=explicit, auto=auto)
 
 
+@pytest.fixture(scope="module")
+def bitflipped(tiny_world, full, tmp_path_factory):
+    """A copy of the reference run whose newest checkpoint has one byte of an optimizer shard flipped,
+    its size kept (a bad disk, a bad copy): refused when named (1 rank), skipped by resume=auto
+    (2 ranks, each hashing its own shards), which resumes from the one before."""
+    run = tmp_path_factory.mktemp("bitflipped")
+    shutil.rmtree(run)
+    shutil.copytree(full, run)
+    newest = run / "checkpoints" / f"step-{STEPS:08d}"
+    shard = max(newest.glob("*rank_1_*optim_states.pt"), key=lambda f: f.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    explicit = launch(tiny_world, run, *COMMON, *TWO_RANKS, f"train.max_steps={STEPS}", nproc=1,
+                      resume=str(newest), check=False)
+    auto = launch(tiny_world, run, *COMMON, *TWO_RANKS, f"train.max_steps={STEPS}", nproc=2, resume="auto")
+    return SimpleNamespace(run=run, corrupt=newest, shard=shard, explicit=explicit, auto=auto)
+
+
 # ------------------------------------------------------------------------------------------
 # Resume equality
 
@@ -331,6 +350,17 @@ def test_corrupt_newest_checkpoint_is_skipped_by_auto(corrupted, full):
     assert is_valid(c.run / "checkpoints" / latest(c.run)) == (True, "")
 
 
+def test_same_size_corruption_is_refused_or_skipped(bitflipped, full):
+    b = bitflipped
+    out = output(b.explicit)
+    assert b.explicit.returncode == 1, out[-3000:]
+    assert f"cannot resume from {b.corrupt}: {b.shard.name} does not match its recorded sha256" in out, out[-3000:]
+    out = output(b.auto)
+    assert f"skipping checkpoint {b.corrupt}: {b.shard.name} does not match its recorded sha256" in out, out[-3000:]
+    assert f"continuing at step {STEPS - EVERY}" in out
+    assert_same_weights(b.run / "final", full / "final", EXACT)
+
+
 # ------------------------------------------------------------------------------------------
 # Refusals
 
@@ -416,6 +446,7 @@ def test_is_valid_checks_every_recorded_file(full, tmp_path):
     assert is_valid(tag) == (False, "rng-rank1.pt missing")
     meta = json.loads((tag / "sparsepo.json").read_text())
     del meta["files"]["rng-rank1.pt"]
+    del meta["sha256"]["rng-rank1.pt"]
     shard = next(tag.glob("*model_states.pt"))
     with open(shard, "ab") as f:
         f.write(b"x")

@@ -147,3 +147,21 @@ def test_every_shipped_stage_file_builds():
     for f in files:
         ds = build_deepspeed_config(load_config(None, [f"deepspeed.stage_file={f.name}"]), dp_size=1)
         assert ds["zero_optimization"]["stage"] in (2, 3)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("section, key, value, nearest", [("metod", "beta", 0.2, "method"),
+                                                          ("foo", "bar", 1, None)])
+def test_unknown_section_is_the_same_refusal_from_yaml_and_command_line(tmp_path, section, key, value, nearest):
+    """An unknown section in an override used to crash with KeyError: 'metod'."""
+    errors = {}
+    for how, args in {"yaml": (write(tmp_path, {section: {key: value}}), []),
+                      "override": (None, [f"{section}.{key}={value}"])}.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(*args)
+        errors[how] = str(e.value)
+    where = {"yaml": str(tmp_path / "run.yaml"), "override": f"command-line override '{section}.{key}={value}'"}
+    for how, msg in errors.items():
+        hint = f" Did you mean '{nearest}'?" if nearest else ""
+        assert msg.startswith(f"unknown section '{section}' in {where[how]}.{hint} Valid sections: "), msg
+        assert msg.split(" Valid sections: ")[1] == errors["yaml"].split(" Valid sections: ")[1]

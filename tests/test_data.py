@@ -405,6 +405,47 @@ def test_tokenisation_is_cached(tmp_path, tok, monkeypatch):
     assert calls == [6, 6, 6]
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", ["jsonl", "disk"])
+def test_in_place_edit_keeping_mtime_is_not_served_stale(tmp_path, tok, fmt):
+    """`cp -p` / `rsync -a` keep the mtime: `datasets` alone would serve its cached copy of the old
+    rows (its cache keys on path + mtime). The source is keyed on its bytes instead."""
+    import os
+
+    old, new = pairs(), pairs()
+    new[2] = {"prompt": "what is p2", "chosen": "good c2", "rejected": "bad r2"}
+    if fmt == "jsonl":
+        path = write_jsonl(tmp_path / "a.jsonl", old)
+        rewrite = lambda: write_jsonl(path, new)  # noqa: E731
+    else:  # a save_to_disk directory rewritten with the same state.json fingerprint
+        path = tmp_path / "disk"
+        datasets.Dataset.from_list(old).save_to_disk(str(path))
+        state = (path / "state.json").read_text()
+
+        def rewrite():
+            datasets.Dataset.from_list(new).save_to_disk(str(tmp_path / "disk2"))
+            for f in (tmp_path / "disk2").glob("*.arrow"):
+                (path / f.name).write_bytes(f.read_bytes())
+            (path / "state.json").write_text(state)
+    files = [p for p in ([path] if path.is_file() else path.rglob("*"))]
+    a, ra = load(path, tmp_path, tok)
+    stamps = {f: os.stat(f) for f in files}
+    rewrite()
+    for f, st in stamps.items():
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    b, rb = load(path, tmp_path, tok)
+    assert b["example_id"][2] == example_id(**new[2]) != a["example_id"][2]
+    assert rb.fingerprint != ra.fingerprint and rb.source_sha256 != ra.source_sha256
+    assert b["chosen_ids"][2][:1] == ids(tok, "good")
+
+
+@pytest.mark.unit
+def test_source_sha256_is_the_file_bytes(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", pairs())
+    _, report = load(path, tmp_path, tok)
+    assert report.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_num_proc_matches_single_process(tmp_path, tok):
     path = write_jsonl(tmp_path / "a.jsonl", pairs(20))
     a, _ = load(path, tmp_path, tok)

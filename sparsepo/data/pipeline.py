@@ -2,8 +2,8 @@
 
     ds, report = load_preference_dataset(cfg.data, tokenizer, run_dir=cfg.logging.output_dir)
 
-The tokenisation runs once, as a `datasets.map` whose cache is keyed by the source's fingerprint
-plus `rows.settings_key` (tokenizer digest, lengths, truncation, pipeline version) and written to
+The tokenisation runs once, as a `datasets.map` whose cache is keyed by the sha256 of the
+source's bytes (`sources.content_sha256`; datasets' own fingerprint for a hub dataset) plus `rows.settings_key` (tokenizer digest, lengths, truncation, pipeline version) and written to
 <data.cache_dir or datasets' cache>/sparsepo_tokenised/<key>.arrow; a second load with the same
 inputs reads that file instead of tokenising again.
 """
@@ -55,6 +55,8 @@ class DataReport:
     """Kept pairs cut to fit max_length."""
     fingerprint: str
     """`dataset_fingerprint` of the returned dataset."""
+    source_sha256: str | None = None
+    """sha256 of the source's bytes (`sources.content_sha256`); None for a hub dataset."""
     skipped_rows: list[SkippedRow] = field(default_factory=list)
     """Bad rows and duplicates, in row order, as written to skipped_rows.jsonl."""
     report_path: str | None = None
@@ -74,7 +76,9 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
     settings = rows.Settings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                              truncation=cfg.truncation)
     key = rows.settings_key(tokenizer, settings)
-    fp = hashlib.sha256(json.dumps({"source": raw._fingerprint, **key}, sort_keys=True).encode())
+    # The source's bytes, not datasets' fingerprint: that one keys a local file on path + mtime.
+    source_key = src.sha256 or raw._fingerprint
+    fp = hashlib.sha256(json.dumps({"source": source_key, **key}, sort_keys=True).encode())
     # One place for every source (a save_to_disk directory may be read-only or shared).
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
     cache_file = root / "sparsepo_tokenised" / f"{fp.hexdigest()[:32]}.arrow"
@@ -134,6 +138,7 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
     ds.info.description = _SETTINGS_TAG + json.dumps(key, sort_keys=True)
     report = DataReport(source=src.path, format=src.format, rows=n, kept=len(keep), skipped=len(bad),
                         duplicates=dups, truncated=truncated, fingerprint=dataset_fingerprint(ds),
+                        source_sha256=src.sha256,
                         skipped_rows=skipped_rows, report_path=report_path)
     return ds, report
 

@@ -4,11 +4,17 @@ Accepted: .jsonl/.ndjson, .json (an array of objects, or JSON Lines), .parquet, 
 `save_to_disk` directory (a Dataset, or a DatasetDict from which `split` is taken), or a hub name —
 tried only when the path does not exist locally, format is auto/hub, and the path looks like a hub
 name rather than a file. Errors name the file and, where the reader allows, the line.
+
+A local source is identified by its bytes (`content_sha256`), never by path + mtime: `datasets`
+keys its cached copy of a data file on path + mtime, and `cp -p`, `rsync -a`, `tar x` keep the
+mtime of a file they change. Each content therefore gets its own `datasets` cache directory
+(<cache>/sparsepo_sources/<sha256>), so a changed file is always read afresh.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -35,6 +41,8 @@ class Source:
     """Resolved format: jsonl | json | parquet | csv | disk | hub."""
     by_line: bool = False
     """Rows are JSON Lines records: messages give the file's line number."""
+    sha256: str | None = None
+    """`content_sha256` of a local source (None for a hub dataset)."""
     _lines: list[int] | None = field(default=None, repr=False)
 
     def row_number(self, index: int) -> int:
@@ -95,17 +103,34 @@ def load_rows(path: str, fmt: str, *, split: str = "train",
                             f"{split!r}) failed: {type(e).__name__}: {e}. Check data.path and "
                             f"data.split") from e
     elif fmt == "disk":
-        source = Source(str(Path(path).expanduser()), fmt)
-        ds = _load_disk(Path(source.path), split)
+        p = Path(path).expanduser()
+        source = Source(str(p), fmt, sha256=content_sha256(p))
+        ds = _load_disk(p, split)
     else:
         p = Path(path).expanduser()
         by_line = fmt == "jsonl" or (fmt == "json" and not _is_json_array(p))
-        source = Source(str(p), fmt, by_line=by_line)
-        ds = _load_file(p, fmt, by_line, cache_dir)
+        source = Source(str(p), fmt, by_line=by_line, sha256=content_sha256(p))
+        base = Path(cache_dir).expanduser() if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+        ds = _load_file(p, fmt, by_line, str(base / "sparsepo_sources" / source.sha256[:32]))
     if len(ds) == 0:
         raise DataError(f"{source.path}: holds no rows")
     _check_utf8(ds, source)
     return ds, source
+
+
+def content_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    """sha256 of a data file's bytes (streamed), or of a save_to_disk directory's files: each file's
+    path relative to the directory and its bytes, in sorted order (so a renamed shard counts too)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        if f is not p:
+            h.update(b"\0" + str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _check_utf8(ds: datasets.Dataset, source: Source) -> None:

@@ -20,6 +20,12 @@ sampled ids up to eos.
 * ``policy_reward`` / ``reference_reward``: mean ground-truth reward; ``*_reward_normalized``: mean
   reward per word; ``*_length``: mean response length in tokens (eos excluded); ``*_words``: in words.
 
+Both models are run on the ids of one tokenizer, so their tokenizers must agree: a policy and a
+reference directory that each carry a tokenizer are compared by `sparsepo.data.rows.tokenizer_digest`
+(the digest the data pipeline and the reference cache's data fingerprint key on: vocabulary, rules,
+chat template, special ids; not the files' bytes, which a re-save changes) and a mismatch is refused
+naming both paths (`check_same_tokenizer`).
+
 Deterministic given `seed` (and `batch_size`): the policy samples with a generator seeded with
 `seed`, the reference with `seed + 1`, so a model compared with itself gives a genuine coin flip
 (win rate ~0.5) rather than identical samples.
@@ -88,6 +94,31 @@ def _load_tokenizer(*candidates: str | Path):
     raise OSError("no tokenizer found in " + "; ".join(errors))
 
 
+def check_same_tokenizer(policy_dir: str | Path, reference_dir: str | Path,
+                         tokenizer_dir: str | Path | None = None) -> None:
+    """Refuse (ValueError naming the paths) when the tokenizers found in the policy, reference and
+    `tokenizer_dir` directories do not all give the same ids; a directory without one is skipped."""
+    from transformers import AutoTokenizer
+
+    from sparsepo.data.rows import tokenizer_digest
+
+    roles = {"tokenizer": tokenizer_dir, "policy": policy_dir, "reference": reference_dir}
+    digests: dict[str, tuple[str, str]] = {}
+    for role, path in roles.items():
+        if path is None:
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError):
+            continue  # no tokenizer there (a bare model directory)
+        digests[role] = (str(path), tokenizer_digest(tok))
+    if len({d for _, d in digests.values()}) > 1:
+        found = "; ".join(f"{role} {path} (tokenizer digest {d[:12]})" for role, (path, d) in digests.items())
+        raise ValueError(f"the tokenizers differ: {found}. Both models are scored on one tokenizer's ids, so "
+                         f"this comparison would be meaningless: evaluate the policy against the reference it "
+                         f"was trained from (or give --reference a model with the policy's tokenizer)")
+
+
 def _mean_se(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
@@ -111,6 +142,7 @@ def evaluate_policy(policy_dir: str | Path, reference_dir: str | Path, prompts_p
     prompts = read_prompts(prompts_path)
     with torch_threads(num_threads), hf_progress_bars(progress):
         tokenizer = _load_tokenizer(*([tokenizer_dir] if tokenizer_dir else [policy_dir, reference_dir]))
+        check_same_tokenizer(policy_dir, reference_dir, tokenizer_dir)
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if pad is None:
             pad = eos

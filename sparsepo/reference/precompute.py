@@ -15,6 +15,7 @@ from sparsepo.engine.dist import init_distributed
 from sparsepo.losses import get_method
 from sparsepo.reference import offline
 from sparsepo.rundata import load_features, load_run_data
+from sparsepo.rundir import release_run_dir
 
 log = logging.getLogger("sparsepo")
 
@@ -24,9 +25,10 @@ def precompute(cfg: RunConfig) -> dict:
     spec = get_method(cfg.method.name)
     data = load_run_data(cfg, ctx)
     outputs = spec.reference_outputs
-    if not outputs:
+    if outputs:
+        offline.ensure_cache(cfg, outputs, data.dataset, data.collate, data_fingerprint=data.fingerprint, ctx=ctx,
+                             features=load_features(cfg, spec), force=True)
+    else:
         log.info("method '%s' needs nothing from the reference: no cache to precompute", spec.name)
-        return {"cache": None, "pairs": len(data.dataset)}
-    offline.ensure_cache(cfg, outputs, data.dataset, data.collate, data_fingerprint=data.fingerprint, ctx=ctx,
-                         features=load_features(cfg, spec), force=True)
-    return {"cache": str(offline.cache_dir(cfg)), "pairs": len(data.dataset)}
+    release_run_dir(data.run_dir)
+    return {"cache": str(offline.cache_dir(cfg)) if outputs else None, "pairs": len(data.dataset)}
