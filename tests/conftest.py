@@ -15,6 +15,19 @@ RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 from sparsepo.cli import free_port, train_command  # noqa: E402,F401  (free_port is used by test modules)
 
 
+ROLE_MARKERS = ("unit", "integration", "distributed", "slurm", "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test gets one role marker, so `pytest -m unit` is the sub-minute loop: tests marked by
+    their module keep theirs; a test that builds the tiny demo world (tens of seconds, once) is
+    `integration`; everything else is a pure `unit` test."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in ROLE_MARKERS):
+            continue
+        item.add_marker(pytest.mark.integration if "tiny_world" in item.fixturenames else pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The demo world at test size (tokenizer, SFT'd tiny Llama, preference pairs), built once."""
