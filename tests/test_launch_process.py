@@ -3,7 +3,7 @@
 import pytest
 
 from launch_envs import DEEPSPEED, TORCHRUN, cfg, slurm_env
-from sparsepo.launch.environ import LaunchEnv, global_launch_env
+from sparsepo.launch.environ import LaunchEnv, global_launch_env, torch_dist_env
 from sparsepo.launch.process import apply_role_env, bridge_address, plan, role_env, world_ports
 from sparsepo.launch.topology import Topology, TopologyError
 
@@ -156,3 +156,13 @@ def test_plan_refuses_before_anything_starts():
     with pytest.raises(TopologyError, match="6 % 4 = 2"):
         plan(cfg(6, 4), slurm_env(0))
 
+
+
+def test_torch_dist_env_of_a_rewritten_process_is_its_role_world():
+    """What the engine reads after `os.environ.update(plan(...).env)`: the role's world, not the launch's."""
+    for g in range(8):
+        p = plan(cfg(4, 2), slurm_env(g), num_layers=4)
+        got = torch_dist_env(p.env, lone_port=lambda: 1)
+        assert {k: got[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == \
+            {k: p.env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        assert got["MASTER_PORT"] == ("23457" if p.role.is_policy else "23458")
