@@ -59,7 +59,8 @@ def role_master_addr(topo: Topology, kind: str, launch: LaunchEnv) -> str:
     if kind == "policy" or launch.num_nodes == 1:
         return launch.master_addr  # policy rank 0 is global rank 0 in every placement
     if not topo.live:
-        raise TopologyError("role_master_addr('reference'): there is no reference group (reference_ranks=0, cache mode)")
+        raise TopologyError(
+            "role_master_addr('reference'): there is no reference group (reference_ranks=0, cache mode)")
     first = topo.reference_ranks()[0]  # replica 0, stage 0 = reference rank 0
     node = topo.node_of(first, launch)
     host = launch.host_of_node(node) if node is not None else None
