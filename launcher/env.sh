@@ -1,5 +1,8 @@
 # shellcheck shell=bash
 # Launch helpers for sparsepo, shared by launcher/launch.sh and the sbatch templates in slurm/.
+# Only what a shell must do lives here: choosing the interpreter, the batch shell's signal handling
+# and requeue, building the command. Launcher variables (ranks, hosts, ports) are read by Python
+# (sparsepo/launch/), never parsed here.
 #
 #   source launcher/env.sh            # defines the functions below; runs nothing, sets SPARSEPO_ROOT
 #
@@ -9,10 +12,14 @@
 #   sparsepo_common_env               exports OMP_NUM_THREADS=1, DS_ACCELERATOR=cpu (when there is no
 #                                     nvidia-smi), TORCH_EXTENSIONS_DIR (shared JIT-ops cache),
 #                                     TOKENIZERS_PARALLELISM=false, PYTHONUNBUFFERED=1 - each only if unset
-#   sparsepo_launch_mode              prints slurm | mpi | local (SPARSEPO_LAUNCH_MODE overrides)
-#   sparsepo_slurm_env                inside an srun task: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
-#   sparsepo_mpi_env                  under mpirun: the same from OMPI_COMM_WORLD_*
-#   sparsepo_first_host NODELIST      first host of a Slurm node list (scontrol, or a bash parser)
+#   sparsepo_launch_env               asks Python what this process is (`python -m sparsepo.launch
+#                                     --print-env`, the one parser of launcher variables): sets
+#                                     sparsepo_mode (slurm | mpi | local; SPARSEPO_LAUNCH_MODE forces
+#                                     one); under slurm / mpi exports RANK, WORLD_SIZE, LOCAL_RANK,
+#                                     LOCAL_WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR, MASTER_PORT; under local
+#                                     sets sparsepo_master_addr / sparsepo_master_port for the launch
+#                                     the shell starts itself (MASTER_* when set, else a free port)
+#   sparsepo_tasks_on_node SPEC N     tasks on node N of a Slurm tasks-per-node list ("2(x3),1" 3 -> 1)
 #   sparsepo_output_dir ARGS...       logging.output_dir of `--config C [overrides]` (resolved by sparsepo.config)
 #   sparsepo_resume_args ARGS...      prints `--resume auto` when the job was requeued
 #                                     (SLURM_RESTART_COUNT > 0) or the run directory holds checkpoints
@@ -57,70 +64,19 @@ sparsepo_common_env() {
   export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
 }
 
-sparsepo_launch_mode() {
-  if [ -n "${SPARSEPO_LAUNCH_MODE:-}" ]; then echo "$SPARSEPO_LAUNCH_MODE"
-  elif [ -n "${OMPI_COMM_WORLD_RANK:-}" ]; then echo mpi   # mpirun (also inside a Slurm allocation)
-  elif [ -n "${SLURM_PROCID:-}" ] && [ -n "${SLURM_STEP_ID:-${SLURM_STEPID:-}}" ]; then echo slurm  # an srun task
-  else echo local   # includes a batch script calling launch.sh without srun (SLURM_PROCID but no step)
-  fi
+# `python -m sparsepo.launch ARGS` from this checkout (the Python half of these scripts).
+sparsepo_launch_py() {
+  PYTHONPATH="$SPARSEPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$(sparsepo_python)" -m sparsepo.launch "$@"
 }
 
-# First host of a Slurm node list, e.g. "node[01-04,07],gpu3" -> node01.
-sparsepo_first_host() {
-  local list=$1 host=""
-  if command -v scontrol >/dev/null 2>&1; then
-    host=$(timeout 20 scontrol show hostnames "$list" 2>/dev/null) || host=""
-    host=${host%%$'\n'*}   # first line (no `| head`: SIGPIPE + pipefail would discard it)
-  fi
-  if [ -z "$host" ]; then   # no scontrol (or no slurm.conf): parse the first element ourselves
-    local rest=$list head inner
-    host=""
-    while :; do   # the first element ends at the first comma outside brackets
-      head=${rest%%[\[,]*}
-      host+=$head; rest=${rest:${#head}}
-      [[ $rest == "["* ]] || break
-      inner=${rest#[}; inner=${inner%%]*}; rest=${rest#*]}
-      inner=${inner%%,*}; host+=${inner%%-*}   # a range "05-07" starts at 05
-    done
-  fi
-  echo "$host"
+sparsepo_launch_env() {
+  local out
+  out=$(sparsepo_launch_py --print-env) || return $?   # 64: launcher variables that make no sense
+  eval "$out"
 }
 
-# Tasks on node NODEID from a Slurm tasks-per-node list: "2(x3),1" 3 -> 1.
 sparsepo_tasks_on_node() {
-  local spec=$1 node=$2 item count reps i=0
-  local IFS=,
-  for item in $spec; do
-    count=${item%%(*}; reps=1
-    [[ $item == *"(x"* ]] && { reps=${item#*(x}; reps=${reps%)}; }
-    if [ "$node" -lt $((i + reps)) ]; then echo "$count"; return 0; fi
-    i=$((i + reps))
-  done
-  echo "${spec%%[(,]*}"
-}
-
-sparsepo_slurm_env() {
-  export RANK=$SLURM_PROCID
-  export WORLD_SIZE=${SLURM_NTASKS:-${SLURM_NPROCS:-1}}
-  export LOCAL_RANK=${SLURM_LOCALID:-0}
-  LOCAL_SIZE=$(sparsepo_tasks_on_node "${SLURM_STEP_TASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}" "${SLURM_NODEID:-0}")
-  export LOCAL_SIZE   # DeepSpeed's CPU accelerator: ranks on this node (shm all-reduce only if = world)
-  if [ -z "${MASTER_ADDR:-}" ]; then
-    MASTER_ADDR=$(sparsepo_first_host "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-localhost}}")
-  fi
-  export MASTER_ADDR
-  export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 10000))}
-}
-
-sparsepo_mpi_env() {
-  export RANK=$OMPI_COMM_WORLD_RANK
-  export WORLD_SIZE=$OMPI_COMM_WORLD_SIZE
-  export LOCAL_RANK=${OMPI_COMM_WORLD_LOCAL_RANK:-0}
-  export LOCAL_SIZE=${OMPI_COMM_WORLD_LOCAL_SIZE:-1}
-  # One mpirun on one host: loopback. Across hosts pass `-x MASTER_ADDR=<first host>`.
-  export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-  # Every rank of one mpirun sees the same job id; pass `-x MASTER_PORT=...` to choose.
-  export MASTER_PORT=${MASTER_PORT:-$((20000 + ${OMPI_MCA_ess_base_jobid:-9500} % 10000))}
+  sparsepo_launch_py --tasks-on-node "$1" "$2"
 }
 
 # logging.output_dir of a sparsepo.train argument list (--config C, overrides, --resume ignored).

@@ -7,15 +7,19 @@
 #   mpirun --allow-run-as-root -np 4 launcher/launch.sh -- --config run.yaml
 #   srun launcher/launch.sh -- --config run.yaml --resume auto        # (see slurm/*.sbatch)
 #
-# What it does depends on where it runs (SPARSEPO_LAUNCH_MODE=slurm|mpi|local forces one):
+# What it does depends on where it runs, as `python -m sparsepo.launch --print-env` (the one parser
+# of launcher variables, sparsepo/launch/environ.py) reads it; SPARSEPO_LAUNCH_MODE=slurm|mpi|local
+# forces one:
 #   slurm  inside an srun task (SLURM_PROCID and SLURM_STEP_ID set): RANK=SLURM_PROCID,
-#          WORLD_SIZE=SLURM_NTASKS, LOCAL_RANK=SLURM_LOCALID, MASTER_ADDR=first host of
-#          `scontrol show hostnames $SLURM_JOB_NODELIST`, MASTER_PORT=20000+SLURM_JOB_ID%10000
-#          (MASTER_ADDR / MASTER_PORT kept when already set); then execs one trainer process.
+#          WORLD_SIZE=SLURM_NTASKS, LOCAL_RANK=SLURM_LOCALID, MASTER_ADDR=first host of the step's
+#          node list, MASTER_PORT=20000+SLURM_JOB_ID%10000 (MASTER_ADDR / MASTER_PORT kept when
+#          already set); then execs one trainer process.
 #   mpi    under mpirun (OMPI_COMM_WORLD_RANK set): the same from OMPI_COMM_WORLD_*, MASTER_ADDR
-#          127.0.0.1 unless set (multi-host mpirun: pass -x MASTER_ADDR=<first host>).
+#          127.0.0.1 unless set (multi-host mpirun: pass -x MASTER_ADDR=<first host>), MASTER_PORT
+#          20000 + the mpirun job id % 10000 unless set (the port rule: sparsepo/launch/ports.py).
 #   local  anything else (a shell, or a batch script without srun): N=1 -> one plain process,
-#          N>1 -> `deepspeed --num_gpus N --module sparsepo.train` on this machine.
+#          N>1 -> `deepspeed --num_gpus N --module sparsepo.train` on this machine (MASTER_PORT, else
+#          a free port).
 # --nproc is ignored under slurm / mpi (the launcher there decides the number of processes).
 #
 # Environment (each only when unset): OMP_NUM_THREADS=1; DS_ACCELERATOR=cpu when there is no
@@ -53,7 +57,8 @@ case $nproc in ''|*[!0-9]*|0) echo "launch.sh: --nproc must be a positive intege
 sparsepo_common_env
 PY=$(sparsepo_python)
 entry=${SPARSEPO_ENTRY:-sparsepo.train}
-mode=$(sparsepo_launch_mode)
+sparsepo_launch_env || exit $?   # sets sparsepo_mode; exports RANK ... MASTER_PORT under slurm / mpi
+mode=$sparsepo_mode
 
 case $entry in
   *.py) run=("$PY" "$entry") ;;
@@ -61,14 +66,13 @@ case $entry in
 esac
 
 case $mode in
-  slurm) sparsepo_slurm_env; cmd=("${run[@]}" "$@") ;;
-  mpi)   sparsepo_mpi_env;   cmd=("${run[@]}" "$@") ;;
+  slurm|mpi) cmd=("${run[@]}" "$@") ;;
   local)
     if [ "$nproc" -eq 1 ]; then
       cmd=("${run[@]}" "$@")
     else
-      port=${MASTER_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-      ds=("$PY" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$port")
+      ds=("$PY" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_addr "$sparsepo_master_addr"
+          --master_port "$sparsepo_master_port")
       if [ "${SPARSEPO_BIND_CORES:-0}" = 1 ]; then ds+=(--bind_cores_to_rank); fi
       case $entry in
         *.py) cmd=("${ds[@]}" "$entry" "$@") ;;
@@ -80,7 +84,7 @@ esac
 
 if [ "$print_env" = 1 ]; then
   echo "MODE=$mode"
-  for v in RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE MASTER_ADDR MASTER_PORT OMP_NUM_THREADS DS_ACCELERATOR TORCH_EXTENSIONS_DIR; do
+  for v in RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE MASTER_ADDR MASTER_PORT OMP_NUM_THREADS DS_ACCELERATOR TORCH_EXTENSIONS_DIR; do
     echo "$v=${!v:-}"
   done
   printf 'CMD='; printf '%q ' "${cmd[@]}"; echo

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sparsepo.launch.ports import free_port
+
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
@@ -26,14 +28,6 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(config: str | None, overrides: list[str], *, nproc: int = 1, resume: str | None = None) -> list[str]:

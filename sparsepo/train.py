@@ -38,7 +38,7 @@ def run_live(cfg, preempt) -> None:
     from sparsepo.reference.offline import reference_path
     from sparsepo.reference.pipeline import max_stages
     from sparsepo.bridge import connect
-    from sparsepo.topology import plan
+    from sparsepo.launch.process import plan
     from sparsepo.trainer import train
 
     live_outputs(cfg)

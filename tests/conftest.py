@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 
 
-from sparsepo.cli import free_port, train_command  # noqa: E402,F401  (free_port is used by test modules)
+from sparsepo.cli import train_command  # noqa: E402
+from sparsepo.launch.ports import free_port  # noqa: E402,F401  (free_port is used by test modules)
 
 
 ROLE_MARKERS = ("unit", "integration", "distributed", "slurm", "gpu")

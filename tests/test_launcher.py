@@ -55,18 +55,21 @@ SLURM_TASK = dict(SLURM_PROCID="3", SLURM_STEP_ID="0", SLURM_NTASKS="4", SLURM_L
                   SLURM_JOB_ID="123456", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_STEP_TASKS_PER_NODE="2(x2)")
 
 
-def test_slurm_task_env_from_scontrol(tmp_path):
-    path = fake_scontrol(tmp_path, 'echo first-of-"$3"; echo second')
+def test_slurm_task_env_parsed_by_python_not_scontrol(tmp_path):
+    """The node list is read by sparsepo.launch (the one parser), not by `scontrol show hostnames`:
+    a stand-in scontrol that would answer differently is never asked."""
+    asked = tmp_path / "scontrol-was-asked"
+    path = fake_scontrol(tmp_path, f'touch {asked}; echo first-of-"$3"; echo second')
     env = print_env("--config", "run.yaml", "method.beta=0.2", env=clean_env(PATH=path, **SLURM_TASK))
     assert env["MODE"] == "slurm"
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_SIZE"]) == ("3", "4", "1", "2")
-    assert env["MASTER_ADDR"] == "first-of-gpu[07-08]"
+    assert env["MASTER_ADDR"] == "gpu07" and not asked.exists()
     assert env["MASTER_PORT"] == str(20000 + 123456 % 10000)
     assert env["CMD"].split() == [sys.executable, "-m", "sparsepo.train", "--config", "run.yaml", "method.beta=0.2"]
 
 
 def test_slurm_task_env_without_scontrol(tmp_path):
-    """No working scontrol (e.g. no slurm.conf on this host): launch.sh parses the node list itself."""
+    """No working scontrol (e.g. no slurm.conf on this host): nothing changes, Python reads the node list."""
     path = fake_scontrol(tmp_path, "exit 1")
     for nodelist, first in [("gpu[07-08]", "gpu07"), ("a[003,1-2],b1", "a003"), ("n1,n2", "n1"),
                             ("rack[1-2]-n[5-6]", "rack1-n5"), ("solo", "solo")]:
@@ -141,6 +144,17 @@ def test_helpers_tasks_per_node():
     out = bash_env_sh('for a in "2(x3),1 0" "2(x3),1 3" "4 0" "3,2 1"; do set -- $a; '
                       'printf "%s " "$(sparsepo_tasks_on_node $1 $2)"; done', clean_env())
     assert out.stdout.split() == ["2", "1", "4", "2"], out.stderr
+    out = bash_env_sh('sparsepo_tasks_on_node "2(x3),1" 4', clean_env())
+    assert out.returncode == 64 and "lists 4 node(s)" in out.stderr
+
+
+def test_launch_env_is_read_by_python():
+    """env.sh's sparsepo_launch_env evals what `python -m sparsepo.launch --print-env` prints."""
+    out = bash_env_sh('sparsepo_launch_env; echo "$sparsepo_mode $RANK $WORLD_SIZE $LOCAL_SIZE $MASTER_ADDR $MASTER_PORT"',
+                      clean_env(**{**SLURM_TASK, "SLURM_STEP_NODELIST": "node[01-03,07],gpu-a[1-2]"}))
+    assert out.stdout.split() == ["slurm", "3", "4", "2", "node01", str(20000 + 123456 % 10000)], out.stderr
+    out = bash_env_sh("sparsepo_launch_env", clean_env(SPARSEPO_LAUNCH_MODE="pbs"))
+    assert out.returncode == 64 and "SPARSEPO_LAUNCH_MODE must be one of" in out.stderr
 
 
 def test_resume_args(tmp_path):
@@ -245,6 +259,7 @@ def test_sbatch_templates_commands(tmp_path):
     assert f"logging.output_dir={tmp_path}/smoke/run" in out and out.endswith("method.name=ipo")
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
 def test_mpirun_standin_sees_rank_env(tmp_path):
     """Each mpirun rank gets RANK / LOCAL_RANK / MASTER_* from launch.sh and joins one gloo world."""

@@ -12,7 +12,7 @@ import pytest
 from sparsepo.config import TopologyConfig
 from sparsepo.reference.server import rounds
 from sparsepo.schedule import Schedule
-from sparsepo.topology import Topology
+from sparsepo.launch.topology import Topology
 
 pytestmark = pytest.mark.unit
 

@@ -29,9 +29,15 @@ MODULES = modules()
 
 
 def imported(name: str, path: Path) -> set[str]:
-    """Every module named by an import anywhere in the file (function-level imports included)."""
+    """Every module named by an import anywhere in the file (function-level imports included; those
+    under `if TYPE_CHECKING:` are for type checkers only and never run)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -23,6 +23,8 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
+from sparsepo.launch.environ import torch_dist_env  # noqa: E402
+
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +41,14 @@ class DistContext:
         return self.rank == 0
 
 
-def _torch_dist_env(env) -> dict[str, str]:
-    if "RANK" in env:
-        return {}
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return {"RANK": env["OMPI_COMM_WORLD_RANK"], "WORLD_SIZE": env["OMPI_COMM_WORLD_SIZE"],
-                "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": "29517"}
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-
-
 _SHM_BUFFER: Path | None = None
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     """Start (or join) the torch.distributed world: gloo on CPU, NCCL on GPUs. A plain `python`
     run becomes a world of one, so every code path is the distributed one."""
-    for key, value in _torch_dist_env(os.environ).items():
-        os.environ.setdefault(key, value)
+    # whatever launched us (deepspeed, torchrun, srun, mpirun, plain python): the one parser
+    os.environ.update(torch_dist_env(os.environ))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
