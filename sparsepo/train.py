@@ -36,7 +36,7 @@ def run_live(cfg, preempt) -> None:
 
     from sparsepo.reference.group import check_live_topology, live_outputs, serve
     from sparsepo.reference.offline import reference_path
-    from sparsepo.reference.pipeline import max_stages
+    from sparsepo.reference.partition import max_stages
     from sparsepo.scheduler import connect_bridge
     from sparsepo.topology import plan
     from sparsepo.trainer import train
