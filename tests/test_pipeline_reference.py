@@ -106,6 +106,7 @@ def sae_features(sae_dir: Path, layer: int):
 # single process
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tie", [False, True])
 def test_reduce_over_pipeline_layers_equals_hf_forward(tie):
     model = tiny_llama(seed=1, layers=3, tie=tie)
@@ -122,6 +123,7 @@ def test_reduce_over_pipeline_layers_equals_hf_forward(tie):
         torch.testing.assert_close(run_layers(layers, batch.input_ids, batch.attention_mask), out, atol=0, rtol=0)
 
 
+@pytest.mark.unit
 def test_last_stage_scoring_equals_score_batch():
     model = tiny_llama(seed=2)
     layers = pipeline_layers(model)
@@ -146,6 +148,7 @@ def test_last_stage_scoring_equals_score_batch():
         score(logits, batch.input_ids, batch.response_mask, FIELDS, topk=0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("layer", [0, 1])
 def test_feature_layer_is_carried_to_the_head_and_scored_like_score_batch(layer):
     """pipeline_layers(feature_layer=ℓ) reduces to (logits, layer ℓ's output); the last-stage
@@ -182,6 +185,7 @@ def test_feature_layer_is_carried_to_the_head_and_scored_like_score_batch(layer)
         fn(logits, (batch.input_ids, batch.response_mask))
 
 
+@pytest.mark.unit
 def test_feature_layer_refusals(saved_model, sae_dirs):
     """Checked before any process group is touched."""
     model_dir, model = saved_model
@@ -195,6 +199,7 @@ def test_feature_layer_refusals(saved_model, sae_dirs):
         ScoreFn(TOPK, feature_layer=1, features=sae_features(sae_dirs[0], 0))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_stage_loader_builds_stages_from_the_checkpoint(tmp_path, precision, tie):
@@ -219,6 +224,7 @@ def test_stage_loader_builds_stages_from_the_checkpoint(tmp_path, precision, tie
     assert sum(counts) == sum(p.numel() for p in full.parameters()) + (full.lm_head.weight.numel() if tie else 0)
 
 
+@pytest.mark.unit
 def test_stage_parts_and_refusals():
     assert stage_parts(2, 2) == [0, 2, 4]
     assert stage_parts(2, 3) == [0, 2, 3, 4]
