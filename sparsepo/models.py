@@ -46,11 +46,19 @@ class PairForward:
     logits: torch.Tensor  # (2B,T,V), kept for callers that need more (top-k, samples)
 
 
+def response_logps(logits: torch.Tensor, input_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_logps (N,T), seq_logps (N,)) of the response tokens from float32 logits (N,T,V):
+    position t from logits[t-1], position 0 is 0, zero outside the response mask."""
+    token_logps = token_logps_from_logits(logits, input_ids) * response_mask
+    return token_logps, token_logps.sum(-1)
+
+
 def pair_forward(model, batch) -> PairForward:
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logits = logits.float()
-    token_logps = token_logps_from_logits(logits, batch.input_ids) * batch.response_mask
-    return PairForward(token_logps=token_logps, seq_logps=token_logps.sum(-1), logits=logits)
+    token_logps, seq_logps = response_logps(logits, batch.input_ids, batch.response_mask)
+    return PairForward(token_logps=token_logps, seq_logps=seq_logps, logits=logits)
 
 
 def topk_at_response(logits: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,15 +34,18 @@ def run_live(cfg, preempt) -> None:
     either a policy rank or a reference stage."""
     from transformers import AutoConfig
 
-    from sparsepo.reference.server import check_live_topology, live_outputs, serve
-    from sparsepo.reference.offline import reference_path
-    from sparsepo.reference.pipeline import max_stages
     from sparsepo.bridge import connect
     from sparsepo.launch.process import plan
+    from sparsepo.reference.families import check_live_supported
+    from sparsepo.reference.offline import reference_path
+    from sparsepo.reference.partition import max_stages
+    from sparsepo.reference.server import check_live_topology, live_outputs, serve
     from sparsepo.trainer import train
 
     live_outputs(cfg)
-    layers = AutoConfig.from_pretrained(reference_path(cfg)).num_hidden_layers
+    ref_config = AutoConfig.from_pretrained(reference_path(cfg))
+    check_live_supported(ref_config)  # a family the pipeline cannot split exactly: refused before anything loads
+    layers = ref_config.num_hidden_layers
     p = plan(cfg.topology, os.environ, num_layers=max_stages(layers))
     check_live_topology(p.topology)
     if p.launch.rank == 0:

@@ -1,7 +1,7 @@
 """Pipeline-parallel reference: stage modules, last-stage scoring, and real multi-process pipelines.
 
 Single process: reducing over `pipeline_layers` reproduces the HF logits; the per-stage loader
-reproduces `from_pretrained`; `score_logits` equals `score_batch`. Multi-process: a DeepSpeed
+reproduces `from_pretrained`; the last stage's `score` equals `score_batch`. Multi-process: a DeepSpeed
 PipelineModule launched with torchrun (2 stages; 3 stages with a middle stage that never sees the
 batch; 2 stages x 2 replicas) scores padded batches of different lengths and its last stages'
 outputs equal a single-process `score_batch` of the same model.
@@ -24,18 +24,11 @@ import pytest
 import torch
 
 from sparsepo.data.batching import collate_pairs
-from sparsepo.reference.pipeline import (
-    FEATURE_FIELDS,
-    PipelineConfigError,
-    ScoreFn,
-    StageLoader,
-    build_pipeline,
-    max_stages,
-    pipeline_layers,
-    run_layers,
-    score_logits,
-    stage_parts,
-)
+from sparsepo.engine.pipeline import build_pipeline
+from sparsepo.reference.partition import PipelineConfigError, max_stages, stage_parts
+from sparsepo.reference.scoring import FEATURE_FIELDS, ScoreFn, score
+from sparsepo.reference.stage_loader import StageLoader
+from sparsepo.reference.stages import pipeline_layers, run_layers
 from sparsepo.reference.scorer import score_batch
 
 from conftest import REPO, free_port, train_env
@@ -113,6 +106,7 @@ def sae_features(sae_dir: Path, layer: int):
 # single process
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tie", [False, True])
 def test_reduce_over_pipeline_layers_equals_hf_forward(tie):
     model = tiny_llama(seed=1, layers=3, tie=tie)
@@ -129,6 +123,7 @@ def test_reduce_over_pipeline_layers_equals_hf_forward(tie):
         torch.testing.assert_close(run_layers(layers, batch.input_ids, batch.attention_mask), out, atol=0, rtol=0)
 
 
+@pytest.mark.unit
 def test_last_stage_scoring_equals_score_batch():
     model = tiny_llama(seed=2)
     layers = pipeline_layers(model)
@@ -137,17 +132,23 @@ def test_last_stage_scoring_equals_score_batch():
         want = score_batch(model, batch, FIELDS, topk=TOPK)
         with torch.no_grad():
             logits = run_layers(layers, batch.input_ids, batch.attention_mask)
-        seq, tok, topk_logps, topk_ids = score_logits(logits, batch.input_ids, batch.response_mask, TOPK)
+        got = score(logits, batch.input_ids, batch.response_mask, ("seq_logps", "token_logps", "topk_logps",
+                                                                    "topk_ids"), topk=TOPK)
+        seq, tok, topk_logps, topk_ids = got.values()
         torch.testing.assert_close(seq, want.seq_logps, atol=1e-5, rtol=0)
         torch.testing.assert_close(tok, want.token_logps, atol=1e-5, rtol=0)
         assert torch.equal(topk_ids, want.topk_ids)
         torch.testing.assert_close(topk_logps, want.topk_logps, atol=1e-5, rtol=0)
         outside = batch.response_mask == 0
         assert (tok[outside] == 0).all() and (topk_ids[outside] == 0).all() and (topk_logps[outside] == 0).all()
-    # topk 0 / None: only the log-probs
-    assert len(score_logits(logits, batch.input_ids, batch.response_mask, 0)) == 2
+    # topk 0 / None: only the log-probs (the last stage's fields), and top-K cannot be asked for
+    assert ScoreFn(0).fields == ScoreFn(None).fields == ("seq_logps", "token_logps")
+    assert len(ScoreFn(0)(logits, (batch.input_ids, batch.response_mask))) == 2
+    with pytest.raises(ValueError, match="need topk >= 1"):
+        score(logits, batch.input_ids, batch.response_mask, FIELDS, topk=0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("layer", [0, 1])
 def test_feature_layer_is_carried_to_the_head_and_scored_like_score_batch(layer):
     """pipeline_layers(feature_layer=ℓ) reduces to (logits, layer ℓ's output); the last-stage
@@ -184,6 +185,7 @@ def test_feature_layer_is_carried_to_the_head_and_scored_like_score_batch(layer)
         fn(logits, (batch.input_ids, batch.response_mask))
 
 
+@pytest.mark.unit
 def test_feature_layer_refusals(saved_model, sae_dirs):
     """Checked before any process group is touched."""
     model_dir, model = saved_model
@@ -197,6 +199,7 @@ def test_feature_layer_refusals(saved_model, sae_dirs):
         ScoreFn(TOPK, feature_layer=1, features=sae_features(sae_dirs[0], 0))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_stage_loader_builds_stages_from_the_checkpoint(tmp_path, precision, tie):
@@ -221,6 +224,7 @@ def test_stage_loader_builds_stages_from_the_checkpoint(tmp_path, precision, tie
     assert sum(counts) == sum(p.numel() for p in full.parameters()) + (full.lm_head.weight.numel() if tie else 0)
 
 
+@pytest.mark.unit
 def test_stage_parts_and_refusals():
     assert stage_parts(2, 2) == [0, 2, 4]
     assert stage_parts(2, 3) == [0, 2, 3, 4]
@@ -378,6 +382,7 @@ def test_sae_load_failure_on_the_last_stage_fails_every_stage(saved_model, tmp_p
         run_pipeline(model_dir, tmp_path / "out", nproc=2, stages=2, batches=batch_rows(8)[:1],
                      sae=(tmp_path / "no-such-sae", 1), timeout=90)
     text = str(err.value)
-    for rank in (0, 1):
-        assert f"[rank{rank}]: sparsepo.reference.pipeline.PipelineConfigError: pipeline reference: the last stage " \
-               f"(rank 1) could not load the SAE: FileNotFoundError" in text, text[-3000:]
+    cause = "pipeline reference: the last stage (rank 1) could not load the SAE: FileNotFoundError"
+    assert f"[rank1]: sparsepo.reference.partition.PipelineConfigError: {cause}" in text, text[-3000:]
+    assert f"[rank0]: RuntimeError: pipeline reference: loading the SAE on the last stage: rank 1 failed: " \
+           f"PipelineConfigError: {cause}" in text, text[-3000:]

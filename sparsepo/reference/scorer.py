@@ -1,6 +1,7 @@
 """Scoring with the frozen reference: one batch (`score_batch`) and the offline pass that fills the
-reference cache (`precompute_cache`). The live reference group (issue 3) calls `score_batch` too,
-so cache, precompute and live modes produce the same numbers by construction.
+reference cache (`precompute_cache`). `score_batch` runs the full model and hands its logits (and
+the SAE layer's output) to `sparsepo.reference.scoring.score`, the function the live pipeline's
+last stage calls too, so cache, precompute, inline and live modes produce the same numbers.
 """
 
 from __future__ import annotations
@@ -12,47 +13,24 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from sparsepo.models import pair_forward, topk_at_response
 from sparsepo.reference.cache import write_index, write_shard
 from sparsepo.reference.outputs import ReferenceOutputs
+from sparsepo.reference.scoring import score
 
 log = logging.getLogger(__name__)
 
 
-def required_outputs(spec) -> tuple[str, ...]:
-    """Which reference outputs a method's table row asks for (nothing branches on its name)."""
-    out: list[str] = []
-    if spec.needs_reference:
-        out.append("seq_logps")
-    if spec.needs_ref_distributions and not spec.needs_policy_samples:
-        out += ["topk_ids", "topk_logps"]
-    if spec.needs_sae_features:
-        out += ["feature_ids", "feature_values"]
-    if spec.needs_oracle_scores:
-        out.append("oracle_scores")
-    return tuple(out)
-
-
 @torch.no_grad()
 def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=None) -> ReferenceOutputs:
-    """Reference outputs for one collated batch. `features` (e.g. fpo.SAEFeatures) captures a layer
+    """Reference outputs for one collated batch. `features` (e.g. sae.runtime.SAEFeatures) captures a layer
     during the same forward and adds its outputs (SAE feature top-k)."""
     with features.capture(model) if features is not None else nullcontext() as cap:
-        fwd = pair_forward(model, batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    hidden = cap.take() if features is not None else None
+    got = score(logits, batch.input_ids, batch.response_mask, outputs, topk=topk, features=features, hidden=hidden)
     ro = ReferenceOutputs(example_ids=list(batch.example_ids))
-    if "seq_logps" in outputs:
-        ro.seq_logps = fwd.seq_logps
-    if "token_logps" in outputs:
-        ro.token_logps = fwd.token_logps
-    if "topk_ids" in outputs:
-        ro.topk_logps, ro.topk_ids = topk_at_response(fwd.logits, batch.response_mask, topk)
-    if features is not None:
-        for name, value in features.reference(cap, batch).items():
-            if name in outputs:
-                setattr(ro, name, value)
-    missing = [o for o in outputs if getattr(ro, o) is None]
-    if missing:
-        raise RuntimeError(f"reference scorer produced no {missing}: no scorer extension provides them")
+    for name, value in got.items():
+        setattr(ro, name, value)
     return ro
 
 

@@ -38,13 +38,13 @@ class LiveModeError(ValueError):
 def live_fields(cfg) -> tuple[str, ...]:
     """What the pipeline reference group can serve for this run: the logit outputs, plus the SAE
     feature top-k when an SAE is configured (sae.path)."""
-    from sparsepo.reference.pipeline import FEATURE_FIELDS, SCORE_FIELDS
+    from sparsepo.reference.scoring import FEATURE_FIELDS, SCORE_FIELDS
 
     return SCORE_FIELDS + (FEATURE_FIELDS if cfg.sae.path else ())
 
 
 def live_outputs(cfg) -> tuple[str, ...]:
-    from sparsepo.reference.pipeline import FEATURE_FIELDS
+    from sparsepo.reference.scoring import FEATURE_FIELDS
 
     outputs = get_method(cfg.method.name).reference_outputs
     served = live_fields(cfg)
@@ -57,7 +57,7 @@ def live_outputs(cfg) -> tuple[str, ...]:
 
 
 def uses_features(outputs: tuple[str, ...]) -> bool:
-    from sparsepo.reference.pipeline import FEATURE_FIELDS
+    from sparsepo.reference.scoring import FEATURE_FIELDS
 
     return any(o in FEATURE_FIELDS for o in outputs)
 
@@ -97,7 +97,7 @@ def check_handshake(hs, cfg, outputs: tuple[str, ...]) -> None:
 
 def serve(cfg, plan, bridge) -> None:
     """Run one reference process until the policy's last step has been served."""
-    from sparsepo.reference.pipeline import PipelineScorer
+    from sparsepo.engine.pipeline import PipelineScorer
 
     topo, role = plan.topology, plan.role
     outputs = live_outputs(cfg)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from sparsepo.data.batching import collate_pairs
-from sparsepo.reference.pipeline import PipelineScorer
+from sparsepo.engine.pipeline import PipelineScorer
 
 
 def main() -> int:
