@@ -101,3 +101,24 @@ def test_live_fpo_write_through_is_keyed_and_filled_like_cache_mode(live_run, ca
             torch.testing.assert_close(got["feature_values"][side], want["feature_values"][side], atol=1e-5, rtol=0)
             # sums of ~50 token log-probs near -100: a few float32 ulps apart (other batch padding)
             torch.testing.assert_close(got["seq_logps"][side], want["seq_logps"][side], atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["live", "inline"])
+def test_an_sae_of_another_model_is_refused_in_every_mode(tiny_world, sae_dir, tmp_path, mode):
+    """The SAE's sidecar names the model it was trained on; live and inline mode check it through the
+    same `check_sae_compatible` as cache mode (live mode used to skip the check)."""
+    import shutil
+
+    from sparsepo.sae import SIDECAR
+
+    other = tmp_path / "sae-of-another-model"
+    shutil.copytree(sae_dir, other)
+    meta = json.loads((other / SIDECAR).read_text())
+    meta["model_fingerprint"] = "0123456789abcdef"
+    (other / SIDECAR).write_text(json.dumps(meta))
+    overrides = (*COMMON, *LIVE) if mode == "live" else (*COMMON, "reference.mode=inline")
+    proc = run_training(tiny_world, tmp_path / "run", *overrides, f"sae.path={other}", nproc=4 if mode == "live" else 1,
+                        check=False, timeout=240)
+    assert proc.returncode != 0
+    assert "was trained on activations of model 0123456789abcdef" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "final").exists()
