@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    from sparsepo.config.argv import parse_with_overrides
+
+    args = parse_with_overrides(build_parser(), argv)
     sys.exit(args.fn(args))
 
 
