@@ -115,7 +115,15 @@ def cmd_sae_train(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     # the SAE being trained is the one FPO will use: satisfy the config's "fpo needs sae.path" check
-    cfg = load_config(a.config, [f"sae.path={a.out}", *a.overrides])
+    from sparsepo.config import ConfigError
+    from sparsepo.config.paths import check_local_inputs
+
+    try:
+        cfg = load_config(a.config, [f"sae.path={a.out}", *a.overrides])
+        check_local_inputs(cfg)
+    except ConfigError as e:
+        print(f"sparsepo: config error: {e}", file=sys.stderr)
+        return 2
     stats = train_for_run(cfg, a.out, d_sae=a.d_sae, k=a.k, steps=a.steps, architecture=a.architecture,
                           max_tokens=a.max_tokens)
     print(f"SAE saved to {a.out}: explained variance {stats['explained_variance']:.3f}, L0 {stats['l0']:.1f}, "

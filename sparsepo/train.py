@@ -74,10 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from sparsepo.config import ConfigError, load_config
+    from sparsepo.config.paths import check_local_inputs
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
+        check_local_inputs(cfg)
     except ConfigError as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -319,6 +319,22 @@ def test_unreadable_file_is_refused_naming_it(tmp_path, tok, name, fname, edit, 
         assert str(path) in str(e.value)
 
 
+EMPTY = [("empty.jsonl", b""), ("blank.jsonl", b"\n\n  \n\t\n"), ("bom.jsonl", b"\xef\xbb\xbf\n"),
+         ("empty.json", b""), ("empty.csv", b"\n"), ("header-only.csv", b"prompt,chosen,rejected\n"),
+         ("empty-array.json", b"[]")]
+
+
+@pytest.mark.parametrize("fname,raw", EMPTY, ids=[e[0] for e in EMPTY])
+def test_file_without_rows_is_refused_naming_it(tmp_path, tok, fname, raw):
+    """Today's readers fail on these with a bare StopIteration or "Instruction 'train' corresponds to
+    no data"; the refusal must name the file and say it has no rows."""
+    path = tmp_path / fname
+    path.write_bytes(raw)
+    with pytest.raises(DataError) as e:
+        load(path, tmp_path, tok)
+    assert str(e.value).startswith(f"data file {path} has no rows"), str(e.value)
+
+
 def test_missing_columns_list_found_and_expected(tmp_path, tok):
     path = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match=r"m\.jsonl: missing column\(s\) \['prompt'\]; found columns "

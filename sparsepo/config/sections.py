@@ -14,7 +14,7 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = "runs/demo/world/sft"
-    """Hugging Face model directory (or hub id where a hub is reachable): the starting policy."""
+    """Local Hugging Face model directory: the starting policy (sparsepo never downloads)."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to `path`."""
     gradient_checkpointing: bool = False

@@ -1,0 +1,50 @@
+"""The local inputs a run reads before it can start: model, tokenizer and reference directories.
+
+sparsepo never downloads: model.path, model.tokenizer and reference.path are local Hugging Face
+directories. `check_local_inputs` refuses a missing directory or one without tokenizer files before
+any loader runs (transformers would otherwise take the path for a hub id and fail with a message
+about repo ids). Config loading itself does not look at the disk, so `sparsepo config show` and
+tests can build configs for paths that do not exist yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparsepo.config.sections import ConfigError, RunConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+"""A directory holding any one of these can give a tokenizer (fast, sentencepiece, BPE or WordPiece)."""
+
+
+def check_model_dir(key: str, path: str | Path) -> Path:
+    """`path` (the value of config key `key`) is an existing directory, or a ConfigError naming both."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{key} {path}: no such directory (sparsepo never downloads; point it at a local "
+                          f"Hugging Face model directory)")
+    if not p.is_dir():
+        raise ConfigError(f"{key} {path}: a file, not a directory; point it at a local Hugging Face model "
+                          f"directory (the one holding config.json)")
+    return p
+
+
+def check_tokenizer_dir(key: str, path: str | Path) -> Path:
+    p = check_model_dir(key, path)
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{key} {path}: no tokenizer files in this directory (looked for "
+                          f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there "
+                          f"(tokenizer.save_pretrained), or set model.tokenizer to the directory that has it")
+    return p
+
+
+def check_local_inputs(cfg: RunConfig) -> None:
+    """Refuse, naming the key and the path, a model/tokenizer/reference directory that is not there."""
+    check_model_dir("model.path", cfg.model.path)
+    if cfg.model.tokenizer:
+        check_tokenizer_dir("model.tokenizer", cfg.model.tokenizer)
+    else:
+        check_tokenizer_dir("model.path", cfg.model.path)
+    if cfg.reference.path:
+        check_model_dir("reference.path", cfg.reference.path)
