@@ -150,11 +150,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     from sparsepo.export import export_checkpoint
 
     try:
-        export_checkpoint(a.checkpoint, a.out)
+        done = export_checkpoint(a.checkpoint, a.out)
     except CheckpointError as e:
         print(f"sparsepo export: {e}", file=sys.stderr)
         return 1
-    print(f"exported {a.checkpoint} -> {a.out} (load with AutoModelForCausalLM.from_pretrained)")
+    print(f"{done.describe()}: {done.checkpoint} -> {done.out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

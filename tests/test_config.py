@@ -215,3 +215,34 @@ def test_train_entry_point_refuses_a_missing_model_path_with_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "config error: model.path /x/y: no such directory (sparsepo never downloads" in proc.stderr
     assert "Repo id" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_existing_local_paths_are_stored_absolute_and_a_resume_from_another_cwd_is_accepted(tmp_path, monkeypatch):
+    """A run started in proj/ with model.path=models/m records /…/proj/models/m, so the resolved
+    config.yaml works from anywhere, and the checkpoint comparison (which compares model.path as a
+    string) accepts a resume from another working directory naming the same directory."""
+    import hashlib
+
+    from sparsepo.checkpoint import META, check_compatible
+
+    proj, other = tmp_path / "proj", tmp_path / "other"
+    for d in (proj / "models" / "m", proj / "tok", proj / "data", other):
+        d.mkdir(parents=True)
+    (proj / "data" / "train.jsonl").write_text("{}\n")
+    monkeypatch.chdir(proj)
+    first = load_config(None, ["model.path=models/m", "model.tokenizer=./tok/../tok", "data.path=data/train.jsonl",
+                               "reference.path=not/there", "logging.output_dir=runs/r"])
+    assert (first.model.path, first.model.tokenizer, first.data.path) == (
+        str(proj / "models" / "m"), str(proj / "tok"), str(proj / "data" / "train.jsonl"))
+    assert first.reference.path == "not/there" and first.logging.output_dir == "runs/r"  # left as written
+    resolved = save_resolved(first, proj / "runs" / "r")
+
+    monkeypatch.chdir(other)
+    again = load_config(resolved, ["model.path=../proj/models/m"])  # another spelling, same directory
+    assert to_dict(again)["model"] == to_dict(first)["model"]
+    tag = proj / "runs" / "r" / "checkpoints" / "step-00000002"
+    tag.mkdir(parents=True)
+    (tag / "shard").write_bytes(b"x")
+    (tag / META).write_text(json.dumps({"step": 2, "samples": 8, "world_size": 1, "data": "d", "config": to_dict(first),
+                                        "files": {"shard": 1}, "sha256": {"shard": hashlib.sha256(b"x").hexdigest()}}))
+    assert check_compatible(tag, again, data_fingerprint="d", world_size=1)["step"] == 2

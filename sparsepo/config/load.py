@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from sparsepo.atomic import atomic_write
+from sparsepo.config.paths import absolute_local_paths
 from sparsepo.config.sections import _CHOICES, ConfigError, MethodConfig, RunConfig
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
@@ -168,6 +169,7 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", overrides: typing.Seq
         else:
             kwargs[section] = _build(classes[section], body, section, sources)
     cfg = RunConfig(**kwargs)
+    absolute_local_paths(cfg)
     validate(cfg, source=source)
     return cfg
 

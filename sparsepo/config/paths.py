@@ -3,12 +3,15 @@
 sparsepo never downloads: model.path, model.tokenizer and reference.path are local Hugging Face
 directories. `check_local_inputs` refuses a missing directory or one without tokenizer files before
 any loader runs (transformers would otherwise take the path for a hub id and fail with a message
-about repo ids). Config loading itself does not look at the disk, so `sparsepo config show` and
-tests can build configs for paths that do not exist yet.
+about repo ids). Config loading refuses nothing on the disk's account, so `sparsepo config show` and tests can build
+configs for paths that do not exist yet; it only makes existing local paths absolute
+(`absolute_local_paths`), so the resolved config.yaml and every checkpoint's sparsepo.json name the
+same directories from any working directory (export, resume from elsewhere).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sparsepo.config.sections import ConfigError, RunConfig
@@ -48,3 +51,19 @@ def check_local_inputs(cfg: RunConfig) -> None:
         check_tokenizer_dir("model.path", cfg.model.path)
     if cfg.reference.path:
         check_model_dir("reference.path", cfg.reference.path)
+
+
+LOCAL_PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("reference", "path"), ("sae", "path"),
+                   ("data", "path"))
+"""Keys naming local inputs; made absolute at load time when they exist (a hub-style sae.path or
+data.path that does not exist locally is left as written)."""
+
+
+def absolute_local_paths(cfg: RunConfig) -> None:
+    """Rewrite, in place, each LOCAL_PATH_KEYS value that names an existing file or directory as an
+    absolute path (os.path.abspath: `..` collapsed, symlinks kept, so the name stays the user's)."""
+    for section, key in LOCAL_PATH_KEYS:
+        body = getattr(cfg, section)
+        value = getattr(body, key)
+        if value and Path(value).expanduser().exists():
+            setattr(body, key, os.path.abspath(os.path.expanduser(value)))
