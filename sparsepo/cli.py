@@ -8,6 +8,10 @@
     sparsepo eval --policy DIR --reference DIR --prompts FILE
     sparsepo sae train --config run.yaml --out runs/sae    # an SAE for FPO (sae-lens format)
     sparsepo export CHECKPOINT_DIR OUT_DIR
+    sparsepo config keys                  # every config key: type, default, what it does
+    sparsepo config show --config run.yaml [section.key=value ...]   # the resolved config, nothing run
+
+Config overrides (section.key=value) may stand anywhere on the command line, before or after options.
 """
 
 from __future__ import annotations
@@ -111,7 +115,15 @@ def cmd_sae_train(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     # the SAE being trained is the one FPO will use: satisfy the config's "fpo needs sae.path" check
-    cfg = load_config(a.config, [f"sae.path={a.out}", *a.overrides])
+    from sparsepo.config import ConfigError
+    from sparsepo.config.paths import check_local_inputs
+
+    try:
+        cfg = load_config(a.config, [f"sae.path={a.out}", *a.overrides])
+        check_local_inputs(cfg)
+    except ConfigError as e:
+        print(f"sparsepo: config error: {e}", file=sys.stderr)
+        return 2
     stats = train_for_run(cfg, a.out, d_sae=a.d_sae, k=a.k, steps=a.steps, architecture=a.architecture,
                           max_tokens=a.max_tokens)
     print(f"SAE saved to {a.out}: explained variance {stats['explained_variance']:.3f}, L0 {stats['l0']:.1f}, "
@@ -138,11 +150,37 @@ def cmd_export(a: argparse.Namespace) -> int:
     from sparsepo.export import export_checkpoint
 
     try:
-        export_checkpoint(a.checkpoint, a.out)
+        done = export_checkpoint(a.checkpoint, a.out)
     except CheckpointError as e:
         print(f"sparsepo export: {e}", file=sys.stderr)
         return 1
-    print(f"exported {a.checkpoint} -> {a.out} (load with AutoModelForCausalLM.from_pretrained)")
+    print(f"{done.describe()}: {done.checkpoint} -> {done.out} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+CONFIG_HELP = "YAML run config (default: the built-in defaults; `sparsepo config keys` lists every key)"
+OVERRIDES_HELP = ("config overrides section.key=value, e.g. method.beta=0.05 train.max_steps=20; anywhere on "
+                  "the command line, later ones win")
+
+
+def cmd_config_keys(a: argparse.Namespace) -> int:
+    from sparsepo.config.keys import describe_keys
+
+    print(describe_keys())
+    return 0
+
+
+def cmd_config_show(a: argparse.Namespace) -> int:
+    import yaml
+
+    from sparsepo.config import ConfigError, load_config, to_dict
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as e:
+        print(f"sparsepo: config error: {e}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -150,60 +188,74 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsepo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a policy (see sparsepo/recipes/*.yaml)")
-    t.add_argument("--config")
+    t = sub.add_parser("train", help="train a policy (see sparsepo/recipes/*.yaml)",
+                       description="Train a policy. Overrides may stand anywhere: "
+                                   "sparsepo train --config run.yaml --resume auto method.beta=0.1")
+    t.add_argument("--config", help=CONFIG_HELP)
     t.add_argument("--nproc", type=int, default=1, help="processes on this node (deepspeed launcher when > 1)")
-    t.add_argument("--resume", help="auto | checkpoint directory")
-    t.add_argument("overrides", nargs="*")
+    t.add_argument("--resume", help="auto (newest valid checkpoint of the run directory) | a checkpoint directory; "
+                                    "same as checkpoint.resume=...")
+    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     t.set_defaults(fn=cmd_train)
 
     pc = sub.add_parser("precompute", help="score the dataset with the reference into the reference cache")
-    pc.add_argument("--config")
-    pc.add_argument("--nproc", type=int, default=1)
-    pc.add_argument("overrides", nargs="*")
+    pc.add_argument("--config", help=CONFIG_HELP)
+    pc.add_argument("--nproc", type=int, default=1, help="processes on this node (deepspeed launcher when > 1)")
+    pc.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     pc.set_defaults(fn=cmd_precompute)
 
     d = sub.add_parser("demo", help="offline demo: prepare world -> train -> eval (or `demo prepare`)")
-    d.add_argument("action", nargs="?", help="run (default) | prepare")
-    d.add_argument("--method", default="dpo")
-    d.add_argument("--size", default="default", choices=["default", "tiny"])
-    d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--nproc", type=int, default=1)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("action", nargs="?", help="run (default) | prepare (only build the demo world)")
+    d.add_argument("--method", default="dpo", help="loss to train with (a row of the loss table), default dpo")
+    d.add_argument("--size", default="default", choices=["default", "tiny"], help="demo world size")
+    d.add_argument("--workdir", default="runs/demo", help="where the world and the run directories go")
+    d.add_argument("--nproc", type=int, default=1, help="training processes (deepspeed launcher when > 1)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the world and of the evaluation")
     d.add_argument("--force", action="store_true", help="rebuild the demo world even if cached")
     d.add_argument("overrides", nargs="*", help="config overrides for training, e.g. train.max_steps=20")
     d.set_defaults(fn=cmd_demo)
 
     e = sub.add_parser("eval", help="win rate and KL of a policy against a reference on the demo reward")
-    e.add_argument("--policy", required=True)
-    e.add_argument("--reference", required=True)
-    e.add_argument("--prompts", required=True)
-    e.add_argument("--samples-per-prompt", type=int, default=1)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out")
+    e.add_argument("--policy", required=True, help="policy model directory (e.g. <run>/final)")
+    e.add_argument("--reference", required=True, help="reference model directory (e.g. the SFT model)")
+    e.add_argument("--prompts", required=True, help="jsonl file of {\"prompt\"} rows")
+    e.add_argument("--samples-per-prompt", type=int, default=1, help="responses sampled per prompt and model")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--out", help="also write the result as JSON to this file")
     e.set_defaults(fn=cmd_eval)
 
     sae = sub.add_parser("sae", help="sparse autoencoders for FPO").add_subparsers(dest="sae_command", required=True)
     st = sae.add_parser("train", help="train an SAE (sae-lens format) on the reference's layer sae.layer")
-    st.add_argument("--config")
+    st.add_argument("--config", help=CONFIG_HELP)
     st.add_argument("--out", required=True, help="directory to save the SAE in")
     st.add_argument("--d-sae", type=int, help="dictionary size (default 8 x model width)")
     st.add_argument("--k", type=int, default=32, help="active features per token (TopK)")
-    st.add_argument("--steps", type=int, default=2000)
-    st.add_argument("--architecture", default="topk", choices=["topk", "jumprelu"])
+    st.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    st.add_argument("--architecture", default="topk", choices=["topk", "jumprelu"], help="SAE architecture")
     st.add_argument("--max-tokens", type=int, default=200_000, help="residual activations to train on")
-    st.add_argument("overrides", nargs="*")
+    st.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     st.set_defaults(fn=cmd_sae_train)
 
     x = sub.add_parser("export", help="checkpoint -> Hugging Face model directory")
-    x.add_argument("checkpoint")
-    x.add_argument("out")
+    x.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest valid checkpoint)")
+    x.add_argument("out", help="the Hugging Face model directory to write")
     x.set_defaults(fn=cmd_export)
+
+    c = sub.add_parser("config", help="inspect the configuration: every key, or the resolved config of a command line")
+    cs = c.add_subparsers(dest="config_command", required=True)
+    ck = cs.add_parser("keys", help="every config key with its type, default and documentation, by section")
+    ck.set_defaults(fn=cmd_config_keys)
+    cw = cs.add_parser("show", help="print the resolved YAML of --config plus overrides (runs nothing)")
+    cw.add_argument("--config", help=CONFIG_HELP)
+    cw.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    cw.set_defaults(fn=cmd_config_show)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    from sparsepo.config.argv import parse_with_overrides
+
+    args = parse_with_overrides(build_parser(), argv)
     sys.exit(args.fn(args))
 
 

@@ -1,33 +1,103 @@
 """`sparsepo export CHECKPOINT OUT`: a sharded training checkpoint -> a Hugging Face model directory.
 
 CHECKPOINT is a checkpoint directory (`<run>/checkpoints/step-00000020`), or a run directory /
-its checkpoints/ directory (then its newest valid checkpoint). The checkpoint's sparsepo.json names
-the model it started from; its architecture and tokenizer are reused, the weights come from
-DeepSpeed's zero-to-fp32 consolidation of the shards (fp32 master weights, whatever the training
-precision). Runs on one process, no torch.distributed.
+its checkpoints/ directory (then its newest valid checkpoint; newer damaged ones are named in the
+result, on stdout and in OUT/sparsepo_export.json). The checkpoint's sparsepo.json names the model
+it started from; its architecture and tokenizer are reused, the weights come from DeepSpeed's
+zero-to-fp32 consolidation of the shards (fp32 master weights, whatever the training precision).
+Runs on one process, no torch.distributed.
+
+Checkpoints written before config loading made local paths absolute record model.path as it was
+typed (relative to the training run's working directory). That directory is recovered from where
+the run directory sits: logging.output_dir was recorded relative to the same working directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsepo.checkpoint import META, CheckpointError, resolve
+from sparsepo.atomic import atomic_write
+from sparsepo.checkpoint import META, CheckpointError, is_valid, list_tags, resolve, step_of
 
 log = logging.getLogger("sparsepo")
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+@dataclass(kw_only=True)
+class Exported:
+    out: Path
+    """The Hugging Face model directory written."""
+    checkpoint: Path
+    """The checkpoint directory that was exported."""
+    step: int
+    """Its optimiser step."""
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    """Newer checkpoints of the run passed over as invalid: (step, reason), newest first."""
+    newest_of_run: bool = False
+    """True when a run directory was named (the newest valid checkpoint was taken)."""
+    source_model: str = ""
+    """The model directory the architecture and tokenizer came from."""
+
+    def describe(self) -> str:
+        """`exported step 20 (newest valid; step 30 was skipped: <reason>)`."""
+        text = f"exported step {self.step}"
+        if self.skipped:
+            text += " (newest valid; " + "; ".join(f"step {s} was skipped: {why}" for s, why in self.skipped) + ")"
+        elif self.newest_of_run:
+            text += " (the newest checkpoint)"
+        return text
+
+
+def pick_checkpoint(checkpoint: str | Path) -> tuple[Path, list[tuple[int, str]]]:
+    """The checkpoint to export (checkpoint.resolve's choice) and the newer ones it passed over, with why."""
+    tag_dir = resolve(checkpoint, action="export")
+    if Path(checkpoint).resolve() == tag_dir.resolve():
+        return tag_dir, []
+    skipped = []
+    for candidate in reversed(list_tags(tag_dir.parent)):
+        if step_of(candidate) <= step_of(tag_dir):
+            break
+        skipped.append((step_of(candidate), is_valid(candidate)[1]))
+    return tag_dir, skipped
+
+
+def recorded_path(recorded: str, tag_dir: Path, output_dir: str | None, key: str) -> str:
+    """A path from the checkpoint's config as it can be opened from here: as recorded when it exists
+    (absolute, or relative to this working directory), else relative to the training run's working
+    directory (the run directory minus the relative logging.output_dir it was created as)."""
+    if Path(recorded).expanduser().exists():
+        return os.path.abspath(os.path.expanduser(recorded))
+    run_dir = tag_dir.resolve().parent.parent
+    parts = Path(os.path.normpath(output_dir)).parts if output_dir and not os.path.isabs(output_dir) else ()
+    if parts and ".." not in parts and run_dir.parts[-len(parts):] == parts:
+        train_cwd = Path(*run_dir.parts[:-len(parts)])
+        candidate = train_cwd / recorded
+        if candidate.exists():
+            return str(candidate)
+        where = f" nor relative to the training run's working directory {train_cwd}"
+    else:
+        where = ""
+    raise CheckpointError(f"cannot export {tag_dir}: {key}={recorded!r} recorded in its {META} is not found here "
+                          f"(working directory {Path.cwd()}){where}. Export from the directory the run was "
+                          f"started in, or copy the model directory there.")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Exported:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsepo.engine.policy import fp32_state_dict_from_checkpoint
     from sparsepo.models import load_tokenizer
 
-    tag_dir = resolve(checkpoint, action="export")
+    tag_dir, skipped = pick_checkpoint(checkpoint)
     meta = json.loads((tag_dir / META).read_text())
     model_cfg = meta["config"]["model"]
-    source = model_cfg["path"]
+    output_dir = meta["config"].get("logging", {}).get("output_dir")
+    source = recorded_path(model_cfg["path"], tag_dir, output_dir, "model.path")
+    tokenizer = (recorded_path(model_cfg["tokenizer"], tag_dir, output_dir, "model.tokenizer")
+                 if model_cfg.get("tokenizer") else source)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -42,9 +112,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(model_cfg["tokenizer"] or source).save_pretrained(out)
-    (out / "sparsepo_export.json").write_text(json.dumps(
+    load_tokenizer(tokenizer).save_pretrained(out)
+    result = Exported(out=out, checkpoint=tag_dir, step=meta["step"], skipped=skipped, source_model=source,
+                      newest_of_run=Path(checkpoint).resolve() != tag_dir.resolve())
+    atomic_write(out / "sparsepo_export.json", json.dumps(
         {"checkpoint": str(tag_dir.resolve()), "step": meta["step"], "samples": meta["samples"],
+         "skipped_newer": [{"step": s, "reason": why} for s, why in skipped],
          "method": meta["config"].get("method", {}).get("name"), "source_model": source}, indent=1))
-    log.info("exported %s (step %d) to %s", tag_dir, meta["step"], out)
-    return out
+    log.info("%s from %s to %s", result.describe(), tag_dir, out)
+    return result

@@ -18,14 +18,17 @@ import sys
 import traceback
 import warnings
 
+from sparsepo.config.argv import parse_with_overrides
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sparsepo train", description="Train a policy with a preference method.")
     p.add_argument("--config", help="YAML run config (default: the built-in defaults)")
     p.add_argument("--resume", help="auto | a checkpoint directory (same as checkpoint.resume=...)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.beta=0.05 train.max_steps=20")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.beta=0.05 train.max_steps=20 "
+                                                "(anywhere on the command line, before or after options)")
+    return parse_with_overrides(p, argv)
 
 
 def run_live(cfg, preempt) -> None:
@@ -74,10 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from sparsepo.config import ConfigError, load_config
+    from sparsepo.config.paths import check_local_inputs
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
+        check_local_inputs(cfg)
     except ConfigError as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -165,3 +165,84 @@ def test_unknown_section_is_the_same_refusal_from_yaml_and_command_line(tmp_path
         hint = f" Did you mean '{nearest}'?" if nearest else ""
         assert msg.startswith(f"unknown section '{section}' in {where[how]}.{hint} Valid sections: "), msg
         assert msg.split(" Valid sections: ")[1] == errors["yaml"].split(" Valid sections: ")[1]
+
+
+# ---------------------------------------------------------------------------- local inputs
+
+
+def test_missing_model_path_is_refused_before_any_loader(tmp_path):
+    from sparsepo.config.paths import check_local_inputs
+
+    missing = tmp_path / "x" / "y"
+    with pytest.raises(ConfigError) as e:
+        check_local_inputs(load_config(None, [f"model.path={missing}"]))
+    assert str(e.value) == (f"model.path {missing}: no such directory (sparsepo never downloads; point it at a "
+                            f"local Hugging Face model directory)")
+
+
+def test_model_dir_without_tokenizer_files_names_dir_and_files(tmp_path):
+    from sparsepo.config.paths import TOKENIZER_FILES, check_local_inputs
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer_config.json").write_text("{}")  # not enough on its own
+    with pytest.raises(ConfigError) as e:
+        check_local_inputs(load_config(None, [f"model.path={model}"]))
+    msg = str(e.value)
+    assert msg.startswith(f"model.path {model}: no tokenizer files") and all(f in msg for f in TOKENIZER_FILES)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    check_local_inputs(load_config(None, [f"model.path={model}", f"model.tokenizer={tok}"]))  # accepted
+    with pytest.raises(ConfigError, match=r"^reference\.path .*ref: no such directory"):
+        check_local_inputs(load_config(None, [f"model.path={model}", f"model.tokenizer={tok}",
+                                              f"reference.path={tmp_path / 'ref'}"]))
+
+
+def test_train_entry_point_refuses_a_missing_model_path_with_exit_2(tmp_path):
+    """`python -m sparsepo.train model.path=/x/y` used to end in transformers' "Repo id must be in the
+    form ..." from the tokenizer loader; it must stop at the config check, naming the key and path."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "sparsepo.train", f"logging.output_dir={tmp_path / 'run'}",
+                           "model.path=/x/y"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "config error: model.path /x/y: no such directory (sparsepo never downloads" in proc.stderr
+    assert "Repo id" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_existing_local_paths_are_stored_absolute_and_a_resume_from_another_cwd_is_accepted(tmp_path, monkeypatch):
+    """A run started in proj/ with model.path=models/m records /…/proj/models/m, so the resolved
+    config.yaml works from anywhere, and the checkpoint comparison (which compares model.path as a
+    string) accepts a resume from another working directory naming the same directory."""
+    import hashlib
+
+    from sparsepo.checkpoint import META, check_compatible
+
+    proj, other = tmp_path / "proj", tmp_path / "other"
+    for d in (proj / "models" / "m", proj / "tok", proj / "data", other):
+        d.mkdir(parents=True)
+    (proj / "data" / "train.jsonl").write_text("{}\n")
+    monkeypatch.chdir(proj)
+    first = load_config(None, ["model.path=models/m", "model.tokenizer=./tok/../tok", "data.path=data/train.jsonl",
+                               "reference.path=not/there", "logging.output_dir=runs/r"])
+    assert (first.model.path, first.model.tokenizer, first.data.path) == (
+        str(proj / "models" / "m"), str(proj / "tok"), str(proj / "data" / "train.jsonl"))
+    assert first.reference.path == "not/there" and first.logging.output_dir == "runs/r"  # left as written
+    resolved = save_resolved(first, proj / "runs" / "r")
+
+    monkeypatch.chdir(other)
+    again = load_config(resolved, ["model.path=../proj/models/m"])  # another spelling, same directory
+    assert to_dict(again)["model"] == to_dict(first)["model"]
+    tag = proj / "runs" / "r" / "checkpoints" / "step-00000002"
+    tag.mkdir(parents=True)
+    (tag / "shard").write_bytes(b"x")
+    (tag / META).write_text(json.dumps({"step": 2, "samples": 8, "world_size": 1, "data": "d", "config": to_dict(first),
+                                        "files": {"shard": 1}, "sha256": {"shard": hashlib.sha256(b"x").hexdigest()}}))
+    assert check_compatible(tag, again, data_fingerprint="d", world_size=1)["step"] == 2

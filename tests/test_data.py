@@ -159,6 +159,52 @@ def test_chat_template_that_cannot_split_prompt_from_response(tmp_path):
         load(path, tmp_path, odd)
 
 
+def _chat(prompt_roles, chosen_roles, rejected_roles=("assistant",)):
+    msgs = lambda roles, tag: [{"role": r, "content": f"hi {tag}{i}"} for i, r in enumerate(roles)]
+    return {"prompt": msgs(prompt_roles, "p"), "chosen": msgs(chosen_roles, "c"),
+            "rejected": msgs(rejected_roles, "r")}
+
+
+BAD_ROLES = [
+    ("typo", _chat(["user"], ["assitant"]), "chosen",
+     "message 0: unknown role 'assitant' (did you mean 'assistant'?)"),
+    ("typo in prompt", _chat(["sytem", "user"], ["assistant"]), "prompt",
+     "message 0: unknown role 'sytem' (did you mean 'system'?)"),
+    ("system as the response", _chat(["user"], ["system"]), "chosen", "message 0: a 'system' message in the response"),
+    ("user inside the response", _chat(["user"], ["assistant"], ["assistant", "user", "assistant"]), "rejected",
+     "message 1: a 'user' message in the response"),
+    ("response ends with a tool", _chat(["user"], ["assistant", "tool"]), "chosen",
+     "message 1: the response ends with a 'tool' message, not an assistant one"),
+    ("implicit prompt, system reply", {"chosen": [{"role": "user", "content": "hi p0"},
+                                                  {"role": "system", "content": "hi c0"}],
+                                       "rejected": [{"role": "user", "content": "hi p0"},
+                                                    {"role": "assistant", "content": "hi r0"}]},
+     "chosen", "message 1: a 'system' message in the response"),
+]
+
+
+@pytest.mark.parametrize("name,bad,field,reason", BAD_ROLES, ids=[b[0] for b in BAD_ROLES])
+def test_chat_roles_are_validated_like_any_bad_row(tmp_path, tok, name, bad, field, reason):
+    recs = chat_pairs(4) if "prompt" in bad else [{"chosen": r["prompt"] + r["chosen"],
+                                                   "rejected": r["prompt"] + r["rejected"]} for r in chat_pairs(4)]
+    recs[1] = bad  # line 2
+    path = write_jsonl(tmp_path / "roles.jsonl", recs)
+    with pytest.raises(DataError) as e:
+        load(path, tmp_path, tok)
+    msg = str(e.value)
+    assert str(path) in msg and "line 2" in msg and f"field {field!r}" in msg and reason in msg, msg
+    ds, rep = load(path, tmp_path, tok, on_bad_row="skip", max_skip_fraction=0.5)
+    assert len(ds) == 3 and [(b.row, b.field) for b in rep.skipped_rows] == [(2, field)]
+    assert reason in rep.skipped_rows[0].reason
+
+
+def test_chat_roles_that_are_fine(tmp_path, tok):
+    """A system prompt, a multi-turn prompt and an assistant -> tool -> assistant response load."""
+    rec = _chat(["system", "user", "assistant", "user"], ["assistant", "tool", "assistant"], ["assistant"])
+    ds, rep = load(write_jsonl(tmp_path / "ok.jsonl", [rec]), tmp_path, tok)
+    assert len(ds) == 1 and rep.skipped == 0
+
+
 # -------------------------------------------------------------------------------------- ids
 
 def test_example_id_is_sha256_of_canonical_json():
@@ -317,6 +363,22 @@ def test_unreadable_file_is_refused_naming_it(tmp_path, tok, name, fname, edit, 
         with pytest.raises(DataError, match=pattern) as e:
             load(path, tmp_path, tok, on_bad_row=on_bad_row)
         assert str(path) in str(e.value)
+
+
+EMPTY = [("empty.jsonl", b""), ("blank.jsonl", b"\n\n  \n\t\n"), ("bom.jsonl", b"\xef\xbb\xbf\n"),
+         ("empty.json", b""), ("empty.csv", b"\n"), ("header-only.csv", b"prompt,chosen,rejected\n"),
+         ("empty-array.json", b"[]")]
+
+
+@pytest.mark.parametrize("fname,raw", EMPTY, ids=[e[0] for e in EMPTY])
+def test_file_without_rows_is_refused_naming_it(tmp_path, tok, fname, raw):
+    """Today's readers fail on these with a bare StopIteration or "Instruction 'train' corresponds to
+    no data"; the refusal must name the file and say it has no rows."""
+    path = tmp_path / fname
+    path.write_bytes(raw)
+    with pytest.raises(DataError) as e:
+        load(path, tmp_path, tok)
+    assert str(e.value).startswith(f"data file {path} has no rows"), str(e.value)
 
 
 def test_missing_columns_list_found_and_expected(tmp_path, tok):

@@ -7,14 +7,21 @@ A bad row raises `BadRow(field, reason)`; `tokenise_batch` turns it into a recor
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
 
 
-PIPELINE_VERSION = 1
-"""Bump when the output of `tokenise_batch` changes for the same input: it busts every cache."""
+PIPELINE_VERSION = 2
+"""Bump when the output of `tokenise_batch` changes for the same input: it busts every cache.
+2: chat roles are validated (a cached dataset may hold rows that are now refused)."""
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+"""Chat roles a message may have (the OpenAI / Hugging Face chat-template vocabulary)."""
+RESPONSE_ROLES = ("assistant", "tool", "function", "ipython")
+"""Roles allowed in a response (chosen/rejected after the prompt); it must end with an assistant turn."""
 
 TRUNCATION_MODES = ("prompt_first", "response_only", "error")
 _BAD_CHARS = re.compile("[\ud800-\udfff\ufffd]")
@@ -119,6 +126,10 @@ def _check_messages(field: str, value) -> None:
                                 f"{type(m).__name__}")
         if not isinstance(m.get("role"), str) or not m["role"]:
             raise BadRow(field, f"message {i}: 'role' missing or not a string")
+        if m["role"] not in ROLES:
+            close = difflib.get_close_matches(m["role"].lower(), ROLES, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise BadRow(field, f"message {i}: unknown role {m['role']!r}{hint}; roles are {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise BadRow(field, f"message {i}: 'content' must be a string, got "
                                 f"{type(m.get('content')).__name__}")
@@ -127,6 +138,18 @@ def _check_messages(field: str, value) -> None:
             raise BadRow(field, f"message {i}: {bad}")
     if not any(m["content"].strip() for m in value):
         raise BadRow(field, "every message's content is empty")
+
+
+def _check_response(field: str, messages: list, start: int) -> None:
+    """The response part of a conversation (messages[start:] of `field`) is the model's turn: only
+    assistant (and tool) messages, ending with an assistant message."""
+    for j, m in enumerate(messages):
+        if m["role"] not in RESPONSE_ROLES:
+            raise BadRow(field, f"message {start + j}: a {m['role']!r} message in the response; a response "
+                                f"holds only {'/'.join(RESPONSE_ROLES)} messages (put it in the prompt)")
+    if messages[-1]["role"] != "assistant":
+        raise BadRow(field, f"message {start + len(messages) - 1}: the response ends with a "
+                            f"{messages[-1]['role']!r} message, not an assistant one")
 
 
 def _render_chat(tokenizer, prompt: list, responses: tuple[list, list]) -> tuple[str, str, str]:
@@ -167,6 +190,9 @@ def prepare(prompt, chosen, rejected, *, has_prompt: bool, tokenizer) -> tuple[s
             for name, rest in (("chosen", c), ("rejected", r)):
                 if not rest:
                     raise BadRow(name, "no messages after the prompt it shares with the other")
+        start = len(p) if not has_prompt else 0
+        _check_response("chosen", c, start)
+        _check_response("rejected", r, start)
         return (example_id(prompt if has_prompt else None, chosen, rejected), True,
                 *_render_chat(tokenizer, p, (c, r)))
     _check_text("prompt", prompt)

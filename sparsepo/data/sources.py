@@ -108,12 +108,16 @@ def load_rows(path: str, fmt: str, *, split: str = "train",
         ds = _load_disk(p, split)
     else:
         p = Path(path).expanduser()
+        if fmt != "parquet" and _is_blank(p):  # the readers fail on these with StopIteration or "no data"
+            raise DataError(f"data file {p} has no rows (it is empty or holds only blank lines); "
+                            f"point data.path at a file of preference rows")
         by_line = fmt == "jsonl" or (fmt == "json" and not _is_json_array(p))
         source = Source(str(p), fmt, by_line=by_line, sha256=content_sha256(p))
         base = Path(cache_dir).expanduser() if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
         ds = _load_file(p, fmt, by_line, str(base / "sparsepo_sources" / source.sha256[:32]))
     if len(ds) == 0:
-        raise DataError(f"{source.path}: holds no rows")
+        raise DataError(f"data file {source.path} has no rows" if fmt != "hub"
+                        else f"{source.path}: split {split!r} holds no rows")
     _check_utf8(ds, source)
     return ds, source
 
@@ -182,6 +186,8 @@ def _load_file(p: Path, fmt: str, by_line: bool, cache_dir: str | None) -> datas
                                      **kwargs)
     except Exception as e:
         cause = e.__cause__ or e
+        if "corresponds to no data" in str(cause):  # datasets' words for a header-only CSV or `[]`
+            raise DataError(f"data file {p} has no rows; point data.path at a file of preference rows") from e
         detail = _diagnose(p, fmt, by_line)
         raise DataError(detail or f"{p}: could not be read as {_NAMES[fmt]} "
                                   f"({type(cause).__name__}: {cause}); is it really a "
@@ -197,6 +203,18 @@ def _csv_header(p: Path) -> list[str] | None:
     if not header:
         raise DataError(f"{p}: empty CSV file (expected a header row naming the columns)")
     return header
+
+
+def _is_blank(p: Path, *, chunk: int = 1 << 20) -> bool:
+    """True when the file holds nothing but whitespace (and a UTF-8 byte-order mark)."""
+    with open(p, "rb") as f:
+        first = True
+        while block := f.read(chunk):
+            if first:
+                block, first = block.removeprefix(b"\xef\xbb\xbf"), False
+            if block.strip():
+                return False
+    return True
 
 
 def _is_json_array(p: Path) -> bool:

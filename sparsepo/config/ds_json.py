@@ -1,0 +1,93 @@
+"""DeepSpeed JSON: the stage file under ds_configs/ plus everything the run config decides (batch
+arithmetic, optimiser, precision), and the LR schedule handed to the engine beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sparsepo.config.sections import ConfigError, RunConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def check_batch_size(cfg: RunConfig, dp_size: int) -> int:
+    """train_batch = micro x accumulation x data-parallel size; returns it, refusing a mismatch."""
+    t = cfg.train
+    product = t.micro_batch_size * t.grad_accum * dp_size
+    if t.train_batch_size is not None and t.train_batch_size != product:
+        raise ConfigError(
+            f"train.train_batch_size={t.train_batch_size} but train.micro_batch_size={t.micro_batch_size} "
+            f"x train.grad_accum={t.grad_accum} x {dp_size} policy ranks = {product}. Set "
+            f"train.train_batch_size={product}, or change grad_accum to "
+            f"{t.train_batch_size / (t.micro_batch_size * dp_size):g}."
+        )
+    return product
+
+
+
+def _find_auto(node: Any, path: str = "") -> str | None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found = _find_auto(v, f"{path}.{k}" if path else k)
+            if found:
+                return found
+    elif isinstance(node, str) and node.strip().lower() == "auto":
+        return path
+    return None
+
+
+def load_stage_file(name: str) -> tuple[dict, Path]:
+    path = Path(name)
+    if not path.is_file():
+        path = DS_CONFIG_DIR / name
+    if not path.is_file():
+        available = sorted(p.name for p in DS_CONFIG_DIR.glob("*.json"))
+        raise ConfigError(
+            f"deepspeed.stage_file '{name}' not found (looked in the working directory and {DS_CONFIG_DIR}). "
+            f"Available: {', '.join(available)}"
+        )
+    try:
+        stage = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    auto = _find_auto(stage)
+    if auto:
+        raise ConfigError(
+            f"{path}: '{auto}' is \"auto\"; plain DeepSpeed silently drops \"auto\" values. "
+            f"Give a number, or remove the key so sparsepo fills it from the run config."
+        )
+    return stage, path
+
+
+def build_deepspeed_config(cfg: RunConfig, *, dp_size: int) -> dict:
+    """The JSON handed to deepspeed.initialize for the policy engine. The LR schedule is not in it:
+    the engine gets a transformers schedule object (see lr_schedule), which DeepSpeed checkpoints."""
+    stage, _ = load_stage_file(cfg.deepspeed.stage_file)
+    o, t = cfg.optim, cfg.train
+    ds = dict(stage)
+    ds.update({
+        "train_batch_size": check_batch_size(cfg, dp_size),
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                  "weight_decay": o.weight_decay, "torch_adam": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    })
+    return ds
+
+
+def lr_schedule(cfg: RunConfig, total_steps: int) -> tuple[str, dict]:
+    """(transformers scheduler name, kwargs) for `transformers.get_scheduler`."""
+    o = cfg.optim
+    kwargs = {"num_warmup_steps": o.warmup_steps, "num_training_steps": total_steps}
+    if o.schedule == "constant":
+        return "constant_with_warmup", kwargs
+    if o.schedule == "linear":
+        return "linear", kwargs
+    return "cosine_with_min_lr", {**kwargs, "scheduler_specific_kwargs": {"min_lr_rate": o.min_lr_ratio}}

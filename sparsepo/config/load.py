@@ -1,0 +1,262 @@
+"""YAML + dotted overrides -> RunConfig, with refusals that name the key, its source and the fix;
+and the way back (to_dict, the resolved config.yaml in a run directory)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsepo.atomic import atomic_write
+from sparsepo.config.paths import absolute_local_paths
+from sparsepo.config.sections import _CHOICES, ConfigError, MethodConfig, RunConfig
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {name: hints[name] for name in _SECTIONS}
+
+
+def _nearest(key: str, valid: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r} in {source}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"'{key}' in {source} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(
+            f"'{key}' in {source} must be {tp.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str, sources: dict[str, str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}"
+        source = sources.get(dotted, sources.get(prefix, "<defaults>"))
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{dotted}' in {source}.{_nearest(key, names)} "
+                f"Valid keys of '{prefix}': {', '.join(names)}"
+            )
+        value = _coerce(value, hints[key], dotted, source)
+        choices = _CHOICES.get((prefix, key))
+        if choices and value not in choices:
+            raise ConfigError(
+                f"'{dotted}' in {source} is {value!r}; choose one of: {', '.join(choices)}."
+                f"{_nearest(str(value), choices)}"
+            )
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid '{prefix}' section in {source}: {e}") from e
+
+
+def _build_method(raw: dict, sources: dict[str, str]) -> MethodConfig:
+    from sparsepo.losses import METHODS
+
+    raw = dict(raw)
+    name = raw.pop("name", "dpo")
+    source = sources.get("method.name", sources.get("method", "<defaults>"))
+    if name not in METHODS:
+        raise ConfigError(
+            f"unknown method '{name}' ('method.name' in {source}).{_nearest(str(name), METHODS)} "
+            f"Valid methods: {', '.join(METHODS)}"
+        )
+    params = _build(METHODS[name].params_cls, raw, "method", sources)
+    return MethodConfig(name=name, params=params)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`method.beta=0.05` -> ("method.beta", 0.05); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. method.beta=0.05)")
+    key, _, value = text.partition("=")
+    key = key.strip().removeprefix("--")
+    if key.count(".") != 1:
+        raise ConfigError(f"override '{text}': the key must be section.key (e.g. optim.lr=1e-4)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from e
+    return key, parsed
+
+
+def config_from_dict(raw: dict, *, source: str = "<dict>", overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict plus dotted overrides."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    sources: dict[str, str] = {}
+    for section, body in raw.items():
+        sources[section] = source
+        if isinstance(body, dict):
+            for key in body:
+                sources[f"{section}.{key}"] = source
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+        sources[key] = f"command-line override '{text}'"
+        sources.setdefault(key.partition(".")[0], sources[key])  # a section only the override names
+    classes = _section_classes()
+    kwargs = {}
+    for section, body in raw.items():
+        if section not in classes:
+            raise ConfigError(
+                f"unknown section '{section}' in {sources[section]}.{_nearest(section, classes)} "
+                f"Valid sections: {', '.join(classes)}"
+            )
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"section '{section}' in {sources[section]} must be a mapping, got {body!r}")
+        if section == "method":
+            kwargs[section] = _build_method(body, sources)
+        else:
+            kwargs[section] = _build(classes[section], body, section, sources)
+    cfg = RunConfig(**kwargs)
+    absolute_local_paths(cfg)
+    validate(cfg, source=source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Load a YAML run config (or the defaults when path is None) and apply dotted overrides."""
+    if path is None:
+        return config_from_dict({}, source="<defaults>", overrides=overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return config_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
+    """Refuse combinations that cannot run, naming the keys and the fix."""
+    from sparsepo.losses import get_method
+
+    spec = get_method(cfg.method.name)
+    d, r, t = cfg.data, cfg.reference, cfg.train
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length={d.max_prompt_length} must be < data.max_length={d.max_length} "
+            f"({source}): leave room for the response."
+        )
+    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
+                       ("train.epochs", t.epochs), ("reference.batch_size", r.batch_size),
+                       ("reference.topk", r.topk), ("reference.window", r.window),
+                       ("reference.shard_size", r.shard_size), ("data.max_length", d.max_length)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} in {source} must be >= 1")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps={t.max_steps} in {source} must be >= 1 (or null for whole epochs)")
+    if not 0.0 <= d.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction={d.max_skip_fraction} in {source} must be in [0, 1]")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} in {source} must be > 0")
+    if r.mode == "live" and cfg.topology.reference_ranks == 0:
+        raise ConfigError(
+            f"reference.mode=live needs a reference group ({source}): set topology.reference_ranks "
+            f"to the number of ranks for it (a multiple of topology.pipeline_stages), or use reference.mode=cache."
+        )
+    if r.mode != "live" and cfg.topology.reference_ranks > 0:
+        raise ConfigError(
+            f"topology.reference_ranks={cfg.topology.reference_ranks} but reference.mode={r.mode} ({source}): "
+            f"only live mode starts reference processes. Set reference.mode=live, or topology.reference_ranks=0."
+        )
+    if spec.needs_sae_features and not cfg.sae.path:
+        raise ConfigError(
+            f"method '{spec.name}' needs an SAE ({source}): set sae.path to a sae-lens SAE directory "
+            f"(train one with `sparsepo sae train`) or a sae-lens release id with sae.sae_id."
+        )
+    if spec.needs_policy_samples or spec.needs_oracle_scores:
+        what = ("reference scores of samples the policy generates during training" if spec.needs_policy_samples
+                else "token scores from a DPO-trained oracle pair")
+        raise ConfigError(
+            f"method '{spec.name}' ({source}) needs {what}; the trainer cannot produce these yet (its loss is in "
+            f"sparsepo.losses and tested). Train with dpo, ipo, simpo, tdpo1, tdpo2 or fpo.")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict (method params flattened beside `name`), the inverse of config_from_dict."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if f.name == "method":
+            out["method"] = {"name": section.name, **dataclasses.asdict(section.params)}
+        else:
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+    return out
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config (re-loadable with load_config) into the run directory."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    return atomic_write(path, f"# resolved sparsepo config, fingerprint {config_fingerprint(cfg)}\n"
+                              f"# rerun: sparsepo train --config {path}\n"
+                        + yaml.safe_dump(to_dict(cfg), sort_keys=False))
