@@ -29,9 +29,9 @@ resume step on (a warning says so). Constant (with warmup) does not depend on th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from sparsepo.engine.collectives import gather, is_multi, on_one_rank
 from sparsepo.atomic import atomic_write
+from sparsepo.hashing import sha256_file
 from sparsepo.config import RunConfig, to_dict
 
 log = logging.getLogger("sparsepo")
@@ -85,8 +86,16 @@ def due(cfg: RunConfig, step: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
+_PATH_KEYS = {("model", "path"), ("model", "tokenizer"), ("reference", "path"), ("sae", "path")}
+
+
 def comparable(cfg_dict: dict) -> dict:
-    return {s: {k: v for k, v in body.items() if (s, k) not in _MAY_DIFFER_KEYS}
+    """The config as a resume compares it. Paths compare absolute: configs now store them so, and a
+    checkpoint written with a relative path (older sparsepo) still resumes from the same directory."""
+    def value(s, k, v):
+        return os.path.abspath(v) if (s, k) in _PATH_KEYS and isinstance(v, str) and v else v
+
+    return {s: {k: value(s, k, v) for k, v in body.items() if (s, k) not in _MAY_DIFFER_KEYS}
             for s, body in cfg_dict.items() if s not in _MAY_DIFFER}
 
 
@@ -282,15 +291,6 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
             _remove(old)
     dist.barrier()
     return tag_dir
-
-
-def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _to_universal(tag_dir: Path, out: Path) -> Path:

@@ -24,6 +24,7 @@ import datasets
 import pyarrow as pa
 
 from sparsepo.data.errors import DataError
+from sparsepo.hashing import update_with_file
 from sparsepo.data.rows import undecodable
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "disk", "hub")
@@ -131,9 +132,7 @@ def content_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
     for f in files:
         if f is not p:
             h.update(b"\0" + str(f.relative_to(p)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
+        update_with_file(h, f, chunk=chunk)
     return h.hexdigest()
 
 

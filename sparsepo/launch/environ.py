@@ -31,7 +31,7 @@ from typing import Callable, Mapping
 
 from sparsepo.launch.hostlist import expand_hostlist, parse_tasks_per_node
 from sparsepo.launch.ports import DEFAULT_MASTER_PORT, JOB_ID_VARS, free_port, job_port
-from sparsepo.launch.topology import TopologyError
+from sparsepo.launch.errors import TopologyError
 
 __all__ = [
     "DEFAULT_MASTER_ADDR",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from sparsepo.launch.topology import TopologyError
+from sparsepo.launch.errors import TopologyError
 
 __all__ = ["expand_hostlist", "parse_tasks_per_node"]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import socket
 
-from sparsepo.launch.topology import TopologyError
+from sparsepo.launch.errors import TopologyError
 
 __all__ = ["DEFAULT_MASTER_PORT", "JOB_PORT_BASE", "JOB_PORT_SPAN", "free_port", "job_port", "role_ports"]
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
+from sparsepo.launch.errors import TopologyError
+
 if TYPE_CHECKING:  # pragma: no cover - type hints only
     from sparsepo.config import TopologyConfig
     from sparsepo.launch.environ import LaunchEnv
@@ -42,10 +44,6 @@ if TYPE_CHECKING:  # pragma: no cover - type hints only
 __all__ = ["PLACEMENTS", "Role", "Topology", "TopologyError"]
 
 PLACEMENTS = ("last", "interleaved")
-
-
-class TopologyError(ValueError):
-    """A launch or a topology that cannot work; the message carries the arithmetic and the fix."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 
 from sparsepo.atomic import atomic_write
+from sparsepo.hashing import update_with_file
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -47,9 +48,7 @@ def hash_files(directory: str | Path, patterns: Iterable[str]) -> str:
         raise CacheError(f"nothing to fingerprint in {directory} (looked for {', '.join(patterns)})")
     for path in found:
         h.update(path.name.encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        update_with_file(h, path)
     return h.hexdigest()[:16]
 
 
