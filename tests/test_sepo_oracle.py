@@ -144,3 +144,40 @@ def test_cache_key_includes_both_oracle_models(tiny_world, tmp_path):
         keys.append(offline.local_components(cfg, "data-fp", ("oracle_scores",)))
     assert keys[0]["model"] == keys[1]["model"] and keys[0]["settings"] != keys[1]["settings"]
     assert "oracle_reference" in keys[0]["settings_detail"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo", "sepo", "spo"])
+def test_demo_recipe_for_every_method_passes_only_its_params_keys(method):
+    """`sparsepo demo --method X` re-targets the DPO demo recipe: no method row dies on `method.beta`."""
+    import dataclasses
+
+    import yaml
+
+    from sparsepo.config import ConfigError, config_from_dict
+    from sparsepo.losses import METHODS
+    from sparsepo.recipe import for_method
+
+    from conftest import RECIPE
+
+    raw = for_method(yaml.safe_load(RECIPE.read_text()), method)
+    fields = {f.name for f in dataclasses.fields(METHODS[method].params_cls)}
+    assert raw["method"]["name"] == method and set(raw["method"]) - {"name"} <= fields
+    assert ("beta" in raw["method"]) == ("beta" in fields)
+    try:
+        cfg = config_from_dict(raw, overrides=["sae.path=x", "reference.oracle=x"])
+    except ConfigError as e:  # spo is refused by the trainer, for another reason
+        assert method == "spo" and "unknown key" not in str(e), str(e)
+    else:
+        assert cfg.method.name == method
+
+
+@pytest.mark.unit
+def test_live_server_refuses_oracle_scores_naming_cache_and_inline():
+    """Second line of defence behind the config's refusal: the live group never serves oracle_scores."""
+    from sparsepo.config import load_config
+    from sparsepo.reference.server import LiveModeError, live_outputs
+
+    cfg = load_config(None, ["method.name=sepo", "reference.oracle=x"])  # cache mode passes validation
+    with pytest.raises(LiveModeError, match=r"'oracle_scores'.*reference.mode=cache or reference.mode=inline"):
+        live_outputs(cfg)
