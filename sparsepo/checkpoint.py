@@ -86,7 +86,8 @@ def due(cfg: RunConfig, step: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-_PATH_KEYS = {("model", "path"), ("model", "tokenizer"), ("reference", "path"), ("sae", "path")}
+_PATH_KEYS = {("model", "path"), ("model", "tokenizer"), ("reference", "path"), ("reference", "oracle"),
+              ("sae", "path")}
 
 
 def comparable(cfg_dict: dict) -> dict:

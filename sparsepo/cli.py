@@ -7,6 +7,7 @@
     sparsepo precompute --config run.yaml [section.key=value ...]
     sparsepo eval --policy DIR --reference DIR --prompts FILE
     sparsepo sae train --config run.yaml --out runs/sae    # an SAE for FPO (sae-lens format)
+    sparsepo sepo train-oracle --config run.yaml --out runs/oracle [--fraction 0.5]   # SePO's oracle
     sparsepo export CHECKPOINT_DIR OUT_DIR
     sparsepo config keys                  # every config key: type, default, what it does
     sparsepo config show --config run.yaml [section.key=value ...]   # the resolved config, nothing run
@@ -76,16 +77,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.action not in (None, "run"):  # `sparsepo demo train.max_steps=5`: an override, not an action
         a.overrides.insert(0, a.action)
     from sparsepo.demo import evaluate_policy, prepare_world
-
     from sparsepo.losses import get_method
+    from sparsepo.recipe import write_for_method
 
     world = prepare_world(Path(a.workdir) / "world", size=a.size, seed=a.seed, force=a.force)
     run_dir = Path(a.workdir) / f"run-{a.method}"
+    spec = get_method(a.method)
     overrides = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", f"method.name={a.method}",
                  f"logging.output_dir={run_dir}", "logging.overwrite=true", *a.overrides]
-    if get_method(a.method).needs_sae_features and not any(o.startswith("sae.path=") for o in a.overrides):
+    if spec.needs_sae_features and not any(o.startswith("sae.path=") for o in a.overrides):
         overrides.append(f"sae.path={demo_sae(world, [f'method.name={a.method}', *a.overrides], force=a.force)}")
-    code = launch_train(str(RECIPES / "demo.yaml"), overrides, nproc=a.nproc)
+    if spec.needs_oracle_scores and not any(o.startswith("reference.oracle=") for o in a.overrides):
+        overrides.append(f"reference.oracle={demo_oracle(world, Path(world.root) / 'oracle', a)}")
+    # the demo recipe is written for DPO: pass the method only the keys its params have
+    recipe = write_for_method(RECIPES / "demo.yaml", a.method, Path(a.workdir) / f"recipe-{a.method}.yaml")
+    code = launch_train(str(recipe), overrides, nproc=a.nproc)
     if code != 0:
         print(f"sparsepo demo: training failed (exit {code})", file=sys.stderr)
         return code
@@ -143,6 +149,35 @@ def demo_sae(world, method_overrides: list[str], *, force: bool) -> Path:
                                                   f"sae.path={out}", *method_overrides])
         train_for_run(cfg, out, steps=300)  # 0.997 explained variance on the default world (2000: ~14 min on CPU)
     return out
+
+
+def demo_oracle(world, out: Path, a: argparse.Namespace) -> Path:
+    """The demo's SePO oracle: DPO from the demo SFT model on a seeded half of the pairs (the other
+    half measures its held-out accuracy); trained once, cached beside the world."""
+    from sparsepo.oracle_train import train_oracle
+
+    if a.force or not (out / "oracle.json").is_file():
+        keep = [o for o in a.overrides if not o.startswith(("method.", "reference."))]
+        train_oracle(str(RECIPES / "demo.yaml"), out, launch=launch_train, fraction=0.5, nproc=a.nproc,
+                     seed=a.seed, overrides=[f"model.path={world.sft_dir}", f"data.path={world.train_path}",
+                                             "logging.overwrite=true", *keep])
+    return out
+
+
+def cmd_sepo_train_oracle(a: argparse.Namespace) -> int:
+    import logging
+
+    from sparsepo.oracle_train import train_oracle
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        train_oracle(a.config, a.out, launch=launch_train, fraction=a.fraction, model=a.model, heldout=a.heldout,
+                     overrides=a.overrides, nproc=a.nproc, seed=a.seed)
+    except (RuntimeError, ValueError) as e:
+        print(f"sparsepo sepo train-oracle: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -235,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-tokens", type=int, default=200_000, help="residual activations to train on")
     st.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     st.set_defaults(fn=cmd_sae_train)
+
+    sepo = sub.add_parser("sepo", help="SePO's oracle").add_subparsers(dest="sepo_command", required=True)
+    so = sepo.add_parser("train-oracle", help="DPO-train SePO's oracle and write DIR/oracle.json")
+    so.add_argument("--config", help=CONFIG_HELP)
+    so.add_argument("--out", required=True, help="oracle directory (then: reference.oracle=DIR)")
+    so.add_argument("--fraction", type=float, default=1.0, help="seeded fraction of the pairs to train on; "
+                    "the rest measure held-out accuracy")
+    so.add_argument("--model", help="the oracle's starting model (default: the config's model.path)")
+    so.add_argument("--heldout", help="held-out pairs file for the accuracy when --fraction is 1")
+    so.add_argument("--seed", type=int, help="seed of the split (default: train.seed)")
+    so.add_argument("--nproc", type=int, default=1, help="ranks of the oracle's DPO run (deepspeed launcher)")
+    so.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    so.set_defaults(fn=cmd_sepo_train_oracle)
 
     x = sub.add_parser("export", help="checkpoint -> Hugging Face model directory")
     x.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest valid checkpoint)")

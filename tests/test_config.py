@@ -78,7 +78,9 @@ def test_round_trip_through_resolved_file(tmp_path):
     ({"topology": {"reference_ranks": 2}, "reference": {"mode": "inline"}}, [], ["reference.mode=inline"]),
     ({"method": {"name": "fpo"}}, [], ["needs an SAE", "sae.path"]),
     ({"method": {"name": "spo"}}, [], ["method 'spo'", "samples the policy generates", "cannot produce"]),
-    ({"method": {"name": "sepo"}}, [], ["method 'sepo'", "oracle pair", "cannot produce"]),
+    ({"method": {"name": "sepo"}}, [], ["method 'sepo'", "reference.oracle", "sparsepo sepo train-oracle"]),
+    ({"method": {"name": "sepo"}, "reference": {"oracle": "o", "mode": "live"}, "topology": {"reference_ranks": 1}},
+     [], ["method 'sepo'", "reference.mode=live", "reference.mode=cache", "reference.mode=inline"]),
     ({"train": {"micro_batch_size": 0}}, [], ["train.micro_batch_size=0", ">= 1"]),
     ({"train": "fast"}, [], ["section 'train'", "mapping"]),
 ])

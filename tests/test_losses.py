@@ -231,10 +231,8 @@ def test_fpo_with_alpha_zero_is_simpo_with_the_reference_margin():
 
 
 def sepo_hand_inputs():
-    """Chosen: mask on t=1..5 (|yw| = 5), ρ=0.3 -> ceil(1.5) = 2 tokens: the top scores 0.9 (t=2) and
-    0.5 (t=4); their log-probs −0.5 and −1.5 -> mean −1.0.
-    Rejected: mask on t=1..3 (|yl| = 3) -> ceil(0.9) = 1 token: the lowest masked score −0.7 (t=2)
-    (the −9 at masked-out t=4,5 must be ignored); its log-prob −4 -> mean −4."""
+    """Chosen: mask on t=1..5 (|yw| = 5); rejected: mask on t=1..3 (|yl| = 3); the −9 scores at the
+    rejected's masked-out t=4,5 must be ignored. Worked per setting in the tests below."""
     return LossInputs(policy_chosen_logps=t([-8.0]), policy_rejected_logps=t([-7.0]),
                       chosen_mask=t([[0, 1, 1, 1, 1, 1]]), rejected_mask=t([[0, 1, 1, 1, 0, 0]]),
                       policy_chosen_token_logps=t([[0, -1, -0.5, -2, -1.5, -3]]),
@@ -243,19 +241,45 @@ def sepo_hand_inputs():
                       rejected_oracle_scores=t([[0, 0.4, -0.7, 0.2, -9, -9]]))
 
 
+CEIL_ALL = dict(rounding="ceil", min_tokens=1, skip_first_token=False)
+"""The selection rule before the authors' defaults: ceil(ρ·|y|), at least 1, every response token."""
+
+
 def test_sepo_by_hand():
-    """γ=0.5, normalise="selected": r(yw) = 0.5·(−1.0) = −0.5, r(yl) = 0.5·(−4) = −2; z = 1.5;
+    """Under CEIL_ALL, ρ=0.3: chosen keeps ceil(1.5) = 2 tokens, the top scores 0.9 (t=2) and 0.5 (t=4),
+    log-probs −0.5 and −1.5 -> mean −1.0; rejected keeps ceil(0.9) = 1, the lowest −0.7 (t=2), log-prob −4.
+    γ=0.5, normalise="selected": r(yw) = 0.5·(−1.0) = −0.5, r(yl) = 0.5·(−4) = −2; z = 1.5;
     loss = log(1 + e^{−1.5}) = 0.20141328. selected_fraction = (2 + 1)/(5 + 3) = 0.375.
     normalise="response": r(yw) = 0.5·(−2)/5 = −0.2, r(yl) = 0.5·(−4)/3 = −0.66666667, z = 0.46666667,
     loss = 0.48679258. normalise="none": r(yw) = −1, r(yl) = −2, z = 1, loss = log(1 + e^{−1}) = 0.31326169."""
-    out = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5, rho=0.3))
+    out = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5, rho=0.3, **CEIL_ALL))
     assert out.losses.item() == pytest.approx(0.20141328, abs=1e-8)
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-0.5, -2.0), abs=TOL)
     assert out.metrics["selected_fraction"].item() == pytest.approx(0.375, abs=TOL)
-    response = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5, rho=0.3, normalise="response"))
+    response = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5, rho=0.3, normalise="response", **CEIL_ALL))
     assert response.losses.item() == pytest.approx(0.48679258, abs=1e-8)
-    plain = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5, rho=0.3, normalise="none"))
+    plain = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5, rho=0.3, normalise="none", **CEIL_ALL))
     assert plain.losses.item() == pytest.approx(0.31326169, abs=1e-8)
+
+
+def test_sepo_by_hand_with_the_authors_defaults():
+    """Defaults (floor, first token never selected, min_tokens=1), γ=0.5, ρ=0.3. Chosen candidates
+    t=2..5 (N=4): floor(1.2) = 1 token, the top score 0.9 (t=2), log-prob −0.5. Rejected candidates
+    t=2,3 (N=2): floor(0.6) = 0, raised to min_tokens=1: the lowest −0.7 (t=2), log-prob −4.
+    r(yw) = −0.25, r(yl) = −2, z = 1.75, loss = log(1 + e^{−1.75}) = 0.16022415. selected_fraction
+    = 2/8 = 0.25. Oracle means: chosen selected 0.9, unselected (0.1 − 0.2 + 0.5 + 0.3)/4 = 0.175;
+    rejected selected −0.7, unselected (0.4 + 0.2)/2 = 0.3.
+    With min_tokens=0 (the authors' exact rule) the rejected side keeps nothing: r(yl) = 0,
+    z = −0.25, loss = log(1 + e^{0.25}) = 0.82593942."""
+    out = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5))
+    assert out.losses.item() == pytest.approx(0.16022415, abs=1e-8)
+    m = {k: v.item() for k, v in out.metrics.items()}
+    assert m["selected_fraction"] == pytest.approx(0.25, abs=TOL)
+    assert (m["oracle_chosen_selected"], m["oracle_chosen_unselected"]) == pytest.approx((0.9, 0.175), abs=TOL)
+    assert (m["oracle_rejected_selected"], m["oracle_rejected_unselected"]) == pytest.approx((-0.7, 0.3), abs=TOL)
+    exact = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5, min_tokens=0))
+    assert exact.losses.item() == pytest.approx(0.82593942, abs=1e-8)
+    assert exact.rejected_rewards.item() == 0.0
 
 
 def spo_hand_inputs():
@@ -352,9 +376,11 @@ def test_sepo_gradient_touches_only_selected_tokens():
     out = sepo_loss(inputs_for(spec, fields, policy_chosen_token_logps=chosen,
                                policy_rejected_token_logps=rejected), PARAMS["sepo"])
     g_chosen, g_rejected = torch.autograd.grad(out.losses.sum(), (chosen, rejected))
-    rho = PARAMS["sepo"].rho
-    sel_w = select_tokens(fields["chosen_oracle_scores"], fields["chosen_mask"], rho, largest=True)
-    sel_l = select_tokens(fields["rejected_oracle_scores"], fields["rejected_mask"], rho, largest=False)
+    p = PARAMS["sepo"]
+    knobs = dict(rounding=p.rounding, min_tokens=p.min_tokens, skip_first_token=p.skip_first_token)
+    sel_w = select_tokens(fields["chosen_oracle_scores"], fields["chosen_mask"], p.rho, largest=True, **knobs)
+    sel_l = select_tokens(fields["rejected_oracle_scores"], fields["rejected_mask"], p.rho, largest=False, **knobs)
+    assert sel_w.sum() > 0 and sel_l.sum() > 0
     assert torch.equal(g_chosen != 0, sel_w != 0)
     assert torch.equal(g_rejected != 0, sel_l != 0)
     assert torch.all(g_chosen <= 0) and torch.all(g_rejected >= 0)
@@ -520,6 +546,7 @@ def test_get_method_suggests_the_nearest_name(typo, nearest):
     (IPOParams, {"beta": -1.0}, "beta"), (SimPOParams, {"gamma": -0.1}, "gamma"),
     (TDPOParams, {"alpha": -0.5}, "alpha"), (FPOParams, {"k": 0}, "k"), (FPOParams, {"beta": float("nan")}, "beta"),
     (SePOParams, {"rho": 1.5}, "rho"), (SePOParams, {"normalise": "tokens"}, "normalise"),
+    (SePOParams, {"rounding": "round"}, "rounding"), (SePOParams, {"min_tokens": -1}, "min_tokens"),
     (SPOParams, {"alpha": 0.0}, "alpha"), (SPOParams, {"kl_estimator": "k3"}, "kl_estimator"),
 ])
 def test_params_refuse_bad_values(cls, kwargs, word):
@@ -530,7 +557,9 @@ def test_params_refuse_bad_values(cls, kwargs, word):
 def test_params_are_keyword_only_and_default_to_the_table():
     assert DPOParams().beta == 0.1 and SimPOParams().beta == 2.0 and SimPOParams().gamma == 0.5
     assert (FPOParams().beta, FPOParams().alpha, FPOParams().k) == (0.1, 0.5, 50)
-    assert SePOParams().rho == 0.3 and TDPOParams().alpha == 0.5 and SPOParams().alpha == 1.0
+    assert (SePOParams().rho, SePOParams().gamma, SePOParams().rounding, SePOParams().skip_first_token) == \
+        (0.3, 1.0, "floor", True)
+    assert TDPOParams().alpha == 0.5 and SPOParams().alpha == 1.0
     with pytest.raises(TypeError):
         DPOParams(0.2)
 

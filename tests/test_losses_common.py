@@ -210,33 +210,112 @@ def test_pooled_union_mse_matches_a_dense_reference():
 # SePO's selection
 
 
+CEIL_ALL = dict(rounding="ceil", min_tokens=1, skip_first_token=False)
+FLOOR_ALL = dict(rounding="floor", min_tokens=0, skip_first_token=False)
+
+
+def row(length: int, pad: int = 2) -> torch.Tensor:
+    """A (1, length + pad) response mask: position 0 is the prompt, then `length` response tokens."""
+    mask = torch.zeros(1, length + pad)
+    mask[0, 1:1 + length] = 1
+    return mask
+
+
 def test_select_tokens_by_hand():
-    """Row 0: 5 response tokens, ρ=0.3 -> ceil(1.5) = 2; the largest scores among masked positions are
-    0.9 (t=2) and 0.5 (t=4). Row 1: 3 tokens -> ceil(0.9) = 1; the smallest masked score is −0.7 (t=2),
-    not the −9 at masked-out t=4."""
+    """CEIL_ALL. Row 0: 5 response tokens, ρ=0.3 -> ceil(1.5) = 2; the largest scores among masked
+    positions are 0.9 (t=2) and 0.5 (t=4). Row 1: 3 tokens -> ceil(0.9) = 1; the smallest masked
+    score is −0.7 (t=2), not the −9 at masked-out t=4."""
     scores = torch.tensor([[0.0, 0.1, 0.9, -0.2, 0.5, 0.3], [0.0, 0.4, -0.7, 0.2, -9.0, -9.0]])
     mask = torch.tensor([[0.0, 1, 1, 1, 1, 1], [0.0, 1, 1, 1, 0, 0]])
-    top = select_tokens(scores, mask, 0.3, largest=True)
-    bottom = select_tokens(scores, mask, 0.3, largest=False)
+    top = select_tokens(scores, mask, 0.3, largest=True, **CEIL_ALL)
+    bottom = select_tokens(scores, mask, 0.3, largest=False, **CEIL_ALL)
     assert top[0].tolist() == [0, 0, 1, 0, 1, 0]
     assert bottom[1].tolist() == [0, 0, 1, 0, 0, 0]
 
 
+def test_select_tokens_defaults_skip_the_first_token_and_floor():
+    """Defaults (the authors' rule plus min_tokens=1). Row 0: the first response token t=1 holds the
+    best score 5.0 but is never a candidate; candidates t=2..5 (N=4), floor(1.2) = 1 -> t=2 (0.9).
+    Row 1: candidates t=2,3 (N=2), floor(0.6) = 0 -> min_tokens=1 -> the lowest, t=2 (−0.7)."""
+    scores = torch.tensor([[0.0, 5.0, 0.9, -0.2, 0.5, 0.3], [0.0, -5.0, -0.7, 0.2, -9.0, -9.0]])
+    mask = torch.tensor([[0.0, 1, 1, 1, 1, 1], [0.0, 1, 1, 1, 0, 0]])
+    assert select_tokens(scores, mask, 0.3, largest=True)[0].tolist() == [0, 0, 1, 0, 0, 0]
+    assert select_tokens(scores, mask, 0.3, largest=False)[1].tolist() == [0, 0, 1, 0, 0, 0]
+    # ρ = 1 keeps every candidate: all response tokens but the first
+    assert select_tokens(scores, mask, 1.0, largest=True)[0].tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_select_tokens_first_token_is_per_row_after_left_padding():
+    """The first response token is the first masked position of each row, wherever it falls."""
+    mask = torch.tensor([[0.0, 0, 0, 1, 1], [0.0, 1, 1, 1, 1]])
+    scores = torch.tensor([[0.0, 0, 0, 9.0, 1.0], [0.0, 9.0, 3.0, 2.0, 1.0]])
+    got = select_tokens(scores, mask, 1.0, largest=True)
+    assert got.tolist() == [[0, 0, 0, 0, 1], [0, 0, 1, 1, 1]]
+
+
+def test_select_tokens_ties_break_towards_the_earlier_position():
+    """Equal scores: largest and smallest both take the earliest positions first."""
+    scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[0.0, 1, 1, 1, 1]])
+    assert select_tokens(scores, mask, 0.5, largest=True, **CEIL_ALL).tolist() == [[0, 1, 1, 0, 0]]
+    assert select_tokens(scores, mask, 0.5, largest=False, **CEIL_ALL).tolist() == [[0, 1, 1, 0, 0]]
+    # with a strict winner later on, the tie among the rest still goes to the earliest
+    scores[0, 4] = 2.0
+    assert select_tokens(scores, mask, 0.5, largest=True, **CEIL_ALL).tolist() == [[0, 1, 0, 0, 1]]
+
+
 @pytest.mark.parametrize("length,rho,count", [(10, 0.3, 3), (1, 0.3, 1), (0, 0.3, 0), (7, 1.0, 7), (4, 0.5, 2),
                                               (11, 0.3, 4), (100, 0.07, 7), (25, 0.28, 7)])
-def test_select_tokens_counts(length, rho, count):
+def test_select_tokens_counts_ceil(length, rho, count):
     """ceil(ρ·|y|), at least one token, none for an empty response. In floating point
     100·0.07 = 7.000000000000001 and 25·0.28 = 7.000000000000001: both must still give 7, not 8."""
-    mask = torch.zeros(1, length + 2)
-    mask[0, 1:1 + length] = 1
-    selected = select_tokens(torch.randn(1, length + 2), mask, rho, largest=True)
+    mask = row(length)
+    selected = select_tokens(torch.randn(1, length + 2), mask, rho, largest=True, **CEIL_ALL)
     assert selected.sum().item() == count
     assert torch.all(selected <= mask)
 
 
-def test_select_tokens_rejects_bad_rho():
-    with pytest.raises(ValueError, match="rho"):
-        select_tokens(torch.zeros(1, 3), torch.ones(1, 3), 0.0, largest=True)
+@pytest.mark.parametrize("length,rho,count", [(10, 0.3, 3), (11, 0.3, 3), (3, 0.3, 0), (1, 0.3, 0), (0, 0.3, 0),
+                                              (7, 1.0, 7), (10, 0.7, 7), (100, 0.07, 7), (9, 1e-6, 0)])
+def test_select_tokens_counts_floor(length, rho, count):
+    """floor(ρ·|y|) with no minimum (the authors' int(ρ·N)): responses shorter than 1/ρ keep nothing;
+    10·0.7 = 6.999999999999999 in floating point must still give 7, not 6."""
+    mask = row(length)
+    selected = select_tokens(torch.randn(1, length + 2), mask, rho, largest=False, **FLOOR_ALL)
+    assert selected.sum().item() == count
+
+
+@pytest.mark.parametrize("rounding,min_tokens,skip,length,count", [
+    ("floor", 1, True, 3, 1),    # N=2: floor(0.6)=0 -> raised to 1
+    ("floor", 0, True, 3, 0),    # the authors' rule: nothing
+    ("floor", 1, True, 1, 0),    # N=0 after the first token: the minimum is capped at N
+    ("ceil", 1, True, 8, 3),     # N=7: ceil(2.1) = 3
+    ("floor", 1, True, 8, 2),    # N=7: floor(2.1) = 2 (the authors' 8-token minimum response)
+    ("floor", 5, False, 3, 3),   # min_tokens above N: capped at N
+])
+def test_select_tokens_min_tokens_and_first_token(rounding, min_tokens, skip, length, count):
+    mask = row(length)
+    selected = select_tokens(torch.randn(1, length + 2), mask, 0.3, largest=True, rounding=rounding,
+                             min_tokens=min_tokens, skip_first_token=skip)
+    assert selected.sum().item() == count
+    if skip and length:
+        assert selected[0, 1] == 0
+
+
+def test_select_tokens_tiny_rho_keeps_min_tokens():
+    """ρ → 0: floor gives 0, raised to min_tokens; ceil of a tiny positive product is 1."""
+    mask = row(50)
+    scores = torch.arange(52.0).unsqueeze(0)
+    assert select_tokens(scores, mask, 1e-9, largest=True, rounding="floor", min_tokens=2).tolist()[0][49:51] == [1, 1]
+    assert select_tokens(scores, mask, 1e-3, largest=True, rounding="ceil", min_tokens=0).sum().item() == 1
+
+
+@pytest.mark.parametrize("kwargs,word", [({"rho": 0.0}, "rho"), ({"rho": 1.01}, "rho"),
+                                         ({"rounding": "round"}, "rounding"), ({"min_tokens": -1}, "min_tokens")])
+def test_select_tokens_rejects_bad_settings(kwargs, word):
+    args = {"rho": 0.3, **kwargs}
+    with pytest.raises(ValueError, match=word):
+        select_tokens(torch.zeros(1, 3), torch.ones(1, 3), largest=True, **args)
 
 
 # --------------------------------------------------------------------------------------------

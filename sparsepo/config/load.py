@@ -226,12 +226,19 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
             f"method '{spec.name}' needs an SAE ({source}): set sae.path to a sae-lens SAE directory "
             f"(train one with `sparsepo sae train`) or a sae-lens release id with sae.sae_id."
         )
-    if spec.needs_policy_samples or spec.needs_oracle_scores:
-        what = ("reference scores of samples the policy generates during training" if spec.needs_policy_samples
-                else "token scores from a DPO-trained oracle pair")
+    if spec.needs_policy_samples:
         raise ConfigError(
-            f"method '{spec.name}' ({source}) needs {what}; the trainer cannot produce these yet (its loss is in "
-            f"sparsepo.losses and tested). Train with dpo, ipo, simpo, tdpo1, tdpo2 or fpo.")
+            f"method '{spec.name}' ({source}) needs reference scores of samples the policy generates during "
+            f"training; the trainer cannot produce these yet (its loss is in sparsepo.losses and tested). Train "
+            f"with dpo, ipo, simpo, tdpo1, tdpo2, fpo or sepo.")
+    if spec.needs_oracle_scores and not r.oracle:
+        raise ConfigError(
+            f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
+            f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
+    if spec.needs_oracle_scores and r.mode == "live":
+        raise ConfigError(
+            f"method '{spec.name}' with reference.mode=live ({source}): the live reference group does not hold "
+            f"the oracle pair yet. Use reference.mode=cache (precomputed oracle scores) or reference.mode=inline.")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
 

@@ -53,8 +53,8 @@ def check_local_inputs(cfg: RunConfig) -> None:
         check_model_dir("reference.path", cfg.reference.path)
 
 
-LOCAL_PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("reference", "path"), ("sae", "path"),
-                   ("data", "path"))
+LOCAL_PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("reference", "path"), ("reference", "oracle"),
+                   ("sae", "path"), ("data", "path"))
 """Keys naming local inputs; made absolute at load time when they exist (a hub-style sae.path or
 data.path that does not exist locally is left as written)."""
 

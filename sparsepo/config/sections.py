@@ -80,6 +80,9 @@ class ReferenceConfig:
     """Live mode: batches scored ahead of the policy (the scheduler's window W)."""
     timeout_s: float = 600.0
     """Live mode: fail if the reference group sends nothing for this long."""
+    oracle: str | None = None
+    """SePO: the oracle directory written by `sparsepo sepo train-oracle` (its oracle.json names the
+    DPO-trained oracle and the oracle's reference; their token rewards select the trained tokens)."""
 
 
 @dataclass(kw_only=True)

@@ -136,19 +136,35 @@ def pooled_union_mse(policy_features: Tensor, ref_ids: Tensor, ref_values: Tenso
     return sq.sum(-1) / k, union.sum(-1)
 
 
-def select_tokens(scores: Tensor, mask: Tensor, rho: float, largest: bool) -> Tensor:
-    """SePO selection: in each row keep the ceil(rho·|y|) masked tokens (at least 1) with the largest
-    (or smallest) score. scores (B,T), mask (B,T) -> (B,T) 0/1 in mask's float dtype.
+ROUNDING = ("floor", "ceil")
 
-    Ties break towards the earlier position; rows with an empty mask select nothing.
+
+def select_tokens(scores: Tensor, mask: Tensor, rho: float, largest: bool, *, rounding: str = "floor",
+                  min_tokens: int = 1, skip_first_token: bool = True) -> Tensor:
+    """SePO selection: in each row keep the `count` candidate tokens with the largest (or smallest)
+    score. scores (B,T), mask (B,T) -> (B,T) 0/1 in mask's float dtype.
+
+    Candidates are the masked tokens, less the first response token when `skip_first_token` (the
+    authors' code never scores it). With N candidates, count = floor(ρ·N) or ceil(ρ·N) (`rounding`),
+    raised to `min_tokens` and capped at N. Ties break towards the earlier position; a row with no
+    candidate selects nothing.
     """
     if not 0.0 < rho <= 1.0:
         raise ValueError(f"select_tokens: rho={rho} must be in (0, 1]")
+    if rounding not in ROUNDING:
+        raise ValueError(f"select_tokens: rounding={rounding!r} must be one of {', '.join(ROUNDING)}")
+    if min_tokens < 0:
+        raise ValueError(f"select_tokens: min_tokens={min_tokens} must be >= 0")
     valid = mask != 0
+    if skip_first_token:
+        first = valid & (valid.long().cumsum(-1) == 1)
+        valid = valid & ~first
     lengths = valid.sum(-1)
-    # the 1e-6 keeps float error in rho·|y| (100·0.07 = 7.000000000000001) from adding a token
-    count = torch.ceil(lengths.double() * rho - 1e-6).long().clamp(min=1)
-    count = torch.minimum(count, lengths)
+    # the 1e-6 keeps float error in rho·N (100·0.07 = 7.000000000000001; 10·0.7 = 6.999999999999999)
+    # from moving the count across an integer
+    exact = lengths.double() * rho
+    count = (torch.ceil(exact - 1e-6) if rounding == "ceil" else torch.floor(exact + 1e-6)).long()
+    count = torch.minimum(count.clamp(min=min_tokens), lengths)
     fill = float("-inf") if largest else float("inf")
     ranked = torch.where(valid, scores.double(), torch.full((), fill, dtype=torch.float64, device=scores.device))
     order = torch.sort(ranked, dim=-1, descending=largest, stable=True).indices

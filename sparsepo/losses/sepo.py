@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from sparsepo.losses.common import check, make_output, masked_sum, response_lengths, select_tokens, sigmoid_loss
+from sparsepo.losses.common import (ROUNDING, check, make_output, masked_sum, response_lengths, select_tokens,
+                                    sigmoid_loss)
 from sparsepo.losses.types import LossInputs, LossOutput
 
 NORMALISE = ("selected", "response", "none")
@@ -15,10 +16,17 @@ NORMALISE = ("selected", "response", "none")
 
 @dataclass(kw_only=True)
 class SePOParams:
-    gamma: float = 2.0
-    """γ: scale of the selected-token reward (our default, on the scale of SimPO's β; tune per model)."""
+    gamma: float = 1.0
+    """γ: scale of the selected-token reward (authors' code: 1)."""
     rho: float = 0.3
-    """ρ: fraction of each response's tokens kept, ceil(ρ·|y|) and at least 1 (paper 0.3)."""
+    """ρ: fraction of each response's candidate tokens kept (paper and authors' code: 0.3)."""
+    rounding: str = "floor"
+    """How ρ·N becomes a token count: "floor" (the authors' int(ρ·N)) or "ceil"."""
+    min_tokens: int = 1
+    """Fewest tokens kept per response (capped at N). Ours 1; the authors' code has no minimum (0),
+    see `sepo_loss` for why ours differs."""
+    skip_first_token: bool = True
+    """Never select a response's first token (the authors' code never scores it)."""
     normalise: str = "selected"
     """What the selected tokens' log-prob sum is divided by: "selected" (|S|, the mean; default),
     "response" (|y|) or "none" (plain sum). See `sepo_loss`."""
@@ -26,6 +34,10 @@ class SePOParams:
     def __post_init__(self) -> None:
         check(self.gamma > 0, "SePOParams", f"gamma must be > 0 (got {self.gamma})")
         check(0.0 < self.rho <= 1.0, "SePOParams", f"rho must be in (0, 1] (got {self.rho})")
+        check(self.rounding in ROUNDING, "SePOParams",
+              f"rounding must be one of {', '.join(ROUNDING)} (got {self.rounding!r})")
+        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "SePOParams",
+              f"min_tokens must be an integer >= 0 (got {self.min_tokens!r})")
         check(self.normalise in NORMALISE, "SePOParams",
               f"normalise must be one of {', '.join(NORMALISE)} (got {self.normalise!r})")
 
@@ -42,14 +54,22 @@ def _selected_reward(token_logps: Tensor, selected: Tensor, mask: Tensor, gamma:
 def sepo_loss(inputs: LossInputs, params: SePOParams) -> LossOutput:
     """SePO: a reference-free contrastive loss on the oracle's key tokens only.
 
-        Sw   = the ceil(ρ·|yw|) chosen tokens with the highest oracle score r_t (at least 1)
-        Sl   = the ceil(ρ·|yl|) rejected tokens with the lowest r_t
+        N    = the response's candidate tokens (all but the first when skip_first_token)
+        Sw   = the count(ρ·Nw) chosen tokens with the highest oracle score r_t
+        Sl   = the count(ρ·Nl) rejected tokens with the lowest r_t
+        count(x) = floor(x) (or ceil), at least min_tokens, at most N
         r(y) = γ·mean_{t∈S} log πθ(y_t | x, y<t)
         loss = −log σ(r(yw) − r(yl))
 
     Yang et al. 2024 (arXiv 2408.13518), §3, the SePO objective; r_t = log π_oracle(y_t) −
-    log π_oracle_ref(y_t) is the DPO-trained oracle's token reward (their Theorem 1). Defaults γ=2.0,
-    ρ=0.3, normalise="selected".
+    log π_oracle_ref(y_t) is the DPO-trained oracle's token reward (their Theorem 1). Defaults follow
+    the authors' code (OpenRLHF fork SteveKGYang/SePO): γ=1, ρ=0.3, floor, first token never selected.
+
+    Where ours differs, and why: min_tokens=1 (the authors' code has none). Their data step drops
+    responses under 8 tokens and prompts over 1900 tokens; we do not filter pairs here (length
+    limits belong to the data config), so a short response would otherwise select no token and
+    contribute neither reward nor gradient. On responses of 8+ tokens floor(0.3·7) = 2 >= 1, so the
+    minimum never binds and the two agree; set min_tokens=0 for the authors' rule exactly.
 
     Reading of γ's normalisation (knob `normalise`): Theorem 1 makes the response reward a sum of
     token rewards, and selection keeps the tokens that carry most of it; the objective then scores a
@@ -61,15 +81,27 @@ def sepo_loss(inputs: LossInputs, params: SePOParams) -> LossOutput:
     Reads: policy_{chosen,rejected}_token_logps (B,T); chosen_mask, rejected_mask (B,T);
     chosen_oracle_scores, rejected_oracle_scores (B,T), aligned like token_logps. Only the selected
     tokens receive gradient. Rewards r(yw), r(yl) (B,). Metrics: selected_fraction (selected tokens /
-    response tokens, both sides).
+    response tokens, both sides); oracle_{chosen,rejected}_{selected,unselected}: the mean oracle
+    score of the selected and of the other response tokens, per side.
     """
     tw, tl, mw, ml, sw, sl = inputs.require("sepo", "policy_chosen_token_logps", "policy_rejected_token_logps",
                                             "chosen_mask", "rejected_mask",
                                             "chosen_oracle_scores", "rejected_oracle_scores")
-    sel_w = select_tokens(sw, mw, params.rho, largest=True)
-    sel_l = select_tokens(sl, ml, params.rho, largest=False)
+    knobs = dict(rounding=params.rounding, min_tokens=params.min_tokens, skip_first_token=params.skip_first_token)
+    sel_w = select_tokens(sw, mw, params.rho, largest=True, **knobs)
+    sel_l = select_tokens(sl, ml, params.rho, largest=False, **knobs)
     chosen = _selected_reward(tw, sel_w, mw, params.gamma, params.normalise)
     rejected = _selected_reward(tl, sel_l, ml, params.gamma, params.normalise)
     response_tokens = (mw != 0).sum() + (ml != 0).sum()
     fraction = (sel_w.sum() + sel_l.sum()) / response_tokens.clamp(min=1)
-    return make_output(sigmoid_loss(chosen - rejected), chosen, rejected, selected_fraction=fraction)
+    scores = {}
+    for side, s, sel, m in (("chosen", sw, sel_w, mw), ("rejected", sl, sel_l, ml)):
+        rest = (m != 0).to(sel.dtype) - sel
+        scores[f"oracle_{side}_selected"] = _overall_mean(s, sel)
+        scores[f"oracle_{side}_unselected"] = _overall_mean(s, rest)
+    return make_output(sigmoid_loss(chosen - rejected), chosen, rejected, selected_fraction=fraction, **scores)
+
+
+def _overall_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over every masked position of the batch; 0 when none."""
+    return masked_sum(x, mask).sum() / mask.sum().clamp(min=1)

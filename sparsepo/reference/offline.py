@@ -27,7 +27,27 @@ def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
         settings["topk"] = cfg.reference.topk
     if features is not None:
         settings.update(sae=features.fingerprint, layer=features.layer, k=features.k)
+    if "oracle_scores" in outputs:  # SePO: both oracle models' weights key the cache (and are checked first)
+        from sparsepo.reference.oracle import oracle_fingerprints, oracle_manifest
+
+        settings.update(oracle_fingerprints(oracle_manifest(cfg)))
     return settings
+
+
+def scorer_name(cfg, outputs: tuple[str, ...]) -> str:
+    return f"the SePO oracle pair in {cfg.reference.oracle}" if "oracle_scores" in outputs else reference_path(cfg)
+
+
+def load_scorer(cfg, outputs: tuple[str, ...], device):
+    """What scores `outputs` in cache and inline modes: the oracle pair for oracle_scores (SePO loads
+    no reference model at all), else the frozen reference."""
+    if "oracle_scores" in outputs:
+        from sparsepo.reference.oracle import OraclePair, oracle_manifest
+
+        return OraclePair.load(oracle_manifest(cfg), device=device, precision=cfg.train.precision)
+    from sparsepo.models import load_frozen_model
+
+    return load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision)
 
 
 def local_components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
@@ -54,12 +74,10 @@ def ensure_cache(cfg, outputs: tuple[str, ...], dataset, collate, *, data_finger
     expected = components(cfg, data_fingerprint, outputs, features)
     directory = cache_dir(cfg)
     if force or not (directory / INDEX).is_file():
-        from sparsepo.models import load_frozen_model
-
         if ctx.is_main:
             log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
-                     reference_path(cfg))
-        model = load_frozen_model(reference_path(cfg), device=ctx.device, precision=cfg.train.precision)
+                     scorer_name(cfg, outputs))
+        model = load_scorer(cfg, outputs, ctx.device)
         precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
                          topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
                          shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,

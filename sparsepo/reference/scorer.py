@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=None) -> ReferenceOutputs:
     """Reference outputs for one collated batch. `features` (e.g. sae.runtime.SAEFeatures) captures a layer
-    during the same forward and adds its outputs (SAE feature top-k)."""
+    during the same forward and adds its outputs (SAE feature top-k). `model` is the frozen causal LM,
+    or a scorer with its own `score_batch(batch, outputs)` (SePO's `oracle.OraclePair`)."""
+    own = getattr(model, "score_batch", None)
+    if own is not None:
+        return own(batch, outputs)
     with features.capture(model) if features is not None else nullcontext() as cap:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     hidden = cap.take() if features is not None else None

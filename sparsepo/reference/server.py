@@ -52,7 +52,8 @@ def live_outputs(cfg) -> tuple[str, ...]:
     if unsupported:
         hint = (" (the SAE features need sae.path)" if any(o in FEATURE_FIELDS for o in unsupported) else "")
         raise LiveModeError(f"method '{cfg.method.name}' needs {unsupported} from the reference; the pipeline "
-                            f"reference group serves {served}{hint}. Use reference.mode=cache for it.")
+                            f"reference group serves {served}{hint}. Use reference.mode=cache or reference.mode=inline "
+                            f"for it.")
     return outputs
 
 

@@ -50,8 +50,8 @@ class CacheSource:
 
 
 class InlineSource:
-    """The frozen reference on the policy rank itself, scored inside the step (TRL's way; the
-    sequential baseline of the overlap benchmark)."""
+    """The frozen reference (SePO: the oracle pair) on the policy rank itself, scored inside the step
+    (TRL's way; the sequential baseline of the overlap benchmark)."""
 
     def __init__(self, model, outputs: tuple[str, ...], *, topk: int, features=None):
         self.model, self.outputs, self.topk, self.features = model, outputs, topk, features
@@ -125,10 +125,8 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
     if not outputs:
         return NoReference()
     if cfg.reference.mode == "inline":
-        from sparsepo.models import load_frozen_model
-
-        model = load_frozen_model(offline.reference_path(cfg), device=ctx.device, precision=cfg.train.precision)
-        return InlineSource(model, outputs, topk=cfg.reference.topk, features=features)
+        return InlineSource(offline.load_scorer(cfg, outputs, ctx.device), outputs, topk=cfg.reference.topk,
+                            features=features)
     reader = offline.ensure_cache(cfg, outputs, dataset, collate, data_fingerprint=data_fingerprint, ctx=ctx,
                                   features=features)
     return CacheSource(reader, outputs, ctx.device)

@@ -1,0 +1,137 @@
+"""SePO's oracle pair: a DPO-trained oracle and its own reference, scoring token rewards.
+
+    manifest = oracle_manifest(cfg)        # <reference.oracle>/oracle.json, checked against the policy
+    pair = OraclePair.load(manifest, device="cpu")
+    ro = pair.score_batch(batch, ("oracle_scores",))
+
+    r_t = log π_oracle(y_t | x, y<t) − log π_oracle_ref(y_t | x, y<t)     (Yang et al. 2024, Theorem 1)
+
+Each side's token log-probs come from `sparsepo.reference.scoring.score`, the one scoring function
+every reference path uses, so cache (precompute) and inline modes give the same numbers. The
+directory is written by `sparsepo sepo train-oracle` (`sparsepo.oracle_train`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparsepo.reference.outputs import ReferenceOutputs
+from sparsepo.reference.scoring import score
+
+MANIFEST = "oracle.json"
+ORACLE_FIELDS = ("oracle_scores",)
+"""What the oracle pair serves."""
+
+
+class OracleError(ValueError):
+    """An oracle directory that is missing, damaged, or does not fit the policy."""
+
+
+@dataclass(frozen=True)
+class OracleManifest:
+    directory: str
+    """The `reference.oracle` directory holding oracle.json."""
+    oracle: str
+    """The DPO-trained oracle's model directory."""
+    reference: str
+    """The oracle's own reference: the model its DPO training started from."""
+    fraction: float | None = None
+    heldout_accuracy: float | None = None
+
+
+def read_manifest(directory: str | Path) -> OracleManifest:
+    """Read <directory>/oracle.json; relative model paths are taken relative to the directory."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise OracleError(f"reference.oracle={directory}: no {MANIFEST} there. Train an oracle with "
+                          f"`sparsepo sepo train-oracle --config X --out {directory}`")
+    try:
+        raw = json.loads(path.read_text())
+        models = {key: str(directory / raw[key]) if not Path(raw[key]).is_absolute() else raw[key]
+                  for key in ("oracle", "reference")}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise OracleError(f"{path}: not an oracle manifest ({type(e).__name__}: {e}); it must name "
+                          f"\"oracle\" and \"reference\" model directories") from e
+    return OracleManifest(directory=str(directory), fraction=raw.get("fraction"),
+                          heldout_accuracy=raw.get("heldout_accuracy"), **models)
+
+
+def check_compatible(policy_model: str, policy_tokenizer: str, manifest: OracleManifest) -> None:
+    """Refuse an oracle (or oracle reference) whose tokenizer or vocabulary differs from the
+    policy's: its token scores would describe other tokens. Names both paths."""
+    from transformers import AutoConfig
+
+    from sparsepo.data.rows import tokenizer_digest
+    from sparsepo.models import load_tokenizer
+
+    def loaded(what: str, path: str, fn):
+        try:
+            return fn(path)
+        except (OSError, ValueError) as e:
+            raise OracleError(f"SePO oracle: cannot load the {what} at {path}: {e}") from e
+
+    policy_digest = tokenizer_digest(loaded("policy tokenizer", policy_tokenizer, load_tokenizer))
+    policy_vocab = loaded("policy model config", policy_model, AutoConfig.from_pretrained).vocab_size
+    for role, path in (("oracle", manifest.oracle), ("oracle reference", manifest.reference)):
+        digest = tokenizer_digest(loaded(f"{role} tokenizer", path, load_tokenizer))
+        if digest != policy_digest:
+            raise OracleError(f"SePO oracle: the {role} tokenizer at {path} differs from the policy tokenizer at "
+                              f"{policy_tokenizer}; token scores must be over the policy's tokens. Train the "
+                              f"oracle from a model with the policy's tokenizer (`sparsepo sepo train-oracle`)")
+        vocab = loaded(f"{role} model config", path, AutoConfig.from_pretrained).vocab_size
+        if vocab != policy_vocab:
+            raise OracleError(f"SePO oracle: the {role} at {path} has a vocabulary of {vocab} but the policy at "
+                              f"{policy_model} has {policy_vocab}; the oracle must share the policy's vocabulary")
+
+
+def oracle_manifest(cfg) -> OracleManifest:
+    """The run's oracle (`reference.oracle`), read and checked against the policy: the one check
+    cache, precompute and inline modes all call, before anything is scored."""
+    if not cfg.reference.oracle:
+        raise OracleError("method 'sepo' needs reference.oracle (a directory from `sparsepo sepo train-oracle`)")
+    manifest = read_manifest(cfg.reference.oracle)
+    check_compatible(cfg.model.path, cfg.model.tokenizer or cfg.model.path, manifest)
+    return manifest
+
+
+def oracle_fingerprints(manifest: OracleManifest) -> dict:
+    """Both oracle models' weight fingerprints: part of the reference cache key."""
+    from sparsepo.reference.cache import MODEL_FILES, hash_files
+
+    return {"oracle": hash_files(manifest.oracle, MODEL_FILES),
+            "oracle_reference": hash_files(manifest.reference, MODEL_FILES)}
+
+
+class OraclePair:
+    """Two frozen models; `score_batch` serves oracle_scores (and nothing else)."""
+
+    def __init__(self, oracle, reference):
+        self.oracle, self.reference = oracle, reference
+
+    @classmethod
+    def load(cls, manifest: OracleManifest, *, device="cpu", precision: str = "fp32") -> "OraclePair":
+        from sparsepo.models import load_frozen_model
+
+        return cls(load_frozen_model(manifest.oracle, device=device, precision=precision),
+                   load_frozen_model(manifest.reference, device=device, precision=precision))
+
+    @torch.no_grad()
+    def token_scores(self, batch) -> torch.Tensor:
+        """r_t for every row of a collated batch: (2B,T), zero outside the response mask."""
+        logps = []
+        for model in (self.oracle, self.reference):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            logps.append(score(logits, batch.input_ids, batch.response_mask, ("token_logps",), topk=None)["token_logps"])
+        return logps[0] - logps[1]
+
+    def score_batch(self, batch, outputs: tuple[str, ...]) -> ReferenceOutputs:
+        """The `sparsepo.reference.scorer.score_batch` contract for the oracle pair."""
+        unsupported = [o for o in outputs if o not in ORACLE_FIELDS]
+        if unsupported:
+            raise RuntimeError(f"the SePO oracle pair serves only {list(ORACLE_FIELDS)}, not {unsupported}")
+        return ReferenceOutputs(example_ids=list(batch.example_ids), oracle_scores=self.token_scores(batch))
