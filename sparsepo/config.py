@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from sparsepo.atomic import atomic_write
+from sparsepo.generation_config import PARAM_PATHS, GenerationConfig, check_generation
 
 
 
@@ -191,6 +192,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 _CHOICES = {
@@ -201,6 +203,7 @@ _CHOICES = {
     ("topology", "placement"): ("last", "interleaved"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("train", "precision"): ("fp32", "bf16"),
+    ("generation", "params"): PARAM_PATHS,
 }
 
 
@@ -414,9 +417,15 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
             f"method '{spec.name}' needs an SAE ({source}): set sae.path to a sae-lens SAE directory "
             f"(train one with `sparsepo sae train`) or a sae-lens release id with sae.sae_id."
         )
-    if spec.needs_policy_samples or spec.needs_oracle_scores:
-        what = ("reference scores of samples the policy generates during training" if spec.needs_policy_samples
-                else "token scores from a DPO-trained oracle pair")
+    if spec.needs_policy_samples and r.mode != "inline":
+        raise ConfigError(
+            f"method '{spec.name}' ({source}) regularises with a KL on samples the policy draws during training, so "
+            f"nothing can be precomputed (reference.mode={r.mode}): set reference.mode=inline (the reference scores "
+            f"the samples on the policy ranks). Live SPO (samples sent to the reference group) is not built yet.")
+    if spec.needs_policy_samples and (problem := check_generation(cfg.generation)):
+        raise ConfigError(f"{problem} ({source})")
+    if spec.needs_oracle_scores:
+        what = "token scores from a DPO-trained oracle pair"
         raise ConfigError(
             f"method '{spec.name}' ({source}) needs {what}; the trainer cannot produce these yet (its loss is in "
             f"sparsepo.losses and tested). Train with dpo, ipo, simpo, tdpo1, tdpo2 or fpo.")

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from sparsepo.models import response_logps, topk_at_response
+from sparsepo.models import logps_at, response_logps, topk_at_response
 from sparsepo.reference.partition import PipelineConfigError
 
 SCORE_FIELDS = ("seq_logps", "token_logps", "topk_ids", "topk_logps")
@@ -41,7 +41,8 @@ class _Rows:
 
 
 def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Sequence[str], *,
-          topk: int | None, features=None, hidden: Tensor | None = None) -> dict[str, Tensor]:
+          topk: int | None, features=None, hidden: Tensor | None = None,
+          request_ids: Tensor | None = None) -> dict[str, Tensor]:
     """The reference's ``outputs`` for N rows, by name, in the order asked.
 
     From logits (N,T,V) (cast to float32): seq_logps (N,), token_logps (N,T) (position t from
@@ -49,7 +50,9 @@ def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Seq
     topk_logps / topk_ids (N,T,K) (the top ``topk`` next-token log-probs, zero outside the
     response). With ``features`` (an ``SAEFeatures``-like object) and ``hidden`` (decoder layer ℓ's
     output (N,T,D)): feature_ids (N,k) long / feature_values (N,k), the SAE activations pooled over
-    the response tokens and their top-k, from ``features.reference``. Raises when an output cannot
+    the response tokens and their top-k, from ``features.reference``. With ``request_ids`` (N,T,K')
+    (SPO: the ids the policy asks about at each sample position): request_logps (N,T,K'), the
+    log-probs at those ids, zero outside the response. Raises when an output cannot
     be produced (so a scorer never serves less than asked)."""
     logits = logits.float()
     token_logps, seq_logps = response_logps(logits, input_ids, response_mask)
@@ -58,6 +61,8 @@ def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Seq
         if not topk:
             raise ValueError(f"score: {[o for o in outputs if o.startswith('topk')]} need topk >= 1, got {topk}")
         got["topk_logps"], got["topk_ids"] = topk_at_response(logits, response_mask, topk)
+    if request_ids is not None:
+        got["request_logps"] = logps_at(logits, request_ids, response_mask)
     if features is not None:
         if hidden is None:
             raise RuntimeError("score: an SAE was given but no layer output (hidden) to read")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import queue
 
+import torch
+
 from sparsepo import bridge as br
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
 
@@ -56,10 +58,22 @@ class InlineSource:
     def __init__(self, model, outputs: tuple[str, ...], *, topk: int, features=None):
         self.model, self.outputs, self.topk, self.features = model, outputs, topk, features
 
-    def get(self, batch) -> ReferenceOutputs:
+    def get(self, batch) -> ReferenceOutputs | None:
         from sparsepo.reference.scorer import score_batch
 
+        if not self.outputs:  # SPO: nothing on the pairs, only the samples (score_samples)
+            return None
         return score_batch(self.model, batch, self.outputs, topk=self.topk, features=self.features)
+
+    @torch.no_grad()
+    def score_samples(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
+        """The reference side of SPO's KL on the policy's samples (a `generation.SampleBatch`), by the
+        one scoring function: `outputs` from token_logps, request_logps (at `request_ids` (S,T,K)),
+        topk_ids / topk_logps (the reference's own top-K)."""
+        from sparsepo.reference.scoring import score
+
+        logits = self.model(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits
+        return score(logits, samples.input_ids, samples.sample_mask, outputs, topk=self.topk, request_ids=request_ids)
 
     def finish(self) -> None:
         pass
@@ -122,7 +136,7 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
                             window=cfg.reference.window, timeout_s=cfg.reference.timeout_s, outputs=outputs,
                             device=ctx.device, finish_src=topo.reference_ranks()[0])
         return source
-    if not outputs:
+    if not outputs and not spec.needs_policy_samples:
         return NoReference()
     if cfg.reference.mode == "inline":
         from sparsepo.models import load_frozen_model
