@@ -36,18 +36,25 @@ class Prompts:
 
 def prompts_of(batch, pad_id: int, samples_per_prompt: int = 1) -> Prompts:
     """The prompts of a PairBatch's chosen rows, each repeated `samples_per_prompt` times."""
+    items = [(eid, batch.input_ids[i, :int(batch.prompt_lengths[i])].tolist()) for i, eid in enumerate(batch.example_ids)]
+    return prompts_from(items, pad_id, samples_per_prompt, device=batch.input_ids.device)
+
+
+def prompts_from(items: list[tuple[str, list[int]]], pad_id: int, samples_per_prompt: int = 1,
+                 device="cpu") -> Prompts:
+    """(prompt id, token ids) items -> left-padded Prompts, sample j of prompt e keyed "e#j"."""
     rows, keys = [], []
-    for i, eid in enumerate(batch.example_ids):
-        ids = batch.input_ids[i, :int(batch.prompt_lengths[i])]
+    for pid, ids in items:
         for j in range(samples_per_prompt):
-            rows.append(ids)
-            keys.append(f"{eid}#{j}")
+            rows.append(list(ids))
+            keys.append(f"{pid}#{j}")
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=batch.input_ids.device)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for n, r in enumerate(rows):
-        input_ids[n, width - len(r):], mask[n, width - len(r):] = r, 1
-    return Prompts(input_ids, mask, torch.tensor([len(r) for r in rows]), keys)
+        input_ids[n, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[n, width - len(r):] = 1
+    return Prompts(input_ids.to(device), mask.to(device), torch.tensor([len(r) for r in rows]), keys)
 
 
 def _key_seed(seed: int, key: str, position: int) -> int:

@@ -24,6 +24,10 @@ class GenerationConfig:
     """Sampling temperature. The KL estimators assume y ~ πθ, i.e. 1.0; other values bias them."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 (the default, unbiased for the KL) samples the full distribution."""
+    prompts_path: str | None = None
+    """Prompts to sample from instead of the step's own preference prompts: a .jsonl/.json/.parquet/.csv
+    file with a `prompt` column (text or chat messages), validated like the preference data; each
+    micro-batch takes train.micro_batch_size consecutive prompts, cycling through the file."""
     params: str = "gathered"
     """ZeRO-3: "gathered" gathers the whole policy once per round and decodes locally (fast; needs the
     full model in memory on every rank); "synced" keeps the shards and gathers layer by layer at every

@@ -3,8 +3,8 @@ its `needs_policy_samples` fields. The trainer builds one `PolicySamples` when t
 asks for samples and calls `fields` once per micro-batch; it never branches on the method's name.
 
 Per micro-batch (the KL of sparsepo.losses.spo / sparsepo.losses.kl):
-  1. every `generation.every_steps` steps: keyed samples from the micro-batch's prompts
-     (`PolicyEngine.generate`, ZeRO-3 gathered or synced); other steps reuse that micro-slot's round;
+  1. every `generation.every_steps` steps: keyed samples from the micro-batch's prompts (or from
+     generation.prompts_path) (`PolicyEngine.generate`, ZeRO-3 gathered or synced); other steps reuse that micro-slot's round;
   2. the policy's forward on the samples, WITH gradient: token log-probs and its top-K ids (K =
      reference.topk), the KL's support;
   3. the reference side from the source (`score_samples`: the one scoring function) at the sampled
@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from sparsepo.generation import KeyedSampler, prompts_of, sample_batch
+from sparsepo.data.prompts import prompts_for
+from sparsepo.generation import KeyedSampler, prompts_from, prompts_of, sample_batch
 from sparsepo.losses.kl import mask_support, union_support
 from sparsepo.models import logps_at, response_logps, topk_at_response
 
@@ -29,17 +30,26 @@ log = logging.getLogger("sparsepo")
 class PolicySamples:
     """Owns the sample rounds of one policy rank (at most one per micro-slot index, reused between rounds)."""
 
-    def __init__(self, gen, *, source, topk: int, support: str, seed: int, pad_id: int, eos_id: int):
+    def __init__(self, gen, *, source, topk: int, support: str, seed: int, pad_id: int, eos_id: int,
+                 prompts: list | None = None, rank: int = 0, dp: int = 1, grad_accum: int = 1):
+        """`prompts`: (id, token ids) from generation.prompts_path (`data.prompts.load_prompts`), or None
+        to sample from each micro-batch's own prompts."""
         if not hasattr(source, "score_samples"):
             raise ValueError(f"{type(source).__name__} cannot score policy samples: SPO needs reference.mode=inline")
         self.gen, self.source, self.topk, self.support = gen, source, topk, support
         self.seed, self.pad_id, self.eos_id = seed, pad_id, eos_id
+        self.prompts, self.rank, self.dp, self.grad_accum = prompts, rank, dp, grad_accum
         self.rounds: dict[int, object] = {}
         self.logged_path = False
 
     def _draw(self, policy, batch, step: int, micro: int) -> tuple[object, dict]:
         g = self.gen
-        prompts = prompts_of(batch, self.pad_id, g.samples_per_prompt)
+        if self.prompts is None:
+            prompts = prompts_of(batch, self.pad_id, g.samples_per_prompt)
+        else:
+            items = prompts_for(self.prompts, step=step, micro=micro, rank=self.rank, dp=self.dp,
+                                grad_accum=self.grad_accum, per_slot=batch.num_pairs)
+            prompts = prompts_from(items, self.pad_id, g.samples_per_prompt, device=batch.input_ids.device)
         sampler = KeyedSampler(prompts.keys, seed=self.seed * 1_000_003 + step, prompt_width=prompts.input_ids.shape[1],
                                temperature=g.temperature, top_p=g.top_p)
         t0 = time.perf_counter()

@@ -36,7 +36,7 @@ from sparsepo.models import pair_forward
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.reference.sources import open_source
-from sparsepo.rundata import RunData, load_features, load_run_data
+from sparsepo.rundata import RunData, load_features, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
 from sparsepo.schedule import Schedule
 
@@ -86,9 +86,11 @@ def setup(cfg: RunConfig, live=None) -> Run:
     samples = None
     if spec.needs_policy_samples:
         tok = data.tokenizer
+        prompts = load_run_prompts(cfg, ctx, tok)
         samples = PolicySamples(cfg.generation, source=source, topk=cfg.reference.topk,
                                 support=cfg.method.params.kl_support, seed=cfg.train.seed,
-                                pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+                                pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
+                                rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum)
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                             log_every=cfg.logging.log_every)

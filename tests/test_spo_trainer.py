@@ -104,3 +104,39 @@ def test_spo_two_ranks_match_one_rank(tiny_world, spo_one_rank, tmp_path):
         assert sorted(two) == list(range(1, STEPS + 1))
         for step in one:
             assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-5), (tag, step, one, two)
+
+
+@pytest.mark.unit
+def test_prompt_slots_are_disjoint_and_the_same_walk_on_any_rank_count():
+    from sparsepo.data.prompts import prompts_for
+
+    prompts = [(f"p{i}", [i]) for i in range(10)]
+    two = [prompts_for(prompts, step=3, micro=0, rank=r, dp=2, grad_accum=1, per_slot=2) for r in range(2)]
+    one = prompts_for(prompts, step=3, micro=0, rank=0, dp=1, grad_accum=1, per_slot=4)
+    assert two[0] + two[1] == one == [prompts[i % 10] for i in range(12, 16)]
+
+
+@pytest.mark.integration
+def test_prompt_file_is_validated_and_trains(tiny_world, tmp_path):
+    from sparsepo.config import load_config
+    from sparsepo.data import DataError
+    from sparsepo.data.prompts import load_prompts
+    from sparsepo.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_world.sft_dir))
+    good = [{"prompt": f"Review {i}: the film was"} for i in range(6)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(__import__("json").dumps(r) for r in [good[0], {"prompt": "  "}, *good[1:]]) + "\n")
+    cfg = load_config(None, ["method.name=spo", "reference.mode=inline", f"generation.prompts_path={path}"])
+    with pytest.raises(DataError, match=r"prompts.jsonl: line 2: field 'prompt': only whitespace.*on_bad_row=skip"):
+        load_prompts(str(path), cfg.data, tok)
+    cfg.data.on_bad_row, cfg.data.max_skip_fraction = "skip", 0.5
+    loaded = load_prompts(str(path), cfg.data, tok)
+    assert len(loaded) == 6 and loaded[0][1] == tok(good[0]["prompt"])["input_ids"]
+    cfg.data.max_prompt_length = 3
+    assert all(len(ids) <= 3 for _, ids in load_prompts(str(path), cfg.data, tok))
+    (tmp_path / "good.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in good) + "\n")
+    proc = run_training(tiny_world, tmp_path / "run", *SPO, "train.micro_batch_size=2", "train.max_steps=2",
+                        f"generation.prompts_path={tmp_path / 'good.jsonl'}")
+    assert "6 prompts for SPO's samples" in proc.stderr + proc.stdout
+    assert sorted(read_scalars(tmp_path / "run", "train/sample_kl")) == [1, 2]
