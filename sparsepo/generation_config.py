@@ -24,6 +24,10 @@ class GenerationConfig:
     """Sampling temperature. The KL estimators assume y ~ πθ, i.e. 1.0; other values bias them."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 (the default, unbiased for the KL) samples the full distribution."""
+    staleness: int = 0
+    """s: samples drawn at step t regularise step t + s (the first s steps reuse step 0's round), so a
+    live reference group can score them while the policy trains; 0 (synchronous) equals inline
+    exactly. Live mode needs s < reference.window. Logged as train/staleness."""
     prompts_path: str | None = None
     """Prompts to sample from instead of the step's own preference prompts: a .jsonl/.json/.parquet/.csv
     file with a `prompt` column (text or chat messages), validated like the preference data; each
@@ -38,6 +42,8 @@ def check_generation(g: GenerationConfig) -> str | None:
     """What is wrong with `g`, in words that name the key, or None."""
     if g.every_steps < 1 or g.samples_per_prompt < 1 or g.max_new_tokens < 1:
         return "generation.every_steps, samples_per_prompt and max_new_tokens must be >= 1"
+    if g.staleness < 0:
+        return f"generation.staleness={g.staleness} must be >= 0"
     if not g.temperature > 0:
         return f"generation.temperature={g.temperature} must be > 0"
     if not 0 < g.top_p <= 1:

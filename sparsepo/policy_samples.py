@@ -7,8 +7,11 @@ Per micro-batch (the KL of sparsepo.losses.spo / sparsepo.losses.kl):
      generation.prompts_path) (`PolicyEngine.generate`, ZeRO-3 gathered or synced); other steps reuse that micro-slot's round;
   2. the policy's forward on the samples, WITH gradient: token log-probs and its top-K ids (K =
      reference.topk), the KL's support;
-  3. the reference side from the source (`score_samples`: the one scoring function) at the sampled
-     tokens and the support ids (and its own top-K when kl_support="union");
+  3. the reference side from the source (request/collect: inline scores at once; live sends a REQUEST
+     over the bridge and the group's pipeline answers; both by the one scoring function) at the
+     sampled tokens and the support ids (and its own top-K when kl_support="union"); with staleness
+     s > 0 the step uses the round drawn s steps earlier (its support ids chosen then), so the
+     reference's answer can arrive while the policy trains;
   4. both sides' log-probs at the same support ids (duplicates of the union masked to no mass).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import torch
 
@@ -31,15 +35,20 @@ class PolicySamples:
     """Owns the sample rounds of one policy rank (at most one per micro-slot index, reused between rounds)."""
 
     def __init__(self, gen, *, source, topk: int, support: str, seed: int, pad_id: int, eos_id: int,
-                 prompts: list | None = None, rank: int = 0, dp: int = 1, grad_accum: int = 1):
+                 prompts: list | None = None, rank: int = 0, dp: int = 1, grad_accum: int = 1, staleness: int = 0):
         """`prompts`: (id, token ids) from generation.prompts_path (`data.prompts.load_prompts`), or None
-        to sample from each micro-batch's own prompts."""
-        if not hasattr(source, "score_samples"):
-            raise ValueError(f"{type(source).__name__} cannot score policy samples: SPO needs reference.mode=inline")
+        to sample from each micro-batch's own prompts. `source`: the run's reference source, with
+        request(samples, ids, outputs) -> ticket and collect(ticket) -> {name: tensor} (inline or live).
+        `staleness` s: samples drawn at step t regularise step t + s (the first steps reuse step 0's)."""
+        if not hasattr(source, "request"):
+            raise ValueError(f"{type(source).__name__} cannot score policy samples: SPO needs reference.mode=inline "
+                             f"or live")
         self.gen, self.source, self.topk, self.support = gen, source, topk, support
         self.seed, self.pad_id, self.eos_id = seed, pad_id, eos_id
         self.prompts, self.rank, self.dp, self.grad_accum = prompts, rank, dp, grad_accum
+        self.staleness = staleness
         self.rounds: dict[int, object] = {}
+        self.pending: dict[int, deque] = {}
         self.logged_path = False
 
     def _draw(self, policy, batch, step: int, micro: int) -> tuple[object, dict]:
@@ -66,18 +75,40 @@ class PolicySamples:
             self.logged_path = True
         return samples, {"gen_time": seconds, "gen_tokens_per_s": tokens / max(seconds, 1e-9), "samples_fresh": 1.0}
 
+    @staticmethod
+    def _forward(policy, samples):
+        return policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits.float()
+
     def fields(self, policy, batch, *, step: int, micro: int) -> tuple[dict, dict]:
         """(LossInputs fields for needs_policy_samples, metrics) for this micro-batch."""
         if step % self.gen.every_steps == 0 or micro not in self.rounds:
             samples, metrics = self._draw(policy, batch, step, micro)
         else:
             samples, metrics = self.rounds[micro], {"gen_time": 0.0, "samples_fresh": 0.0}
-        mask = samples.sample_mask
-        logits = policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits.float()
-        policy_tok, _ = response_logps(logits, samples.input_ids, mask)
-        _, policy_ids = topk_at_response(logits.detach(), mask, self.topk)
         outputs = ("token_logps", "request_logps") + (("topk_ids", "topk_logps") if self.support == "union" else ())
-        ref = self.source.score_samples(samples, policy_ids, outputs)
+        if self.staleness == 0:  # synchronous: one forward gives the support ids and the loss's log-probs
+            logits = self._forward(policy, samples)
+            request_ids = topk_at_response(logits.detach(), samples.sample_mask, self.topk)[1]
+            t0 = time.perf_counter()
+            ref = self.source.collect(self.source.request(samples, request_ids, outputs))
+            metrics.update(staleness=0.0, sample_ref_wait=time.perf_counter() - t0)
+        else:  # samples drawn now regularise step + s; this step uses the round drawn at max(0, step - s)
+            with torch.no_grad():
+                ids_now = topk_at_response(self._forward(policy, samples), samples.sample_mask, self.topk)[1]
+            queue = self.pending.setdefault(micro, deque())
+            queue.append([step, samples, ids_now, self.source.request(samples, ids_now, outputs), None])
+            entry, t0 = queue[0], time.perf_counter()
+            if entry[4] is None:
+                entry[4] = self.source.collect(entry[3])
+            metrics["sample_ref_wait"] = time.perf_counter() - t0
+            if len(queue) == self.staleness + 1:
+                queue.popleft()
+            drawn, samples, request_ids, _, ref = entry
+            logits = self._forward(policy, samples)
+            metrics["staleness"] = float(step - drawn)
+        mask = samples.sample_mask
+        policy_tok, _ = response_logps(logits, samples.input_ids, mask)
+        policy_ids = request_ids
         ids, keep = union_support(policy_ids, ref.get("topk_ids"))
         ref_support = ref["request_logps"] if self.support == "policy" else torch.cat([ref["request_logps"],
                                                                                         ref["topk_logps"]], -1)

@@ -90,7 +90,10 @@ def setup(cfg: RunConfig, live=None) -> Run:
         samples = PolicySamples(cfg.generation, source=source, topk=cfg.reference.topk,
                                 support=cfg.method.params.kl_support, seed=cfg.train.seed,
                                 pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
-                                rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum)
+                                rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
+                                staleness=cfg.generation.staleness)
+        if ctx.is_main:
+            log.info("SPO: %s reference, staleness %d step(s)", cfg.reference.mode, cfg.generation.staleness)
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                             log_every=cfg.logging.log_every)
