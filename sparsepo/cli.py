@@ -79,7 +79,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     world = prepare_world(Path(a.workdir) / "world", size=a.size, seed=a.seed, force=a.force)
     run_dir = Path(a.workdir) / f"run-{a.method}"
     spec = get_method(a.method)
-    # SPO's samples are drawn during training: no cache can hold their reference scores (live SPO is not built)
+    # SPO's samples are drawn during training: no cache can hold their reference scores; the demo scores inline
     samples = ["reference.mode=inline"] if spec.needs_policy_samples else []
     overrides = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", f"method.name={a.method}",
                  f"logging.output_dir={run_dir}", "logging.overwrite=true", *samples, *a.overrides]

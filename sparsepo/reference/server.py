@@ -6,6 +6,10 @@ eval_batch synchronises the reference world), replica r serving policy ranks r, 
 end the last stages write what they scored through to the reference cache, so a later run in
 cache mode (or a restart) reuses it instead of rescoring.
 
+SPO: nothing is walked ahead; each policy micro-step sends its samples and KL support ids as a
+REQUEST (to the serving replica's first and last stage), the pipeline scores them (``score`` with
+``request_ids``) and the last stage answers with OUTPUTS, in the schedule's rounds.
+
 FPO: the pipeline carries decoder layer `sae.layer`'s output to the last stage, which alone loads
 the SAE (`sparsepo.sae.runtime.load_for_run`, checked against the reference model like every mode)
 and serves the pooled top-k feature ids/values; the cache key includes the SAE fingerprint, layer

@@ -92,12 +92,16 @@ class LiveSource:
     belongs to the batch — kind, sequence number and example ids — before handing it over."""
 
     def __init__(self, bridge, *, src: int, window: int, timeout_s: float, outputs: tuple[str, ...] = (),
-                 device="cpu", finish_src: int | None = None, request_dsts: tuple[int, ...] = ()):
+                 device="cpu", finish_src: int | None = None, request_dsts: tuple[int, ...] = (),
+                 serves_pairs: bool = True):
+        """`request_dsts`: where SPO's REQUESTs go; `serves_pairs=False`: no OUTPUTS per pair batch
+        (SPO's group only answers requests), so `get` returns None."""
         self.bridge, self.src, self.timeout_s, self.outputs, self.device = bridge, src, timeout_s, outputs, device
         self.finish_src = src if finish_src is None else finish_src
         self.inbox = br.Inbox(bridge, src=src, window=window)
         self.outbox = br.Outbox(bridge, window)
         self.request_dsts = tuple(dict.fromkeys(request_dsts))  # SPO: first and last stage of the replica
+        self.serves_pairs = serves_pairs
         self.next_seq = 0
         self.last_served = "none yet"
 
@@ -116,7 +120,7 @@ class LiveSource:
         return {k: v.to(self.device) for k, v in msg.records[0].items()}
 
     def get(self, batch) -> ReferenceOutputs | None:
-        if not self.outputs:  # SPO: nothing on the pairs, only on request
+        if not self.serves_pairs:  # SPO: nothing on the pairs, only on request
             return None
         msg = self._next(list(batch.example_ids))
         return ReferenceOutputs.from_records(batch.example_ids, msg.records, batch.response_mask, self.device)
@@ -164,7 +168,8 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
         stages = topo.stage_ranks(topo.reference_for_policy(ctx.rank))
         source = LiveSource(bridge, src=stages[-1], window=cfg.reference.window, timeout_s=cfg.reference.timeout_s,
                             outputs=outputs, device=ctx.device, finish_src=topo.reference_ranks()[0],
-                            request_dsts=(stages[0], stages[-1]) if spec.needs_policy_samples else ())
+                            request_dsts=(stages[0], stages[-1]) if spec.needs_policy_samples else (),
+                            serves_pairs=bool(outputs))
         return source
     if not outputs and not spec.needs_policy_samples:
         return NoReference()
