@@ -108,6 +108,10 @@ class PolicyEngine:
         try:
             if not zero3:
                 return module.generate(**kwargs), "local"
+            if params == "gathered" and not hasattr(getattr(self._engine, "optimizer", None), "parameter_offload"):
+                log.warning("generation.params=gathered needs ZeRO-3's parameter offload object (an engine with an "
+                            "optimizer); decoding with synced_gpus instead")
+                params = "synced"
             if params == "synced":
                 return module.generate(**kwargs, synced_gpus=dist.get_world_size() > 1), "synced"
             with deepspeed.zero.GatheredParameters(list(module.parameters())), self._zero3_hooks_lifted():
