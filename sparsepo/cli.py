@@ -2,6 +2,7 @@
 
     sparsepo demo                         # offline demo: prepare the world, train DPO, evaluate
     sparsepo demo --method simpo --nproc 2
+    sparsepo demo --method spo            # SPO: samples drawn and scored inline on the policy ranks
     sparsepo demo prepare                 # only build the demo world (cached)
     sparsepo train --config run.yaml [--nproc N] [--resume auto] [section.key=value ...]
     sparsepo precompute --config run.yaml [section.key=value ...]
@@ -83,8 +84,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     world = prepare_world(Path(a.workdir) / "world", size=a.size, seed=a.seed, force=a.force)
     run_dir = Path(a.workdir) / f"run-{a.method}"
     spec = get_method(a.method)
+    # SPO's samples are drawn during training: no cache can hold their reference scores; the demo scores inline
+    samples = ["reference.mode=inline"] if spec.needs_policy_samples else []
     overrides = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", f"method.name={a.method}",
-                 f"logging.output_dir={run_dir}", "logging.overwrite=true", *a.overrides]
+                 f"logging.output_dir={run_dir}", "logging.overwrite=true", *samples, *a.overrides]
     if spec.needs_sae_features and not any(o.startswith("sae.path=") for o in a.overrides):
         overrides.append(f"sae.path={demo_sae(world, [f'method.name={a.method}', *a.overrides], force=a.force)}")
     if spec.needs_oracle_scores and not any(o.startswith("reference.oracle=") for o in a.overrides):

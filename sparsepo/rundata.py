@@ -65,3 +65,18 @@ def load_features(cfg: RunConfig, spec):
     from sparsepo.sae.runtime import load_for_run
 
     return load_for_run(cfg, model_fingerprint=model_fingerprint(cfg))
+
+
+def load_run_prompts(cfg: RunConfig, ctx: DistContext, tokenizer):
+    """SPO's prompt file (generation.prompts_path) as (id, token ids), or None: rank 0 reads it first
+    (filling the datasets cache), then the others."""
+    if not cfg.generation.prompts_path:
+        return None
+    from sparsepo.data.prompts import load_prompts
+
+    if not ctx.is_main:
+        dist.barrier()
+    prompts = load_prompts(cfg.generation.prompts_path, cfg.data, tokenizer)
+    if ctx.is_main and ctx.world_size > 1:
+        dist.barrier()
+    return prompts

@@ -33,9 +33,10 @@ from sparsepo.losses import MethodSpec, get_method
 from sparsepo.losses.inputs import build_loss_inputs
 from sparsepo.metrics import MetricsLogger, reduce_mean
 from sparsepo.models import pair_forward
+from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.reference.sources import open_source
-from sparsepo.rundata import RunData, load_features, load_run_data
+from sparsepo.rundata import RunData, load_features, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
 from sparsepo.schedule import Schedule
 
@@ -52,6 +53,7 @@ class Run:
     policy: PolicyEngine
     source: Any  # a reference source (sparsepo.reference.sources)
     features: Any  # SAEFeatures or None
+    samples: Any  # PolicySamples (methods that need policy samples: SPO) or None
     metrics: MetricsLogger
     start: int
     total: int
@@ -81,6 +83,17 @@ def setup(cfg: RunConfig, live=None) -> Run:
                              config_fingerprint=config_fingerprint(cfg)) if live else None
     source = open_source(cfg, spec, ctx=ctx, dataset=data.dataset, collate=data.collate,
                          data_fingerprint=data.fingerprint, features=features, live=live, handshake=handshake)
+    samples = None
+    if spec.needs_policy_samples:
+        tok = data.tokenizer
+        prompts = load_run_prompts(cfg, ctx, tok)
+        samples = PolicySamples(cfg.generation, source=source, topk=cfg.reference.topk,
+                                support=cfg.method.params.kl_support, seed=cfg.train.seed,
+                                pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
+                                rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
+                                staleness=cfg.generation.staleness)
+        if ctx.is_main:
+            log.info("SPO: %s reference, staleness %d step(s)", cfg.reference.mode, cfg.generation.staleness)
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                             log_every=cfg.logging.log_every)
@@ -88,24 +101,27 @@ def setup(cfg: RunConfig, live=None) -> Run:
         log.info("training %s on %d pairs: %d steps of %d pairs over %d rank(s)", spec.name, len(data.dataset),
                  total, schedule.global_batch, ctx.world_size)
     return Run(cfg=cfg, ctx=ctx, spec=spec, data=data, schedule=schedule, policy=policy, source=source,
-               features=features, metrics=metrics, start=start, total=total)
+               features=features, samples=samples, metrics=metrics, start=start, total=total)
 
 
-def micro_step(run: Run, rows) -> tuple[dict[str, torch.Tensor], float, int]:
+def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:
     """One micro-batch: forward, loss, backward. Returns (metrics, seconds waiting for the reference, tokens)."""
     batch = run.data.batch(rows).to(run.ctx.device)
     t_ref = time.perf_counter()
     ref = run.source.get(batch)
     wait = time.perf_counter() - t_ref
+    sample_fields, sample_metrics = run.samples.fields(run.policy, batch, step=step, micro=micro) \
+        if run.samples is not None else (None, {})
     features = run.features
     with features.capture(run.policy) if features is not None else nullcontext() as cap:
         fwd = pair_forward(run.policy, batch)
     pooled, feature_metrics = features.policy(cap, batch) if features is not None else (None, {})
-    out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled), run.cfg.method.params)
+    out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields),
+                           run.cfg.method.params)
     loss = out.losses.mean()
     run.policy.backward(loss)
     run.policy.step()
-    metrics = {"loss": loss.detach(), **out.metrics, **feature_metrics,
+    metrics = {"loss": loss.detach(), **out.metrics, **feature_metrics, **sample_metrics,
                "rewards_chosen": out.chosen_rewards.mean(), "rewards_rejected": out.rejected_rewards.mean()}
     return metrics, wait, int(batch.attention_mask.sum())
 
@@ -119,7 +135,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
         t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
         lr = run.policy.lr()  # the rate this step uses
         for slot in slots:
-            metrics, w, n = micro_step(run, slot.rows)
+            metrics, w, n = micro_step(run, slot.rows, step, slot.micro)
             wait, tokens = wait + w, tokens + n
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum

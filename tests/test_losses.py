@@ -90,6 +90,7 @@ def random_fields(seed=0, B=2, T=6, K=3, V=7, F=10, k=3, S=2, Ts=5):
     sample_mask[0, 1:5], sample_mask[1, 1:3] = 1, 1
     out["sample_mask"] = sample_mask
     out["ref_sample_topk_logps"], out["policy_sample_topk_logps"] = sparse_pair(S, Ts)
+    out["ref_sample_token_logps"], out["policy_sample_token_logps"] = -rnd(S, Ts).abs(), -rnd(S, Ts).abs()
     return out
 
 
@@ -292,18 +293,19 @@ def spo_hand_inputs():
     pol = torch.tensor([0.25, 0.25], dtype=F64).log().expand(2, 3, 2).clone()
     return LossInputs(policy_chosen_logps=t([-10]), policy_rejected_logps=t([-12]),
                       chosen_mask=t([[0, 1]]), rejected_mask=t([[0, 1]]),
-                      sample_mask=t([[0, 1, 1], [0, 1, 0]]), ref_sample_topk_logps=ref, policy_sample_topk_logps=pol)
+                      sample_mask=t([[0, 1, 1], [0, 1, 0]]), ref_sample_topk_logps=ref, policy_sample_topk_logps=pol,
+                      ref_sample_token_logps=ref[..., 0], policy_sample_token_logps=pol[..., 0])
 
 
 def test_spo_by_hand():
-    """β=0.1. kl_estimator="sequence": per sample Σ_t = 2λ and λ, mean 1.5λ = 0.62774117;
+    """β=0.1, kl_estimator="topk_tail". kl_reduction="sequence": per sample Σ_t = 2λ and λ, mean 1.5λ = 0.62774117;
     loss = 0.12692801 + 0.1·0.62774117 = 0.18970213.
-    kl_estimator="token_mean": 3 tokens of λ -> λ; loss = 0.12692801 + 0.04184941 = 0.16877742."""
+    kl_reduction="token_mean": 3 tokens of λ -> λ; loss = 0.12692801 + 0.04184941 = 0.16877742."""
     out = spo_loss(spo_hand_inputs(), SPOParams(alpha=1.0, beta=0.1))
     assert out.losses.item() == pytest.approx(0.18970213, abs=1e-8)
     assert out.metrics["sample_kl"].item() == pytest.approx(0.62774117, abs=1e-8)
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-10.0, -12.0), abs=TOL)
-    per_token = spo_loss(spo_hand_inputs(), SPOParams(alpha=1.0, beta=0.1, kl_estimator="token_mean"))
+    per_token = spo_loss(spo_hand_inputs(), SPOParams(alpha=1.0, beta=0.1, kl_reduction="token_mean"))
     assert per_token.losses.item() == pytest.approx(0.16877742, abs=1e-8)
 
 
@@ -547,7 +549,8 @@ def test_get_method_suggests_the_nearest_name(typo, nearest):
     (TDPOParams, {"alpha": -0.5}, "alpha"), (FPOParams, {"k": 0}, "k"), (FPOParams, {"beta": float("nan")}, "beta"),
     (SePOParams, {"rho": 1.5}, "rho"), (SePOParams, {"normalise": "tokens"}, "normalise"),
     (SePOParams, {"rounding": "round"}, "rounding"), (SePOParams, {"min_tokens": -1}, "min_tokens"),
-    (SPOParams, {"alpha": 0.0}, "alpha"), (SPOParams, {"kl_estimator": "k3"}, "kl_estimator"),
+    (SPOParams, {"alpha": 0.0}, "alpha"), (SPOParams, {"kl_estimator": "k2"}, "kl_estimator"),
+    (SPOParams, {"kl_support": "reference"}, "kl_support"), (SPOParams, {"kl_reduction": "sum"}, "kl_reduction"),
 ])
 def test_params_refuse_bad_values(cls, kwargs, word):
     with pytest.raises(ValueError, match=rf"{cls.__name__}: {word}"):
@@ -570,7 +573,8 @@ def test_spo_refuses_missing_or_empty_samples():
     with pytest.raises(ValueError, match="'spo'.*sample_mask"):
         spo_loss(inputs_for(spec, fields, sample_mask=None), SPOParams())
     empty = dict(sample_mask=torch.zeros(0, 5, dtype=F64), ref_sample_topk_logps=torch.zeros(0, 5, 3, dtype=F64),
-                 policy_sample_topk_logps=torch.zeros(0, 5, 3, dtype=F64))
+                 policy_sample_topk_logps=torch.zeros(0, 5, 3, dtype=F64),
+                 ref_sample_token_logps=torch.zeros(0, 5, dtype=F64), policy_sample_token_logps=torch.zeros(0, 5, dtype=F64))
     with pytest.raises(ValueError, match="at least one policy sample"):
         spo_loss(inputs_for(spec, fields, **empty), SPOParams())
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from sparsepo.atomic import atomic_write
+from sparsepo.config.generation import check_generation
 from sparsepo.config.paths import absolute_local_paths
 from sparsepo.config.sections import _CHOICES, ConfigError, MethodConfig, RunConfig
 
@@ -226,11 +227,16 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
             f"method '{spec.name}' needs an SAE ({source}): set sae.path to a sae-lens SAE directory "
             f"(train one with `sparsepo sae train`) or a sae-lens release id with sae.sae_id."
         )
-    if spec.needs_policy_samples:
+    if spec.needs_policy_samples and r.mode not in ("inline", "live"):
         raise ConfigError(
-            f"method '{spec.name}' ({source}) needs reference scores of samples the policy generates during "
-            f"training; the trainer cannot produce these yet (its loss is in sparsepo.losses and tested). Train "
-            f"with dpo, ipo, simpo, tdpo1, tdpo2, fpo or sepo.")
+            f"method '{spec.name}' ({source}) regularises with a KL on samples the policy draws during training, so "
+            f"nothing can be precomputed (reference.mode={r.mode}): set reference.mode=inline (the reference scores "
+            f"the samples on the policy ranks) or reference.mode=live (a reference group scores them on request).")
+    if spec.needs_policy_samples and r.mode == "live" and cfg.generation.staleness >= r.window:
+        raise ConfigError(f"generation.staleness={cfg.generation.staleness} must be < reference.window={r.window} "
+                          f"in live mode ({source}): raise reference.window or lower the staleness.")
+    if spec.needs_policy_samples and (problem := check_generation(cfg.generation)):
+        raise ConfigError(f"{problem} ({source})")
     if spec.needs_oracle_scores and not r.oracle:
         raise ConfigError(
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparsepo.config.generation import PARAM_PATHS, GenerationConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key, the source and the fix."""
@@ -176,6 +178,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 _CHOICES = {
@@ -186,4 +189,5 @@ _CHOICES = {
     ("topology", "placement"): ("last", "interleaved"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("train", "precision"): ("fp32", "bf16"),
+    ("generation", "params"): PARAM_PATHS,
 }

@@ -72,8 +72,9 @@ def ds_inference_config(*, steps_per_print: int = 10**9) -> dict:
 
 def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precision: str = "fp32",
                    partition: str = "uniform", ds_config: dict | None = None, feature_layer: int | None = None,
-                   features=None):
+                   features=None, requests: bool = False):
     """A DeepSpeed PipelineEngine (eval only, no optimizer) over the current torch.distributed world.
+    ``requests``: batches carry ``request_ids`` and the last stage adds request_logps (SPO's samples).
 
     World = num_stages x R data-parallel replicas (global rank = stage * R + replica). Initialises
     torch.distributed with ``deepspeed.init_distributed()`` when it is not yet (env:// variables).
@@ -120,7 +121,7 @@ def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precis
         raise PipelineConfigError(f"pipeline reference: world size {world} is not a multiple of "
                                   f"num_stages={num_stages} (world = stages x replicas)")
     specs = [_block_spec(loader, parts[s], parts[s + 1], feature_layer) for s in range(num_stages)]
-    score_fn = ScoreFn(topk, feature_layer=feature_layer)
+    score_fn = ScoreFn(topk, feature_layer=feature_layer, requests=requests)
     module = PipelineModule(layers=specs, num_stages=num_stages, loss_fn=score_fn,
                             partition_method="uniform", dynamic_shape=True)
     module.eval()
@@ -196,11 +197,12 @@ class PipelineScorer:
     def from_pretrained(cls, model_path: str, *, num_stages: int, topk: int | None, precision: str = "fp32",
                         partition: str = "uniform", micro_batches: int = 1,
                         outputs: Sequence[str] | None = None, feature_layer: int | None = None,
-                        features=None) -> "PipelineScorer":
-        """``features``/``feature_layer``: see ``build_pipeline`` (a loader callable keeps the SAE
-        off every stage but the last)."""
+                        features=None, requests: bool = False) -> "PipelineScorer":
+        """``features``/``feature_layer``/``requests``: see ``build_pipeline`` (a loader callable keeps
+        the SAE off every stage but the last)."""
         engine = build_pipeline(model_path, num_stages=num_stages, topk=topk, precision=precision,
-                                partition=partition, feature_layer=feature_layer, features=features)
+                                partition=partition, feature_layer=feature_layer, features=features,
+                                requests=requests)
         return cls(engine, micro_batches=micro_batches, outputs=outputs)
 
     @property
@@ -275,10 +277,29 @@ class PipelineScorer:
         ids = batch.input_ids.tensor_split(n)
         attn = batch.attention_mask.tensor_split(n)
         resp = batch.response_mask.tensor_split(n)
+        if getattr(batch, "request_ids", None) is not None:  # SPO's samples: the ids the policy asks about
+            req = batch.request_ids.tensor_split(n)
+            return [((i, a), (i, r, q)) for i, a, r, q in zip(ids, attn, resp, req)]
         return [((i, a), (i, r)) for i, a, r in zip(ids, attn, resp)]
 
     @torch.no_grad()
     def score(self, batch) -> ReferenceOutputs | None:
+        produced = self._run(batch)
+        if produced is None:
+            return None
+        ro = ReferenceOutputs(example_ids=list(batch.example_ids))
+        for name in self.outputs:
+            setattr(ro, name, produced[name])
+        return ro
+
+    @torch.no_grad()
+    def score_samples(self, batch, outputs: Sequence[str]) -> dict[str, Tensor] | None:
+        """SPO: a sample batch (input_ids, attention_mask, response_mask = the sample mask, request_ids)
+        -> {name: tensor} for `outputs` on the last stage, None elsewhere (a collective like `score`)."""
+        produced = self._run(batch)
+        return None if produced is None else {name: produced[name] for name in outputs}
+
+    def _run(self, batch) -> dict[str, Tensor] | None:
         if self.needs_batch and batch is None:
             raise ValueError(f"stage {self.stage_id} (first or last) needs the batch; only middle stages may pass None")
         data = self._micro_batches(batch) if self.needs_batch else []  # middle stages never read it
@@ -300,8 +321,4 @@ class PipelineScorer:
         if any(len(mb) != len(names) for mb in per_micro):
             raise RuntimeError(f"pipeline returned {[len(mb) for mb in per_micro]} outputs per micro-batch, "
                                f"expected {len(names)} ({names})")
-        produced = {name: torch.cat([mb[j] for mb in per_micro]) for j, name in enumerate(names)}
-        ro = ReferenceOutputs(example_ids=list(batch.example_ids))
-        for name in self.outputs:
-            setattr(ro, name, produced[name])
-        return ro
+        return {name: torch.cat([mb[j] for mb in per_micro]) for j, name in enumerate(names)}

@@ -9,6 +9,7 @@ shards back into a Hugging Face directory. The model is built under `zero.Init` 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,57 @@ class PolicyEngine:
             full += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
             local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
         return local, full
+
+    # --- generation (SPO's samples) ---
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 processor, pad_token_id: int, eos_token_id: int, params: str = "gathered") -> tuple[torch.Tensor, str]:
+        """Decode on every policy rank (collective under ZeRO-3: every rank must call it). `processor`
+        (e.g. `generation.KeyedSampler`) does the sampling inside a greedy decode. Returns
+        (ids (N, P + new), the path that ran: "gathered", "synced" or "local" without ZeRO-3).
+
+        params="gathered": the whole model is gathered once (GatheredParameters) and ZeRO-3's
+        per-module fetch/release hooks are lifted for the round, so decoding makes no collective
+        call and ranks may stop at different lengths (TRL's unwrap_model_for_generation).
+        params="synced": shards stay put; each forward gathers layer by layer and transformers'
+        synced_gpus keeps every rank stepping until all ranks are done."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        module = self.module
+        zero3 = self._engine.zero_optimization_partition_weights()
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                                  eos_token_id=eos_token_id, use_cache=True)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                      logits_processor=LogitsProcessorList([processor]))
+        was_training = module.training
+        module.eval()
+        try:
+            if not zero3:
+                return module.generate(**kwargs), "local"
+            if params == "gathered" and not hasattr(getattr(self._engine, "optimizer", None), "parameter_offload"):
+                log.warning("generation.params=gathered needs ZeRO-3's parameter offload object (an engine with an "
+                            "optimizer); decoding with synced_gpus instead")
+                params = "synced"
+            if params == "synced":
+                return module.generate(**kwargs, synced_gpus=dist.get_world_size() > 1), "synced"
+            with deepspeed.zero.GatheredParameters(list(module.parameters())), self._zero3_hooks_lifted():
+                return module.generate(**kwargs), "gathered"
+        finally:
+            module.train(was_training)
+
+    @contextmanager
+    def _zero3_hooks_lifted(self):
+        """ZeRO-3's module hooks off for the body (parameters must already be gathered), then re-registered."""
+        offload = self._engine.optimizer.parameter_offload
+        for p in offload.module.parameters():
+            p.ds_active_sub_modules.clear()
+        for hook in (*offload.forward_hooks, *offload.backward_hooks):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
 
     # --- persistence ---
     def save(self, ckpt_root: str | Path, tag: str, client_state: dict) -> None:

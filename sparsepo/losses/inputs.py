@@ -11,10 +11,11 @@ from sparsepo.losses.common import gather_logps
 from sparsepo.losses.types import LossInputs
 
 
-def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None) -> LossInputs:
+def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, sample_fields=None) -> LossInputs:
     """`fwd`: the policy's forward (`seq_logps` (2B,), `token_logps` (2B,T), `logits` (2B,T,V));
     `ref`: the reference outputs for the same batch (None for reference-free methods);
-    `policy_features`: (2B,F) pooled SAE features of the policy (FPO)."""
+    `policy_features`: (2B,F) pooled SAE features of the policy (FPO);
+    `sample_fields`: the needs_policy_samples fields (SPO; `sparsepo.policy_samples.PolicySamples.fields`)."""
     b = response_mask.shape[0] // 2
     mask = response_mask
     kw = dict(policy_chosen_logps=fwd.seq_logps[:b], policy_rejected_logps=fwd.seq_logps[b:],
@@ -27,6 +28,10 @@ def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None) 
         halves("policy_chosen_token_logps", "policy_rejected_token_logps", fwd.token_logps)
     if spec.needs_sae_features:
         halves("policy_chosen_features", "policy_rejected_features", policy_features)
+    if spec.needs_policy_samples:
+        if sample_fields is None:
+            raise ValueError(f"method '{spec.name}' needs policy samples; none were given")
+        kw.update(sample_fields)
     needed = spec.reference_outputs
     if needed and ref is None:
         raise ValueError(f"method '{spec.name}' needs reference outputs {needed}; none were given")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsepo.losses.common import check, make_output, masked_mean, masked_sum, sigmoid_loss, sparse_kl
+from sparsepo.losses.common import check, make_output, masked_mean, masked_sum, sigmoid_loss
+from sparsepo.losses.kl import ESTIMATORS, GRADIENTS, SUPPORTS, token_kl
 from sparsepo.losses.types import LossInputs, LossOutput
 
-KL_ESTIMATORS = ("sequence", "token_mean")
+KL_REDUCTIONS = ("sequence", "token_mean")
 
 
 @dataclass(kw_only=True)
@@ -16,16 +17,28 @@ class SPOParams:
     alpha: float = 1.0
     """α: the softmax exponent; the preference loss is −log softmax over {yw, yl} of α·log πθ(y)."""
     beta: float = 0.1
-    """β: weight of KL(πθ ‖ πref) on policy samples (our default; its scale depends on kl_estimator)."""
-    kl_estimator: str = "sequence"
-    """How per-token KLs on the samples become one number: "sequence" (Σ over each sample's tokens,
-    mean over samples: the sequence-level KL, default) or "token_mean" (mean over all sample tokens)."""
+    """β: weight of KL(πθ ‖ πref) on policy samples (our default; its scale depends on kl_reduction)."""
+    kl_estimator: str = "topk_tail"
+    """How each per-token KL_t is estimated (sparsepo.losses.kl): "topk_tail" (default: the policy's
+    top-K bins + a tail bin, a deterministic lower bound, exact at K = V), "k1" or "k3" (the sampled
+    token only: unbiased, noisier)."""
+    kl_support: str = "policy"
+    """topk_tail's bins: "policy" (the policy's top-K at each sample position, K = reference.topk) or
+    "union" (∪ the reference's top-K: a tighter bound, twice the gathered ids)."""
+    kl_gradient: str = "score_function"
+    """k1/k3 only: "score_function" (adds the REINFORCE term so E[∇] = ∇KL_t, default) or "pathwise"
+    (plain autograd of the sampled value; for k3 that is ∇KL(πref ‖ πθ), for k1 zero in expectation)."""
+    kl_reduction: str = "sequence"
+    """How per-token KLs become one number: "sequence" (Σ over each sample's tokens, mean over
+    samples: the sequence-level KL, default) or "token_mean" (mean over all sample tokens)."""
 
     def __post_init__(self) -> None:
         check(self.alpha > 0, "SPOParams", f"alpha must be > 0 (got {self.alpha})")
         check(self.beta >= 0, "SPOParams", f"beta must be >= 0 (got {self.beta}); 0 drops the KL term")
-        check(self.kl_estimator in KL_ESTIMATORS, "SPOParams",
-              f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)} (got {self.kl_estimator!r})")
+        for name, choices in (("kl_estimator", ESTIMATORS), ("kl_support", SUPPORTS), ("kl_gradient", GRADIENTS),
+                              ("kl_reduction", KL_REDUCTIONS)):
+            value = getattr(self, name)
+            check(value in choices, "SPOParams", f"{name} must be one of {', '.join(choices)} (got {value!r})")
 
 
 def spo_loss(inputs: LossInputs, params: SPOParams) -> LossOutput:
@@ -36,30 +49,37 @@ def spo_loss(inputs: LossInputs, params: SPOParams) -> LossOutput:
         loss      = loss_pair + β·KL                             (KL is one batch scalar, added to every pair)
 
     Sharifnassab et al. 2024 (arXiv 2405.00747), §3, the SPO objective. Defaults α=1.0, β=0.1,
-    kl_estimator="sequence".
+    kl_estimator="topk_tail", kl_support="policy", kl_reduction="sequence".
 
-    Reading of the estimator (knob `kl_estimator`): the paper regularises the KL between the
-    policy's and the reference's whole output distributions. By the chain rule that sequence-level
-    KL equals E_{y~πθ}[Σ_t KL_t], each KL_t taken over the vocabulary at a prefix of a policy sample;
-    "sequence" estimates exactly that (Σ_t per sample, mean over samples), and "token_mean" is the
-    per-token average (length-independent, β on a per-token scale). KL_t is `sparse_kl` on the
-    reference's top-K ids + tail: a lower bound of the full-vocabulary KL. The gradient is the
-    pathwise one (∇KL_t at fixed samples); the score-function term from sampling y ~ πθ is not
-    included (the samples are treated as data, as is usual for on-sample KL penalties).
+    Reading of the regulariser: the paper's KL is between the policy's and the reference's whole
+    output distributions, taken where the policy puts its mass. By the chain rule that sequence-level
+    KL is E_{y~πθ}[Σ_t KL_t], each KL_t over the vocabulary at a prefix of a policy sample; we
+    estimate it on the policy's samples (`kl_reduction="sequence"`: Σ_t per sample, mean over
+    samples; "token_mean" is the per-token average). Each KL_t comes from `sparsepo.losses.kl`
+    (`kl_estimator`): the default "topk_tail" bins on the POLICY's top-K — the reference's top-K
+    alone would miss exactly the mass the regulariser exists to penalise (policy mass where the
+    reference has little) — and is a deterministic lower bound, exact at K = V; "k1"/"k3" are
+    unbiased sampled-token estimates with a score-function gradient. Prefixes are treated as data
+    (no gradient through the sampling of y<t).
 
     Reads: policy_chosen_logps, policy_rejected_logps (B,); sample_mask (S,T') on generated tokens;
-    ref_sample_topk_logps (S,T',K) and policy_sample_topk_logps (S,T',K) (the policy's log-probs at
-    the reference's top-K ids). Rewards α·log πθ(y) (B,). Metrics: sample_kl (the KL estimate).
+    policy_/ref_sample_topk_logps (S,T',K) both sides' log-probs at the same support ids;
+    policy_/ref_sample_token_logps (S,T') at the sampled tokens. Rewards α·log πθ(y) (B,).
+    Metrics: preference_loss, kl_term (β·KL) and sample_kl (the KL estimate).
     """
-    pw, pl, mask, ref, pol = inputs.require("spo", "policy_chosen_logps", "policy_rejected_logps",
-                                            "sample_mask", "ref_sample_topk_logps", "policy_sample_topk_logps")
+    pw, pl, mask, ref, pol, ref_tok, pol_tok = inputs.require(
+        "spo", "policy_chosen_logps", "policy_rejected_logps", "sample_mask", "ref_sample_topk_logps",
+        "policy_sample_topk_logps", "ref_sample_token_logps", "policy_sample_token_logps")
     if mask.shape[0] == 0:
         raise ValueError("method 'spo' needs at least one policy sample: sample_mask has S=0 rows.")
-    token_kl = sparse_kl(pol, ref)
-    if params.kl_estimator == "sequence":
-        kl = masked_sum(token_kl, mask).mean()
+    per_token = token_kl(params.kl_estimator, policy_support_logps=pol, ref_support_logps=ref,
+                         policy_token_logps=pol_tok, ref_token_logps=ref_tok, gradient=params.kl_gradient)
+    if params.kl_reduction == "sequence":
+        kl = masked_sum(per_token, mask).mean()
     else:
-        kl = masked_mean(token_kl.flatten(), mask.flatten())
+        kl = masked_mean(per_token.flatten(), mask.flatten())
     chosen, rejected = params.alpha * pw, params.alpha * pl
-    losses = sigmoid_loss(chosen - rejected) + params.beta * kl
-    return make_output(losses, chosen, rejected, sample_kl=kl)
+    preference = sigmoid_loss(chosen - rejected)
+    losses = preference + params.beta * kl.to(preference.dtype)
+    return make_output(losses, chosen, rejected, sample_kl=kl, kl_term=params.beta * kl,
+                       preference_loss=preference.mean())

@@ -59,9 +59,14 @@ class LossInputs:
     sample_mask: Tensor | None = None
     """(S,T') float 0/1 on the generated tokens of S policy samples (SPO)."""
     ref_sample_topk_logps: Tensor | None = None
-    """(S,T',K) the reference's top-K next-token log-probs on the samples."""
+    """(S,T',K) the reference's log-probs at the KL's support ids on the samples (the policy's top-K,
+    optionally ∪ the reference's; slots that must not count hold `losses.kl.EMPTY_BIN` on both sides)."""
     policy_sample_topk_logps: Tensor | None = None
-    """(S,T',K) the policy's log-probs at those ids."""
+    """(S,T',K) the policy's log-probs at the same ids."""
+    ref_sample_token_logps: Tensor | None = None
+    """(S,T') the reference's log-prob of each sampled token (k1/k3)."""
+    policy_sample_token_logps: Tensor | None = None
+    """(S,T') the policy's log-prob of each sampled token."""
 
     def require(self, method: str, *names: str) -> tuple[Tensor, ...]:
         """The named fields, or a ValueError naming the first missing one and the method that needs it."""

@@ -12,14 +12,16 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from sparsepo.models import response_logps, topk_at_response
+from sparsepo.models import logps_at, response_logps, topk_at_response
 from sparsepo.reference.partition import PipelineConfigError
 
 SCORE_FIELDS = ("seq_logps", "token_logps", "topk_ids", "topk_logps")
 """What the last stage computes from the logits."""
 FEATURE_FIELDS = ("feature_ids", "feature_values")
 """What it computes from decoder layer ℓ's output with an SAE (``build_pipeline(..., features=)``)."""
-SERVED_FIELDS = SCORE_FIELDS + FEATURE_FIELDS
+REQUEST_FIELDS = ("request_logps",)
+"""What it computes at ids the policy sent with its samples (SPO's KL support: ``score(request_ids=)``)."""
+SERVED_FIELDS = SCORE_FIELDS + FEATURE_FIELDS + REQUEST_FIELDS
 
 
 class _Captured:
@@ -41,7 +43,8 @@ class _Rows:
 
 
 def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Sequence[str], *,
-          topk: int | None, features=None, hidden: Tensor | None = None) -> dict[str, Tensor]:
+          topk: int | None, features=None, hidden: Tensor | None = None,
+          request_ids: Tensor | None = None) -> dict[str, Tensor]:
     """The reference's ``outputs`` for N rows, by name, in the order asked.
 
     From logits (N,T,V) (cast to float32): seq_logps (N,), token_logps (N,T) (position t from
@@ -49,7 +52,9 @@ def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Seq
     topk_logps / topk_ids (N,T,K) (the top ``topk`` next-token log-probs, zero outside the
     response). With ``features`` (an ``SAEFeatures``-like object) and ``hidden`` (decoder layer ℓ's
     output (N,T,D)): feature_ids (N,k) long / feature_values (N,k), the SAE activations pooled over
-    the response tokens and their top-k, from ``features.reference``. Raises when an output cannot
+    the response tokens and their top-k, from ``features.reference``. With ``request_ids`` (N,T,K')
+    (SPO: the ids the policy asks about at each sample position): request_logps (N,T,K'), the
+    log-probs at those ids, zero outside the response. Raises when an output cannot
     be produced (so a scorer never serves less than asked)."""
     logits = logits.float()
     token_logps, seq_logps = response_logps(logits, input_ids, response_mask)
@@ -58,6 +63,8 @@ def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Seq
         if not topk:
             raise ValueError(f"score: {[o for o in outputs if o.startswith('topk')]} need topk >= 1, got {topk}")
         got["topk_logps"], got["topk_ids"] = topk_at_response(logits, response_mask, topk)
+    if request_ids is not None:
+        got["request_logps"] = logps_at(logits, request_ids, response_mask)
     if features is not None:
         if hidden is None:
             raise RuntimeError("score: an SAE was given but no layer output (hidden) to read")
@@ -68,15 +75,15 @@ def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Seq
     return {o: got[o] for o in outputs}
 
 
-def score_fields(topk: int | None, features: bool) -> tuple[str, ...]:
+def score_fields(topk: int | None, features: bool, requests: bool = False) -> tuple[str, ...]:
     """The names of the last stage's outputs, in order."""
     return (("seq_logps", "token_logps") + (("topk_logps", "topk_ids") if topk else ())
-            + (FEATURE_FIELDS if features else ()))
+            + (FEATURE_FIELDS if features else ()) + (REQUEST_FIELDS if requests else ()))
 
 
 class ScoreFn:
-    """The PipelineModule ``loss_fn``: ``(head output, (input_ids, response_mask)) -> score(...)`` as a
-    tuple in ``fields`` order.
+    """The PipelineModule ``loss_fn``: ``(head output, (input_ids, response_mask[, request_ids])) ->
+    score(...)`` as a tuple in ``fields`` order (request_ids when built with ``requests=True``).
 
     The head output is the logits, or (logits, hidden_ℓ) when the pipeline carries a feature layer.
     ``feature_layer`` is set on every stage (the decoder item that captures is built from it);
@@ -85,13 +92,14 @@ class ScoreFn:
 
     __name__ = "score"
 
-    def __init__(self, topk: int | None, *, feature_layer: int | None = None, features=None):
+    def __init__(self, topk: int | None, *, feature_layer: int | None = None, features=None, requests: bool = False):
         if features is not None and feature_layer is None:
             feature_layer = features.layer
         if features is not None and features.layer != feature_layer:
             raise PipelineConfigError(f"pipeline reference: the SAE reads layer {features.layer}, the pipeline "
                                       f"carries layer {feature_layer}")
         self.topk = topk
+        self.requests = requests  # labels carry a third tensor, the request ids (SPO's samples)
         self.feature_layer = feature_layer
         self.features = features
         self.after_micro_batch: Callable[[], None] | None = None
@@ -99,10 +107,11 @@ class ScoreFn:
     @property
     def fields(self) -> tuple[str, ...]:
         """Names of the returned tensors, in order."""
-        return score_fields(self.topk, self.feature_layer is not None)
+        return score_fields(self.topk, self.feature_layer is not None, self.requests)
 
     def __call__(self, outputs, labels) -> tuple[Tensor, ...]:
-        input_ids, response_mask = labels
+        input_ids, response_mask, *rest = labels
+        request_ids = rest[0] if self.requests else None
         hidden = None
         if isinstance(outputs, (tuple, list)):
             outputs, hidden = outputs[0], (outputs[1] if len(outputs) > 1 else None)
@@ -113,7 +122,8 @@ class ScoreFn:
                                f"layer output {'missing' if hidden is None else 'present'})")
         fields = self.fields
         got = score(outputs, input_ids, response_mask, fields, topk=self.topk,
-                    features=self.features if self.feature_layer is not None else None, hidden=hidden)
+                    features=self.features if self.feature_layer is not None else None, hidden=hidden,
+                    request_ids=request_ids)
         if self.after_micro_batch is not None:
             self.after_micro_batch()
         return tuple(got[name] for name in fields)

@@ -6,6 +6,10 @@ eval_batch synchronises the reference world), replica r serving policy ranks r, 
 end the last stages write what they scored through to the reference cache, so a later run in
 cache mode (or a restart) reuses it instead of rescoring.
 
+SPO: nothing is walked ahead; each policy micro-step sends its samples and KL support ids as a
+REQUEST (to the serving replica's first and last stage), the pipeline scores them (``score`` with
+``request_ids``) and the last stage answers with OUTPUTS, in the schedule's rounds.
+
 FPO: the pipeline carries decoder layer `sae.layer`'s output to the last stage, which alone loads
 the SAE (`sparsepo.sae.runtime.load_for_run`, checked against the reference model like every mode)
 and serves the pooled top-k feature ids/values; the cache key includes the SAE fingerprint, layer
@@ -117,10 +121,13 @@ def serve(cfg, plan, bridge) -> None:
 
         return load_for_run(cfg, model_fingerprint=model_fp)
 
+    samples = get_method(cfg.method.name).needs_policy_samples
+    sample_outputs = sample_fields(cfg) if samples else ()
     scorer = PipelineScorer.from_pretrained(
         ref_path, num_stages=topo.num_stages, precision=cfg.train.precision, outputs=outputs,
-        topk=cfg.reference.topk if "topk_ids" in outputs else None,
-        feature_layer=cfg.sae.layer if features else None, features=load_features if features else None)
+        topk=cfg.reference.topk if "topk_ids" in outputs + sample_outputs else None,
+        feature_layer=cfg.sae.layer if features else None, features=load_features if features else None,
+        requests=samples)
     if scorer.replica_index != role.replica or scorer.stage_id != role.stage:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "
                            f"{scorer.replica_index}, topology says stage {role.stage} replica {role.replica}")
@@ -137,6 +144,10 @@ def serve(cfg, plan, bridge) -> None:
                  cfg.reference.window,
                  f", SAE features of layer {cfg.sae.layer} (top {scorer.features.k})" if features else "",
                  ", from the existing cache" if cache else "")
+    if samples:
+        _serve_samples(cfg, bridge, topo, role, scorer, schedule, hs, sample_outputs)
+        br.broadcast(bridge, br.Finish(pairs_scored=0, cache_indexed=False), src=topo.reference_ranks()[0])
+        return
     for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
         reuse = cache is not None or all(i in seen for slot in round_slots for i in slot.rows)
         seen.update(i for slot in round_slots for i in slot.rows)
@@ -157,6 +168,47 @@ def serve(cfg, plan, bridge) -> None:
     indexed = _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)
     br.broadcast(bridge, br.Finish(pairs_scored=len(seen), cache_indexed=bool(indexed or cache)),
                  src=topo.reference_ranks()[0])
+
+
+def sample_fields(cfg) -> tuple[str, ...]:
+    """What SPO's policy asks about its samples (`policy_samples.PolicySamples` sends these names)."""
+    union = getattr(cfg.method.params, "kl_support", "policy") == "union"
+    return ("token_logps", "request_logps") + (("topk_ids", "topk_logps") if union else ())
+
+
+class _SampleRequest:
+    """A REQUEST's payload as the pipeline reads a batch (the sample mask is the response mask)."""
+
+    def __init__(self, msg):
+        body = msg.records[0]
+        self.example_ids = msg.example_ids
+        self.input_ids, self.attention_mask = body["input_ids"], body["attention_mask"]
+        self.response_mask, self.request_ids = body["sample_mask"], body["request_ids"]
+
+
+def _serve_samples(cfg, bridge, topo, role, scorer, schedule, hs, outputs) -> None:
+    """SPO: one REQUEST per policy micro-step (samples + support ids), in the schedule's rounds; the
+    first and last stage of the serving replica receive it, the last stage returns OUTPUTS."""
+    policy_ranks = topo.policy_ranks()
+    outbox = br.Outbox(bridge, cfg.reference.window) if role.is_last_stage else None
+    inboxes: dict[int, br.Inbox] = {}
+    for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
+        slot = round_slots[role.replica]
+        src = policy_ranks[slot.policy_rank]
+        request = None
+        if scorer.needs_batch:
+            if src not in inboxes:
+                inboxes[src] = br.Inbox(bridge, src=src, window=cfg.reference.window)
+            inbox = inboxes[src]
+            msg = inbox.get(cfg.reference.timeout_s)
+            if msg.kind != br.REQUEST:
+                raise br.BridgeError(f"policy rank {src} sent {br.KINDS.get(msg.kind)} #{msg.seq}, not a request")
+            request = _SampleRequest(msg)
+        got = scorer.score_samples(request, outputs)
+        if role.is_last_stage:
+            outbox.send(src, br.OUTPUTS, list(request.example_ids), [got])
+    if outbox is not None:
+        outbox.flush()
 
 
 def _write_through(cfg, components: dict, num_pairs: int, scored: dict[str, dict], role) -> bool:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import queue
 
+import torch
+
 from sparsepo import bridge as br
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
 
@@ -56,10 +58,29 @@ class InlineSource:
     def __init__(self, model, outputs: tuple[str, ...], *, topk: int, features=None):
         self.model, self.outputs, self.topk, self.features = model, outputs, topk, features
 
-    def get(self, batch) -> ReferenceOutputs:
+    def get(self, batch) -> ReferenceOutputs | None:
         from sparsepo.reference.scorer import score_batch
 
+        if not self.outputs:  # SPO: nothing on the pairs, only the samples (score_samples)
+            return None
         return score_batch(self.model, batch, self.outputs, topk=self.topk, features=self.features)
+
+    def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
+        """Inline: scored at once; the ticket is the result (see `LiveSource.request`)."""
+        return self.score_samples(samples, request_ids, outputs)
+
+    def collect(self, ticket: dict) -> dict:
+        return ticket
+
+    @torch.no_grad()
+    def score_samples(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
+        """The reference side of SPO's KL on the policy's samples (a `generation.SampleBatch`), by the
+        one scoring function: `outputs` from token_logps, request_logps (at `request_ids` (S,T,K)),
+        topk_ids / topk_logps (the reference's own top-K)."""
+        from sparsepo.reference.scoring import score
+
+        logits = self.model(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits
+        return score(logits, samples.input_ids, samples.sample_mask, outputs, topk=self.topk, request_ids=request_ids)
 
     def finish(self) -> None:
         pass
@@ -71,14 +92,40 @@ class LiveSource:
     belongs to the batch — kind, sequence number and example ids — before handing it over."""
 
     def __init__(self, bridge, *, src: int, window: int, timeout_s: float, outputs: tuple[str, ...] = (),
-                 device="cpu", finish_src: int | None = None):
+                 device="cpu", finish_src: int | None = None, request_dsts: tuple[int, ...] = (),
+                 serves_pairs: bool = True):
+        """`request_dsts`: where SPO's REQUESTs go; `serves_pairs=False`: no OUTPUTS per pair batch
+        (SPO's group only answers requests), so `get` returns None."""
         self.bridge, self.src, self.timeout_s, self.outputs, self.device = bridge, src, timeout_s, outputs, device
         self.finish_src = src if finish_src is None else finish_src
         self.inbox = br.Inbox(bridge, src=src, window=window)
+        self.outbox = br.Outbox(bridge, window)
+        self.request_dsts = tuple(dict.fromkeys(request_dsts))  # SPO: first and last stage of the replica
+        self.serves_pairs = serves_pairs
         self.next_seq = 0
         self.last_served = "none yet"
 
-    def get(self, batch) -> ReferenceOutputs:
+    def request(self, samples, request_ids, outputs: tuple[str, ...]) -> list[str]:
+        """SPO: send the samples and the support ids to the replica's first and last stage (REQUEST);
+        returns the ticket `collect` redeems (requests are answered in order)."""
+        body = {"input_ids": samples.input_ids.cpu(), "attention_mask": samples.attention_mask.cpu(),
+                "sample_mask": samples.sample_mask.cpu(), "request_ids": request_ids.cpu()}
+        for dst in self.request_dsts:
+            self.outbox.send(dst, br.REQUEST, list(samples.keys), [body])
+        return list(samples.keys)
+
+    def collect(self, ticket: list[str]) -> dict:
+        """The reference's scores for a request (blocks until they arrive)."""
+        msg = self._next(ticket)
+        return {k: v.to(self.device) for k, v in msg.records[0].items()}
+
+    def get(self, batch) -> ReferenceOutputs | None:
+        if not self.serves_pairs:  # SPO: nothing on the pairs, only on request
+            return None
+        msg = self._next(list(batch.example_ids))
+        return ReferenceOutputs.from_records(batch.example_ids, msg.records, batch.response_mask, self.device)
+
+    def _next(self, example_ids: list[str]):
         try:
             msg = self.inbox.get(self.timeout_s)
         except queue.Empty:
@@ -89,15 +136,15 @@ class LiveSource:
         except Exception as e:  # noqa: BLE001 - the transport's error, with who and where
             raise ReferenceTimeout(f"bridge to reference rank {self.src} failed waiting for batch "
                                    f"{self.next_seq} (last served: {self.last_served}): {e}") from e
-        if msg.kind != br.OUTPUTS or msg.seq != self.next_seq or msg.example_ids != list(batch.example_ids):
+        if msg.kind != br.OUTPUTS or msg.seq != self.next_seq or msg.example_ids != example_ids:
             raise MisalignedOutputs(
                 f"reference rank {self.src} sent {br.KINDS.get(msg.kind, msg.kind)} #{msg.seq} for examples "
                 f"{msg.example_ids[:3]}... but the policy expects batch {self.next_seq} for "
-                f"{list(batch.example_ids)[:3]}...: refusing to train on misaligned outputs (the two sides "
+                f"{example_ids[:3]}...: refusing to train on misaligned outputs (the two sides "
                 f"disagree on the schedule or the data)")
         self.last_served = f"#{self.next_seq} ({msg.example_ids[0]}...)"
         self.next_seq += 1
-        return ReferenceOutputs.from_records(batch.example_ids, msg.records, batch.response_mask, self.device)
+        return msg
 
     def finish(self) -> br.Finish:
         """Wait for the group's typed finish (sent after its write-through to the cache)."""
@@ -118,11 +165,13 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
         plan, bridge = live
         topo = plan.topology
         br.broadcast(bridge, handshake, src=topo.policy_ranks()[0])
-        source = LiveSource(bridge, src=topo.stage_ranks(topo.reference_for_policy(ctx.rank))[-1],
-                            window=cfg.reference.window, timeout_s=cfg.reference.timeout_s, outputs=outputs,
-                            device=ctx.device, finish_src=topo.reference_ranks()[0])
+        stages = topo.stage_ranks(topo.reference_for_policy(ctx.rank))
+        source = LiveSource(bridge, src=stages[-1], window=cfg.reference.window, timeout_s=cfg.reference.timeout_s,
+                            outputs=outputs, device=ctx.device, finish_src=topo.reference_ranks()[0],
+                            request_dsts=(stages[0], stages[-1]) if spec.needs_policy_samples else (),
+                            serves_pairs=bool(outputs))
         return source
-    if not outputs:
+    if not outputs and not spec.needs_policy_samples:
         return NoReference()
     if cfg.reference.mode == "inline":
         return InlineSource(offline.load_scorer(cfg, outputs, ctx.device), outputs, topk=cfg.reference.topk,

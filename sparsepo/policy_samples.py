@@ -1,0 +1,127 @@
+"""SPO's samples inside the training step: draw them from the policy, score both sides, hand the loss
+its `needs_policy_samples` fields. The trainer builds one `PolicySamples` when the method's table row
+asks for samples and calls `fields` once per micro-batch; it never branches on the method's name.
+
+Per micro-batch (the KL of sparsepo.losses.spo / sparsepo.losses.kl):
+  1. every `generation.every_steps` steps: keyed samples from the micro-batch's prompts (or from
+     generation.prompts_path) (`PolicyEngine.generate`, ZeRO-3 gathered or synced); other steps reuse that micro-slot's round;
+  2. the policy's forward on the samples, WITH gradient: token log-probs and its top-K ids (K =
+     reference.topk), the KL's support;
+  3. the reference side from the source (request/collect: inline scores at once; live sends a REQUEST
+     over the bridge and the group's pipeline answers; both by the one scoring function) at the
+     sampled tokens and the support ids (and its own top-K when kl_support="union"); with staleness
+     s > 0 the step uses the round drawn s steps earlier (its support ids chosen then), so the
+     reference's answer can arrive while the policy trains;
+  4. both sides' log-probs at the same support ids (duplicates of the union masked to no mass).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import torch
+
+from sparsepo.data.prompts import prompts_for
+from sparsepo.generation import KeyedSampler, prompts_from, prompts_of, sample_batch
+from sparsepo.losses.kl import mask_support, union_support
+from sparsepo.models import logps_at, response_logps, topk_at_response
+
+log = logging.getLogger("sparsepo")
+
+
+class PolicySamples:
+    """Owns the sample rounds of one policy rank (at most one per micro-slot index, reused between rounds)."""
+
+    def __init__(self, gen, *, source, topk: int, support: str, seed: int, pad_id: int, eos_id: int,
+                 prompts: list | None = None, rank: int = 0, dp: int = 1, grad_accum: int = 1, staleness: int = 0):
+        """`prompts`: (id, token ids) from generation.prompts_path (`data.prompts.load_prompts`), or None
+        to sample from each micro-batch's own prompts. `source`: the run's reference source, with
+        request(samples, ids, outputs) -> ticket and collect(ticket) -> {name: tensor} (inline or live).
+        `staleness` s: samples drawn at step t regularise step t + s (the first steps reuse step 0's)."""
+        if not hasattr(source, "request"):
+            raise ValueError(f"{type(source).__name__} cannot score policy samples: SPO needs reference.mode=inline "
+                             f"or live")
+        self.gen, self.source, self.topk, self.support = gen, source, topk, support
+        self.seed, self.pad_id, self.eos_id = seed, pad_id, eos_id
+        self.prompts, self.rank, self.dp, self.grad_accum = prompts, rank, dp, grad_accum
+        self.staleness = staleness
+        self.rounds: dict[int, object] = {}
+        self.pending: dict[int, deque] = {}
+        self.logged_path = False
+
+    def _draw(self, policy, batch, step: int, micro: int) -> tuple[object, dict]:
+        g = self.gen
+        if self.prompts is None:
+            prompts = prompts_of(batch, self.pad_id, g.samples_per_prompt)
+        else:
+            items = prompts_for(self.prompts, step=step, micro=micro, rank=self.rank, dp=self.dp,
+                                grad_accum=self.grad_accum, per_slot=batch.num_pairs)
+            prompts = prompts_from(items, self.pad_id, g.samples_per_prompt, device=batch.input_ids.device)
+        sampler = KeyedSampler(prompts.keys, seed=self.seed * 1_000_003 + step, prompt_width=prompts.input_ids.shape[1],
+                               temperature=g.temperature, top_p=g.top_p)
+        t0 = time.perf_counter()
+        ids, path = policy.generate(prompts.input_ids, prompts.attention_mask, max_new_tokens=g.max_new_tokens,
+                                    processor=sampler, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                                    params=g.params)
+        seconds = time.perf_counter() - t0
+        samples = sample_batch(ids, prompts, eos_id=self.eos_id, pad_id=self.pad_id)
+        self.rounds[micro] = samples
+        tokens = float(samples.lengths.sum())
+        if not self.logged_path:
+            log.info("SPO generation: path=%s, %d samples, %.0f tokens in %.3fs (%.0f tokens/s on this rank)",
+                     path, len(samples.keys), tokens, seconds, tokens / max(seconds, 1e-9))
+            self.logged_path = True
+        return samples, {"gen_time": seconds, "gen_tokens_per_s": tokens / max(seconds, 1e-9), "samples_fresh": 1.0}
+
+    @staticmethod
+    def _forward(policy, samples):
+        return policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits.float()
+
+    def fields(self, policy, batch, *, step: int, micro: int) -> tuple[dict, dict]:
+        """(LossInputs fields for needs_policy_samples, metrics) for this micro-batch."""
+        if step % self.gen.every_steps == 0 or micro not in self.rounds:
+            samples, metrics = self._draw(policy, batch, step, micro)
+        else:
+            samples, metrics = self.rounds[micro], {"gen_time": 0.0, "samples_fresh": 0.0}
+        outputs = ("token_logps", "request_logps") + (("topk_ids", "topk_logps") if self.support == "union" else ())
+        if self.staleness == 0:  # synchronous: one forward gives the support ids and the loss's log-probs
+            logits = self._forward(policy, samples)
+            request_ids = topk_at_response(logits.detach(), samples.sample_mask, self.topk)[1]
+            t0 = time.perf_counter()
+            ref = self.source.collect(self.source.request(samples, request_ids, outputs))
+            metrics.update(staleness=0.0, sample_ref_wait=time.perf_counter() - t0)
+        else:  # samples drawn now regularise step + s; this step uses the round drawn at max(0, step - s)
+            with torch.no_grad():
+                ids_now = topk_at_response(self._forward(policy, samples), samples.sample_mask, self.topk)[1]
+            queue = self.pending.setdefault(micro, deque())
+            queue.append([step, samples, ids_now, self.source.request(samples, ids_now, outputs), None])
+            entry, t0 = queue[0], time.perf_counter()
+            if entry[4] is None:
+                entry[4] = self.source.collect(entry[3])
+            metrics["sample_ref_wait"] = time.perf_counter() - t0
+            if len(queue) == self.staleness + 1:
+                queue.popleft()
+            drawn, samples, request_ids, _, ref = entry
+            logits = self._forward(policy, samples)
+            metrics["staleness"] = float(step - drawn)
+        mask = samples.sample_mask
+        policy_tok, _ = response_logps(logits, samples.input_ids, mask)
+        policy_ids = request_ids
+        ids, keep = union_support(policy_ids, ref.get("topk_ids"))
+        ref_support = ref["request_logps"] if self.support == "policy" else torch.cat([ref["request_logps"],
+                                                                                        ref["topk_logps"]], -1)
+        keep = keep & (mask.unsqueeze(-1) != 0)
+        fields = dict(sample_mask=mask, policy_sample_token_logps=policy_tok,
+                      ref_sample_token_logps=ref["token_logps"].to(policy_tok.dtype),
+                      policy_sample_topk_logps=mask_support(logps_at(logits, ids, mask), keep),
+                      ref_sample_topk_logps=mask_support(ref_support.to(logits.dtype), keep))
+        with torch.no_grad():
+            logp = logits[:, :-1].log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            valid = mask[:, 1:]
+            metrics.update(sample_entropy=float((entropy * valid).sum() / valid.sum().clamp(min=1)),
+                           sample_length=float(samples.lengths.mean()))
+        return fields, metrics
+
