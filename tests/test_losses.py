@@ -12,6 +12,7 @@ import torch
 from sparsepo.losses import (
     BASE_FIELDS,
     FLAG_FIELDS,
+    BCOParams,
     METHODS,
     DPOParams,
     FPOParams,
@@ -33,80 +34,18 @@ from sparsepo.losses import (
     tdpo2_loss,
 )
 
-F64 = torch.float64
-LN2 = math.log(2.0)
-TOL = 1e-9  # hand values below are quoted to 1e-8 or better; float64 arithmetic is far tighter
-
-
-def t(values):
-    """A float64 tensor from a (nested) list: t([-10, -5]) is (2,), t([[0, 1, 1]]) is (1,3)."""
-    return torch.tensor(values, dtype=F64)
-
-
-def softplus_neg(z):
-    """−log σ(z) = log(1 + e^{−z}), the value every hand example below ends in."""
-    return math.log1p(math.exp(-z))
-
-
-# Test params: defaults, except FPO's k (our random data has F=10 features and k=3 reference ids).
-PARAMS = {name: spec.params_cls() for name, spec in METHODS.items()}
-PARAMS["fpo"] = FPOParams(k=3)
-
-
-def random_fields(seed=0, B=2, T=6, K=3, V=7, F=10, k=3, S=2, Ts=5):
-    """Every LossInputs field, float64, shape-consistent, with valid sparse distributions."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=F64)
-
-    def sparse_pair(*lead):
-        ref = torch.log_softmax(rnd(*lead, V), -1)
-        pol = torch.log_softmax(ref + 0.7 * rnd(*lead, V), -1)
-        ids = ref.topk(K, dim=-1).indices
-        return ref.gather(-1, ids), pol.gather(-1, ids)
-
-    chosen_mask, rejected_mask = torch.zeros(B, T, dtype=F64), torch.zeros(B, T, dtype=F64)
-    chosen_mask[0, 2:6], chosen_mask[1, 1:4] = 1, 1
-    rejected_mask[0, 1:6], rejected_mask[1, 3:5] = 1, 1
-    chosen_tokens = -2 * torch.rand(B, T, generator=g, dtype=F64) - 0.1
-    rejected_tokens = -2 * torch.rand(B, T, generator=g, dtype=F64) - 0.1
-    out = dict(
-        chosen_mask=chosen_mask, rejected_mask=rejected_mask,
-        policy_chosen_token_logps=chosen_tokens, policy_rejected_token_logps=rejected_tokens,
-        policy_chosen_logps=(chosen_tokens * chosen_mask).sum(-1),
-        policy_rejected_logps=(rejected_tokens * rejected_mask).sum(-1),
-    )
-    out["ref_chosen_logps"] = out["policy_chosen_logps"] + 0.3 * rnd(B)
-    out["ref_rejected_logps"] = out["policy_rejected_logps"] + 0.3 * rnd(B)
-    out["ref_chosen_topk_logps"], out["policy_chosen_topk_logps"] = sparse_pair(B, T)
-    out["ref_rejected_topk_logps"], out["policy_rejected_topk_logps"] = sparse_pair(B, T)
-    for side in ("chosen", "rejected"):
-        out[f"policy_{side}_features"] = rnd(B, F).abs()
-        values, ids = rnd(B, F).abs().topk(k, dim=-1)
-        out[f"ref_{side}_feature_ids"], out[f"ref_{side}_feature_values"] = ids, values
-        out[f"{side}_oracle_scores"] = rnd(B, T)
-    sample_mask = torch.zeros(S, Ts, dtype=F64)
-    sample_mask[0, 1:5], sample_mask[1, 1:3] = 1, 1
-    out["sample_mask"] = sample_mask
-    out["ref_sample_topk_logps"], out["policy_sample_topk_logps"] = sparse_pair(S, Ts)
-    return out
-
-
-def inputs_for(spec, fields, **override):
-    """A LossInputs holding only what the method's flags promise (plus overrides)."""
-    kept = {name: fields[name] for name in spec.required_fields}
-    kept.update(override)
-    return LossInputs(**kept)
-
-
-def optional_fields(spec):
-    return [name for name in spec.required_fields if name not in BASE_FIELDS]
-
-
-def policy_fields(spec):
-    return [name for name in spec.required_fields if name.startswith("policy_")]
-
+from loss_fields import (  # noqa: E402  (tests/ is on sys.path, as for conftest)
+    F64,
+    LN2,
+    PARAMS,
+    TOL,
+    inputs_for,
+    optional_fields,
+    policy_fields,
+    random_fields,
+    softplus_neg,
+    t,
+)
 
 # --------------------------------------------------------------------------------------------
 # hand-worked values
@@ -327,20 +266,30 @@ def test_hand_examples_agree_with_the_softplus_formula():
 STOP_GRADIENT = {"tdpo2": {"policy_chosen_topk_logps"}, "fpo": {"policy_chosen_features"}}
 
 
+# bco_pair's reward shift δ is a detached batch mean (a stop-gradient through every input): checked
+# here with δ=0 and against the fixed-δ gradient in test_losses_dpo_family.py.
+GRADCHECK_PARAMS = {"bco_pair": BCOParams(baseline="none")}
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_gradcheck_wrt_policy_inputs(name):
     spec = METHODS[name]
+    params = GRADCHECK_PARAMS.get(name, PARAMS[name])
     fields = random_fields(seed=1)
     names = [n for n in policy_fields(spec) if n not in STOP_GRADIENT.get(name, ())]
     leaves = tuple(fields[n].clone().requires_grad_(True) for n in names)
 
     def losses(*xs):
-        return spec.loss_fn(inputs_for(spec, fields, **dict(zip(names, xs))), PARAMS[name]).losses
+        return spec.loss_fn(inputs_for(spec, fields, **dict(zip(names, xs))), params).losses
 
     assert torch.autograd.gradcheck(losses, leaves)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+# Not monotone in the chosen log-prob, by design; each has its own shape test in test_losses_dpo_family.py.
+NOT_MONOTONE = {"apo_down": "pushes the chosen log-ratio down", "discopop": "slope > 0 near β·Δ = 0"}
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in NOT_MONOTONE])
 def test_raising_the_chosen_logprob_lowers_the_loss(name):
     """+0.3 on every chosen response token (and |yw|·0.3 on the sequence sum) lowers every pair's loss.
     (IPO only while h < 1/(2β), which holds here: the random log-ratios are O(1) and 1/(2β) = 5.)"""
@@ -470,7 +419,7 @@ def test_unpromised_fields_are_ignored(name):
     assert torch.equal(base.chosen_rewards, full.chosen_rewards)
 
 
-@pytest.mark.parametrize("name", ["simpo", "sepo", "spo"])
+@pytest.mark.parametrize("name", ["simpo", "sepo", "spo", "cpo", "orpo"])
 def test_reference_free_methods_need_no_pair_reference(name):
     spec = METHODS[name]
     assert not spec.needs_reference and not spec.needs_ref_distributions
@@ -525,6 +474,11 @@ def test_table_rows_are_as_designed():
         "fpo": ("needs_reference", "needs_sae_features", "length_normalised"),
         "sepo": ("needs_token_logps", "needs_oracle_scores"),
         "spo": ("needs_policy_samples",),
+        **{name: ("needs_reference",) for name in ("hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+                                                   "sppo_hard", "aot", "aot_pair", "apo_zero", "apo_down", "discopop")},
+        "sigmoid_norm": ("needs_reference", "length_normalised"),
+        "cpo": (),
+        "orpo": ("length_normalised",),
     }
     for spec in METHODS.values():
         assert "arXiv" in spec.paper

@@ -49,7 +49,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class MethodConfig:
     name: str = "dpo"
-    """A row of the loss table: dpo, ipo, simpo, tdpo1, tdpo2, fpo, sepo, spo."""
+    """A row of the loss table (`sparsepo.losses.METHODS`; README "Methods")."""
     params: Any = None
     """That method's hyper-parameter dataclass (filled from the YAML keys beside `name`)."""
 

@@ -10,9 +10,37 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
+from sparsepo.losses.anchored import (
+    AOTParams,
+    APOParams,
+    BCOParams,
+    aot_loss,
+    aot_pair_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+)
+from sparsepo.losses.cpo import CPOParams, cpo_loss
 from sparsepo.losses.dpo import DPOParams, dpo_loss
 from sparsepo.losses.fpo import FPOParams, fpo_loss
 from sparsepo.losses.ipo import IPOParams, ipo_loss
+from sparsepo.losses.orpo import ORPOParams, orpo_loss
+from sparsepo.losses.pairwise import (
+    DiscoPOPParams,
+    ExoParams,
+    HingeParams,
+    NCAParams,
+    RobustParams,
+    SigmoidNormParams,
+    SPPOParams,
+    discopop_loss,
+    exo_pair_loss,
+    hinge_loss,
+    nca_pair_loss,
+    robust_loss,
+    sigmoid_norm_loss,
+    sppo_hard_loss,
+)
 from sparsepo.losses.sepo import SePOParams, sepo_loss
 from sparsepo.losses.simpo import SimPOParams, simpo_loss
 from sparsepo.losses.spo import SPOParams, spo_loss
@@ -118,6 +146,39 @@ METHODS: dict[str, MethodSpec] = {
              needs_oracle_scores=True),
         _row("spo", spo_loss, SPOParams, "Sharifnassab et al. 2024, Soft Preference Optimization: Aligning "
              "Language Models to Expert Distributions, arXiv 2405.00747, §3 (SPO loss)", needs_policy_samples=True),
+        # the DPO family: TRL DPOTrainer loss types of the same name
+        _row("hinge", hinge_loss, HingeParams, "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with "
+             "Human Feedback, arXiv 2305.10425, §2 (calibration hinge), on reference log-ratios",
+             needs_reference=True),
+        _row("robust", robust_loss, RobustParams, "Chowdhury, Kini & Natarajan 2024, Provably Robust DPO: Aligning "
+             "Language Models with Noisy Feedback, arXiv 2403.00409, §3 (rDPO loss)", needs_reference=True),
+        _row("exo_pair", exo_pair_loss, ExoParams, "Ji et al. 2024, Towards Efficient Exact Optimization of Language "
+             "Model Alignment, arXiv 2402.00856, Eq. 16 (EXO-pref)", needs_reference=True),
+        _row("nca_pair", nca_pair_loss, NCAParams, "Chen et al. 2024, Noise Contrastive Alignment of Language Models "
+             "with Explicit Rewards, arXiv 2402.05369, §3 (pairwise NCA)", needs_reference=True),
+        _row("bco_pair", bco_pair_loss, BCOParams, "Jung et al. 2024, Binary Classifier Optimization for Large "
+             "Language Model Alignment, arXiv 2404.04656, §3 (BCO with reward shift)", needs_reference=True),
+        _row("sppo_hard", sppo_hard_loss, SPPOParams, "Wu et al. 2024, Self-Play Preference Optimization for Language "
+             "Model Alignment, arXiv 2405.00675, Eq. 4.7 with hard P", needs_reference=True),
+        _row("aot", aot_loss, AOTParams, "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via "
+             "Optimal Transport, arXiv 2406.05882, §4 (paired AOT)", needs_reference=True),
+        _row("aot_pair", aot_pair_loss, AOTParams, "Melnyk et al. 2024, Distributional Preference Alignment of LLMs "
+             "via Optimal Transport, arXiv 2406.05882, §4 (unpaired AOT)", needs_reference=True),
+        _row("apo_zero", apo_zero_loss, APOParams, "D'Oosterlinck et al. 2024, Anchored Preference Optimization and "
+             "Contrastive Revisions, arXiv 2408.06266, Eq. 7", needs_reference=True),
+        _row("apo_down", apo_down_loss, APOParams, "D'Oosterlinck et al. 2024, Anchored Preference Optimization and "
+             "Contrastive Revisions, arXiv 2408.06266, Eq. 8", needs_reference=True),
+        _row("discopop", discopop_loss, DiscoPOPParams, "Lu, Holt, Fanconi, Chan et al. 2024, Discovering Preference "
+             "Optimization Algorithms with and for Large Language Models, arXiv 2406.08414, Eq. 5 (LRML)",
+             needs_reference=True),
+        _row("sigmoid_norm", sigmoid_norm_loss, SigmoidNormParams, "Rafailov et al. 2023, Direct Preference "
+             "Optimization, arXiv 2305.18290, Eq. 7, on per-token average log-ratios (TRL sigmoid_norm)",
+             needs_reference=True, length_normalised=True),
+        # reference-free
+        _row("cpo", cpo_loss, CPOParams, "Xu et al. 2024, Contrastive Preference Optimization: Pushing the "
+             "Boundaries of LLM Performance in Machine Translation, arXiv 2401.08417, §3 (L_prefer + L_NLL)"),
+        _row("orpo", orpo_loss, ORPOParams, "Hong, Lee & Thorne 2024, ORPO: Monolithic Preference Optimization "
+             "without Reference Model, arXiv 2403.07691, Eqs. 4-7", length_normalised=True),
     )
 }
 
