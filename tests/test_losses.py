@@ -268,6 +268,7 @@ def test_table_rows_are_as_designed():
         "sigmoid_norm": ("needs_reference", "length_normalised"),
         "cpo": (),
         "orpo": ("length_normalised",),
+        "sft": ("length_normalised",),
     }
     for spec in METHODS.values():
         assert "arXiv" in spec.paper

@@ -7,6 +7,7 @@ a method's name. Adding a method = one file with its params + loss, and one row 
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,7 @@ from sparsepo.losses.anchored import (
     apo_zero_loss,
     bco_pair_loss,
 )
+from sparsepo.losses.combined import combined_loss, combined_params_cls
 from sparsepo.losses.cpo import CPOParams, cpo_loss
 from sparsepo.losses.dpo import DPOParams, dpo_loss
 from sparsepo.losses.fpo import FPOParams, fpo_loss
@@ -42,6 +44,7 @@ from sparsepo.losses.pairwise import (
     sppo_hard_loss,
 )
 from sparsepo.losses.sepo import SePOParams, sepo_loss
+from sparsepo.losses.sft import SFTParams, sft_loss
 from sparsepo.losses.simpo import SimPOParams, simpo_loss
 from sparsepo.losses.spo import SPOParams, spo_loss
 from sparsepo.losses.tdpo import TDPOParams, tdpo1_loss, tdpo2_loss
@@ -179,12 +182,17 @@ METHODS: dict[str, MethodSpec] = {
              "Boundaries of LLM Performance in Machine Translation, arXiv 2401.08417, §3 (L_prefer + L_NLL)"),
         _row("orpo", orpo_loss, ORPOParams, "Hong, Lee & Thorne 2024, ORPO: Monolithic Preference Optimization "
              "without Reference Model, arXiv 2403.07691, Eqs. 4-7", length_normalised=True),
+        _row("sft", sft_loss, SFTParams, "NLL of the chosen response: Ouyang et al. 2022, arXiv 2203.02155, §3.5; "
+             "the NLL term of RPO, arXiv 2404.19733 (TRL sft)", length_normalised=True),
     )
 }
 
 
-def get_method(name: str) -> MethodSpec:
-    """The row for `name`; a ValueError naming the nearest valid method for a typo."""
+def get_method(name) -> MethodSpec:
+    """The row for `name`; a ValueError naming the nearest valid method for a typo. A list of names
+    is their weighted sum (see `combined_method`)."""
+    if isinstance(name, (list, tuple)):
+        return combined_method(tuple(get_method(n).name for n in name))
     try:
         return METHODS[name]
     except (KeyError, TypeError):
@@ -192,3 +200,18 @@ def get_method(name: str) -> MethodSpec:
         hint = f" Did you mean '{match[0]}'?" if match else ""
         raise ValueError(f"unknown method '{name}'.{hint} Valid methods: {', '.join(METHODS)}") from None
 
+
+@functools.lru_cache(maxsize=None)
+def combined_method(names: tuple[str, ...]) -> MethodSpec:
+    """The row `a+b+…`: loss Σ w_i·loss_i (weights in its params), every flag any component sets (so
+    the trainer feeds each component what it reads), rewards and length_normalised of the first.
+    Cached, so one combination has one params class."""
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"a combined method needs two or more different methods (got {list(names)}); "
+                         f"for one method set method.name to its name")
+    specs = [METHODS[n] for n in names]
+    flags = {flag: any(getattr(s, flag) for s in specs) for flag in FLAG_FIELDS}
+    params_cls = combined_params_cls(names, tuple(s.params_cls for s in specs), tuple(s.loss_fn for s in specs))
+    return MethodSpec(name="+".join(names), loss_fn=combined_loss, params_cls=params_cls,
+                      length_normalised=specs[0].length_normalised,
+                      paper="; ".join(f"{s.name}: {s.paper}" for s in specs), **flags)
