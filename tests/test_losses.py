@@ -208,7 +208,7 @@ def test_unpromised_fields_are_ignored(name):
     assert torch.equal(base.chosen_rewards, full.chosen_rewards)
 
 
-@pytest.mark.parametrize("name", ["simpo", "sepo", "spo", "cpo", "orpo"])
+@pytest.mark.parametrize("name", ["simpo", "sepo", "spo", "cpo", "orpo", "sft"])
 def test_reference_free_methods_need_no_pair_reference(name):
     spec = METHODS[name]
     assert not spec.needs_reference and not spec.needs_ref_distributions
