@@ -120,7 +120,7 @@ def test_config_keys_lists_every_key_with_type_default_and_doc(capsys):
     flat = " ".join(out.split())
     assert "model.tokenizer: str | None = None Tokenizer directory; defaults to `path`." in flat
     assert "data.on_bad_row: str = 'error' [error | skip] error: refuse the dataset at the first bad row" in flat
-    assert "method.gamma: float = 0.5 γ: target reward margin" in flat  # simpo's, from its params class
+    assert "method.gamma: float | None = None γ: target reward margin" in flat  # simpo's, from its params class
     assert "optim.betas: tuple[float, float] = [0.9, 0.999]" in flat
 
 
@@ -132,7 +132,7 @@ def test_config_show_prints_the_resolved_config_and_runs_nothing(tmp_path, capsy
     assert run(["config", "show", "train.max_steps=9", "--config", str(path), "method.gamma=0.25"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown == to_dict(load_config(path, ["train.max_steps=9", "method.gamma=0.25"]))
-    assert (shown["method"], shown["train"]["max_steps"]) == ({"name": "simpo", "beta": 2.5, "gamma": 0.25}, 9)
+    assert (shown["method"], shown["train"]["max_steps"]) == ({"name": "simpo", "beta": 2.5, "gamma": 0.25, "gamma_beta_ratio": None}, 9)
     assert launched == []
 
 

@@ -98,16 +98,24 @@ def _build(cls: type, raw: dict, prefix: str, sources: dict[str, str]) -> Any:
 def _build_method(raw: dict, sources: dict[str, str]) -> MethodConfig:
     from sparsepo.losses import METHODS
 
+    from sparsepo.losses import get_method
+
     raw = dict(raw)
     name = raw.pop("name", "dpo")
     source = sources.get("method.name", sources.get("method", "<defaults>"))
-    if name not in METHODS:
-        raise ConfigError(
-            f"unknown method '{name}' ('method.name' in {source}).{_nearest(str(name), METHODS)} "
-            f"Valid methods: {', '.join(METHODS)}"
-        )
-    params = _build(METHODS[name].params_cls, raw, "method", sources)
-    return MethodConfig(name=name, params=params)
+    names = list(name) if isinstance(name, (list, tuple)) else [name]
+    for one in names:
+        if not isinstance(one, str) or one not in METHODS:
+            raise ConfigError(
+                f"unknown method '{one}' ('method.name' in {source}).{_nearest(str(one), METHODS)} "
+                f"Valid methods: {', '.join(METHODS)}; a list of them (with method.weights) is their weighted sum"
+            )
+    try:
+        spec = get_method(names if isinstance(name, (list, tuple)) else name)
+    except ValueError as e:
+        raise ConfigError(f"'method.name' in {source}: {e}") from e
+    params = _build(spec.params_cls, raw, "method", sources)
+    return MethodConfig(name=names if isinstance(name, (list, tuple)) else name, params=params)
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

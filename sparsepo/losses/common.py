@@ -182,6 +182,14 @@ def sigmoid_loss(logits: Tensor, label_smoothing: float = 0.0) -> Tensor:
     return losses
 
 
+def chosen_nll(inputs) -> Tensor:
+    """−log πθ(yw)/|yw|, (B,): the per-token NLL of each chosen response (RPO, CPO, ORPO's SFT term).
+
+    Per pair, so the batch mean weights pairs equally; TRL's trainers take one cross-entropy over all
+    chosen tokens of the batch, which weights long responses more (equal when lengths are equal)."""
+    return -inputs.policy_chosen_logps / response_lengths(inputs.chosen_mask)
+
+
 def make_output(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, **metrics: Tensor) -> LossOutput:
     """Detach the rewards and metrics; add "margin" (mean chosen − rejected) and "accuracy" (chosen > rejected)."""
     chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()

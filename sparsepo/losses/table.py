@@ -7,13 +7,44 @@ a method's name. Adding a method = one file with its params + loss, and one row 
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
+from sparsepo.losses.anchored import (
+    AOTParams,
+    APOParams,
+    BCOParams,
+    aot_loss,
+    aot_pair_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+)
+from sparsepo.losses.combined import combined_loss, combined_params_cls
+from sparsepo.losses.cpo import CPOParams, cpo_loss
 from sparsepo.losses.dpo import DPOParams, dpo_loss
 from sparsepo.losses.fpo import FPOParams, fpo_loss
 from sparsepo.losses.ipo import IPOParams, ipo_loss
+from sparsepo.losses.orpo import ORPOParams, orpo_loss
+from sparsepo.losses.pairwise import (
+    DiscoPOPParams,
+    ExoParams,
+    HingeParams,
+    NCAParams,
+    RobustParams,
+    SigmoidNormParams,
+    SPPOParams,
+    discopop_loss,
+    exo_pair_loss,
+    hinge_loss,
+    nca_pair_loss,
+    robust_loss,
+    sigmoid_norm_loss,
+    sppo_hard_loss,
+)
 from sparsepo.losses.sepo import SePOParams, sepo_loss
+from sparsepo.losses.sft import SFTParams, sft_loss
 from sparsepo.losses.simpo import SimPOParams, simpo_loss
 from sparsepo.losses.spo import SPOParams, spo_loss
 from sparsepo.losses.tdpo import TDPOParams, tdpo1_loss, tdpo2_loss
@@ -120,12 +151,50 @@ METHODS: dict[str, MethodSpec] = {
              needs_oracle_scores=True),
         _row("spo", spo_loss, SPOParams, "Sharifnassab et al. 2024, Soft Preference Optimization: Aligning "
              "Language Models to Expert Distributions, arXiv 2405.00747, §3 (SPO loss)", needs_policy_samples=True),
+        # the DPO family: TRL DPOTrainer loss types of the same name
+        _row("hinge", hinge_loss, HingeParams, "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with "
+             "Human Feedback, arXiv 2305.10425, §2 (calibration hinge), on reference log-ratios",
+             needs_reference=True),
+        _row("robust", robust_loss, RobustParams, "Chowdhury, Kini & Natarajan 2024, Provably Robust DPO: Aligning "
+             "Language Models with Noisy Feedback, arXiv 2403.00409, §3 (rDPO loss)", needs_reference=True),
+        _row("exo_pair", exo_pair_loss, ExoParams, "Ji et al. 2024, Towards Efficient Exact Optimization of Language "
+             "Model Alignment, arXiv 2402.00856, Eq. 16 (EXO-pref)", needs_reference=True),
+        _row("nca_pair", nca_pair_loss, NCAParams, "Chen et al. 2024, Noise Contrastive Alignment of Language Models "
+             "with Explicit Rewards, arXiv 2402.05369, §3 (pairwise NCA)", needs_reference=True),
+        _row("bco_pair", bco_pair_loss, BCOParams, "Jung et al. 2024, Binary Classifier Optimization for Large "
+             "Language Model Alignment, arXiv 2404.04656, §3 (BCO with reward shift)", needs_reference=True),
+        _row("sppo_hard", sppo_hard_loss, SPPOParams, "Wu et al. 2024, Self-Play Preference Optimization for Language "
+             "Model Alignment, arXiv 2405.00675, Eq. 4.7 with hard P", needs_reference=True),
+        _row("aot", aot_loss, AOTParams, "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via "
+             "Optimal Transport, arXiv 2406.05882, §4 (paired AOT)", needs_reference=True),
+        _row("aot_pair", aot_pair_loss, AOTParams, "Melnyk et al. 2024, Distributional Preference Alignment of LLMs "
+             "via Optimal Transport, arXiv 2406.05882, §4 (unpaired AOT)", needs_reference=True),
+        _row("apo_zero", apo_zero_loss, APOParams, "D'Oosterlinck et al. 2024, Anchored Preference Optimization and "
+             "Contrastive Revisions, arXiv 2408.06266, Eq. 7", needs_reference=True),
+        _row("apo_down", apo_down_loss, APOParams, "D'Oosterlinck et al. 2024, Anchored Preference Optimization and "
+             "Contrastive Revisions, arXiv 2408.06266, Eq. 8", needs_reference=True),
+        _row("discopop", discopop_loss, DiscoPOPParams, "Lu, Holt, Fanconi, Chan et al. 2024, Discovering Preference "
+             "Optimization Algorithms with and for Large Language Models, arXiv 2406.08414, Eq. 5 (LRML)",
+             needs_reference=True),
+        _row("sigmoid_norm", sigmoid_norm_loss, SigmoidNormParams, "Rafailov et al. 2023, Direct Preference "
+             "Optimization, arXiv 2305.18290, Eq. 7, on per-token average log-ratios (TRL sigmoid_norm)",
+             needs_reference=True, length_normalised=True),
+        # reference-free
+        _row("cpo", cpo_loss, CPOParams, "Xu et al. 2024, Contrastive Preference Optimization: Pushing the "
+             "Boundaries of LLM Performance in Machine Translation, arXiv 2401.08417, §3 (L_prefer + L_NLL)"),
+        _row("orpo", orpo_loss, ORPOParams, "Hong, Lee & Thorne 2024, ORPO: Monolithic Preference Optimization "
+             "without Reference Model, arXiv 2403.07691, Eqs. 4-7", length_normalised=True),
+        _row("sft", sft_loss, SFTParams, "NLL of the chosen response: Ouyang et al. 2022, arXiv 2203.02155, §3.5; "
+             "the NLL term of RPO, arXiv 2404.19733 (TRL sft)", length_normalised=True),
     )
 }
 
 
-def get_method(name: str) -> MethodSpec:
-    """The row for `name`; a ValueError naming the nearest valid method for a typo."""
+def get_method(name) -> MethodSpec:
+    """The row for `name`; a ValueError naming the nearest valid method for a typo. A list of names
+    is their weighted sum (see `combined_method`)."""
+    if isinstance(name, (list, tuple)):
+        return combined_method(tuple(get_method(n).name for n in name))
     try:
         return METHODS[name]
     except (KeyError, TypeError):
@@ -133,3 +202,18 @@ def get_method(name: str) -> MethodSpec:
         hint = f" Did you mean '{match[0]}'?" if match else ""
         raise ValueError(f"unknown method '{name}'.{hint} Valid methods: {', '.join(METHODS)}") from None
 
+
+@functools.lru_cache(maxsize=None)
+def combined_method(names: tuple[str, ...]) -> MethodSpec:
+    """The row `a+b+…`: loss Σ w_i·loss_i (weights in its params), every flag any component sets (so
+    the trainer feeds each component what it reads), rewards and length_normalised of the first.
+    Cached, so one combination has one params class."""
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"a combined method needs two or more different methods (got {list(names)}); "
+                         f"for one method set method.name to its name")
+    specs = [METHODS[n] for n in names]
+    flags = {flag: any(getattr(s, flag) for s in specs) for flag in FLAG_FIELDS}
+    params_cls = combined_params_cls(names, tuple(s.params_cls for s in specs), tuple(s.loss_fn for s in specs))
+    return MethodSpec(name="+".join(names), loss_fn=combined_loss, params_cls=params_cls,
+                      length_normalised=specs[0].length_normalised,
+                      paper="; ".join(f"{s.name}: {s.paper}" for s in specs), **flags)
