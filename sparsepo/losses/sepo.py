@@ -93,10 +93,11 @@ def sepo_loss(inputs: LossInputs, params: SePOParams) -> LossOutput:
     "none" is the unnormalised sum (length-biased).
 
     The end token (knob `exclude_eos`): the authors' code scores a response's eos like any other
-    token, so the bottom ρ of a rejected response may include it, and the loss then pushes log π(eos)
-    down at the end of rejected responses. Reference-free, nothing holds it back; on the demo this
-    is what made the policy stop ending its samples (docs/benchmarks_sepo_spo.md). exclude_eos=True
-    leaves eos out of the candidates on both sides (N then counts the other tokens).
+    token, so the bottom ρ of a rejected response may include it (on the demo: in 72-85% of them,
+    and almost never in a chosen one), and the loss then only pushes log π(eos) down. exclude_eos=True
+    leaves eos out of the candidates on both sides (N then counts the other tokens). On the demo this
+    alone does not stop the reference-free policy from drifting into samples that never end; an SFT
+    anchor does (`method.name=[sepo, sft]`; docs/benchmarks_sepo_spo.md).
 
     Reads: policy_{chosen,rejected}_token_logps (B,T); chosen_mask, rejected_mask (B,T);
     chosen_oracle_scores, rejected_oracle_scores (B,T), aligned like token_logps;
