@@ -69,7 +69,13 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 def _print_eval(result: dict, label: str) -> None:
     print(f"\n{label}: win rate vs reference {result['win_rate']:.1%} | KL(policy||ref) {result['kl']:.3f} | "
           f"reward {result['policy_reward']:.3f} (reference {result['reference_reward']:.3f}) | "
-          f"length {result['policy_length']:.1f} (reference {result['reference_length']:.1f}) | n={result['n']}")
+          f"length {result['policy_length']:.1f} (reference {result['reference_length']:.1f}) | "
+          f"ended {result['policy_ended_fraction']:.1%} (reference {result['reference_ended_fraction']:.1%}) | "
+          f"n={result['n']}")
+    if result["policy_ended_fraction"] < 0.5 <= result["reference_ended_fraction"]:
+        print(f"warning: only {result['policy_ended_fraction']:.0%} of the policy's samples end within "
+              f"{result['max_new_tokens']} tokens: it has drifted from the reference, and its win rate and KL "
+              f"describe run-on samples (for SePO see docs/benchmarks_sepo_spo.md)")
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -91,7 +97,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if spec.needs_sae_features and not any(o.startswith("sae.path=") for o in a.overrides):
         overrides.append(f"sae.path={demo_sae(world, [f'method.name={a.method}', *a.overrides], force=a.force)}")
     if spec.needs_oracle_scores and not any(o.startswith("reference.oracle=") for o in a.overrides):
-        overrides.append(f"reference.oracle={demo_oracle(world, Path(world.root) / 'oracle', a)}")
+        overrides.append(f"reference.oracle={demo_oracle(world, a)}")
     # the demo recipe is written for DPO: pass the method only the keys its params have
     recipe = write_for_method(RECIPES / "demo.yaml", a.method, Path(a.workdir) / f"recipe-{a.method}.yaml")
     code = launch_train(str(recipe), overrides, nproc=a.nproc)
@@ -154,16 +160,25 @@ def demo_sae(world, method_overrides: list[str], *, force: bool) -> Path:
     return out
 
 
-def demo_oracle(world, out: Path, a: argparse.Namespace) -> Path:
-    """The demo's SePO oracle: DPO from the demo SFT model on a seeded half of the pairs (the other
-    half measures its held-out accuracy); trained once, cached beside the world."""
+def demo_oracle(world, a: argparse.Namespace) -> Path:
+    """The demo's SePO oracle: DPO on a seeded half of the pairs (the other half measures its held-out
+    accuracy), from a small SFT model (`demo.small`, ~8x fewer parameters than the policy: SePO's
+    weak-to-strong setting; --oracle small, the default) or from the policy's own SFT model (--oracle
+    policy); trained once, cached beside the world."""
     from sparsepo.oracle_train import train_oracle
 
+    out = Path(world.root) / ("oracle-small" if a.oracle == "small" else "oracle")
     if a.force or not (out / "oracle.json").is_file():
+        if a.oracle == "small":
+            from sparsepo.demo.small import prepare_small_sft
+
+            start = prepare_small_sft(world, force=a.force)
+        else:
+            start = world.sft_dir
         keep = [o for o in a.overrides if not o.startswith(("method.", "reference."))]
         train_oracle(str(RECIPES / "demo.yaml"), out, launch=launch_train, fraction=0.5, nproc=a.nproc,
-                     seed=a.seed, overrides=[f"model.path={world.sft_dir}", f"data.path={world.train_path}",
-                                             "logging.overwrite=true", *keep])
+                     seed=a.seed, model=str(start), overrides=[f"data.path={world.train_path}",
+                                                               "logging.overwrite=true", *keep])
     return out
 
 
@@ -250,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nproc", type=int, default=1, help="training processes (deepspeed launcher when > 1)")
     d.add_argument("--seed", type=int, default=0, help="seed of the world and of the evaluation")
     d.add_argument("--force", action="store_true", help="rebuild the demo world even if cached")
+    d.add_argument("--oracle", default="small", choices=["small", "policy"],
+                   help="SePO's oracle starts from a ~8x smaller SFT model (weak-to-strong, default) or the policy's")
     d.add_argument("overrides", nargs="*", help="config overrides for training, e.g. train.max_steps=20")
     d.set_defaults(fn=cmd_demo)
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from sparsepo import data as pdata
 from sparsepo.config import RunConfig
+from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.dist import DistContext
 from sparsepo.models import load_tokenizer
 from sparsepo.rundir import prepare_run_dir
@@ -51,7 +52,8 @@ def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     if not ctx.is_main:  # rank 0 tokenises and fills the datasets cache; the others then hit it
         dist.barrier()
-    dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None)
+    dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None,
+                                                    pair_filter=pair_filter_for(cfg))
     if ctx.is_main:
         dist.barrier()
     return RunData(run_dir, tokenizer, dataset, report, pdata.dataset_fingerprint(dataset))

@@ -30,7 +30,7 @@ from sparsepo.engine.collectives import gather
 from sparsepo.engine.dist import DistContext, init_distributed
 from sparsepo.engine.policy import PolicyEngine
 from sparsepo.losses import MethodSpec, get_method
-from sparsepo.losses.inputs import build_loss_inputs
+from sparsepo.losses.inputs import build_loss_inputs, eos_positions
 from sparsepo.metrics import MetricsLogger, reduce_mean
 from sparsepo.models import pair_forward
 from sparsepo.policy_samples import PolicySamples
@@ -116,7 +116,8 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
     with features.capture(run.policy) if features is not None else nullcontext() as cap:
         fwd = pair_forward(run.policy, batch)
     pooled, feature_metrics = features.policy(cap, batch) if features is not None else (None, {})
-    out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields),
+    eos = eos_positions(batch.input_ids, batch.response_mask, run.data.tokenizer.eos_token_id)
+    out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields, eos),
                            run.cfg.method.params)
     loss = out.losses.mean()
     run.policy.backward(loss)

@@ -59,6 +59,9 @@ def random_fields(seed=0, B=2, T=6, K=3, V=7, F=10, k=3, S=2, Ts=5):
         values, ids = rnd(B, F).abs().topk(k, dim=-1)
         out[f"ref_{side}_feature_ids"], out[f"ref_{side}_feature_values"] = ids, values
         out[f"{side}_oracle_scores"] = rnd(B, T)
+    # eos ends chosen row 0 and both rejected rows; chosen row 1 was cut (no eos)
+    out["chosen_eos_mask"], out["rejected_eos_mask"] = torch.zeros(B, T, dtype=F64), torch.zeros(B, T, dtype=F64)
+    out["chosen_eos_mask"][0, 5] = out["rejected_eos_mask"][0, 5] = out["rejected_eos_mask"][1, 4] = 1
     sample_mask = torch.zeros(S, Ts, dtype=F64)
     sample_mask[0, 1:5], sample_mask[1, 1:3] = 1, 1
     out["sample_mask"] = sample_mask

@@ -426,7 +426,7 @@ def test_skip_mode_reports_and_refuses_above_fraction(tmp_path, tok, caplog):
         {"row": 8, "field": "rejected", "reason": "expected a string, got int"},
         {"row": 11, "field": "pair", "reason": f"duplicate of line 1 (example_id {ds[0]['example_id']})"},
     ]
-    assert "2 bad rows and 1 duplicates left out" in caplog.text
+    assert "2 bad rows, 1 duplicates and 0 filtered pairs left out" in caplog.text
     cfg = cfg_for(path, tmp_path, on_bad_row="skip", max_skip_fraction=0.1)
     with pytest.raises(DataError, match=r"s\.jsonl: 2 of 11 rows are bad \(18\.18%\), more than "
                                         r"data.max_skip_fraction=0\.1.*skipped_rows\.jsonl"):

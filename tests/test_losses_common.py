@@ -245,6 +245,16 @@ def test_select_tokens_defaults_skip_the_first_token_and_floor():
     assert select_tokens(scores, mask, 1.0, largest=True)[0].tolist() == [0, 0, 1, 1, 1, 1]
 
 
+def test_select_tokens_exclude_leaves_positions_out_of_the_candidates():
+    """Row [., a, b, c, eos] with the eos scored lowest: by default the bottom floor(0.5·3) = 1 of t=2..4
+    is the eos (t=4); excluding it leaves t=2,3 (N=2), floor(1.0) = 1: the lower of them, t=3."""
+    scores = torch.tensor([[0.0, 0.5, 0.2, -0.1, -3.0]])
+    mask = torch.tensor([[0.0, 1, 1, 1, 1]])
+    eos = torch.tensor([[0.0, 0, 0, 0, 1]])
+    assert select_tokens(scores, mask, 0.5, largest=False)[0].tolist() == [0, 0, 0, 0, 1]
+    assert select_tokens(scores, mask, 0.5, largest=False, exclude=eos)[0].tolist() == [0, 0, 0, 1, 0]
+
+
 def test_select_tokens_first_token_is_per_row_after_left_padding():
     """The first response token is the first masked position of each row, wherever it falls."""
     mask = torch.tensor([[0.0, 0, 0, 1, 1], [0.0, 1, 1, 1, 1]])

@@ -105,8 +105,10 @@ def test_fpo_with_alpha_zero_is_simpo_with_the_reference_margin():
 
 def sepo_hand_inputs():
     """Chosen: mask on t=1..5 (|yw| = 5); rejected: mask on t=1..3 (|yl| = 3); the −9 scores at the
-    rejected's masked-out t=4,5 must be ignored. Worked per setting in the tests below."""
+    rejected's masked-out t=4,5 must be ignored; eos ends each response (chosen t=5, rejected t=3).
+    Worked per setting in the tests below."""
     return LossInputs(policy_chosen_logps=t([-8.0]), policy_rejected_logps=t([-7.0]),
+                      chosen_eos_mask=t([[0, 0, 0, 0, 0, 1]]), rejected_eos_mask=t([[0, 0, 0, 1, 0, 0]]),
                       chosen_mask=t([[0, 1, 1, 1, 1, 1]]), rejected_mask=t([[0, 1, 1, 1, 0, 0]]),
                       policy_chosen_token_logps=t([[0, -1, -0.5, -2, -1.5, -3]]),
                       policy_rejected_token_logps=t([[0, -1, -4, -2, -0.1, -0.1]]),
@@ -153,6 +155,23 @@ def test_sepo_by_hand_with_the_authors_defaults():
     exact = sepo_loss(sepo_hand_inputs(), SePOParams(gamma=0.5, min_tokens=0))
     assert exact.losses.item() == pytest.approx(0.82593942, abs=1e-8)
     assert exact.rejected_rewards.item() == 0.0
+
+
+def test_sepo_exclude_eos_by_hand():
+    """CEIL_ALL, γ=0.5, ρ=0.3, with the rejected eos (t=3, log-prob −2) given the lowest score −1.
+    Default: rejected keeps ceil(0.9) = 1 token, the eos: r(yl) = 0.5·(−2) = −1; chosen as in
+    test_sepo_by_hand, r(yw) = −0.5; z = 0.5, loss = log(1 + e^{−0.5}) = 0.47407698; eos selected in
+    1 of 1 rejected responses, 0 of 1 chosen (its eos t=5 scores 0.3, below 0.9 and 0.5).
+    exclude_eos: rejected candidates t=1,2 (N=2), ceil(0.6) = 1: −0.7 at t=2, log-prob −4, r(yl) = −2;
+    chosen candidates t=1..4 keep ceil(1.2) = 2, the same t=2,4; z = 1.5, loss = 0.20141328."""
+    inputs = sepo_hand_inputs()
+    inputs.rejected_oracle_scores = t([[0, 0.4, -0.7, -1.0, -9, -9]])
+    out = sepo_loss(inputs, SePOParams(gamma=0.5, rho=0.3, **CEIL_ALL))
+    assert out.losses.item() == pytest.approx(0.47407698, abs=1e-8)
+    assert (out.metrics["eos_selected_rejected"].item(), out.metrics["eos_selected_chosen"].item()) == (1.0, 0.0)
+    kept = sepo_loss(inputs, SePOParams(gamma=0.5, rho=0.3, exclude_eos=True, **CEIL_ALL))
+    assert kept.losses.item() == pytest.approx(0.20141328, abs=1e-8)
+    assert kept.metrics["eos_selected_rejected"].item() == 0.0
 
 
 def spo_hand_inputs():

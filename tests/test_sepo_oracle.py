@@ -181,3 +181,23 @@ def test_live_server_refuses_oracle_scores_naming_cache_and_inline():
     cfg = load_config(None, ["method.name=sepo", "reference.oracle=x"])  # cache mode passes validation
     with pytest.raises(LiveModeError, match=r"'oracle_scores'.*reference.mode=cache or reference.mode=inline"):
         live_outputs(cfg)
+
+
+@pytest.mark.integration
+def test_small_oracle_model_is_4x_smaller_and_fits_the_policy(tiny_world, tmp_path):
+    """The demo's weak-to-strong starting model: the world's tokenizer and vocabulary (so the oracle
+    check passes), at least 4x fewer parameters than the policy, cached on a second call."""
+    from sparsepo.demo.small import MANIFEST, prepare_small_sft
+    from sparsepo.demo.world import WorldPaths
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world.root, world)
+    paths = WorldPaths.under(world)
+    small = prepare_small_sft(paths)
+    stats = json.loads((small / MANIFEST).read_text())
+    assert stats["n_params"] * 4 <= stats["policy_n_params"]
+    assert stats["sft_final_loss"] < stats["sft_first_loss"]
+    (tmp_path / "oracle.json").write_text(json.dumps({"oracle": str(small), "reference": str(small)}))
+    check_compatible(str(paths.sft_dir), str(paths.sft_dir), read_manifest(tmp_path))
+    mtime = (small / "model.safetensors").stat().st_mtime_ns
+    assert prepare_small_sft(paths) == small and (small / "model.safetensors").stat().st_mtime_ns == mtime

@@ -30,9 +30,12 @@ OUTPUT_FEATURES = datasets.Features({
     "example_id": datasets.Value("string"), "prompt_ids": _IDS, "chosen_ids": _IDS,
     "rejected_ids": _IDS, "truncated": datasets.Value("bool"),
     "bad_field": datasets.Value("string"), "bad_reason": datasets.Value("string"),
-    "overlong": datasets.Value("string"),
+    "overlong": datasets.Value("string"), "prompt_tokens": datasets.Value("int32"),
+    "chosen_tokens": datasets.Value("int32"), "rejected_tokens": datasets.Value("int32"),
 })
-_WORK_COLUMNS = ["truncated", "bad_field", "bad_reason", "overlong"]
+_WORK_COLUMNS = ["truncated", "bad_field", "bad_reason", "overlong", "prompt_tokens", "chosen_tokens",
+                 "rejected_tokens"]
+_LENGTHS = ("prompt_tokens", "chosen_tokens", "rejected_tokens")
 _SETTINGS_TAG = "sparsepo.data tokenisation settings: "
 SKIP_REPORT = "skipped_rows.jsonl"
 
@@ -46,11 +49,13 @@ class DataReport:
     rows: int
     """Rows read from the source."""
     kept: int
-    """Rows in the returned dataset: rows - skipped - duplicates."""
+    """Rows in the returned dataset: rows - skipped - duplicates - filtered."""
     skipped: int
     """Bad rows left out (on_bad_row=skip)."""
     duplicates: int
     """Later copies of an earlier pair (same example id), left out in either on_bad_row mode."""
+    filtered: int = 0
+    """Pairs the run's length filter (`data.filters.PairFilter`) left out, in either on_bad_row mode."""
     truncated: int
     """Kept pairs cut to fit max_length."""
     fingerprint: str
@@ -62,8 +67,11 @@ class DataReport:
     report_path: str | None = None
 
 
-def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None):
+def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None, pair_filter=None):
     """Load `cfg.path` (a `DataConfig`), tokenise it once, return `(dataset, DataReport)`.
+
+    `pair_filter` (`data.filters.PairFilter`, from `pair_filter_for(run config)`) drops pairs by their
+    lengths before truncation; each is listed in the skip report with its reason.
 
     The dataset has columns example_id, prompt_ids, chosen_ids, rejected_ids, in source order.
     With `run_dir`, `skipped_rows.jsonl` is written there (empty when nothing was left out).
@@ -107,9 +115,14 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
                         f"{col['bad_reason'][i]}{more}; fix the data, or set data.on_bad_row=skip "
                         f"to skip bad rows and list them in {SKIP_REPORT}")
     records = {i: SkippedRow(src.row_number(i), col["bad_field"][i], col["bad_reason"][i]) for i in bad}
-    keep, first_of, dups = [], {}, 0
+    keep, first_of, dups, filtered = [], {}, 0, 0
     for i in range(n):
         if col["bad_field"][i]:
+            continue
+        why = pair_filter.reason(**{k: col[k][i] for k in _LENGTHS}) if pair_filter is not None else None
+        if why is not None:
+            filtered += 1
+            records[i] = SkippedRow(src.row_number(i), *why)
             continue
         first = first_of.setdefault(col["example_id"][i], i)
         if first == i:
@@ -121,11 +134,11 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
     skipped_rows = [records[i] for i in sorted(records)]
     report_path = str(write_skip_report(skipped_rows, run_dir)) if run_dir is not None else None
     truncated = sum(col["truncated"][i] for i in keep)
-    log.info("%s: %d rows, %d kept, %d skipped, %d duplicates, %d truncated to max_length=%d",
-             src.path, n, len(keep), len(bad), dups, truncated, cfg.max_length)
-    if bad or dups:
-        log.warning("%s: %d bad rows and %d duplicates left out; listed in %s", src.path, len(bad),
-                    dups, report_path or "DataReport.skipped_rows (pass run_dir for a file)")
+    log.info("%s: %d rows, %d kept, %d skipped, %d duplicates, %d filtered, %d truncated to max_length=%d",
+             src.path, n, len(keep), len(bad), dups, filtered, truncated, cfg.max_length)
+    if bad or dups or filtered:
+        log.warning("%s: %d bad rows, %d duplicates and %d filtered pairs left out; listed in %s", src.path,
+                    len(bad), dups, filtered, report_path or "DataReport.skipped_rows (pass run_dir for a file)")
     if len(bad) > cfg.max_skip_fraction * n:
         raise DataError(f"{src.path}: {len(bad)} of {n} rows are bad ({len(bad) / n:.2%}), more than "
                         f"data.max_skip_fraction={cfg.max_skip_fraction}; see "
@@ -137,7 +150,7 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
     ds = ds.remove_columns(_WORK_COLUMNS)
     ds.info.description = _SETTINGS_TAG + json.dumps(key, sort_keys=True)
     report = DataReport(source=src.path, format=src.format, rows=n, kept=len(keep), skipped=len(bad),
-                        duplicates=dups, truncated=truncated, fingerprint=dataset_fingerprint(ds),
+                        duplicates=dups, filtered=filtered, truncated=truncated, fingerprint=dataset_fingerprint(ds),
                         source_sha256=src.sha256,
                         skipped_rows=skipped_rows, report_path=report_path)
     return ds, report

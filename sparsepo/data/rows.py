@@ -14,9 +14,10 @@ import re
 from dataclasses import asdict, dataclass
 
 
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 """Bump when the output of `tokenise_batch` changes for the same input: it busts every cache.
-2: chat roles are validated (a cached dataset may hold rows that are now refused)."""
+2: chat roles are validated (a cached dataset may hold rows that are now refused).
+3: the lengths before truncation are kept (prompt_tokens, chosen_tokens, rejected_tokens)."""
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 """Chat roles a message may have (the OpenAI / Hugging Face chat-template vocabulary)."""
@@ -26,7 +27,7 @@ RESPONSE_ROLES = ("assistant", "tool", "function", "ipython")
 TRUNCATION_MODES = ("prompt_first", "response_only", "error")
 _BAD_CHARS = re.compile("[\ud800-\udfff\ufffd]")
 COLUMNS = ("example_id", "prompt_ids", "chosen_ids", "rejected_ids", "truncated", "bad_field",
-           "bad_reason", "overlong")
+           "bad_reason", "overlong", "prompt_tokens", "chosen_tokens", "rejected_tokens")
 
 
 class BadRow(Exception):
@@ -269,10 +270,15 @@ def tokenise_batch(batch: dict[str, list], *, tokenizer, settings: Settings) -> 
     out: dict[str, list] = {k: [] for k in COLUMNS}
     for i, x in enumerate(prepared):
         row = {"example_id": "", "prompt_ids": [], "chosen_ids": [], "rejected_ids": [],
-               "truncated": False, "bad_field": "", "bad_reason": "", "overlong": ""}
+               "truncated": False, "bad_field": "", "bad_reason": "", "overlong": "",
+               "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0}
         try:
             if isinstance(x, BadRow):
                 raise x
+            eos = tokenizer.eos_token_id  # lengths before truncation, responses without their eos
+            row.update(prompt_tokens=len(prompt_ids[i]),
+                       **{f"{side}_tokens": len(ids) - bool(ids and ids[-1] == eos)
+                          for side, ids in (("chosen", chosen_ids[i]), ("rejected", rejected_ids[i]))})
             p, c, r, cut = _finish(prompt_ids[i], chosen_ids[i], rejected_ids[i], tokenizer, settings)
             row.update(example_id=x[0], prompt_ids=p, chosen_ids=c, rejected_ids=r, truncated=cut)
         except BadRow as b:

@@ -140,12 +140,13 @@ ROUNDING = ("floor", "ceil")
 
 
 def select_tokens(scores: Tensor, mask: Tensor, rho: float, largest: bool, *, rounding: str = "floor",
-                  min_tokens: int = 1, skip_first_token: bool = True) -> Tensor:
+                  min_tokens: int = 1, skip_first_token: bool = True, exclude: Tensor | None = None) -> Tensor:
     """SePO selection: in each row keep the `count` candidate tokens with the largest (or smallest)
     score. scores (B,T), mask (B,T) -> (B,T) 0/1 in mask's float dtype.
 
     Candidates are the masked tokens, less the first response token when `skip_first_token` (the
-    authors' code never scores it). With N candidates, count = floor(ρ·N) or ceil(ρ·N) (`rounding`),
+    authors' code never scores it) and less the positions where `exclude` (B,T) is nonzero (SePO's
+    exclude_eos). With N candidates, count = floor(ρ·N) or ceil(ρ·N) (`rounding`),
     raised to `min_tokens` and capped at N. Ties break towards the earlier position; a row with no
     candidate selects nothing.
     """
@@ -159,6 +160,8 @@ def select_tokens(scores: Tensor, mask: Tensor, rho: float, largest: bool, *, ro
     if skip_first_token:
         first = valid & (valid.long().cumsum(-1) == 1)
         valid = valid & ~first
+    if exclude is not None:
+        valid = valid & (exclude == 0)
     lengths = valid.sum(-1)
     # the 1e-6 keeps float error in rho·N (100·0.07 = 7.000000000000001; 10·0.7 = 6.999999999999999)
     # from moving the count across an integer

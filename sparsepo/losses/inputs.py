@@ -11,11 +11,13 @@ from sparsepo.losses.common import gather_logps
 from sparsepo.losses.types import LossInputs
 
 
-def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, sample_fields=None) -> LossInputs:
+def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, sample_fields=None,
+                      eos_mask=None) -> LossInputs:
     """`fwd`: the policy's forward (`seq_logps` (2B,), `token_logps` (2B,T), `logits` (2B,T,V));
     `ref`: the reference outputs for the same batch (None for reference-free methods);
     `policy_features`: (2B,F) pooled SAE features of the policy (FPO);
-    `sample_fields`: the needs_policy_samples fields (SPO; `sparsepo.policy_samples.PolicySamples.fields`)."""
+    `sample_fields`: the needs_policy_samples fields (SPO; `sparsepo.policy_samples.PolicySamples.fields`);
+    `eos_mask`: (2B,T) 1 on the response tokens that are eos (`eos_positions`; SePO)."""
     b = response_mask.shape[0] // 2
     mask = response_mask
     kw = dict(policy_chosen_logps=fwd.seq_logps[:b], policy_rejected_logps=fwd.seq_logps[b:],
@@ -43,7 +45,15 @@ def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, 
         halves("policy_chosen_topk_logps", "policy_rejected_topk_logps", policy_topk)
     if "oracle_scores" in needed:
         halves("chosen_oracle_scores", "rejected_oracle_scores", ref.oracle_scores)
+        if eos_mask is None:
+            raise ValueError(f"method '{spec.name}' needs the responses' eos positions (eos_mask); none were given")
+        halves("chosen_eos_mask", "rejected_eos_mask", eos_mask)
     if "feature_ids" in needed:
         halves("ref_chosen_feature_ids", "ref_rejected_feature_ids", ref.feature_ids)
         halves("ref_chosen_feature_values", "ref_rejected_feature_values", ref.feature_values)
     return LossInputs(**kw)
+
+
+def eos_positions(input_ids, response_mask, eos_id: int):
+    """(2B,T) float 0/1 in response_mask's dtype: 1 on the response tokens whose id is `eos_id`."""
+    return ((input_ids == eos_id) & (response_mask != 0)).to(response_mask.dtype)

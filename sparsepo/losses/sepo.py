@@ -27,6 +27,15 @@ class SePOParams:
     see `sepo_loss` for why ours differs."""
     skip_first_token: bool = True
     """Never select a response's first token (the authors' code never scores it)."""
+    max_prompt_tokens: int | None = 1900
+    """Leave out pairs whose prompt (before truncation) has more tokens (the authors' data step: 1900;
+    null: no limit). Listed in the run's skipped_rows.jsonl (`sparsepo.data.filters`)."""
+    min_response_tokens: int | None = 8
+    """Leave out pairs where either response (eos excluded, before truncation) has fewer tokens (the
+    authors': 8; their count includes the tokenizer's bos where it adds one; 0 or null: no limit)."""
+    exclude_eos: bool = False
+    """Never select a response's eos. The authors' code scores and may select it (their default, and
+    ours); see `sepo_loss` for what it does on the demo."""
     normalise: str = "selected"
     """What the selected tokens' log-prob sum is divided by: "selected" (|S|, the mean; default),
     "response" (|y|) or "none" (plain sum). See `sepo_loss`."""
@@ -38,6 +47,10 @@ class SePOParams:
               f"rounding must be one of {', '.join(ROUNDING)} (got {self.rounding!r})")
         check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "SePOParams",
               f"min_tokens must be an integer >= 0 (got {self.min_tokens!r})")
+        for name in ("max_prompt_tokens", "min_response_tokens"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value >= 0), "SePOParams",
+                  f"{name} must be an integer >= 0 or null (got {value!r})")
         check(self.normalise in NORMALISE, "SePOParams",
               f"normalise must be one of {', '.join(NORMALISE)} (got {self.normalise!r})")
 
@@ -65,11 +78,12 @@ def sepo_loss(inputs: LossInputs, params: SePOParams) -> LossOutput:
     log π_oracle_ref(y_t) is the DPO-trained oracle's token reward (their Theorem 1). Defaults follow
     the authors' code (OpenRLHF fork SteveKGYang/SePO): γ=1, ρ=0.3, floor, first token never selected.
 
-    Where ours differs, and why: min_tokens=1 (the authors' code has none). Their data step drops
-    responses under 8 tokens and prompts over 1900 tokens; we do not filter pairs here (length
-    limits belong to the data config), so a short response would otherwise select no token and
-    contribute neither reward nor gradient. On responses of 8+ tokens floor(0.3·7) = 2 >= 1, so the
-    minimum never binds and the two agree; set min_tokens=0 for the authors' rule exactly.
+    Their data step drops pairs with a prompt over 1900 tokens or a response under 8; ours too, by
+    default (max_prompt_tokens, min_response_tokens: the data pipeline applies them and lists each
+    pair left out in skipped_rows.jsonl). Where ours differs, and why: min_tokens=1 (the authors'
+    code has none), so that with the filter off a short response still selects a token and
+    contributes reward and gradient. On responses of 8+ tokens floor(0.3·7) = 2 >= 1, so the minimum
+    never binds and the two agree; set min_tokens=0 for the authors' rule exactly.
 
     Reading of γ's normalisation (knob `normalise`): Theorem 1 makes the response reward a sum of
     token rewards, and selection keeps the tokens that carry most of it; the objective then scores a
@@ -78,18 +92,27 @@ def sepo_loss(inputs: LossInputs, params: SePOParams) -> LossOutput:
     and of length (|S| ∝ |y|). "response" divides by |y| instead (≈ ρ× smaller rewards, γ rescaled);
     "none" is the unnormalised sum (length-biased).
 
+    The end token (knob `exclude_eos`): the authors' code scores a response's eos like any other
+    token, so the bottom ρ of a rejected response may include it (on the demo: in 72-85% of them,
+    and almost never in a chosen one), and the loss then only pushes log π(eos) down. exclude_eos=True
+    leaves eos out of the candidates on both sides (N then counts the other tokens). On the demo this
+    alone does not stop the reference-free policy from drifting into samples that never end; an SFT
+    anchor does (`method.name=[sepo, sft]`; docs/benchmarks_sepo_spo.md).
+
     Reads: policy_{chosen,rejected}_token_logps (B,T); chosen_mask, rejected_mask (B,T);
-    chosen_oracle_scores, rejected_oracle_scores (B,T), aligned like token_logps. Only the selected
-    tokens receive gradient. Rewards r(yw), r(yl) (B,). Metrics: selected_fraction (selected tokens /
-    response tokens, both sides); oracle_{chosen,rejected}_{selected,unselected}: the mean oracle
-    score of the selected and of the other response tokens, per side.
+    chosen_oracle_scores, rejected_oracle_scores (B,T), aligned like token_logps;
+    chosen_eos_mask, rejected_eos_mask (B,T). Only the selected tokens receive gradient. Rewards
+    r(yw), r(yl) (B,). Metrics: selected_fraction (selected tokens / response tokens, both sides);
+    oracle_{chosen,rejected}_{selected,unselected}: the mean oracle score of the selected and of the
+    other response tokens, per side; eos_selected_{chosen,rejected}: the fraction of the responses
+    that end in eos whose eos is selected.
     """
-    tw, tl, mw, ml, sw, sl = inputs.require("sepo", "policy_chosen_token_logps", "policy_rejected_token_logps",
-                                            "chosen_mask", "rejected_mask",
-                                            "chosen_oracle_scores", "rejected_oracle_scores")
+    tw, tl, mw, ml, sw, sl, ew, el = inputs.require(
+        "sepo", "policy_chosen_token_logps", "policy_rejected_token_logps", "chosen_mask", "rejected_mask",
+        "chosen_oracle_scores", "rejected_oracle_scores", "chosen_eos_mask", "rejected_eos_mask")
     knobs = dict(rounding=params.rounding, min_tokens=params.min_tokens, skip_first_token=params.skip_first_token)
-    sel_w = select_tokens(sw, mw, params.rho, largest=True, **knobs)
-    sel_l = select_tokens(sl, ml, params.rho, largest=False, **knobs)
+    sel_w = select_tokens(sw, mw, params.rho, largest=True, exclude=ew if params.exclude_eos else None, **knobs)
+    sel_l = select_tokens(sl, ml, params.rho, largest=False, exclude=el if params.exclude_eos else None, **knobs)
     chosen = _selected_reward(tw, sel_w, mw, params.gamma, params.normalise)
     rejected = _selected_reward(tl, sel_l, ml, params.gamma, params.normalise)
     response_tokens = (mw != 0).sum() + (ml != 0).sum()
@@ -99,6 +122,10 @@ def sepo_loss(inputs: LossInputs, params: SePOParams) -> LossOutput:
         rest = (m != 0).to(sel.dtype) - sel
         scores[f"oracle_{side}_selected"] = _overall_mean(s, sel)
         scores[f"oracle_{side}_unselected"] = _overall_mean(s, rest)
+    for side, sel, e in (("chosen", sel_w, ew), ("rejected", sel_l, el)):
+        ended = (e != 0).any(-1)
+        scores[f"eos_selected_{side}"] = ((sel * e).sum(-1) > 0)[ended].to(sel.dtype).mean() if ended.any() \
+            else sel.new_zeros(())
     return make_output(sigmoid_loss(chosen - rejected), chosen, rejected, selected_fraction=fraction, **scores)
 
 

@@ -56,6 +56,10 @@ class LossInputs:
     """(B,T) SePO token scores r_t = log π_oracle(y_t) − log π_oracle_ref(y_t), aligned like token_logps."""
     rejected_oracle_scores: Tensor | None = None
     """(B,T)"""
+    chosen_eos_mask: Tensor | None = None
+    """(B,T) float 0/1: 1 where the chosen response's token is eos (its end; none when truncated)."""
+    rejected_eos_mask: Tensor | None = None
+    """(B,T)"""
     sample_mask: Tensor | None = None
     """(S,T') float 0/1 on the generated tokens of S policy samples (SPO)."""
     ref_sample_topk_logps: Tensor | None = None

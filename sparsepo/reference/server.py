@@ -25,6 +25,7 @@ import torch.distributed as dist
 from sparsepo import bridge as br
 from sparsepo import data as pdata
 from sparsepo.config import config_fingerprint
+from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.models import load_tokenizer
@@ -112,7 +113,7 @@ def serve(cfg, plan, bridge) -> None:
     check_handshake(hs, cfg, outputs)
     ref_path = offline.reference_path(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or ref_path)
-    dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer)
+    dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
     features = uses_features(outputs)
     model_fp = offline.model_fingerprint(cfg) if features else None
 
