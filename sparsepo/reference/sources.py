@@ -71,8 +71,12 @@ class LiveSource:
     belongs to the batch — kind, sequence number and example ids — before handing it over."""
 
     def __init__(self, bridge, *, src: int, window: int, timeout_s: float, outputs: tuple[str, ...] = (),
-                 device="cpu", finish_src: int | None = None):
+                 device="cpu", finish_src: int | None = None, stage: int | None = None, num_stages: int = 1):
         self.bridge, self.src, self.timeout_s, self.outputs, self.device = bridge, src, timeout_s, outputs, device
+        # who it hears from: the last stage, which only relays what the earlier stages computed
+        self.sender = f"reference rank {src}" + ("" if stage is None else f" (stage {stage} of {num_stages})")
+        self.upstream = (f"; the failure may be upstream, in stages 0..{num_stages - 2} of its replica (the "
+                         f"watchdog's 'lost' line names the rank)") if num_stages > 1 else ""
         self.finish_src = src if finish_src is None else finish_src
         self.inbox = br.Inbox(bridge, src=src, window=window)
         self.next_seq = 0
@@ -83,12 +87,12 @@ class LiveSource:
             msg = self.inbox.get(self.timeout_s)
         except queue.Empty:
             raise ReferenceTimeout(
-                f"no reference outputs from reference rank {self.src} (global) for {self.timeout_s:.0f}s "
+                f"no reference outputs from {self.sender} for {self.timeout_s:.0f}s "
                 f"waiting for batch {self.next_seq}; last batch served: {self.last_served}. The reference "
-                f"group is dead, hung or far slower than the policy (reference.timeout_s)") from None
+                f"group is dead, hung or far slower than the policy (reference.timeout_s){self.upstream}") from None
         except Exception as e:  # noqa: BLE001 - the transport's error, with who and where
-            raise ReferenceTimeout(f"bridge to reference rank {self.src} failed waiting for batch "
-                                   f"{self.next_seq} (last served: {self.last_served}): {e}") from e
+            raise ReferenceTimeout(f"bridge to {self.sender} failed waiting for batch "
+                                   f"{self.next_seq} (last served: {self.last_served}): {e}{self.upstream}") from e
         if msg.kind != br.OUTPUTS or msg.seq != self.next_seq or msg.example_ids != list(batch.example_ids):
             raise MisalignedOutputs(
                 f"reference rank {self.src} sent {br.KINDS.get(msg.kind, msg.kind)} #{msg.seq} for examples "
@@ -118,9 +122,10 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
         plan, bridge = live
         topo = plan.topology
         br.broadcast(bridge, handshake, src=topo.policy_ranks()[0])
-        source = LiveSource(bridge, src=topo.stage_ranks(topo.reference_for_policy(ctx.rank))[-1],
-                            window=cfg.reference.window, timeout_s=cfg.reference.timeout_s, outputs=outputs,
-                            device=ctx.device, finish_src=topo.reference_ranks()[0])
+        sender = topo.stage_ranks(topo.reference_for_policy(ctx.rank))[-1]
+        source = LiveSource(bridge, src=sender, window=cfg.reference.window, timeout_s=cfg.reference.timeout_s,
+                            outputs=outputs, device=ctx.device, finish_src=topo.reference_ranks()[0],
+                            stage=topo.num_stages - 1, num_stages=topo.num_stages)
         return source
     if not outputs:
         return NoReference()
