@@ -78,3 +78,25 @@ def test_stalled_rank_fails_every_other_rank_in_bounded_time_naming_it(tiny_worl
     finally:
         procs[stopped].send_signal(signal.SIGCONT)
         cleanup(procs)
+
+
+def test_sigusr1_in_live_mode_exits_3_everywhere_and_resumes(tiny_world, tmp_path):
+    common = ("method.name=dpo", "train.epochs=1", "optim.lr=1e-3", "optim.schedule=constant",
+              "optim.warmup_steps=0")
+    procs = start(tiny_world, tmp_path, free_port(), *common)
+    try:
+        wait_for_step(tmp_path, procs, 2)
+        procs[1].send_signal(signal.SIGUSR1)
+        t0 = time.time()
+        got = exit_times(procs, range(4), t0, BOUND_S + 30)
+        logs = {r: (tmp_path / f"rank{r}.log").read_text() for r in range(4)}
+        assert [code for code, _ in got.values()] == [3, 3, 3, 3], (got, {r: s[-2500:] for r, s in logs.items()})
+        assert not any(" ERROR " in s for s in logs.values()), {r: s[-2500:] for r, s in logs.items()}
+    finally:
+        cleanup(procs)
+    stopped_at = max(read_scalars(tmp_path, "train/loss"))
+    proc = run_training(tiny_world, tmp_path, *common, *LIVE, "train.micro_batch_size=2",
+                        f"reference.timeout_s={TIMEOUT_S}", nproc=4, resume="auto")
+    steps = len(tiny_world.train_path.read_text().splitlines()) // 4
+    assert f"continuing at step {stopped_at}" in proc.stdout + proc.stderr
+    assert sorted(read_scalars(tmp_path, "train/loss")) == list(range(1, steps + 1))
