@@ -180,3 +180,25 @@ def test_damaged_shard_is_refused_before_training_starts(tiny_world, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and f"{shards[-1].name} is damaged" in out, out[-3000:]
     assert "step 1 " not in out and not (tmp_path / "run" / "tensorboard").exists(), out[-3000:]
+
+
+def test_full_disk_names_the_file_and_publishes_nothing(tmp_path):
+    """A 1 MiB tmpfs (mounting needs root; skipped otherwise) and a 2 MB shard."""
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        big = [{"seq_logps": [torch.zeros(()), torch.zeros(())], "token_logps": [torch.zeros(250_000),
+                                                                                   torch.zeros(250_000)]}]
+        with pytest.raises(CacheError) as e:
+            write_shard(disk / "cache", 0, ["id0"], big)
+        msg = str(e.value)
+        assert str(disk / "cache" / "shard-00000.pt") in msg and "nothing was published" in msg
+        assert "bytes needed" in msg and "free" in msg
+        assert list((disk / "cache").iterdir()) == []  # neither the shard nor a temporary file
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -15,8 +15,10 @@ shard is read, so a truncated or edited shard is refused before training starts,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -83,7 +85,7 @@ def write_shard(cache_dir: str | Path, index: int, example_ids: list[str], recor
     buf = io.BytesIO()
     torch.save({"example_ids": list(example_ids), "records": records}, buf)
     payload = buf.getvalue()
-    atomic_write(cache_dir / shard_name(index), payload)
+    publish(cache_dir / shard_name(index), payload)
     return {"file": shard_name(index), "sha256": hash_bytes(payload), "bytes": len(payload),
             "example_ids": list(example_ids)}
 
@@ -91,8 +93,23 @@ def write_shard(cache_dir: str | Path, index: int, example_ids: list[str], recor
 def write_index(cache_dir: str | Path, components: dict, shards: list[dict]) -> Path:
     path = Path(cache_dir) / INDEX
     body = {"format": FORMAT_VERSION, "fingerprint": components, "shards": shards}
-    atomic_write(path, json.dumps(body, indent=1))
+    publish(path, json.dumps(body, indent=1).encode())
     return path
+
+
+def publish(path: Path, payload: bytes) -> None:
+    """`atomic_write`, with a full disk reported as what it is: which file, how many bytes it
+    needed, how many were free, and that nothing was published (atomic_write removed its
+    temporary file; an older file at `path` is untouched)."""
+    try:
+        atomic_write(path, payload)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise CacheError(f"could not write {path}: {e.strerror} ({len(payload)} bytes needed, {free} free "
+                         f"in {path.parent}); nothing was published (no partial file left). Free some space "
+                         f"or point reference.cache_dir at a larger disk.") from e
 
 
 def diff_components(found: dict, expected: dict) -> list[str]:
