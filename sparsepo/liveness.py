@@ -45,6 +45,7 @@ class Watchdog:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.limit_s, self.interval_s, self.names, self.exit_fn = limit_s, interval_s, names, exit_fn
         self.hosts_store = hosts_store
+        self.store_lost: str | None = None  # why, once any store call failed: no further calls then
         self.peers = [r for r in range(world_size) if r != rank]
         self.seen = {r: (-1, time.monotonic()) for r in self.peers}  # last counter value, when it moved
         self.ended: dict[int, dict] = {}
@@ -66,6 +67,26 @@ class Watchdog:
                       interval_s=interval_s, hosts_store=rank == 0)
         _active.thread.start()
         return _active
+
+    def _bounded(self, fn, *args):
+        """`fn(*args)` on a helper thread, given at most limit_s: a TCPStore client blocks without
+        end on a stopped (SIGSTOP) store host, whatever its timeout."""
+        box: dict = {}
+
+        def call():
+            try:
+                box["ok"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                box["error"] = e
+
+        t = threading.Thread(target=call, name="sparsepo-watchdog-store", daemon=True)
+        t.start()
+        t.join(self.limit_s)
+        if t.is_alive():
+            raise TimeoutError(f"the bridge store did not answer for {self.limit_s:g}s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("ok")
 
     # -- the thread ----------------------------------------------------------------------------
     def silent_for(self, r: int) -> float:
@@ -103,25 +124,31 @@ class Watchdog:
             return 1, self._lost(silent[0]), silent[0]
         return None
 
+    def _store_lost(self, e: Exception) -> str:
+        self.store_lost = self.store_lost or (f"lost {self.names(0)}, which hosts the bridge store "
+                                              f"({type(e).__name__}: {str(e)[:200]}): stopped, hung or dead")
+        return self.store_lost
+
     def _lost(self, r: int) -> str:
         return (f"lost {self.names(r)}: no sign of life for {self.silent_for(r):.0f}s (stopped, hung or dead; "
                 f"limit reference.timeout_s={self.limit_s:g})")
 
     def _run(self) -> None:
         while not self.stopping.wait(self.interval_s):
+            store_lost = False
             try:
-                self._poll()
+                self._bounded(self._poll)
                 found = self.verdict()
             except Exception as e:  # noqa: BLE001 - the store itself is gone or stalled
-                found = 1, (f"lost the bridge store on {self.names(0)} ({type(e).__name__}: {str(e)[:200]}); "
-                            f"that process is stopped, hung or dead"), 0
+                found, store_lost = (1, self._store_lost(e), 0), True
             if found is None or self.stopping.is_set():
                 continue
             code, why, blame = found
             (log.warning if code == 3 else log.error)("watchdog: %s", why)
             try:
-                self._post(PREEMPTED if code == 3 else FAILED, why, blame)
-                self._linger()
+                if not store_lost:  # else there is no one to tell
+                    self._bounded(self._post, PREEMPTED if code == 3 else FAILED, why, blame)
+                    self._linger()
             except Exception:  # noqa: BLE001 - leaving anyway
                 pass
             self.exit_fn(code)
@@ -138,7 +165,7 @@ class Watchdog:
             return
         deadline = time.monotonic() + self.limit_s
         while time.monotonic() < deadline:
-            self._poll()
+            self._bounded(self._poll)
             if all(r in self.ended or self.silent_for(r) > 3 * self.interval_s for r in self.peers):
                 return
             time.sleep(self.interval_s / 4)
@@ -147,13 +174,15 @@ class Watchdog:
         """Why this process's collective failed, as far as the peers tell: a peer that posted its
         failure or preemption, or one silent for a few beats (waiting up to `wait_s` for it to show):
         `verdict`'s (exit code, why, peer to blame), or None if none shows."""
-        self.stopping.set()  # the main thread now ends this process: the thread no longer does
+        # the thread keeps watching meanwhile: if it reaches its verdict first, it ends the process
         deadline = time.monotonic() + min(wait_s, self.limit_s)
         while True:
+            if self.store_lost:
+                return 1, self.store_lost, 0
             try:
-                self._poll()
+                self._bounded(self._poll)
             except Exception as e:  # noqa: BLE001
-                return 1, f"lost the bridge store on {self.names(0)} ({type(e).__name__})", 0
+                return 1, self._store_lost(e), 0
             found = self.verdict(limit_s=3 * self.interval_s)
             if found is not None or time.monotonic() >= deadline:
                 return found
@@ -163,8 +192,10 @@ class Watchdog:
         """Post this process's end (main thread), then stop watching; the store host lingers."""
         self.stopping.set()
         self.thread.join(timeout=self.interval_s * 2 + self.limit_s)
+        if self.store_lost:
+            return
         try:
-            self._post(state, message, blame)
+            self._bounded(self._post, state, message, blame)
             self._linger()
         except Exception as e:  # noqa: BLE001 - the store may be gone; ending anyway
             log.warning("watchdog: could not post this process's end: %s", e)

@@ -36,6 +36,9 @@ def trio():
     yield dogs, exits, done
     for d in dogs:
         d.stopping.set()
+    for d in dogs:
+        d.thread.join(5)
+    time.sleep(2 * BEAT)  # helper threads of a last store call
     del master
 
 
