@@ -6,7 +6,9 @@
 
 Extra arguments are dotted config overrides. Exits through sparsepo.engine.dist.shutdown (clean gloo teardown)
 with 0 (done), 1 (error), 2 (config error) or 3 (preempted: checkpoint written, requeue and
-resume with --resume auto).
+resume with --resume auto). In live mode (reference.mode=live) every process of the job leaves
+within about reference.timeout_s once a peer of either role is lost (1, naming it) or the policy
+was preempted (3): sparsepo.liveness.
 """
 
 from __future__ import annotations

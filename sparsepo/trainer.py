@@ -33,7 +33,7 @@ from sparsepo.losses.inputs import build_loss_inputs
 from sparsepo.metrics import MetricsLogger, reduce_mean
 from sparsepo.models import pair_forward
 from sparsepo.preemption import Preempted, PreemptionFlag
-from sparsepo.preflight import preflight
+from sparsepo.preflight import preflight, resume_point
 from sparsepo.reference.sources import open_source
 from sparsepo.rundata import RunData, load_run_data
 from sparsepo.rundir import release_run_dir
@@ -61,14 +61,15 @@ def setup(cfg: RunConfig, live=None) -> Run:
     """Everything before the first step. `live` = (ProcessPlan, bridge) on a policy rank of a live job."""
     ctx = init_distributed()
     spec = get_method(cfg.method.name)
-    pre = preflight(cfg, spec, ctx)  # stage file, batch split, resume, SAE: before the data and the cache
+    pre = preflight(cfg, spec, ctx)  # stage file, batch split, SAE: before the data and the cache
     data = load_run_data(cfg, ctx)
     schedule = Schedule.from_config(cfg, num_rows=len(data.dataset), dp=ctx.world_size)
     if schedule.steps_per_epoch == 0:
         raise ValueError(f"{len(data.dataset)} pairs cannot fill one global batch of {schedule.global_batch} "
                          f"(micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum} x {ctx.world_size} "
                          f"ranks)")
-    features, resume, ds_config = pre.features, pre.resume, pre.ds_config
+    features, ds_config = pre.features, pre.ds_config
+    resume = resume_point(cfg, ctx, data.fingerprint)  # before the engine and the cache
     total = cfg.train.max_steps or schedule.steps_per_epoch * cfg.train.epochs
     if ctx.is_main:
         (data.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
