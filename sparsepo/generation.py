@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsepo.config.generation import GenerationConfig  # noqa: F401  (re-exported)
 
 @dataclass
 class Prompts:

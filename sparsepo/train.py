@@ -6,7 +6,9 @@
 
 Extra arguments are dotted config overrides. Exits through sparsepo.engine.dist.shutdown (clean gloo teardown)
 with 0 (done), 1 (error), 2 (config error) or 3 (preempted: checkpoint written, requeue and
-resume with --resume auto).
+resume with --resume auto). In live mode (reference.mode=live) every process of the job leaves
+within about reference.timeout_s once a peer of either role is lost (1, naming it) or the policy
+was preempted (3): sparsepo.liveness.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def run_live(cfg, preempt) -> None:
         logging.getLogger("sparsepo").info("live topology:\n%s", p.topology.describe(p.launch))
     os.environ.update(p.env)
     bridge = connect(*p.bridge, p.launch.rank, p.launch.world_size, cfg.reference.timeout_s)
+    # no rank of either role waits on a lost peer for more than reference.timeout_s (sparsepo.liveness)
+    from sparsepo import liveness
+    from sparsepo.engine.dist import abort, set_group_timeout
+
+    liveness.Watchdog.start(*p.bridge, p.launch.rank, p.launch.world_size, limit_s=cfg.reference.timeout_s,
+                            names=lambda r: rank_name(p.topology, r), exit_fn=abort)
+    set_group_timeout(liveness.group_timeout_s(cfg.reference.timeout_s))
     if p.role.is_reference:
         from sparsepo.engine.dist import init_distributed
 
@@ -62,6 +71,34 @@ def run_live(cfg, preempt) -> None:
         serve(cfg, p, bridge)
     else:
         train(cfg, live=(p, bridge), preempt=preempt)
+
+
+def rank_name(topo, global_rank: int) -> str:
+    """A global rank of a live job as the logs name it: its role, stage/index and global rank."""
+    role = topo.role_of(global_rank)
+    if role.is_policy:
+        return f"policy rank {role.index} (global rank {global_rank})"
+    replica = f", replica {role.replica}" if (role.num_replicas or 1) > 1 else ""
+    return f"reference group (stage {role.stage}{replica}, rank {global_rank})"
+
+
+def _peer_cause():
+    """Live mode, after an error: a lost, failed or preempted peer that caused it (sparsepo.liveness
+    `verdict`: exit code, why, peer to blame), or None."""
+    from sparsepo import liveness
+
+    watch = liveness.active()
+    return watch.explain(wait_s=5.0) if watch is not None else None
+
+
+def _leave(code: int, message: str, blame: int | None = None) -> int:
+    """Live mode: post this process's end to the other processes (sparsepo.liveness)."""
+    from sparsepo import liveness
+
+    watch = liveness.active()
+    if watch is not None:
+        watch.end({0: liveness.DONE, 3: liveness.PREEMPTED}.get(code, liveness.FAILED), message[:2000], blame)
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     from sparsepo.preemption import EXIT_PREEMPTED, Preempted
     from sparsepo.trainer import train
 
-    code = 0
+    code, message, blame = 0, "", None
+    log = logging.getLogger("sparsepo")
     try:
         if cfg.reference.mode == "live":
             run_live(cfg, preempt)
@@ -101,14 +139,22 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(cfg, preempt=preempt)
     except Preempted as e:
-        logging.getLogger("sparsepo").warning("%s", e)
-        code = EXIT_PREEMPTED
+        log.warning("%s", e)
+        code, message = EXIT_PREEMPTED, str(e)
     except Exception as e:  # every rank reports, then leaves without hanging its peers
-        logging.getLogger("sparsepo").error("%s: %s", type(e).__name__, e)
-        if os.environ.get("SPARSEPO_DEBUG"):
-            traceback.print_exc()
-        code = 1
-    shutdown(code)
+        code, message = 1, f"{type(e).__name__}: {e}"
+        peer = _peer_cause()
+        if peer is not None and peer[0] == EXIT_PREEMPTED:  # the job was preempted: this is no error
+            log.warning("%s (here: %s)", peer[1], message[:300])
+            code, message = EXIT_PREEMPTED, peer[1]
+        else:
+            log.error("%s", message)
+            if peer is not None:
+                log.error("cause: %s", peer[1])
+                blame = peer[2]
+            if os.environ.get("SPARSEPO_DEBUG"):
+                traceback.print_exc()
+    shutdown(_leave(code, message, blame))
 
 
 if __name__ == "__main__":

@@ -17,15 +17,13 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from sparsepo import bridge as br
 from sparsepo import checkpoint as ckpt
-from sparsepo.config import (RunConfig, build_deepspeed_config, check_batch_size, config_fingerprint, lr_schedule,
-                             save_resolved)
+from sparsepo.config import RunConfig, config_fingerprint, lr_schedule
 from sparsepo.engine.collectives import gather
 from sparsepo.engine.dist import DistContext, init_distributed
 from sparsepo.engine.policy import PolicyEngine
@@ -35,8 +33,9 @@ from sparsepo.metrics import MetricsLogger, reduce_mean
 from sparsepo.models import pair_forward
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
+from sparsepo.preflight import preflight, resume_point
 from sparsepo.reference.sources import open_source
-from sparsepo.rundata import RunData, load_features, load_run_data, load_run_prompts
+from sparsepo.rundata import RunData, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
 from sparsepo.schedule import Schedule
 
@@ -63,17 +62,16 @@ def setup(cfg: RunConfig, live=None) -> Run:
     """Everything before the first step. `live` = (ProcessPlan, bridge) on a policy rank of a live job."""
     ctx = init_distributed()
     spec = get_method(cfg.method.name)
-    check_batch_size(cfg, ctx.world_size)
+    pre = preflight(cfg, spec, ctx)  # stage file, batch split, SAE: before the data and the cache
     data = load_run_data(cfg, ctx)
     schedule = Schedule.from_config(cfg, num_rows=len(data.dataset), dp=ctx.world_size)
     if schedule.steps_per_epoch == 0:
         raise ValueError(f"{len(data.dataset)} pairs cannot fill one global batch of {schedule.global_batch} "
                          f"(micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum} x {ctx.world_size} "
                          f"ranks)")
-    features = load_features(cfg, spec)
-    resume = ckpt.find_resume(cfg)
+    features, ds_config = pre.features, pre.ds_config
+    resume = resume_point(cfg, ctx, data.fingerprint)  # before the engine and the cache
     total = cfg.train.max_steps or schedule.steps_per_epoch * cfg.train.epochs
-    ds_config = build_deepspeed_config(cfg, dp_size=ctx.world_size)
     if ctx.is_main:
         (data.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     policy = PolicyEngine.build(cfg.model.path, ds_config, schedule=lr_schedule(cfg, total),

@@ -146,3 +146,59 @@ def test_index_is_plain_json_with_checksums(tmp_path, dirs):
     assert [s["file"] for s in index["shards"]] == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt"]
     assert all(len(s["sha256"]) == 64 for s in index["shards"])
     assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def flip_a_byte(shard):
+    payload = shard.read_bytes()
+    shard.write_bytes(payload[:-10] + bytes([payload[-10] ^ 0xFF]) + payload[-9:])
+
+
+def test_every_shard_is_verified_when_the_cache_is_opened(tmp_path, dirs):
+    from sparsepo.reference.offline import open_cache
+
+    c, *_ = build(tmp_path / "cache", dirs)  # shards 0, 1, 2
+    open_cache(tmp_path / "cache", c)
+    flip_a_byte(tmp_path / "cache" / "shard-00002.pt")
+    with pytest.raises(CacheError, match="shard-00002.pt is damaged"):
+        open_cache(tmp_path / "cache", c)  # before any get()
+    # each rank checks its share: shard s on rank s % world_size
+    reader = CacheReader(tmp_path / "cache", c)
+    assert reader.verify(rank=1, world_size=2) == []
+    assert ["shard-00002.pt" in m for m in reader.verify(rank=0, world_size=2)] == [True]
+
+
+@pytest.mark.integration
+def test_damaged_shard_is_refused_before_training_starts(tiny_world, tmp_path):
+    from conftest import run_training
+
+    common = ("method.name=dpo", f"reference.cache_dir={tmp_path / 'cache'}", "reference.shard_size=8")
+    run_training(tiny_world, tmp_path / "pre", *common, "reference.mode=precompute", nproc=1)
+    shards = sorted((tmp_path / "cache").glob("shard-*.pt"))
+    assert len(shards) >= 3, shards
+    flip_a_byte(shards[-1])  # the last shard: read only at the end of an epoch before, on first use
+    proc = run_training(tiny_world, tmp_path / "run", *common, "train.micro_batch_size=2", nproc=2, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"{shards[-1].name} is damaged" in out, out[-3000:]
+    assert "step 1 " not in out and not (tmp_path / "run" / "tensorboard").exists(), out[-3000:]
+
+
+def test_full_disk_names_the_file_and_publishes_nothing(tmp_path):
+    """A 1 MiB tmpfs (mounting needs root; skipped otherwise) and a 2 MB shard."""
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        big = [{"seq_logps": [torch.zeros(()), torch.zeros(())], "token_logps": [torch.zeros(250_000),
+                                                                                   torch.zeros(250_000)]}]
+        with pytest.raises(CacheError) as e:
+            write_shard(disk / "cache", 0, ["id0"], big)
+        msg = str(e.value)
+        assert str(disk / "cache" / "shard-00000.pt") in msg and "nothing was published" in msg
+        assert "bytes needed" in msg and "free" in msg
+        assert list((disk / "cache").iterdir()) == []  # neither the shard nor a temporary file
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -42,11 +42,20 @@ class DistContext:
 
 
 _SHM_BUFFER: Path | None = None
+_TIMEOUT_S = 1800.0  # torch's default; live mode lowers it (set_group_timeout) before the world starts
 
 
-def init_distributed(timeout_s: float = 1800.0) -> DistContext:
+def set_group_timeout(seconds: float) -> None:
+    """The timeout of the process group `init_distributed` will start (live mode ties it to
+    reference.timeout_s: sparsepo.liveness.group_timeout_s)."""
+    global _TIMEOUT_S
+    _TIMEOUT_S = float(seconds)
+
+
+def init_distributed(timeout_s: float | None = None) -> DistContext:
     """Start (or join) the torch.distributed world: gloo on CPU, NCCL on GPUs. A plain `python`
     run becomes a world of one, so every code path is the distributed one."""
+    timeout_s = _TIMEOUT_S if timeout_s is None else timeout_s
     # whatever launched us (deepspeed, torchrun, srun, mpirun, plain python): the one parser
     os.environ.update(torch_dist_env(os.environ))
     if not dist.is_initialized():
@@ -78,16 +87,27 @@ def shutdown(code: int = 0) -> None:
             dist.destroy_process_group()
     except Exception as e:  # a dead peer must not turn a clean exit into a hang
         log.warning("process group shutdown: %s", e)
-    if _SHM_BUFFER is not None:  # 66 MB of /dev/shm per rank per run otherwise (peers keep their mapping)
-        _SHM_BUFFER.unlink(missing_ok=True)
+    _release_and_flush()
     if "mpi4py" in sys.modules and code == 0:
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():
             MPI.Finalize()
+    os._exit(code)
+
+
+def _release_and_flush() -> None:
+    if _SHM_BUFFER is not None:  # 66 MB of /dev/shm per rank per run otherwise (peers keep their mapping)
+        _SHM_BUFFER.unlink(missing_ok=True)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def abort(code: int) -> None:
+    """Leave now, from any thread, while the main thread may be blocked in a collective (the live
+    watchdog): no barrier, no group teardown (either could block on the lost peer)."""
+    _release_and_flush()
     os._exit(code)
 
 

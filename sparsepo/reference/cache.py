@@ -8,14 +8,17 @@ Layout of a cache directory:
     shard-00000.pt      torch.save({"example_ids": [...], "records": [{field: [chosen, rejected]}]})
 
 The fingerprint is a dict of components (model weights, tokenizer, data, settings, format); a
-mismatch names the components that differ. Each shard's sha256 is checked the first time it is
-read, so a truncated or edited shard is refused rather than trained on.
+mismatch names the components that differ. Every shard's size and sha256 are checked when the
+cache is opened (`CacheReader.verify`, each rank its share: `offline.open_cache`), and again when a
+shard is read, so a truncated or edited shard is refused before training starts, never trained on.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -82,7 +85,7 @@ def write_shard(cache_dir: str | Path, index: int, example_ids: list[str], recor
     buf = io.BytesIO()
     torch.save({"example_ids": list(example_ids), "records": records}, buf)
     payload = buf.getvalue()
-    atomic_write(cache_dir / shard_name(index), payload)
+    publish(cache_dir / shard_name(index), payload)
     return {"file": shard_name(index), "sha256": hash_bytes(payload), "bytes": len(payload),
             "example_ids": list(example_ids)}
 
@@ -90,8 +93,23 @@ def write_shard(cache_dir: str | Path, index: int, example_ids: list[str], recor
 def write_index(cache_dir: str | Path, components: dict, shards: list[dict]) -> Path:
     path = Path(cache_dir) / INDEX
     body = {"format": FORMAT_VERSION, "fingerprint": components, "shards": shards}
-    atomic_write(path, json.dumps(body, indent=1))
+    publish(path, json.dumps(body, indent=1).encode())
     return path
+
+
+def publish(path: Path, payload: bytes) -> None:
+    """`atomic_write`, with a full disk reported as what it is: which file, how many bytes it
+    needed, how many were free, and that nothing was published (atomic_write removed its
+    temporary file; an older file at `path` is untouched)."""
+    try:
+        atomic_write(path, payload)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise CacheError(f"could not write {path}: {e.strerror} ({len(payload)} bytes needed, {free} free "
+                         f"in {path.parent}); nothing was published (no partial file left). Free some space "
+                         f"or point reference.cache_dir at a larger disk.") from e
 
 
 def diff_components(found: dict, expected: dict) -> list[str]:
@@ -135,19 +153,42 @@ class CacheReader:
     def missing(self, example_ids: Iterable[str]) -> list[str]:
         return [e for e in example_ids if e not in self.location]
 
+    def _read(self, s: int) -> bytes:
+        """Shard `s`'s bytes, checked against the index (size and sha256)."""
+        entry = self.shards[s]
+        path = self.dir / entry["file"]
+        try:
+            payload = path.read_bytes()
+        except FileNotFoundError as e:
+            raise CacheError(f"reference cache shard {path} is missing; rerun `sparsepo precompute`") from e
+        if len(payload) != entry["bytes"] or hash_bytes(payload) != entry["sha256"]:
+            raise CacheError(
+                f"reference cache shard {path} is damaged or was modified (size {len(payload)} vs "
+                f"{entry['bytes']} expected, or checksum differs). Delete {self.dir} and rerun "
+                f"`sparsepo precompute`.")
+        return payload
+
+    def verify(self, *, rank: int = 0, world_size: int = 1, progress: bool = False) -> list[str]:
+        """Check the shards this rank owns (shard s: rank s % world_size; all with the defaults)
+        against the index; returns what failed (one message per damaged or missing shard)."""
+        mine = range(rank, len(self.shards), world_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            mine = tqdm(mine, desc=f"verifying reference cache ({world_size} rank(s))", unit="shard")
+        failed = []
+        for s in mine:
+            try:
+                self._read(s)
+            except CacheError as e:
+                failed.append(str(e))
+        return failed
+
     def _shard(self, s: int) -> list[dict]:
         if s not in self._loaded:
             entry = self.shards[s]
             path = self.dir / entry["file"]
-            try:
-                payload = path.read_bytes()
-            except FileNotFoundError as e:
-                raise CacheError(f"reference cache shard {path} is missing; rerun `sparsepo precompute`") from e
-            if len(payload) != entry["bytes"] or hash_bytes(payload) != entry["sha256"]:
-                raise CacheError(
-                    f"reference cache shard {path} is damaged or was modified (size {len(payload)} vs "
-                    f"{entry['bytes']} expected, or checksum differs). Delete {self.dir} and rerun "
-                    f"`sparsepo precompute`.")
+            payload = self._read(s)
             import io
 
             body = torch.load(io.BytesIO(payload), weights_only=True)

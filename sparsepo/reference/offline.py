@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sparsepo.engine.collectives import on_one_rank
-from sparsepo.reference.cache import INDEX, MODEL_FILES, CacheReader, fingerprint_components, hash_files
+import torch.distributed as dist
+
+from sparsepo.engine.collectives import gather, is_multi, on_one_rank
+from sparsepo.reference.cache import (INDEX, MODEL_FILES, CacheError, CacheReader, fingerprint_components,
+                                      hash_files)
 from sparsepo.reference.scorer import precompute_cache
 
 log = logging.getLogger(__name__)
@@ -83,4 +86,18 @@ def ensure_cache(cfg, outputs: tuple[str, ...], dataset, collate, *, data_finger
                          shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
                          device=ctx.device, features=features, progress=cfg.logging.progress)
         del model
-    return CacheReader(directory, expected)
+    return open_cache(directory, expected, progress=cfg.logging.progress)
+
+
+def open_cache(directory: Path, expected: dict | None, *, progress: bool = False) -> CacheReader:
+    """Open the cache and verify every shard now, not on first use mid-run: each rank of this
+    process group checks its share (shard s: rank s % world size), rank 0 shows a progress bar,
+    and every rank refuses the same damaged shards. Collective: call it on every rank."""
+    reader = CacheReader(directory, expected)
+    me, world = (dist.get_rank(), dist.get_world_size()) if is_multi() else (0, 1)
+    failed = [msg for part in gather(reader.verify(rank=me, world_size=world, progress=progress and me == 0))
+              for msg in part]
+    if failed:
+        more = f" ({len(failed) - 1} more shard(s) damaged too)" if len(failed) > 1 else ""
+        raise CacheError(f"{failed[0]}{more}")
+    return reader

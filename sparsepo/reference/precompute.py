@@ -14,7 +14,8 @@ from sparsepo.config import RunConfig
 from sparsepo.engine.dist import init_distributed
 from sparsepo.losses import get_method
 from sparsepo.reference import offline
-from sparsepo.rundata import load_features, load_run_data
+from sparsepo.preflight import preflight
+from sparsepo.rundata import load_run_data
 from sparsepo.rundir import release_run_dir
 
 log = logging.getLogger("sparsepo")
@@ -23,11 +24,12 @@ log = logging.getLogger("sparsepo")
 def precompute(cfg: RunConfig) -> dict:
     ctx = init_distributed()
     spec = get_method(cfg.method.name)
+    features = preflight(cfg, spec, ctx, training=False).features  # the stage file too: training follows
     data = load_run_data(cfg, ctx)
     outputs = spec.reference_outputs
     if outputs:
         offline.ensure_cache(cfg, outputs, data.dataset, data.collate, data_fingerprint=data.fingerprint, ctx=ctx,
-                             features=load_features(cfg, spec), force=True)
+                             features=features, force=True)
     else:
         log.info("method '%s' needs nothing from the reference: no cache to precompute", spec.name)
     release_run_dir(data.run_dir)

@@ -30,7 +30,7 @@ from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.models import load_tokenizer
 from sparsepo.reference import offline
-from sparsepo.reference.cache import INDEX, CacheReader, write_index, write_shard
+from sparsepo.reference.cache import INDEX, write_index, write_shard
 from sparsepo.schedule import Schedule
 
 log = logging.getLogger("sparsepo")
@@ -136,7 +136,8 @@ def serve(cfg, plan, bridge) -> None:
     outbox = br.Outbox(bridge, cfg.reference.window)
     schedule = Schedule.from_config(cfg, num_rows=len(dataset), dp=topo.num_policy)
     expected = cache_components(cfg, scorer, pdata.dataset_fingerprint(dataset), outputs)
-    cache = CacheReader(offline.cache_dir(cfg), expected) if (offline.cache_dir(cfg) / INDEX).is_file() else None
+    cache = (offline.open_cache(offline.cache_dir(cfg), expected, progress=cfg.logging.progress)
+             if (offline.cache_dir(cfg) / INDEX).is_file() else None)
     scored: dict[str, dict] = {}  # last stages: every record scored so far (a second epoch reuses them)
     seen: set[int] = set()  # rows scored by any replica: the same on every reference rank
     if role.is_last_stage and role.replica == 0:

@@ -93,10 +93,14 @@ class LiveSource:
 
     def __init__(self, bridge, *, src: int, window: int, timeout_s: float, outputs: tuple[str, ...] = (),
                  device="cpu", finish_src: int | None = None, request_dsts: tuple[int, ...] = (),
-                 serves_pairs: bool = True):
+                 serves_pairs: bool = True, stage: int | None = None, num_stages: int = 1):
         """`request_dsts`: where SPO's REQUESTs go; `serves_pairs=False`: no OUTPUTS per pair batch
         (SPO's group only answers requests), so `get` returns None."""
         self.bridge, self.src, self.timeout_s, self.outputs, self.device = bridge, src, timeout_s, outputs, device
+        # who it hears from: the last stage, which only relays what the earlier stages computed
+        self.sender = f"reference rank {src}" + ("" if stage is None else f" (stage {stage} of {num_stages})")
+        self.upstream = (f"; the failure may be upstream, in stages 0..{num_stages - 2} of its replica (the "
+                         f"watchdog's 'lost' line names the rank)") if num_stages > 1 else ""
         self.finish_src = src if finish_src is None else finish_src
         self.inbox = br.Inbox(bridge, src=src, window=window)
         self.outbox = br.Outbox(bridge, window)
@@ -130,12 +134,12 @@ class LiveSource:
             msg = self.inbox.get(self.timeout_s)
         except queue.Empty:
             raise ReferenceTimeout(
-                f"no reference outputs from reference rank {self.src} (global) for {self.timeout_s:.0f}s "
+                f"no reference outputs from {self.sender} for {self.timeout_s:.0f}s "
                 f"waiting for batch {self.next_seq}; last batch served: {self.last_served}. The reference "
-                f"group is dead, hung or far slower than the policy (reference.timeout_s)") from None
+                f"group is dead, hung or far slower than the policy (reference.timeout_s){self.upstream}") from None
         except Exception as e:  # noqa: BLE001 - the transport's error, with who and where
-            raise ReferenceTimeout(f"bridge to reference rank {self.src} failed waiting for batch "
-                                   f"{self.next_seq} (last served: {self.last_served}): {e}") from e
+            raise ReferenceTimeout(f"bridge to {self.sender} failed waiting for batch "
+                                   f"{self.next_seq} (last served: {self.last_served}): {e}{self.upstream}") from e
         if msg.kind != br.OUTPUTS or msg.seq != self.next_seq or msg.example_ids != example_ids:
             raise MisalignedOutputs(
                 f"reference rank {self.src} sent {br.KINDS.get(msg.kind, msg.kind)} #{msg.seq} for examples "
@@ -169,7 +173,7 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
         source = LiveSource(bridge, src=stages[-1], window=cfg.reference.window, timeout_s=cfg.reference.timeout_s,
                             outputs=outputs, device=ctx.device, finish_src=topo.reference_ranks()[0],
                             request_dsts=(stages[0], stages[-1]) if spec.needs_policy_samples else (),
-                            serves_pairs=bool(outputs))
+                            serves_pairs=bool(outputs), stage=topo.num_stages - 1, num_stages=topo.num_stages)
         return source
     if not outputs and not spec.needs_policy_samples:
         return NoReference()
