@@ -8,9 +8,26 @@ not mkstemp's 0600, so teammates can read a shared cache.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+    """A write that ran out of space: names the file, the bytes needed and free, and says that
+    nothing was published."""
+
+
+def disk_full(path: str | Path, needed: int | None, err: OSError) -> DiskFull:
+    path = Path(path)
+    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    need = f"{needed} bytes needed, " if needed is not None else ""
+    return DiskFull(err.errno, f"could not write {path}: {err.strerror} ({need}{free} bytes free in {path.parent}); "
+                               f"nothing was published (no partial file left)")
 
 
 def _umask() -> int:
@@ -29,9 +46,11 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`. A full
+    disk raises `DiskFull` naming the file and the space; the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
@@ -40,11 +59,13 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
             mode = 0o666 & ~_umask()
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in FULL and not isinstance(e, DiskFull):
+            raise disk_full(path, len(payload), e) from e
         raise
     return path

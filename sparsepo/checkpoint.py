@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from typing import NamedTuple
 from pathlib import Path
@@ -42,13 +41,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparsepo.engine.collectives import gather, is_multi, on_one_rank
-from sparsepo.atomic import atomic_write
+from sparsepo.engine.collectives import gather, is_multi, on_every_rank, on_one_rank
+from sparsepo.atomic import FULL, atomic_write
+from sparsepo.checkpoint_integrity import META, is_valid, owner, verify  # noqa: F401  (is_valid: API)
 from sparsepo.hashing import sha256_file
 from sparsepo.config import RunConfig, to_dict
 
 log = logging.getLogger("sparsepo")
-META = "sparsepo.json"
 UNIVERSAL_SOURCE = "sparsepo-universal-source.json"
 # Sections / keys that may change between the interrupted run and its resume.
 _MAY_DIFFER = {"logging", "checkpoint"}
@@ -59,7 +58,6 @@ _MAY_DIFFER_KEYS = {("train", "max_steps"), ("train", "epochs"), ("reference", "
                     ("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "train_batch_size")}
 
 
-_RANK = re.compile(r"rank[_-]?(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -102,60 +100,6 @@ def comparable(cfg_dict: dict) -> dict:
 
 def read_meta(tag_dir: Path) -> dict:
     return json.loads((Path(tag_dir) / META).read_text())
-
-
-def owner(rel: str, world_size: int) -> int:
-    """The rank that hashes file `rel`: the first rank number in its name modulo `world_size`
-    (DeepSpeed's zero_pp_rank_{r}_mp_rank_00_*, our rng-rank{r}.pt), else rank 0."""
-    m = _RANK.search(Path(rel).name)
-    return int(m.group(1)) % world_size if m else 0
-
-
-def is_valid(tag_dir: Path, *, rank: int = 0, world_size: int = 1) -> tuple[bool, str]:
-    """(ok, why not). Checks sparsepo.json and every recorded file's size; hashes the files this
-    `rank` owns (see `owner`; all of them with the defaults) against their recorded sha256."""
-    tag_dir = Path(tag_dir)
-    if not tag_dir.is_dir():
-        return False, "no such checkpoint directory"
-    meta_path = tag_dir / META
-    if not meta_path.is_file():
-        return False, f"{meta_path.name} missing (interrupted while saving, or not a sparsepo checkpoint)"
-    try:
-        meta = json.loads(meta_path.read_text())
-        files = dict(meta["files"])
-        hashes = None if meta.get("sha256") is None else dict(meta["sha256"])
-        if not all(key in meta for key in ("step", "samples", "world_size", "data", "config")):
-            raise KeyError("a required key")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return False, f"{meta_path} is damaged"
-    if not files:
-        return False, f"{meta_path} lists no files"
-    if hashes is not None and set(hashes) != set(files):
-        return False, f"{meta_path} is damaged (its sha256 list and file list differ)"
-    for rel, size in files.items():
-        path = tag_dir / rel
-        if not path.is_file():
-            return False, f"{rel} missing"
-        if path.stat().st_size != size:
-            return False, f"{rel} has {path.stat().st_size} bytes, {size} recorded (truncated or modified)"
-    if hashes is None:
-        if rank == 0:
-            log.warning("checkpoint %s records no sha256 (written by an older sparsepo): its files are "
-                        "checked by size only", tag_dir)
-        return True, ""
-    for rel in sorted(files):
-        if owner(rel, world_size) == rank and sha256_file(tag_dir / rel) != hashes[rel]:
-            return False, f"{rel} does not match its recorded sha256 (corrupted or modified)"
-    return True, ""
-
-
-def verify(tag_dir: Path) -> tuple[bool, str]:
-    """`is_valid` with the hashing shared among the ranks of an initialised process group; every rank
-    gets the same verdict (the first failure in rank order). Collective: call it on every rank."""
-    if not is_multi():
-        return is_valid(tag_dir)
-    verdicts = gather(is_valid(tag_dir, rank=dist.get_rank(), world_size=dist.get_world_size()))
-    return next((tuple(v) for v in verdicts if not v[0]), (True, ""))
 
 
 def list_tags(ckpt_root: Path) -> list[Path]:
@@ -256,6 +200,21 @@ def _remove(tag_dir: Path) -> None:
     shutil.rmtree(tag_dir.with_name(tag_dir.name + "_universal"), ignore_errors=True)
 
 
+def _write_shards(engine, tag_dir: Path, step: int, samples: int, rank: int) -> None:
+    """This rank's DeepSpeed shards and RNG state. DeepSpeed reports a full disk as a torch
+    serialisation error ("unexpected pos"): say what it is, and that the checkpoint stays unsealed."""
+    try:
+        engine.save(tag_dir.parent, tag_dir.name, client_state={"step": step, "samples": samples})
+        torch.save(_rng_state(), tag_dir / f"rng-rank{rank}.pt")
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(tag_dir.parent).free
+        if getattr(e, "errno", None) not in FULL and free >= 1 << 20:
+            raise
+        raise CheckpointError(f"checkpoint {tag_dir} could not be written: the disk is full ({free} bytes free in "
+                              f"{tag_dir.parent}); it is not sealed (no {META}), so no resume will use it. Free "
+                              f"some space or point logging.output_dir at a larger disk.") from e
+
+
 def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data_fingerprint: str, ctx) -> Path:
     """Write checkpoint `step` on every rank; rank 0 seals it with sparsepo.json, then points
     `latest` at it, then prunes. Killed at any moment, `latest` names a complete checkpoint."""
@@ -271,9 +230,7 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
                 log.warning("removing checkpoint %s: this run resumed before it and is now at step %d", old, step)
                 _remove(old)
     dist.barrier()
-    engine.save(ckpt_root, tag, client_state={"step": step, "samples": samples})
-    torch.save(_rng_state(), tag_dir / f"rng-rank{ctx.rank}.pt")
-    dist.barrier()
+    on_every_rank(lambda: _write_shards(engine, tag_dir, step, samples, ctx.rank), what=f"checkpoint {tag}")
     rels = [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != META]
     # each rank hashes the files it owns (see `owner`), in parallel; rank 0 records them all
     mine = {rel: sha256_file(tag_dir / rel) for rel in rels if owner(rel, ctx.world_size) == ctx.rank}

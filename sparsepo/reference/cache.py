@@ -15,16 +15,14 @@ shard is read, so a truncated or edited shard is refused before training starts,
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from sparsepo.atomic import atomic_write
+from sparsepo.atomic import DiskFull, atomic_write
 from sparsepo.hashing import update_with_file
 
 FORMAT_VERSION = 1
@@ -98,18 +96,12 @@ def write_index(cache_dir: str | Path, components: dict, shards: list[dict]) -> 
 
 
 def publish(path: Path, payload: bytes) -> None:
-    """`atomic_write`, with a full disk reported as what it is: which file, how many bytes it
-    needed, how many were free, and that nothing was published (atomic_write removed its
-    temporary file; an older file at `path` is untouched)."""
+    """`atomic_write`, with a full disk reported as a cache error (which file, the bytes needed and
+    free, nothing published: an older file at `path` is untouched) and where to find more space."""
     try:
         atomic_write(path, payload)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        free = shutil.disk_usage(path.parent).free
-        raise CacheError(f"could not write {path}: {e.strerror} ({len(payload)} bytes needed, {free} free "
-                         f"in {path.parent}); nothing was published (no partial file left). Free some space "
-                         f"or point reference.cache_dir at a larger disk.") from e
+    except DiskFull as e:
+        raise CacheError(f"{e.strerror}. Free some space or point reference.cache_dir at a larger disk.") from e
 
 
 def diff_components(found: dict, expected: dict) -> list[str]:
