@@ -63,10 +63,16 @@ def init_distributed(timeout_s: float | None = None) -> DistContext:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     global _SHM_BUFFER
-    if not torch.cuda.is_available() and dist.get_world_size() > 1:
-        # deepspeed_shm_comm's all-reduce buffer (shm.cpp: <prefix>_<uid>_<addr>_<port>_<rank>): never unlinked
+    if not torch.cuda.is_available():
+        # deepspeed_shm_comm's all-reduce buffer (shm.cpp: <prefix>_<uid>_<addr>_<port>_<rank>, 66 MB, a
+        # world of one too) is never unlinked by DeepSpeed. shm_initialize opens every peer's buffer before
+        # init returns, so once all ranks are past init the names can go: the mappings stay valid, and a
+        # process that dies by SIGKILL (or a watchdog's os._exit) leaks nothing.
         _SHM_BUFFER = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
                                           f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        _SHM_BUFFER.unlink(missing_ok=True)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
