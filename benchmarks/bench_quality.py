@@ -17,7 +17,9 @@ reference under the demo's ground-truth reward, with the evaluation sampler seed
 
 Method settings: each keeps its loss-table defaults except the DPO β sweep (--dpo-betas). SePO's
 oracle (DPO on a seeded half of the pairs, as `sparsepo demo --method sepo`) and FPO's SAE
-(--sae-steps steps) are trained once per world before any run, cached in --workdir.
+(--sae-steps steps) are trained once per world before any run, cached in --workdir. A finished
+run keeps its result in <run dir>/quality_row.json and is reused when the command line of its
+training and the evaluation settings are the same, so adding a method or a seed trains only those.
 
 Writes --json (default docs/bench_quality.json), the table between markers in --doc (default
 docs/benchmarks_quality.md; text outside the markers is kept) and, when matplotlib is importable,
@@ -107,8 +109,8 @@ def side_inputs(world, work: Path, methods: set[str], a) -> dict[str, list[str]]
     return extra
 
 
-def run_one(world, work: Path, label: str, method: str, ovs: list[str], seed: int, a) -> dict:
-    from sparsepo.demo import evaluate_policy
+def train_cmd(world, work: Path, label: str, method: str, ovs: list[str], seed: int, steps: int):
+    """(run directory, training command, log name) of one run."""
     from sparsepo.recipe import write_for_method
 
     slug = label.replace(" β=", "-b").replace("[", "-").replace("]", "")
@@ -116,15 +118,28 @@ def run_one(world, work: Path, label: str, method: str, ovs: list[str], seed: in
     recipe = write_for_method(RECIPE, method, work / f"recipe-{method}.yaml")
     cmd = [sys.executable, "-m", "sparsepo.train", "--config", str(recipe), f"model.path={world.sft_dir}",
            f"data.path={world.train_path}", f"logging.output_dir={run_dir}", "logging.overwrite=true",
-           "logging.progress=false", f"train.max_steps={a.steps}", f"train.seed={seed}",
+           "logging.progress=false", f"train.max_steps={steps}", f"train.seed={seed}",
            f"reference.cache_dir={work / 'cache' / method}", *ovs]
-    proc = bm.run_process(cmd, work / f"train-{slug}-s{seed}.log")
+    return run_dir, cmd, f"train-{slug}-s{seed}.log"
+
+
+def run_one(world, work: Path, label: str, method: str, ovs: list[str], seed: int, a) -> dict:
+    from sparsepo.demo import evaluate_policy
+
+    run_dir, cmd, log_name = train_cmd(world, work, label, method, ovs, seed, a.steps)
+    key = {"cmd": cmd[2:], "eval_samples": a.eval_samples}
+    done = run_dir / "quality_row.json"
+    if done.is_file() and (row := json.loads(done.read_text())).get("key") == key:
+        print(f"[quality] {label} seed {seed}: reusing {done}", flush=True)
+        return row
+    proc = bm.run_process(cmd, work / log_name)
     t = time.perf_counter()
     ev = evaluate_policy(run_dir / "final", world.sft_dir, world.eval_prompts_path, seed=seed,
                          samples_per_prompt=a.eval_samples, progress=False, num_threads=1, return_samples=True)
     ev["distinct2"] = distinct_n([s["policy"] for s in ev.pop("samples")])
     row = {"label": label, "method": method, "seed": seed, "overrides": ovs, "train_wall_s": proc["wall_s"],
-           "train_cpu_s": proc["cpu_s"], "eval_s": time.perf_counter() - t, **ev}
+           "train_cpu_s": proc["cpu_s"], "eval_s": time.perf_counter() - t, **ev, "key": key}
+    done.write_text(json.dumps(row))  # a rerun with more methods or seeds reuses this run
     print(f"[quality] {label} seed {seed}: win {ev['win_rate']:.3f} KL {ev['kl']:.2f} len "
           f"{ev['policy_length']:.1f} ended {ev['policy_ended_fraction']:.2f} d2 {ev['distinct2']:.3f} "
           f"(train {proc['wall_s']:.0f}s, eval {row['eval_s']:.0f}s)", flush=True)
