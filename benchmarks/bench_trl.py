@@ -23,7 +23,9 @@ DeepSpeed ZeRO-3 (ds_configs/zero3.json) on one CPU rank.
 Per process: step time = wall time of each optimiser step measured inside the trainer (sparsepo:
 its `train/step_time`, collate + reference + forward + loss + backward + step; TRL: a callback from
 on_step_begin to on_step_end, which holds the same work); median over steps 3..N. Peak RSS = the
-process's VmHWM (polled from /proc). --rounds interleaves the four systems; the table gives the
+process's VmHWM (polled from /proc). CPU ms/step = (CPU seconds of the --steps process - of a
+--short-steps process of the same system) / (steps - short): user + sys of the process itself, which
+a busy neighbour barely moves (wall step times on a shared box do). --rounds interleaves the four systems; the table gives the
 median over rounds of each round's median, and the min-max spread. --profile-steps N runs cProfile on
 a sparsepo inline and a TRL inline run of N steps and lists where each one's step time goes.
 """
@@ -139,28 +141,35 @@ def trl_worker(a) -> None:
     Path(a.out).write_text(json.dumps({"step_times": times, "lengths": lens}))
 
 
-def run_system(name: str, inputs: dict, work: Path, a, rnd: int) -> dict:
-    run_dir = work / f"{name}-r{rnd}"
+def one_process(name: str, inputs: dict, work: Path, a, tag: str, steps: int):
+    run_dir = work / f"{name}-{tag}"
     if name.startswith("trl"):
-        out = work / f"{name}-r{rnd}.json"
+        out = work / f"{name}-{tag}.json"
         cmd = [a.trl_python, str(Path(__file__).resolve()), "--worker", "--model", inputs["model"], "--data",
-               inputs["data"], "--steps", str(a.steps), "--run-dir", str(run_dir), "--out", str(out)]
+               inputs["data"], "--steps", str(steps), "--run-dir", str(run_dir), "--out", str(out)]
         cmd += ["--precompute"] if name == "trl-precompute" else []
-        proc = bm.run_process(cmd, work / f"{name}-r{rnd}.log")
+        proc = bm.run_process(cmd, work / f"{name}-{tag}.log")
         got = json.loads(out.read_text())
-        times, lengths = got["step_times"], got["lengths"]
-    else:
-        mode = name.split("-")[1]
-        cmd = [sys.executable, "-m", "sparsepo.train", *sparsepo_overrides(inputs, run_dir, mode, a.steps)]
-        proc = bm.run_process(cmd, work / f"{name}-r{rnd}.log")
-        st = bm.scalars(run_dir, "train/step_time")
-        times, lengths = [st[s] for s in sorted(st)], None
+        return proc, got["step_times"], got["lengths"]
+    mode = name.split("-")[1]
+    cmd = [sys.executable, "-m", "sparsepo.train", *sparsepo_overrides(inputs, run_dir, mode, steps)]
+    proc = bm.run_process(cmd, work / f"{name}-{tag}.log")
+    st = bm.scalars(run_dir, "train/step_time")
+    return proc, [st[s] for s in sorted(st)], None
+
+
+def run_system(name: str, inputs: dict, work: Path, a, rnd: int) -> dict:
+    """A --short-steps run then a --steps run of one system: in-trainer step times of the long run,
+    and CPU ms per step = (process CPU of the long run - of the short run) / (steps - short)."""
+    short, _, _ = one_process(name, inputs, work, a, f"r{rnd}-short", a.short_steps)
+    proc, times, lengths = one_process(name, inputs, work, a, f"r{rnd}", a.steps)
     kept = times[2:] or times
     row = {"system": name, "round": rnd, "steps": len(times), "median_step_s": statistics.median(kept),
            "mean_step_s": statistics.mean(kept), "peak_rss_mib": proc["peak_rss_mib"], "wall_s": proc["wall_s"],
-           "cpu_s": proc["cpu_s"], "lengths": lengths}
-    print(f"[trl-bench] {name} r{rnd}: {1000 * row['median_step_s']:.1f} ms/step median, "
-          f"{row['peak_rss_mib']:.0f} MiB, wall {proc['wall_s']:.0f}s", flush=True)
+           "cpu_s": proc["cpu_s"], "short_cpu_s": short["cpu_s"],
+           "cpu_ms_per_step": 1000 * (proc["cpu_s"] - short["cpu_s"]) / (a.steps - a.short_steps), "lengths": lengths}
+    print(f"[trl-bench] {name} r{rnd}: {1000 * row['median_step_s']:.1f} ms/step median, {row['cpu_ms_per_step']:.1f} "
+          f"CPU ms/step, {row['peak_rss_mib']:.0f} MiB, wall {proc['wall_s']:.0f}s", flush=True)
     return row
 
 
@@ -240,13 +249,15 @@ def render(res: dict) -> str:
              f"({res['inputs']['n_params']:,} parameters); batch {BATCH} pairs of prompt {PROMPT} + response "
              f"{RESPONSE} tokens (sparsepo tokenised {res['lengths']['sparsepo']}, TRL {res['lengths']['trl']}); "
              f"{res['steps']} steps per run, {res['rounds']} interleaved rounds; TRL {res['trl_version']}.", "",
-             "| system | step ms (median of rounds) | spread over rounds | pairs/s | × TRL inline steps/s | peak RSS MiB |",
-             "|---|---|---|---|---|---|"]
-    base = res["systems"]["trl-inline"]["median_step_s"]
+             "| system | wall step ms (median of rounds) | min–max over rounds | pairs/s | × TRL inline steps/s "
+             "| CPU ms/step (median; min–max) | × TRL inline (CPU) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    base = res["systems"]["trl-inline"]
     for name, s in res["systems"].items():
         lines.append(f"| {name} | {1000 * s['median_step_s']:.1f} | {1000 * s['min_step_s']:.1f}–"
                      f"{1000 * s['max_step_s']:.1f} | {BATCH / s['median_step_s']:.0f} | "
-                     f"{base / s['median_step_s']:.2f} | {s['peak_rss_mib']:.0f} |")
+                     f"{base['median_step_s'] / s['median_step_s']:.2f} | {s['cpu_ms_per_step']:.1f} "
+                     f"({s['cpu_ms_min']:.1f}–{s['cpu_ms_max']:.1f}) | {base['cpu_ms_per_step'] / s['cpu_ms_per_step']:.2f} "
+                     f"| {s['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -262,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default="runs/bench-trl")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--short-steps", type=int, default=10, help="length of the run subtracted for CPU/step")
     p.add_argument("--profile-steps", type=int, default=30, help="0: no profile")
     p.add_argument("--json", default=str(REPO / "docs" / "bench_trl.json"))
     a = p.parse_args(argv)
@@ -289,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in SYSTEMS:
         mine = [r for r in runs if r["system"] == name]
         meds = [r["median_step_s"] for r in mine]
+        cpus = [r["cpu_ms_per_step"] for r in mine]
         systems[name] = {"median_step_s": statistics.median(meds), "min_step_s": min(meds), "max_step_s": max(meds),
+                         "cpu_ms_per_step": statistics.median(cpus), "cpu_ms_min": min(cpus), "cpu_ms_max": max(cpus),
                          "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine),
                          "peak_rss_mib_max": max(r["peak_rss_mib"] for r in mine)}
     trl_len = next(r["lengths"] for r in runs if r["lengths"])
@@ -302,8 +316,12 @@ def main(argv: list[str] | None = None) -> None:
            "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     ti, si = systems["trl-inline"]["median_step_s"], systems["sparsepo-inline"]["median_step_s"]
     sc = systems["sparsepo-cache"]["median_step_s"]
+    cpu = {k: v["cpu_ms_per_step"] for k, v in systems.items()}
     res["targets"] = {"inline_vs_trl": ti / si, "inline_ge_1.0": ti / si >= 1.0, "cache_vs_trl": ti / sc,
-                      "cache_ge_1.3": ti / sc >= 1.3,
+                      "cache_ge_1.3": ti / sc >= 1.3, "inline_vs_trl_cpu": cpu["trl-inline"] / cpu["sparsepo-inline"],
+                      "cache_vs_trl_cpu": cpu["trl-inline"] / cpu["sparsepo-cache"],
+                      "inline_vs_trl_fastest_round": systems["trl-inline"]["min_step_s"] / si,
+                      "cache_vs_trl_fastest_round": systems["trl-inline"]["min_step_s"] / sc,
                       "memory_le_trl": max(systems[s]["peak_rss_mib"] for s in ("sparsepo-inline", "sparsepo-cache"))
                       <= min(systems[s]["peak_rss_mib"] for s in ("trl-inline", "trl-precompute"))}
     if a.profile_steps:
