@@ -80,6 +80,19 @@ def test_ipo_by_hand():
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((0.1, -0.05), abs=TOL)
 
 
+def test_ipo_sequence_reading_by_hand():
+    """h="sequence" (the paper's Eq. 17): h = (−10 − (−12)) − (−15 − (−13)) = 2 + 2 = 4;
+    loss = (4 − 5)² = 1; rewards = 0.1·2 = 0.2 and 0.1·(−2) = −0.2 (not divided by |y|)."""
+    inputs = LossInputs(policy_chosen_logps=t([-10]), policy_rejected_logps=t([-15]),
+                        ref_chosen_logps=t([-12]), ref_rejected_logps=t([-13]),
+                        chosen_mask=t([[0, 1, 1, 0, 0]]), rejected_mask=t([[0, 1, 1, 1, 1]]))
+    out = ipo_loss(inputs, IPOParams(beta=0.1, h="sequence"))
+    assert out.losses.item() == pytest.approx(1.0, abs=TOL)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((0.2, -0.2), abs=TOL)
+    with pytest.raises(ValueError, match="IPOParams: h must be one of"):
+        IPOParams(h="sum")
+
+
 def test_simpo_by_hand():
     """β=2, γ=0.5. log πθ(yw) = −6 over |yw|=3 -> r = 2·(−2) = −4; log πθ(yl) = −12 over |yl|=4 -> r = −6.
     z = −4 − (−6) − 0.5 = 1.5; loss = log(1 + e^{−1.5}) = log(1.22313016) = 0.20141328."""
