@@ -114,7 +114,8 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
         if run.samples is not None else (None, {})
     features = run.features
     with features.capture(run.policy) if features is not None else nullcontext() as cap:
-        fwd = pair_forward(run.policy, batch)
+        fwd = pair_forward(run.policy, batch, chunk=run.cfg.model.logits_chunk,
+                           ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None)
     pooled, feature_metrics = features.policy(cap, batch) if features is not None else (None, {})
     out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields),
                            run.cfg.method.params)
