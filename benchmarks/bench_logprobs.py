@@ -98,6 +98,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--also-seq-lens", default="512", help="shorter T also measured (where the plain path fits "
+                                                            "in memory), to show the growth with T")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=64)
@@ -112,32 +114,35 @@ def main() -> None:
         return
     logits_mb = 2 * args.pairs * args.seq_len * args.vocab * 4 / 2**20
     results = []
-    for chunk in (int(c) for c in args.chunks.split(",")):
-        need = (5 * logits_mb if chunk == 0 else 0) + 1500
+    lens = [args.seq_len] + [int(t) for t in args.also_seq_lens.split(",") if t]
+    for seq_len, chunk in ((t, int(c)) for t in lens for c in args.chunks.split(",")):
+        need = (5 * logits_mb * seq_len / args.seq_len if chunk == 0 else 0) + 1500
         if need > 0.85 * available_mb():
-            results.append({"chunk": chunk, "skipped": f"estimated {need:.0f} MB > 85% of {available_mb():.0f} MB "
+            results.append({"seq_len": seq_len, "chunk": chunk, "skipped": f"estimated {need:.0f} MB > 85% of {available_mb():.0f} MB "
                                                        f"available now"})
             print(results[-1], flush=True)
             continue
-        cmd = [sys.executable, __file__, "--child", f"--chunk={chunk}"] + [
+        cmd = [sys.executable, __file__, "--child", f"--chunk={chunk}", f"--seq-len={seq_len}"] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("vocab", "seq_len", "prompt_len", "pairs", "hidden", "steps")]
+            if k in ("vocab", "prompt_len", "pairs", "hidden", "steps")]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append({"seq_len": seq_len, **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(results[-1], flush=True)
     data = {"command": "PYTHONPATH=$PWD python benchmarks/bench_logprobs.py " + " ".join(sys.argv[1:]),
             "setting": {k: getattr(args, k) for k in ("vocab", "seq_len", "prompt_len", "pairs", "hidden", "steps")},
             "one_fp32_logits_mb": round(logits_mb, 1), "results": results}
     Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
-    print("| logits_chunk | peak RSS (MB) | step peak above the built models (MB) | best step (s) |\n|---|---|---|---|")
+    print("| T | logits_chunk | peak RSS (MB) | step peak above the built models (MB) | best step (s) |\n"
+          "|---|---|---|---|---|")
     for r in results:
         if "skipped" in r:
-            print(f"| {r['chunk']} | not run: {r['skipped']} | | |")
+            print(f"| {r['seq_len']} | {r['chunk']} | not run: {r['skipped']} | | |")
         else:
-            print(f"| {r['chunk'] or '0 (plain)'} | {r['peak_rss_mb']:.0f} | {r['step_peak_mb']:.0f} | {r['step_s_best']} |")
+            print(f"| {r['seq_len']} | {r['chunk'] or '0 (plain)'} | {r['peak_rss_mb']:.0f} | {r['step_peak_mb']:.0f} "
+                  f"| {r['step_s_best']} |")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
     with features.capture(run.policy) if features is not None else nullcontext() as cap:
         fwd = pair_forward(run.policy, batch, chunk=run.cfg.model.logits_chunk,
                            ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None)
-    pooled, feature_metrics = features.policy(cap, batch) if features is not None else (None, {})
+    logged = run.metrics.due(step + 1) or step + 1 == run.total  # the SAE statistics: log steps and the last
+    pooled, feature_metrics = features.policy(cap, batch, stats=logged) if features is not None else (None, {})
     out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields),
                            run.cfg.method.params)
     loss = out.losses.mean()
