@@ -54,12 +54,13 @@ def child(args) -> dict:
     reference.eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
-    resp = args.seq_len - args.prompt_len
+    prompt_len = int(args.seq_len * args.prompt_frac)
+    resp = args.seq_len - prompt_len
 
     def ids(n):
         return torch.randint(3, args.vocab, (n,), generator=g).tolist()
 
-    rows = [dict(example_id=str(i), prompt_ids=ids(args.prompt_len), chosen_ids=ids(resp),
+    rows = [dict(example_id=str(i), prompt_ids=ids(prompt_len), chosen_ids=ids(resp),
                  rejected_ids=ids(resp - 8 * i)) for i in range(args.pairs)]
     batch = collate_pairs(rows, pad_id=0)
     spec = get_method("dpo")
@@ -100,7 +101,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--also-seq-lens", default="512", help="shorter T also measured (where the plain path fits "
                                                             "in memory), to show the growth with T")
-    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--prompt-frac", type=float, default=0.25, help="prompt share of T (the rest: responses)")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
@@ -124,7 +125,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--child", f"--chunk={chunk}", f"--seq-len={seq_len}"] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("vocab", "prompt_len", "pairs", "hidden", "steps")]
+            if k in ("vocab", "prompt_frac", "pairs", "hidden", "steps")]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -132,7 +133,7 @@ def main() -> None:
         results.append({"seq_len": seq_len, **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(results[-1], flush=True)
     data = {"command": "PYTHONPATH=$PWD python benchmarks/bench_logprobs.py " + " ".join(sys.argv[1:]),
-            "setting": {k: getattr(args, k) for k in ("vocab", "seq_len", "prompt_len", "pairs", "hidden", "steps")},
+            "setting": {k: getattr(args, k) for k in ("vocab", "seq_len", "prompt_frac", "pairs", "hidden", "steps")},
             "one_fp32_logits_mb": round(logits_mb, 1), "results": results}
     Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
     print("| T | logits_chunk | peak RSS (MB) | step peak above the built models (MB) | best step (s) |\n"

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsepo.reference.families import FAMILIES
 from sparsepo.reference.stages import HeadStage, get_module
 
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 128
 """Response positions per head chunk (``model.logits_chunk``); see docs/benchmarks.md for the choice."""
 
 

@@ -21,7 +21,7 @@ class ModelConfig:
     """Tokenizer directory; defaults to `path`."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
-    logits_chunk: int = 256
+    logits_chunk: int = 128
     """Lean log-probs (`sparsepo.logprobs`): the policy forward and the inline / precomputed reference
     run the LM head on this many response positions at a time from the last hidden state, never
     holding (2B,T,V) float32 logits; 0 = the plain path (full logits). Families the lean path does
