@@ -91,7 +91,7 @@ def setup(cfg: RunConfig, live=None) -> Run:
                                 support=cfg.method.params.kl_support, seed=cfg.train.seed,
                                 pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
                                 rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
-                                staleness=cfg.generation.staleness)
+                                staleness=cfg.generation.staleness, chunk=cfg.model.logits_chunk)
         if ctx.is_main:
             log.info("SPO: %s reference, staleness %d step(s)", cfg.reference.mode, cfg.generation.staleness)
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
