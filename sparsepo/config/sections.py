@@ -25,7 +25,8 @@ class ModelConfig:
     """Lean log-probs (`sparsepo.logprobs`): the policy forward and the inline / precomputed reference
     run the LM head on this many response positions at a time from the last hidden state, never
     holding (2B,T,V) float32 logits; 0 = the plain path (full logits). Families the lean path does
-    not know use the plain path. Numerically the same (tests/test_logprobs.py); docs/benchmarks.md."""
+    not know use the plain path, and so does the policy of a live run (for now: a live run with the
+    lean path hung). Numerically the same (tests/test_logprobs.py); docs/benchmarks.md."""
 
 
 @dataclass(kw_only=True)
