@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[bench] SAE ready ({sae_s:.0f}s)", flush=True)
 
     base = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", "logging.progress=false",
-            "logging.log_every=1", "logging.overwrite=true", f"train.micro_batch_size={a.micro_batch}",
+            "logging.log_every=10", "logging.overwrite=true", f"train.micro_batch_size={a.micro_batch}",
             f"train.max_steps={a.steps}", *a.overrides]
 
     def overrides_for(method: str, run_dir: Path, variant: list[str] = ()) -> list[str]:

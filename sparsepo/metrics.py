@@ -48,6 +48,11 @@ class MetricsLogger:
                             dynamic_ncols=True)
         self.t0 = time.perf_counter()
 
+    def due(self, step: int) -> bool:
+        """Whether `step` (1-based) is a log step: the first and every `log_every`-th. Same answer on
+        every rank (enabled or not), so per-step statistics computed only when due stay in step."""
+        return step % self.log_every == 0 or step == 1
+
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -57,7 +62,7 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", acc=f"{scalars.get('accuracy', 0):.2f}")
-        if step % self.log_every == 0 or step == 1:
+        if self.due(step):
             shown = ("loss", "accuracy", "margin", "lr", "grad_norm", "step_time", "ref_wait")
             text = " ".join(f"{k}={scalars[k]:.4g}" for k in shown if k in scalars)
             msg = f"step {step} {text}"

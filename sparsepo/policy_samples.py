@@ -26,6 +26,7 @@ import torch
 from sparsepo.data.prompts import prompts_for
 from sparsepo.generation import KeyedSampler, prompts_from, prompts_of, sample_batch
 from sparsepo.losses.kl import mask_support, union_support
+from sparsepo.logprobs import chunked_logps, hidden_forward
 from sparsepo.models import logps_at, response_logps, topk_at_response
 
 log = logging.getLogger("sparsepo")
@@ -35,11 +36,13 @@ class PolicySamples:
     """Owns the sample rounds of one policy rank (at most one per micro-slot index, reused between rounds)."""
 
     def __init__(self, gen, *, source, topk: int, support: str, seed: int, pad_id: int, eos_id: int,
-                 prompts: list | None = None, rank: int = 0, dp: int = 1, grad_accum: int = 1, staleness: int = 0):
+                 prompts: list | None = None, rank: int = 0, dp: int = 1, grad_accum: int = 1, staleness: int = 0,
+                 chunk: int = 0):
         """`prompts`: (id, token ids) from generation.prompts_path (`data.prompts.load_prompts`), or None
         to sample from each micro-batch's own prompts. `source`: the run's reference source, with
         request(samples, ids, outputs) -> ticket and collect(ticket) -> {name: tensor} (inline or live).
-        `staleness` s: samples drawn at step t regularise step t + s (the first steps reuse step 0's)."""
+        `staleness` s: samples drawn at step t regularise step t + s (the first steps reuse step 0's).
+        `chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk): no (S,T,V) logits."""
         if not hasattr(source, "request"):
             raise ValueError(f"{type(source).__name__} cannot score policy samples: SPO needs reference.mode=inline "
                              f"or live")
@@ -47,6 +50,7 @@ class PolicySamples:
         self.seed, self.pad_id, self.eos_id = seed, pad_id, eos_id
         self.prompts, self.rank, self.dp, self.grad_accum = prompts, rank, dp, grad_accum
         self.staleness = staleness
+        self.chunk = chunk
         self.rounds: dict[int, object] = {}
         self.pending: dict[int, deque] = {}
         self.logged_path = False
@@ -75,9 +79,32 @@ class PolicySamples:
             self.logged_path = True
         return samples, {"gen_time": seconds, "gen_tokens_per_s": tokens / max(seconds, 1e-9), "samples_fresh": 1.0}
 
-    @staticmethod
-    def _forward(policy, samples):
+    def _forward(self, policy, samples):
+        """The policy's head input (a `logprobs.HeadInput`, lean path) or its float32 logits (plain)."""
+        src = hidden_forward(policy, samples.input_ids, samples.attention_mask, self.chunk) if self.chunk > 0 else None
+        if src is not None:
+            return src
         return policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits.float()
+
+    def _support_ids(self, out, samples):
+        """The policy's top-K ids at each sample position (the KL's support), no gradient."""
+        if isinstance(out, torch.Tensor):
+            return topk_at_response(out.detach(), samples.sample_mask, self.topk)[1]
+        with torch.no_grad():
+            return chunked_logps(out, samples.input_ids, samples.sample_mask, topk=self.topk)["topk_ids"]
+
+    @staticmethod
+    def _policy_side(out, samples, ids):
+        """(token log-probs (S,T), log-probs at `ids` (S,T,K), entropy (S,T) no grad), zero outside the samples."""
+        mask = samples.sample_mask
+        if not isinstance(out, torch.Tensor):
+            got = chunked_logps(out, samples.input_ids, mask, ids=ids, entropy=True)
+            return got["token_logps"], got["logps_at"], got["entropy"]
+        token_logps, _ = response_logps(out, samples.input_ids, mask)
+        with torch.no_grad():
+            logp = out[:, :-1].log_softmax(-1)
+            entropy = torch.nn.functional.pad(-(logp.exp() * logp).sum(-1), (1, 0)) * mask
+        return token_logps, logps_at(out, ids, mask), entropy
 
     def fields(self, policy, batch, *, step: int, micro: int) -> tuple[dict, dict]:
         """(LossInputs fields for needs_policy_samples, metrics) for this micro-batch."""
@@ -87,14 +114,14 @@ class PolicySamples:
             samples, metrics = self.rounds[micro], {"gen_time": 0.0, "samples_fresh": 0.0}
         outputs = ("token_logps", "request_logps") + (("topk_ids", "topk_logps") if self.support == "union" else ())
         if self.staleness == 0:  # synchronous: one forward gives the support ids and the loss's log-probs
-            logits = self._forward(policy, samples)
-            request_ids = topk_at_response(logits.detach(), samples.sample_mask, self.topk)[1]
+            out = self._forward(policy, samples)
+            request_ids = self._support_ids(out, samples)
             t0 = time.perf_counter()
             ref = self.source.collect(self.source.request(samples, request_ids, outputs))
             metrics.update(staleness=0.0, sample_ref_wait=time.perf_counter() - t0)
         else:  # samples drawn now regularise step + s; this step uses the round drawn at max(0, step - s)
             with torch.no_grad():
-                ids_now = topk_at_response(self._forward(policy, samples), samples.sample_mask, self.topk)[1]
+                ids_now = self._support_ids(self._forward(policy, samples), samples)
             queue = self.pending.setdefault(micro, deque())
             queue.append([step, samples, ids_now, self.source.request(samples, ids_now, outputs), None])
             entry, t0 = queue[0], time.perf_counter()
@@ -104,24 +131,19 @@ class PolicySamples:
             if len(queue) == self.staleness + 1:
                 queue.popleft()
             drawn, samples, request_ids, _, ref = entry
-            logits = self._forward(policy, samples)
+            out = self._forward(policy, samples)
             metrics["staleness"] = float(step - drawn)
         mask = samples.sample_mask
-        policy_tok, _ = response_logps(logits, samples.input_ids, mask)
-        policy_ids = request_ids
-        ids, keep = union_support(policy_ids, ref.get("topk_ids"))
+        ids, keep = union_support(request_ids, ref.get("topk_ids"))
+        policy_tok, policy_support, entropy = self._policy_side(out, samples, ids)
         ref_support = ref["request_logps"] if self.support == "policy" else torch.cat([ref["request_logps"],
                                                                                         ref["topk_logps"]], -1)
         keep = keep & (mask.unsqueeze(-1) != 0)
         fields = dict(sample_mask=mask, policy_sample_token_logps=policy_tok,
                       ref_sample_token_logps=ref["token_logps"].to(policy_tok.dtype),
-                      policy_sample_topk_logps=mask_support(logps_at(logits, ids, mask), keep),
-                      ref_sample_topk_logps=mask_support(ref_support.to(logits.dtype), keep))
-        with torch.no_grad():
-            logp = logits[:, :-1].log_softmax(-1)
-            entropy = -(logp.exp() * logp).sum(-1)
-            valid = mask[:, 1:]
-            metrics.update(sample_entropy=float((entropy * valid).sum() / valid.sum().clamp(min=1)),
-                           sample_length=float(samples.lengths.mean()))
+                      policy_sample_topk_logps=mask_support(policy_support, keep),
+                      ref_sample_topk_logps=mask_support(ref_support.to(policy_support.dtype), keep))
+        metrics.update(sample_entropy=float(entropy.sum() / mask.sum().clamp(min=1)),
+                       sample_length=float(samples.lengths.mean()))
         return fields, metrics
 

@@ -56,6 +56,7 @@ class Run:
     metrics: MetricsLogger
     start: int
     total: int
+    logits_chunk: int = 0  # model.logits_chunk, or 0 (plain path) in live runs, where the lean path hung (left to fix)
 
 
 def setup(cfg: RunConfig, live=None) -> Run:
@@ -89,7 +90,7 @@ def setup(cfg: RunConfig, live=None) -> Run:
                                 support=cfg.method.params.kl_support, seed=cfg.train.seed,
                                 pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
                                 rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
-                                staleness=cfg.generation.staleness)
+                                staleness=cfg.generation.staleness, chunk=0 if live else cfg.model.logits_chunk)
         if ctx.is_main:
             log.info("SPO: %s reference, staleness %d step(s)", cfg.reference.mode, cfg.generation.staleness)
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
@@ -98,8 +99,12 @@ def setup(cfg: RunConfig, live=None) -> Run:
     if ctx.is_main:
         log.info("training %s on %d pairs: %d steps of %d pairs over %d rank(s)", spec.name, len(data.dataset),
                  total, schedule.global_batch, ctx.world_size)
+    if live and cfg.model.logits_chunk and ctx.is_main:
+        log.warning("model.logits_chunk=%d is not used in live runs yet (a live run with it hung): the policy "
+                    "takes the plain log-prob path", cfg.model.logits_chunk)
     return Run(cfg=cfg, ctx=ctx, spec=spec, data=data, schedule=schedule, policy=policy, source=source,
-               features=features, samples=samples, metrics=metrics, start=start, total=total)
+               features=features, samples=samples, metrics=metrics, start=start, total=total,
+               logits_chunk=0 if live else cfg.model.logits_chunk)
 
 
 def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:
@@ -112,8 +117,10 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
         if run.samples is not None else (None, {})
     features = run.features
     with features.capture(run.policy) if features is not None else nullcontext() as cap:
-        fwd = pair_forward(run.policy, batch)
-    pooled, feature_metrics = features.policy(cap, batch) if features is not None else (None, {})
+        fwd = pair_forward(run.policy, batch, chunk=run.logits_chunk,
+                           ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None)
+    logged = run.metrics.due(step + 1) or step + 1 == run.total  # the SAE statistics: log steps and the last
+    pooled, feature_metrics = features.policy(cap, batch, stats=logged) if features is not None else (None, {})
     eos = eos_positions(batch.input_ids, batch.response_mask, run.data.tokenizer.eos_token_id)
     out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields, eos),
                            run.cfg.method.params)

@@ -21,7 +21,7 @@ class PlainPolicy:
     """A Hugging Face model with PolicyEngine's generate/forward signature (no DeepSpeed)."""
 
     def __init__(self, model):
-        self.model = model
+        self.model = self.module = model  # `module`: where the lean path finds the HF model, as in PolicyEngine
 
     def __call__(self, **kw):
         return self.model(**kw)
@@ -36,26 +36,31 @@ class PlainPolicy:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("chunk", [0, 5])
 @pytest.mark.parametrize("support", ["policy", "union"])
-def test_sample_fields_give_the_dense_kl_when_k_is_the_vocabulary(support):
+def test_sample_fields_give_the_dense_kl_when_k_is_the_vocabulary(support, chunk):
     """Policy and reference are two different random tiny Llamas. With K = V the tail-bin KL on the
     fields equals Σ_v πθ(v)(log πθ(v) − log πref(v)) from the two models' full logits, at every
-    generated position; token fields are the two models' log-probs of the sampled tokens."""
+    generated position; token fields are the two models' log-probs of the sampled tokens. On the plain
+    path (chunk 0) and the lean one (model.logits_chunk > 0, both sides), with the same entropy metric."""
     policy, reference = tiny_llama(seed=0).requires_grad_(True), tiny_llama(seed=1)
     rows = [dict(example_id=f"e{i}", prompt_ids=list(range(3, 6 + i)), chosen_ids=[7, 2], rejected_ids=[8, 2])
             for i in range(3)]
     batch = collate_pairs(rows, 0)
-    source = InlineSource(reference, (), topk=VOCAB)
+    source = InlineSource(reference, (), topk=VOCAB, chunk=chunk)
     ps = PolicySamples(GenerationConfig(max_new_tokens=6, samples_per_prompt=2), source=source, topk=VOCAB,
-                       support=support, seed=0, pad_id=0, eos_id=2)
+                       support=support, seed=0, pad_id=0, eos_id=2, chunk=chunk)
     fields, metrics = ps.fields(PlainPolicy(policy), batch, step=0, micro=0)
     samples = ps.rounds[0]
+    assert isinstance(ps._forward(PlainPolicy(policy), samples), torch.Tensor) == (chunk == 0)  # which path ran
     mask = fields["sample_mask"]
     assert mask.shape[0] == 6 and metrics["samples_fresh"] == 1.0 and (mask.sum(-1) >= 1).all()
     with torch.no_grad():
         p = policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask).logits.float().log_softmax(-1)
         q = reference(input_ids=samples.input_ids, attention_mask=samples.attention_mask).logits.float().log_softmax(-1)
     dense = (p.exp() * (p - q)).sum(-1)[:, :-1]  # position t is predicted by logits[t-1]
+    entropy = -(p.exp() * p).sum(-1)[:, :-1]
+    assert metrics["sample_entropy"] == pytest.approx(float((entropy * mask[:, 1:]).sum() / mask.sum()), abs=1e-5)
     got = topk_tail_kl(fields["policy_sample_topk_logps"], fields["ref_sample_topk_logps"])[:, 1:]
     on = mask[:, 1:].bool()
     assert torch.allclose(got[on], dense[on], atol=2e-5), (got[on] - dense[on]).abs().max()

@@ -13,7 +13,9 @@ from sparsepo.losses.types import LossInputs
 
 def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, sample_fields=None,
                       eos_mask=None) -> LossInputs:
-    """`fwd`: the policy's forward (`seq_logps` (2B,), `token_logps` (2B,T), `logits` (2B,T,V));
+    """`fwd`: the policy's forward (`seq_logps` (2B,), `token_logps` (2B,T), and for methods that read the
+    reference's top-K ids either `logps_at_ids` (2B,T,K) at `ref.topk_ids` (`models.pair_forward(ids=)`)
+    or `logits` (2B,T,V));
     `ref`: the reference outputs for the same batch (None for reference-free methods);
     `policy_features`: (2B,F) pooled SAE features of the policy (FPO);
     `sample_fields`: the needs_policy_samples fields (SPO; `sparsepo.policy_samples.PolicySamples.fields`);
@@ -40,7 +42,8 @@ def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, 
     if "seq_logps" in needed:
         halves("ref_chosen_logps", "ref_rejected_logps", ref.seq_logps)
     if "topk_ids" in needed:
-        policy_topk = gather_logps(fwd.logits, ref.topk_ids) * mask.unsqueeze(-1)
+        policy_topk = fwd.logps_at_ids if getattr(fwd, "logps_at_ids", None) is not None \
+            else gather_logps(fwd.logits, ref.topk_ids) * mask.unsqueeze(-1)
         halves("ref_chosen_topk_logps", "ref_rejected_topk_logps", ref.topk_logps)
         halves("policy_chosen_topk_logps", "policy_rejected_topk_logps", policy_topk)
     if "oracle_scores" in needed:

@@ -84,7 +84,8 @@ def ensure_cache(cfg, outputs: tuple[str, ...], dataset, collate, *, data_finger
         precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
                          topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
                          shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
-                         device=ctx.device, features=features, progress=cfg.logging.progress)
+                         device=ctx.device, features=features, progress=cfg.logging.progress,
+                         chunk=cfg.model.logits_chunk)
         del model
     return open_cache(directory, expected, progress=cfg.logging.progress)
 

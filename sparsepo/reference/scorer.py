@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from sparsepo.logprobs import hidden_forward
 from sparsepo.reference.cache import write_index, write_shard
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
@@ -21,15 +22,18 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=None) -> ReferenceOutputs:
+def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=None, chunk: int = 0) -> ReferenceOutputs:
     """Reference outputs for one collated batch. `features` (e.g. sae.runtime.SAEFeatures) captures a layer
     during the same forward and adds its outputs (SAE feature top-k). `model` is the frozen causal LM,
-    or a scorer with its own `score_batch(batch, outputs)` (SePO's `oracle.OraclePair`)."""
+    or a scorer with its own `score_batch(batch, outputs)` (SePO's `oracle.OraclePair`). `chunk` > 0:
+    the lean path (`sparsepo.logprobs`, model.logits_chunk), no full logits."""
     own = getattr(model, "score_batch", None)
     if own is not None:
         return own(batch, outputs)
     with features.capture(model) if features is not None else nullcontext() as cap:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = hidden_forward(model, batch.input_ids, batch.attention_mask, chunk) if chunk > 0 else None
+        if logits is None:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     hidden = cap.take() if features is not None else None
     got = score(logits, batch.input_ids, batch.response_mask, outputs, topk=topk, features=features, hidden=hidden)
     ro = ReferenceOutputs(example_ids=list(batch.example_ids))
@@ -41,7 +45,7 @@ def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=N
 def precompute_cache(model, dataset, collate: Callable, *, cache_dir, components: dict,
                      outputs: tuple[str, ...], topk: int, batch_size: int, shard_size: int,
                      rank: int = 0, world_size: int = 1, device="cpu", features=None,
-                     progress: bool = True) -> None:
+                     progress: bool = True, chunk: int = 0) -> None:
     """Score the whole dataset into `cache_dir`. Shards are split over ranks (shard i on rank
     i % world); rank 0 writes the index last, so an interrupted run leaves no valid cache."""
     from tqdm.auto import tqdm
@@ -60,7 +64,7 @@ def precompute_cache(model, dataset, collate: Callable, *, cache_dir, components
             from sparsepo.data import gather_rows
 
             batch = collate(gather_rows(dataset, list(range(start, min(start + batch_size, hi))))).to(device)
-            ro = score_batch(model, batch, outputs, topk=topk, features=features)
+            ro = score_batch(model, batch, outputs, topk=topk, features=features, chunk=chunk)
             ids += list(batch.example_ids)
             records += ro.to_records(batch.response_mask)
             bar.update(batch.num_pairs)

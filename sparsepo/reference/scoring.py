@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
+from sparsepo.logprobs import HeadInput, chunked_logps
 from sparsepo.models import logps_at, response_logps, topk_at_response
 from sparsepo.reference.partition import PipelineConfigError
 
@@ -42,7 +43,7 @@ class _Rows:
         self.response_mask = response_mask
 
 
-def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Sequence[str], *,
+def score(logits: Tensor | HeadInput, input_ids: Tensor, response_mask: Tensor, outputs: Sequence[str], *,
           topk: int | None, features=None, hidden: Tensor | None = None,
           request_ids: Tensor | None = None) -> dict[str, Tensor]:
     """The reference's ``outputs`` for N rows, by name, in the order asked.
@@ -55,16 +56,25 @@ def score(logits: Tensor, input_ids: Tensor, response_mask: Tensor, outputs: Seq
     the response tokens and their top-k, from ``features.reference``. With ``request_ids`` (N,T,K')
     (SPO: the ids the policy asks about at each sample position): request_logps (N,T,K'), the
     log-probs at those ids, zero outside the response. Raises when an output cannot
-    be produced (so a scorer never serves less than asked)."""
-    logits = logits.float()
-    token_logps, seq_logps = response_logps(logits, input_ids, response_mask)
-    got: dict[str, Tensor] = {"seq_logps": seq_logps, "token_logps": token_logps}
-    if "topk_ids" in outputs or "topk_logps" in outputs:
-        if not topk:
-            raise ValueError(f"score: {[o for o in outputs if o.startswith('topk')]} need topk >= 1, got {topk}")
-        got["topk_logps"], got["topk_ids"] = topk_at_response(logits, response_mask, topk)
-    if request_ids is not None:
-        got["request_logps"] = logps_at(logits, request_ids, response_mask)
+    be produced (so a scorer never serves less than asked).
+
+    ``logits`` may instead be a ``logprobs.HeadInput`` (the last hidden state and the model's head):
+    the same fields, computed chunk by chunk over the response positions (the lean path)."""
+    wants_topk = "topk_ids" in outputs or "topk_logps" in outputs
+    if wants_topk and not topk:
+        raise ValueError(f"score: {[o for o in outputs if o.startswith('topk')]} need topk >= 1, got {topk}")
+    if isinstance(logits, HeadInput):
+        got = chunked_logps(logits, input_ids, response_mask, topk=topk if wants_topk else 0, ids=request_ids)
+        if "logps_at" in got:
+            got["request_logps"] = got.pop("logps_at")
+    else:
+        logits = logits.float()
+        token_logps, seq_logps = response_logps(logits, input_ids, response_mask)
+        got = {"seq_logps": seq_logps, "token_logps": token_logps}
+        if wants_topk:
+            got["topk_logps"], got["topk_ids"] = topk_at_response(logits, response_mask, topk)
+        if request_ids is not None:
+            got["request_logps"] = logps_at(logits, request_ids, response_mask)
     if features is not None:
         if hidden is None:
             raise RuntimeError("score: an SAE was given but no layer output (hidden) to read")

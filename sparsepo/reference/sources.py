@@ -55,15 +55,16 @@ class InlineSource:
     """The frozen reference (SePO: the oracle pair) on the policy rank itself, scored inside the step
     (TRL's way; the sequential baseline of the overlap benchmark)."""
 
-    def __init__(self, model, outputs: tuple[str, ...], *, topk: int, features=None):
-        self.model, self.outputs, self.topk, self.features = model, outputs, topk, features
+    def __init__(self, model, outputs: tuple[str, ...], *, topk: int, features=None, chunk: int = 0):
+        """`chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk)."""
+        self.model, self.outputs, self.topk, self.features, self.chunk = model, outputs, topk, features, chunk
 
     def get(self, batch) -> ReferenceOutputs | None:
         from sparsepo.reference.scorer import score_batch
 
         if not self.outputs:  # SPO: nothing on the pairs, only the samples (score_samples)
             return None
-        return score_batch(self.model, batch, self.outputs, topk=self.topk, features=self.features)
+        return score_batch(self.model, batch, self.outputs, topk=self.topk, features=self.features, chunk=self.chunk)
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
         """Inline: scored at once; the ticket is the result (see `LiveSource.request`)."""
@@ -77,9 +78,14 @@ class InlineSource:
         """The reference side of SPO's KL on the policy's samples (a `generation.SampleBatch`), by the
         one scoring function: `outputs` from token_logps, request_logps (at `request_ids` (S,T,K)),
         topk_ids / topk_logps (the reference's own top-K)."""
+        from sparsepo.logprobs import hidden_forward
         from sparsepo.reference.scoring import score
 
-        logits = self.model(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits
+        logits = hidden_forward(self.model, samples.input_ids, samples.attention_mask, self.chunk) \
+            if self.chunk > 0 and not hasattr(self.model, "score_batch") else None
+        if logits is None:
+            logits = self.model(input_ids=samples.input_ids, attention_mask=samples.attention_mask,
+                                use_cache=False).logits
         return score(logits, samples.input_ids, samples.sample_mask, outputs, topk=self.topk, request_ids=request_ids)
 
     def finish(self) -> None:
@@ -179,7 +185,7 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
         return NoReference()
     if cfg.reference.mode == "inline":
         return InlineSource(offline.load_scorer(cfg, outputs, ctx.device), outputs, topk=cfg.reference.topk,
-                            features=features)
+                            features=features, chunk=cfg.model.logits_chunk)
     reader = offline.ensure_cache(cfg, outputs, dataset, collate, data_fingerprint=data_fingerprint, ctx=ctx,
                                   features=features)
     return CacheSource(reader, outputs, ctx.device)

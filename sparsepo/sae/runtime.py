@@ -45,14 +45,18 @@ class SAEFeatures:
         ids, values = sparse_topk(pooled, min(self.k, pooled.shape[-1]))
         return {"feature_ids": ids, "feature_values": values}
 
-    def policy(self, cap, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Dense pooled policy features (2B,F) with gradients, and SAE reconstruction quality on the
-        policy's own activations (it drifts away from the reference's as training moves the policy)."""
+    def policy(self, cap, batch, *, stats: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """Dense pooled policy features (2B,F) with gradients, and — with `stats` — SAE reconstruction
+        quality on the policy's own activations (it drifts away from the reference's as training moves
+        the policy). The statistics cost a second encode + decode, so the trainer asks for them on log
+        steps only (`MetricsLogger.due`); when asked, they mean what they always did."""
         hidden = cap.take()
         pooled = pooled_features(self.sae, hidden, batch.response_mask)
+        if not stats:
+            return pooled, {}
         with torch.no_grad():
-            stats = reconstruction_stats(self.sae, hidden.detach(), batch.response_mask)
-        return pooled, {"sae_explained_variance": float(stats["explained_variance"]), "sae_l0": float(stats["l0"])}
+            got = reconstruction_stats(self.sae, hidden.detach(), batch.response_mask)
+        return pooled, {"sae_explained_variance": float(got["explained_variance"]), "sae_l0": float(got["l0"])}
 
 
 def model_shape(model_path: str) -> tuple[int, int]:

@@ -1,0 +1,121 @@
+"""The lean log-prob path (sparsepo.logprobs) against the plain one (full float32 logits), on every
+family of the table (tiny random models from tests/test_families.py, sequences longer than the
+sliding window, right- and left-padded): every field the scorer and the policy read, in float32 to
+1e-6 and in bf16 to a stated bound, gradients in float32, and the head never sees a prompt or
+padding position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_families import CASES, VOCAB, batches, tiny_model
+
+from sparsepo.logprobs import HeadInput, chunked_logps, hidden_forward, lean_head
+from sparsepo.models import pair_forward
+from sparsepo.reference.scoring import score
+
+pytestmark = pytest.mark.unit
+
+FIELDS = ("seq_logps", "token_logps", "topk_logps", "topk_ids", "request_logps")
+K, CHUNK = 5, 7  # 7 does not divide the response lengths: the last chunk is short
+
+
+def request_ids(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (*batch.input_ids.shape, 3), generator=g)
+
+
+def both(model, batch, ids, chunk=CHUNK):
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    plain = score(logits, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
+    src = hidden_forward(model, batch.input_ids, batch.attention_mask, chunk)
+    lean = score(src, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
+    return plain, lean
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lean_scores_equal_the_plain_ones_in_float32(case):
+    model = tiny_model(case)
+    assert lean_head(model) is not None
+    for i, batch in enumerate(batches()):
+        plain, lean = both(model, batch, request_ids(batch, i))
+        for name in FIELDS:
+            assert lean[name].shape == plain[name].shape and lean[name].dtype == plain[name].dtype, name
+            if name == "topk_ids":
+                assert torch.equal(lean[name], plain[name]), (case, i)
+            else:
+                torch.testing.assert_close(lean[name], plain[name], atol=1e-6, rtol=0, msg=f"{case} {i} {name}")
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2"])
+def test_lean_scores_in_bf16_stay_within_the_stated_bound(case):
+    """Same bf16 hidden state and head on both paths; log_softmax in float32 per chunk on the lean one.
+    Bound: 2e-2 absolute on log-probs (bf16 head GEMMs over different row sets may round differently),
+    top-K ids equal where the plain top-K values are separated by more than that."""
+    model = tiny_model(case).to(torch.bfloat16)
+    for i, batch in enumerate(batches()):
+        plain, lean = both(model, batch, request_ids(batch, i))
+        for name in ("seq_logps", "token_logps", "topk_logps", "request_logps"):
+            bound = 2e-2 * (batch.response_mask.sum(-1).max() if name == "seq_logps" else 1)
+            assert (lean[name] - plain[name]).abs().max() <= bound, (case, i, name)
+        assert (lean["topk_ids"] == plain["topk_ids"]).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2"])
+def test_lean_gradients_equal_the_plain_ones(case):
+    """pair_forward with chunk > 0 (checkpointed chunks) and chunk = 0: same values and same
+    parameter gradients in float32 for a loss reading seq log-probs, token log-probs and the
+    log-probs at given ids (TDPO's policy top-K)."""
+    grads = []
+    for chunk in (0, CHUNK):
+        model = tiny_model(case)
+        model.requires_grad_(True)
+        batch = batches()[0]
+        ids = request_ids(batch)
+        fwd = pair_forward(model, batch, ids=ids, chunk=chunk)
+        assert (fwd.logits is None) == (chunk > 0)
+        w = torch.linspace(-1, 1, fwd.token_logps.shape[-1])
+        loss = fwd.seq_logps.sum() + (fwd.token_logps * w).sum() + (fwd.logps_at_ids.exp() * 0.3).sum()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-6)
+    assert g0.keys() == g1.keys() and all(g.abs().sum() > 0 for g in g0.values() if g.numel() > VOCAB * 4)
+    for name in g0:  # 1e-6 of the tensor's scale (the tied embedding's gradient reaches ~10)
+        assert (g1[name] - g0[name]).abs().max() <= 1e-6 * max(1.0, float(g0[name].abs().max())), name
+
+
+def test_the_head_sees_response_positions_only_and_chunk_rows_at_most():
+    model = tiny_model("llama")
+    batch = batches()[0]
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda _m, args, _o: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    try:
+        src = hidden_forward(model, batch.input_ids, batch.attention_mask, CHUNK)
+        chunked_logps(src, batch.input_ids, batch.response_mask)
+    finally:
+        handle.remove()
+    n = batch.input_ids.shape[0]
+    assert rows[0] == n  # the model's own forward: logits_to_keep=1, one position per row
+    assert max(rows[1:]) <= CHUNK and sum(rows[1:]) == int(batch.response_mask.sum())
+    assert int(batch.response_mask.sum()) < batch.input_ids.numel() // 2  # prompts and padding were skipped
+
+
+def test_a_model_the_table_does_not_know_keeps_the_plain_path(monkeypatch):
+    import sparsepo.logprobs as lp
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(lp, "FAMILIES", {})
+    batch = batches()[0]
+    assert hidden_forward(model, batch.input_ids, batch.attention_mask, CHUNK) is None
+    fwd = pair_forward(model, batch, chunk=CHUNK)
+    assert fwd.logits is not None and fwd.logits.dtype == torch.float32
+
+
+def test_an_empty_response_mask_gives_zeros():
+    model = tiny_model("llama")
+    batch = batches()[0]
+    src = hidden_forward(model, batch.input_ids, batch.attention_mask, CHUNK)
+    got = chunked_logps(HeadInput(src.hidden, src.head, 3), batch.input_ids, torch.zeros_like(batch.response_mask),
+                        topk=K)
+    assert all(float(v.abs().sum()) == 0 for v in got.values())
