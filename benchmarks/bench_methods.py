@@ -336,11 +336,14 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Methods benchmark\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+def write_doc(path: Path, block: str, *, title: str = "Methods benchmark", begin: str = BEGIN,
+              end: str = END) -> None:
+    """Replace the text between `begin` and `end` in `path` with `block` (which carries both markers);
+    a new document gets `title`; a document without the markers gets the block appended."""
+    text = path.read_text() if path.exists() else f"# {title}\n\n" + begin + "\n" + end + "\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

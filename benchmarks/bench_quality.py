@@ -205,17 +205,6 @@ def plot(res: dict, path: Path) -> str | None:
     return str(path)
 
 
-def write_doc(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Quality with error bars\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="default", choices=["default", "tiny"])
@@ -272,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(res, indent=1, default=str))
     block = render(res)
-    write_doc(doc, block)
+    bm.write_doc(doc, block, title="Quality with error bars", begin=BEGIN, end=END)
     print(block)
     print(f"[quality] wrote {a.json} and {doc} ({res['total_s']:.0f}s)")
     return res
