@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from sparsepo.losses.common import log_sq_mass
 from sparsepo.reference.families import FAMILIES
 from sparsepo.reference.stages import HeadStage, get_module
 
@@ -87,7 +88,7 @@ def hidden_forward(model, input_ids: Tensor, attention_mask: Tensor, chunk: int)
     return HeadInput(hidden=got[0], head=head, chunk=chunk)
 
 
-def _chunk_fn(head: nn.Module, topk: int, entropy: bool):
+def _chunk_fn(head: nn.Module, topk: int, entropy: bool, sq_mass: bool = False):
     def fn(h: Tensor, targets: Tensor, ids: Tensor | None):
         logits = head(h).float()  # (C,V)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -104,19 +105,21 @@ def _chunk_fn(head: nn.Module, topk: int, entropy: bool):
                 out.append(-(logp.exp() * logp).sum(-1))
         else:
             out.append(None)
+        out.append(log_sq_mass(logits) if sq_mass else None)
         return tuple(out)
     return fn
 
 
 def chunked_logps(src: HeadInput, input_ids: Tensor, mask: Tensor, *, topk: int = 0, ids: Tensor | None = None,
-                  entropy: bool = False) -> dict[str, Tensor]:
+                  entropy: bool = False, sq_mass: bool = False) -> dict[str, Tensor]:
     """The plain path's fields from the hidden state, ``src.chunk`` response positions at a time.
 
     input_ids (N,T), mask (N,T) 0/1 (never 1 at t=0). Returns token_logps (N,T) (zero outside the
     mask) and seq_logps (N,) — with gradients when the hidden state has them —, with ``topk``
     topk_logps (N,T,K) and topk_ids (N,T,K) long (no gradient; zero outside the mask), with ``ids``
     (N,T,K') logps_at (N,T,K') (the log-probs at those ids, with gradients, zero outside the mask),
-    with ``entropy`` entropy (N,T) (no gradient). Equal to ``losses.common`` on the full logits."""
+    with ``entropy`` entropy (N,T) (no gradient), with ``sq_mass`` log_sq_mass (N,T) (log Σ_v p(v)², no
+    gradient; ``losses.common.log_sq_mass``). Equal to ``losses.common`` on the full logits."""
     hidden = src.hidden
     n, t = input_ids.shape
     if src.chunk < 1:
@@ -127,7 +130,7 @@ def chunked_logps(src: HeadInput, input_ids: Tensor, mask: Tensor, *, topk: int 
     target = pred + 1
     h = hidden.reshape(n * t, -1)
     grad = torch.is_grad_enabled() and h.requires_grad
-    fn = _chunk_fn(src.head, topk, entropy)
+    fn = _chunk_fn(src.head, topk, entropy, sq_mass)
     flat_ids = ids.reshape(n * t, -1) if ids is not None else None
     parts: list[tuple] = []
     for lo in range(0, int(where.numel()), src.chunk):
@@ -149,4 +152,6 @@ def chunked_logps(src: HeadInput, input_ids: Tensor, mask: Tensor, *, topk: int 
         got["topk_logps"], got["topk_ids"] = place(2, (topk,), torch.float32), place(3, (topk,), torch.long)
     if entropy:
         got["entropy"] = place(4, (), torch.float32)
+    if sq_mass:
+        got["log_sq_mass"] = place(5, (), torch.float32)
     return got

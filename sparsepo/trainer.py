@@ -62,7 +62,7 @@ class Run:
 def setup(cfg: RunConfig, live=None) -> Run:
     """Everything before the first step. `live` = (ProcessPlan, bridge) on a policy rank of a live job."""
     ctx = init_distributed()
-    spec = get_method(cfg.method.name)
+    spec = get_method(cfg.method.name, cfg.method.params)  # with the flags its knobs add (DPO's ld_alpha, wpo)
     pre = preflight(cfg, spec, ctx)  # stage file, batch split, SAE: before the data and the cache
     data = load_run_data(cfg, ctx)
     schedule = Schedule.from_config(cfg, num_rows=len(data.dataset), dp=ctx.world_size)
@@ -117,7 +117,7 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
         if run.samples is not None else (None, {})
     features = run.features
     with features.capture(run.policy) if features is not None else nullcontext() as cap:
-        fwd = pair_forward(run.policy, batch, chunk=run.logits_chunk,
+        fwd = pair_forward(run.policy, batch, chunk=run.logits_chunk, sq_mass=run.spec.needs_sq_mass,
                            ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None)
     logged = run.metrics.due(step + 1) or step + 1 == run.total  # the SAE statistics: log steps and the last
     pooled, feature_metrics = features.policy(cap, batch, stats=logged) if features is not None else (None, {})

@@ -67,6 +67,10 @@ def random_fields(seed=0, B=2, T=6, K=3, V=7, F=10, k=3, S=2, Ts=5):
     out["sample_mask"] = sample_mask
     out["ref_sample_topk_logps"], out["policy_sample_topk_logps"] = sparse_pair(S, Ts)
     out["ref_sample_token_logps"], out["policy_sample_token_logps"] = -rnd(S, Ts).abs(), -rnd(S, Ts).abs()
+    # drawn last, so the fields above keep their values: DPO's ld_alpha / wpo_weighting inputs
+    for side in ("chosen", "rejected"):
+        out[f"ref_{side}_token_logps"] = out[f"policy_{side}_token_logps"] + 0.3 * rnd(B, T)
+        out[f"policy_{side}_log_sq_mass"] = -math.log(V) * torch.rand(B, T, generator=g, dtype=F64)
     return out
 
 

@@ -119,3 +119,19 @@ def test_an_empty_response_mask_gives_zeros():
     got = chunked_logps(HeadInput(src.hidden, src.head, 3), batch.input_ids, torch.zeros_like(batch.response_mask),
                         topk=K)
     assert all(float(v.abs().sum()) == 0 for v in got.values())
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2"])
+def test_lean_sq_mass_equals_the_plain_one_and_is_computed_only_when_asked(case):
+    """WPO's log Σ_v p(v|x_<t)²: the same on both paths (float32, 1e-6), zero outside the response,
+    without gradient even from a model with gradients; None unless pair_forward(sq_mass=True)."""
+    model = tiny_model(case)
+    model.requires_grad_(True)
+    for batch in batches():
+        plain = pair_forward(model, batch, sq_mass=True)
+        lean = pair_forward(model, batch, chunk=CHUNK, sq_mass=True)
+        torch.testing.assert_close(lean.log_sq_mass, plain.log_sq_mass, atol=1e-6, rtol=0)
+        assert not lean.log_sq_mass.requires_grad and not plain.log_sq_mass.requires_grad
+        assert float(plain.log_sq_mass[batch.response_mask == 0].abs().sum()) == 0
+        assert float(plain.log_sq_mass[batch.response_mask != 0].max()) < 0
+    assert pair_forward(model, batch).log_sq_mass is None and pair_forward(model, batch, chunk=CHUNK).log_sq_mass is None

@@ -52,9 +52,17 @@ def combined_params_cls(names: tuple[str, ...], params_classes: tuple[type, ...]
             parts.append((name, fn, cls(**own)))
         object.__setattr__(self, "parts", tuple(parts))
 
+    def input_needs(self) -> dict[str, bool]:
+        """The flags the components' knobs add (e.g. DPO's `ld_alpha` in [dpo, sft])."""
+        needs: dict[str, bool] = {}
+        for _, _, own in self.parts:
+            for flag, on in (own.input_needs() if hasattr(own, "input_needs") else {}).items():
+                needs[flag] = needs.get(flag, False) or on
+        return needs
+
     cls_name = "Plus".join(n.title().replace("_", "") for n in names) + "Params"
     cls = dataclasses.make_dataclass(cls_name, list(fields.values()), kw_only=True,
-                                      namespace={"__post_init__": __post_init__,
+                                      namespace={"__post_init__": __post_init__, "input_needs": input_needs,
                                                  "__doc__": f"Params of {' + '.join(names)}: each component's "
                                                             f"fields (a shared key is one value; None keeps each "
                                                             f"component's default) and `weights`."})

@@ -56,6 +56,15 @@ def topk_logps_from_logits(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return F.pad(values, (0, 0, 1, 0)), F.pad(ids, (0, 0, 1, 0))
 
 
+def log_sq_mass(logits: Tensor) -> Tensor:
+    """log Σ_v p(v)² of p = softmax(logits) over the last axis, (…,V) -> (…), without gradient: the
+    log-probability that two independent draws from p agree (WPO's weight alignment). Computed as
+    logsumexp(2z) − 2·logsumexp(z), in float32 at least; at most log 1 = 0, at least −log V."""
+    with torch.no_grad():
+        z = _upcast(logits.detach())
+        return torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+
+
 def masked_sum(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """Σ mask·x over `dim`; positions where mask is 0 contribute exactly 0 (even if x is inf or nan there)."""
     mask = mask.to(x.dtype)

@@ -13,7 +13,8 @@ from sparsepo.losses.types import LossInputs
 
 def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, sample_fields=None,
                       eos_mask=None) -> LossInputs:
-    """`fwd`: the policy's forward (`seq_logps` (2B,), `token_logps` (2B,T), and for methods that read the
+    """`fwd`: the policy's forward (`seq_logps` (2B,), `token_logps` (2B,T), `log_sq_mass` (2B,T) for
+    `needs_sq_mass` (WPO), and for methods that read the
     reference's top-K ids either `logps_at_ids` (2B,T,K) at `ref.topk_ids` (`models.pair_forward(ids=)`)
     or `logits` (2B,T,V));
     `ref`: the reference outputs for the same batch (None for reference-free methods);
@@ -30,6 +31,11 @@ def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, 
 
     if spec.needs_token_logps:
         halves("policy_chosen_token_logps", "policy_rejected_token_logps", fwd.token_logps)
+    if spec.needs_sq_mass:
+        if getattr(fwd, "log_sq_mass", None) is None:
+            raise ValueError(f"method '{spec.name}' needs the policy's log_sq_mass (WPO); the forward did not compute "
+                             f"it: call pair_forward(..., sq_mass=True)")
+        halves("policy_chosen_log_sq_mass", "policy_rejected_log_sq_mass", fwd.log_sq_mass)
     if spec.needs_sae_features:
         halves("policy_chosen_features", "policy_rejected_features", policy_features)
     if spec.needs_policy_samples:
@@ -41,6 +47,8 @@ def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, 
         raise ValueError(f"method '{spec.name}' needs reference outputs {needed}; none were given")
     if "seq_logps" in needed:
         halves("ref_chosen_logps", "ref_rejected_logps", ref.seq_logps)
+    if "token_logps" in needed:
+        halves("ref_chosen_token_logps", "ref_rejected_token_logps", ref.token_logps)
     if "topk_ids" in needed:
         policy_topk = fwd.logps_at_ids if getattr(fwd, "logps_at_ids", None) is not None \
             else gather_logps(fwd.logits, ref.topk_ids) * mask.unsqueeze(-1)

@@ -32,6 +32,15 @@ class LossInputs:
     """(B,) reference sequence log-prob of the chosen response."""
     ref_rejected_logps: Tensor | None = None
     """(B,)"""
+    ref_chosen_token_logps: Tensor | None = None
+    """(B,T) log πref(x_t | x_<t), aligned as above, zero outside the response (LD-DPO's `ld_alpha`)."""
+    ref_rejected_token_logps: Tensor | None = None
+    """(B,T)"""
+    policy_chosen_log_sq_mass: Tensor | None = None
+    """(B,T) log Σ_v πθ(v | x_<t)², no gradient, aligned as above: the log-probability that two tokens
+    drawn from the policy at t agree (WPO's weight alignment; `wpo_weighting`)."""
+    policy_rejected_log_sq_mass: Tensor | None = None
+    """(B,T)"""
     ref_chosen_topk_logps: Tensor | None = None
     """(B,T,K) the reference's top-K next-token log-probs at each position (TDPO)."""
     policy_chosen_topk_logps: Tensor | None = None

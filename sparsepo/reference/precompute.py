@@ -23,7 +23,7 @@ log = logging.getLogger("sparsepo")
 
 def precompute(cfg: RunConfig) -> dict:
     ctx = init_distributed()
-    spec = get_method(cfg.method.name)
+    spec = get_method(cfg.method.name, cfg.method.params)
     features = preflight(cfg, spec, ctx, training=False).features  # the stage file too: training follows
     data = load_run_data(cfg, ctx)
     outputs = spec.reference_outputs

@@ -51,7 +51,7 @@ def live_fields(cfg) -> tuple[str, ...]:
 def live_outputs(cfg) -> tuple[str, ...]:
     from sparsepo.reference.scoring import FEATURE_FIELDS
 
-    outputs = get_method(cfg.method.name).reference_outputs
+    outputs = get_method(cfg.method.name, cfg.method.params).reference_outputs
     served = live_fields(cfg)
     unsupported = [o for o in outputs if o not in served]
     if unsupported:
