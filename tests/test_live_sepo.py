@@ -302,3 +302,20 @@ def test_live_sepo_matches_cache_mode(tiny_world, world_oracle, tmp_path):
     fractions = [read_scalars(tmp_path / r, "train/selected_fraction") for r in ("live", "cache")]
     assert fractions[0] == pytest.approx(fractions[1], abs=1e-6) and all(0 < v < 1 for v in fractions[0].values())
     assert "bytes/pair" in live.stdout + live.stderr
+
+
+@pytest.mark.distributed
+def test_an_oracle_with_another_tokenizer_is_refused_in_live_mode(tiny_world, tmp_path):
+    """The oracle check every mode runs (`oracle_manifest`) runs in live mode too, on every rank before
+    the pipelines load anything: the launch fails naming the oracle's tokenizer, and nothing is scored."""
+    from test_sepo_oracle import other_tokenizer_copy
+
+    odd = other_tokenizer_copy(tiny_world, tmp_path / "odd")
+    oracle = tmp_path / "oracle"
+    oracle.mkdir()
+    (oracle / "oracle.json").write_text(json.dumps({"oracle": str(odd), "reference": str(tiny_world.sft_dir)}))
+    with pytest.raises(AssertionError) as e:
+        sepo_train(tiny_world, oracle, tmp_path / "run", "reference.mode=live", "topology.reference_ranks=2",
+                   "topology.pipeline_stages=2", nproc=3)
+    assert "the oracle tokenizer at" in str(e.value) and str(odd) in str(e.value)
+    assert not (tmp_path / "run" / "ref_cache").exists() and not (tmp_path / "run" / "final").exists()
