@@ -276,13 +276,22 @@ def world_oracle(tiny_world, tmp_path_factory):
     return root
 
 
-def sepo_train(world, oracle, run_dir, *overrides, nproc):
+@pytest.fixture(scope="module")
+def pairs6(tiny_world, tmp_path_factory):
+    """The first 6 pairs of the tiny world: one epoch = 3 steps of 2, so a live run scores every pair
+    and indexes its write-through cache."""
+    path = tmp_path_factory.mktemp("pairs6") / "pairs.jsonl"
+    path.write_text("".join(tiny_world.train_path.read_text().splitlines(keepends=True)[:6]))
+    return path
+
+
+def sepo_train(world, oracle, run_dir, *overrides, nproc, data=None):
     from sparsepo.recipe import write_for_method
 
     recipe = write_for_method(RECIPE, "sepo", run_dir.parent / f"{run_dir.name}-recipe.yaml")
-    cmd = train_command(recipe, [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
+    cmd = train_command(recipe, [f"model.path={world.sft_dir}", f"data.path={data or world.train_path}",
                                  f"logging.output_dir={run_dir}", "logging.progress=false", "logging.log_every=1",
-                                 f"reference.oracle={oracle}", "train.micro_batch_size=2", "train.max_steps=3",
+                                 f"reference.oracle={oracle}", "train.micro_batch_size=2", "train.epochs=1",
                                  "optim.lr=2e-3", "optim.schedule=constant", "optim.warmup_steps=0",
                                  "method.min_response_tokens=0", *overrides], nproc=nproc)
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -291,10 +300,14 @@ def sepo_train(world, oracle, run_dir, *overrides, nproc):
 
 
 @pytest.mark.distributed
-def test_live_sepo_matches_cache_mode(tiny_world, world_oracle, tmp_path):
+def test_live_sepo_matches_cache_mode_and_writes_r_t_through(tiny_world, world_oracle, pairs6, tmp_path):
+    """1 policy rank + a 2-stage group against cache mode on 1 rank: the same loss and selected
+    fraction at every step; the group's write-through cache has cache mode's key and r_t."""
+    from sparsepo.reference.cache import CacheReader
+
     live = sepo_train(tiny_world, world_oracle, tmp_path / "live", "reference.mode=live",
-                      "topology.reference_ranks=2", "topology.pipeline_stages=2", nproc=3)
-    sepo_train(tiny_world, world_oracle, tmp_path / "cache", nproc=1)
+                      "topology.reference_ranks=2", "topology.pipeline_stages=2", nproc=3, data=pairs6)
+    sepo_train(tiny_world, world_oracle, tmp_path / "cache", nproc=1, data=pairs6)
     got, want = (read_scalars(tmp_path / r, "train/loss") for r in ("live", "cache"))
     assert sorted(got) == sorted(want) == [1, 2, 3]
     for step in got:
@@ -302,6 +315,16 @@ def test_live_sepo_matches_cache_mode(tiny_world, world_oracle, tmp_path):
     fractions = [read_scalars(tmp_path / r, "train/selected_fraction") for r in ("live", "cache")]
     assert fractions[0] == pytest.approx(fractions[1], abs=1e-6) and all(0 < v < 1 for v in fractions[0].values())
     assert "bytes/pair" in live.stdout + live.stderr
+    live_dir, cache_dir = tmp_path / "live" / "ref_cache", tmp_path / "cache" / "ref_cache"
+    live_index, cache_index = (json.loads((d / "index.json").read_text()) for d in (live_dir, cache_dir))
+    assert live_index["fingerprint"] == cache_index["fingerprint"]
+    live_reader, cache_reader = CacheReader(live_dir, cache_index["fingerprint"]), CacheReader(cache_dir)
+    ids = sorted(cache_reader.location)
+    assert sorted(live_reader.location) == ids and len(ids) == 6
+    for a, b in zip(live_reader.get(ids), cache_reader.get(ids)):
+        assert set(a) == set(b) == {"oracle_scores"}
+        for side in (0, 1):
+            torch.testing.assert_close(a["oracle_scores"][side], b["oracle_scores"][side], atol=1e-5, rtol=0)
 
 
 @pytest.mark.distributed
