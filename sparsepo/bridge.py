@@ -56,6 +56,7 @@ class Message:
     seq: int
     example_ids: list[str]
     records: list[dict] = field(default_factory=list)
+    nbytes: int = 0  # set by `recv`: the bytes it took off the wire (header + payload)
 
 
 def connect(addr: str, port: int, rank: int, world_size: int, timeout_s: float):
@@ -104,7 +105,7 @@ def recv(bridge, src: int) -> Message:
     if (body["kind"], body["seq"]) != (int(header[0]), int(header[1])):
         raise BridgeError(f"bridge message from rank {src}: header says {KINDS.get(int(header[0]))} #{int(header[1])}, "
                           f"payload {KINDS.get(body['kind'])} #{body['seq']}")
-    return Message(**body)
+    return Message(**body, nbytes=header.numel() * header.element_size() + payload.numel())
 
 
 class Inbox:

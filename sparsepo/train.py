@@ -42,15 +42,14 @@ def run_live(cfg, preempt) -> None:
     from sparsepo.bridge import connect
     from sparsepo.launch.process import plan
     from sparsepo.reference.families import check_live_supported
-    from sparsepo.reference.offline import reference_path
     from sparsepo.reference.partition import max_stages
-    from sparsepo.reference.server import check_live_topology, live_outputs, serve
+    from sparsepo.reference.server import check_live_topology, live_model_paths, serve
     from sparsepo.trainer import train
 
-    live_outputs(cfg)
-    ref_config = AutoConfig.from_pretrained(reference_path(cfg))
-    check_live_supported(ref_config)  # a family the pipeline cannot split exactly: refused before anything loads
-    layers = ref_config.num_hidden_layers
+    configs = [AutoConfig.from_pretrained(path) for path in live_model_paths(cfg)]  # SePO: the checked oracle pair
+    for ref_config in configs:
+        check_live_supported(ref_config)  # a family the pipeline cannot split exactly: refused before anything loads
+    layers = min(c.num_hidden_layers for c in configs)
     p = plan(cfg.topology, os.environ, num_layers=max_stages(layers))
     check_live_topology(p.topology)
     if p.launch.rank == 0:

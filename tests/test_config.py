@@ -83,8 +83,6 @@ def test_round_trip_through_resolved_file(tmp_path):
      ["generation.top_p=0.0", "(0, 1]"]),
     ({"generation": {"params": "sharded"}}, [], ["'generation.params'", "gathered, synced"]),
     ({"method": {"name": "sepo"}}, [], ["method 'sepo'", "reference.oracle", "sparsepo sepo train-oracle"]),
-    ({"method": {"name": "sepo"}, "reference": {"oracle": "o", "mode": "live"}, "topology": {"reference_ranks": 1}},
-     [], ["method 'sepo'", "reference.mode=live", "reference.mode=cache", "reference.mode=inline"]),
     ({"train": {"micro_batch_size": 0}}, [], ["train.micro_batch_size=0", ">= 1"]),
     ({"train": "fast"}, [], ["section 'train'", "mapping"]),
 ])

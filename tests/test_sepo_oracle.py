@@ -172,17 +172,6 @@ def test_demo_recipe_for_every_method_passes_only_its_params_keys(method):
         assert cfg.method.name == method
 
 
-@pytest.mark.unit
-def test_live_server_refuses_oracle_scores_naming_cache_and_inline():
-    """Second line of defence behind the config's refusal: the live group never serves oracle_scores."""
-    from sparsepo.config import load_config
-    from sparsepo.reference.server import LiveModeError, live_outputs
-
-    cfg = load_config(None, ["method.name=sepo", "reference.oracle=x"])  # cache mode passes validation
-    with pytest.raises(LiveModeError, match=r"'oracle_scores'.*reference.mode=cache or reference.mode=inline"):
-        live_outputs(cfg)
-
-
 @pytest.mark.integration
 def test_small_oracle_model_is_4x_smaller_and_fits_the_policy(tiny_world, tmp_path):
     """The demo's weak-to-strong starting model: the world's tokenizer and vocabulary (so the oracle

@@ -249,10 +249,6 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
-    if spec.needs_oracle_scores and r.mode == "live":
-        raise ConfigError(
-            f"method '{spec.name}' with reference.mode=live ({source}): the live reference group does not hold "
-            f"the oracle pair yet. Use reference.mode=cache (precomputed oracle scores) or reference.mode=inline.")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
 

@@ -55,19 +55,19 @@ from sparsepo.losses.pairwise import (
     sigmoid_norm_loss,
     sppo_hard_loss,
 )
-from sparsepo.losses.sepo import SePOParams, sepo_loss
+from sparsepo.losses.sepo import SePOParams, sepo_loss, sepo_selection
 from sparsepo.losses.simpo import SimPOParams, simpo_loss
 from sparsepo.losses.spo import SPOParams, spo_loss
-from sparsepo.losses.table import BASE_FIELDS, FLAG_FIELDS, METHODS, MethodSpec, combined_method, get_method
+from sparsepo.losses.table import BASE_FIELDS, FLAG_FIELDS, METHODS, SUBSTITUTE_FIELDS, MethodSpec, combined_method, get_method
 from sparsepo.losses.tdpo import TDPOParams, tdpo1_loss, tdpo2_loss
 from sparsepo.losses.types import LossInputs, LossOutput
 
 __all__ = [
-    "BASE_FIELDS", "FLAG_FIELDS", "METHODS", "MethodSpec", "get_method", "combined_method",
+    "BASE_FIELDS", "FLAG_FIELDS", "SUBSTITUTE_FIELDS", "METHODS", "MethodSpec", "get_method", "combined_method",
     "LossInputs", "LossOutput",
     "DPOParams", "dpo_loss", "IPOParams", "ipo_loss", "SimPOParams", "simpo_loss",
     "TDPOParams", "tdpo1_loss", "tdpo2_loss", "FPOParams", "fpo_loss",
-    "SePOParams", "sepo_loss", "SPOParams", "spo_loss",
+    "SePOParams", "sepo_loss", "sepo_selection", "SPOParams", "spo_loss",
     "HingeParams", "hinge_loss", "RobustParams", "robust_loss", "ExoParams", "exo_pair_loss",
     "NCAParams", "nca_pair_loss", "SPPOParams", "sppo_hard_loss", "DiscoPOPParams", "discopop_loss",
     "SigmoidNormParams", "sigmoid_norm_loss", "APOParams", "apo_zero_loss", "apo_down_loss",

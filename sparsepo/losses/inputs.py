@@ -55,7 +55,10 @@ def build_loss_inputs(spec, fwd, response_mask, ref=None, policy_features=None, 
         halves("ref_chosen_topk_logps", "ref_rejected_topk_logps", ref.topk_logps)
         halves("policy_chosen_topk_logps", "policy_rejected_topk_logps", policy_topk)
     if "oracle_scores" in needed:
-        halves("chosen_oracle_scores", "rejected_oracle_scores", ref.oracle_scores)
+        if getattr(ref, "oracle_selection", None) is not None:  # live mode: the group selected already
+            halves("chosen_oracle_selection", "rejected_oracle_selection", ref.oracle_selection)
+        else:
+            halves("chosen_oracle_scores", "rejected_oracle_scores", ref.oracle_scores)
         if eos_mask is None:
             raise ValueError(f"method '{spec.name}' needs the responses' eos positions (eos_mask); none were given")
         halves("chosen_eos_mask", "rejected_eos_mask", eos_mask)

@@ -64,6 +64,20 @@ def _selected_reward(token_logps: Tensor, selected: Tensor, mask: Tensor, gamma:
     return gamma * total
 
 
+def sepo_selection(params: SePOParams, chosen_scores: Tensor, rejected_scores: Tensor, chosen_mask: Tensor,
+                   rejected_mask: Tensor, chosen_eos: Tensor, rejected_eos: Tensor) -> tuple[Tensor, Tensor]:
+    """SePO's key tokens: the top ρ of each chosen response by oracle score and the bottom ρ of each
+    rejected one (`select_tokens` with this run's rounding, minimum, first-token and eos knobs).
+    All (B,T); returns (selected chosen, selected rejected), 0/1 in the masks' float dtype. The one
+    selection every mode uses: the loss (cache and inline modes) and the live reference group."""
+    knobs = dict(rounding=params.rounding, min_tokens=params.min_tokens, skip_first_token=params.skip_first_token)
+    sel_w = select_tokens(chosen_scores, chosen_mask, params.rho, largest=True,
+                          exclude=chosen_eos if params.exclude_eos else None, **knobs)
+    sel_l = select_tokens(rejected_scores, rejected_mask, params.rho, largest=False,
+                          exclude=rejected_eos if params.exclude_eos else None, **knobs)
+    return sel_w, sel_l
+
+
 def sepo_loss(inputs: LossInputs, params: SePOParams) -> LossOutput:
     """SePO: a reference-free contrastive loss on the oracle's key tokens only.
 
@@ -101,24 +115,31 @@ def sepo_loss(inputs: LossInputs, params: SePOParams) -> LossOutput:
 
     Reads: policy_{chosen,rejected}_token_logps (B,T); chosen_mask, rejected_mask (B,T);
     chosen_oracle_scores, rejected_oracle_scores (B,T), aligned like token_logps;
-    chosen_eos_mask, rejected_eos_mask (B,T). Only the selected tokens receive gradient. Rewards
+    chosen_eos_mask, rejected_eos_mask (B,T). In live mode the reference group has already selected
+    (`sepo_selection`) and sends only that: chosen_oracle_selection, rejected_oracle_selection (B,T)
+    stand in for the scores, and the oracle_* score metrics are left out (the scores stay on the
+    reference side). Only the selected tokens receive gradient. Rewards
     r(yw), r(yl) (B,). Metrics: selected_fraction (selected tokens / response tokens, both sides);
     oracle_{chosen,rejected}_{selected,unselected}: the mean oracle score of the selected and of the
     other response tokens, per side; eos_selected_{chosen,rejected}: the fraction of the responses
     that end in eos whose eos is selected.
     """
-    tw, tl, mw, ml, sw, sl, ew, el = inputs.require(
-        "sepo", "policy_chosen_token_logps", "policy_rejected_token_logps", "chosen_mask", "rejected_mask",
-        "chosen_oracle_scores", "rejected_oracle_scores", "chosen_eos_mask", "rejected_eos_mask")
-    knobs = dict(rounding=params.rounding, min_tokens=params.min_tokens, skip_first_token=params.skip_first_token)
-    sel_w = select_tokens(sw, mw, params.rho, largest=True, exclude=ew if params.exclude_eos else None, **knobs)
-    sel_l = select_tokens(sl, ml, params.rho, largest=False, exclude=el if params.exclude_eos else None, **knobs)
+    tw, tl, mw, ml = inputs.require(
+        "sepo", "policy_chosen_token_logps", "policy_rejected_token_logps", "chosen_mask", "rejected_mask")
+    if inputs.chosen_oracle_selection is not None and inputs.rejected_oracle_selection is not None:
+        # live mode: the reference group selected with `sepo_selection` and sent only the selection
+        sel_w, sel_l, sw, sl = inputs.chosen_oracle_selection, inputs.rejected_oracle_selection, None, None
+        ew, el = inputs.require("sepo", "chosen_eos_mask", "rejected_eos_mask")
+    else:
+        sw, sl, ew, el = inputs.require("sepo", "chosen_oracle_scores", "rejected_oracle_scores",
+                                        "chosen_eos_mask", "rejected_eos_mask")
+        sel_w, sel_l = sepo_selection(params, sw, sl, mw, ml, ew, el)
     chosen = _selected_reward(tw, sel_w, mw, params.gamma, params.normalise)
     rejected = _selected_reward(tl, sel_l, ml, params.gamma, params.normalise)
     response_tokens = (mw != 0).sum() + (ml != 0).sum()
     fraction = (sel_w.sum() + sel_l.sum()) / response_tokens.clamp(min=1)
     scores = {}
-    for side, s, sel, m in (("chosen", sw, sel_w, mw), ("rejected", sl, sel_l, ml)):
+    for side, s, sel, m in (("chosen", sw, sel_w, mw), ("rejected", sl, sel_l, ml)) if sw is not None else ():
         rest = (m != 0).to(sel.dtype) - sel
         scores[f"oracle_{side}_selected"] = _overall_mean(s, sel)
         scores[f"oracle_{side}_unselected"] = _overall_mean(s, rest)

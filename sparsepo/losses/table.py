@@ -70,6 +70,10 @@ FLAG_FIELDS: dict[str, tuple[str, ...]] = {
 }
 """The optional LossInputs fields each flag promises. A loss reads every field its flags promise and
 no optional field they do not (tests/test_losses.py checks both directions)."""
+SUBSTITUTE_FIELDS: dict[str, str] = {"chosen_oracle_scores": "chosen_oracle_selection",
+                                     "rejected_oracle_scores": "rejected_oracle_selection"}
+"""Promised fields that another field may stand in for: live mode hands SePO the oracle's selection
+(made by the reference group with `sepo.sepo_selection`), not its scores."""
 
 
 @dataclass(frozen=True)

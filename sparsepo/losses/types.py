@@ -65,6 +65,11 @@ class LossInputs:
     """(B,T) SePO token scores r_t = log π_oracle(y_t) − log π_oracle_ref(y_t), aligned like token_logps."""
     rejected_oracle_scores: Tensor | None = None
     """(B,T)"""
+    chosen_oracle_selection: Tensor | None = None
+    """(B,T) float 0/1: the oracle's key tokens, selected on the reference side (live mode sends only
+    this, `sepo.sepo_selection`); stands in for chosen_oracle_scores (`table.SUBSTITUTE_FIELDS`)."""
+    rejected_oracle_selection: Tensor | None = None
+    """(B,T)"""
     chosen_eos_mask: Tensor | None = None
     """(B,T) float 0/1: 1 where the chosen response's token is eos (its end; none when truncated)."""
     rejected_eos_mask: Tensor | None = None

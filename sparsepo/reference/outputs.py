@@ -13,7 +13,23 @@ import torch
 
 # field -> whether it is per token (T axis, stored response-only) or per sequence
 _PER_TOKEN = {"token_logps": True, "topk_ids": True, "topk_logps": True, "oracle_scores": True,
-              "seq_logps": False, "feature_ids": False, "feature_values": False}
+              "oracle_selection": True, "seq_logps": False, "feature_ids": False, "feature_values": False}
+_BITS = {"oracle_selection"}
+"""0/1 per-token fields a record holds bit-packed (`pack_bits`): bytes, 1 bit per response token."""
+_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(flags: torch.Tensor) -> bytes:
+    """(n,) 0/1 -> ceil(n/8) bytes, token i in bit i % 8 of byte i // 8."""
+    bits = torch.zeros(-(-flags.numel() // 8) * 8, dtype=torch.uint8)
+    bits[:flags.numel()] = (flags.reshape(-1) != 0).to(torch.uint8)
+    return bytes((bits.view(-1, 8) * _WEIGHTS).sum(-1, dtype=torch.uint8).tolist())
+
+
+def unpack_bits(packed: bytes, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: (n,) bool."""
+    raw = torch.tensor(list(packed), dtype=torch.uint8)
+    return ((raw.unsqueeze(-1) & _WEIGHTS) != 0).reshape(-1)[:n]
 
 
 class MisalignedOutputs(RuntimeError):
@@ -30,6 +46,7 @@ class ReferenceOutputs:
     feature_ids: torch.Tensor | None = None  # (2B,k) long, FPO pooled SAE top-k
     feature_values: torch.Tensor | None = None  # (2B,k)
     oracle_scores: torch.Tensor | None = None  # (2B,T) SePO oracle token rewards
+    oracle_selection: torch.Tensor | None = None  # (2B,T) 0/1 SePO key tokens (live mode; bit-packed in records)
 
     def present(self) -> list[str]:
         return [f.name for f in fields(self) if f.name != "example_ids" and getattr(self, f.name) is not None]
@@ -43,7 +60,8 @@ class ReferenceOutputs:
             value = getattr(self, name).detach().cpu()
             for i in range(b):
                 rows = (i, b + i)
-                records[i][name] = [value[r][mask[r]].clone() if _PER_TOKEN[name] else value[r].clone()
+                records[i][name] = [pack_bits(value[r][mask[r]]) if name in _BITS
+                                    else value[r][mask[r]].clone() if _PER_TOKEN[name] else value[r].clone()
                                     for r in rows]
         return records
 
@@ -60,6 +78,8 @@ class ReferenceOutputs:
             rows = [records[i][name][0] for i in range(b)] + [records[i][name][1] for i in range(b)]
             if _PER_TOKEN[name]:
                 lengths = mask.sum(-1).tolist()
+                if name in _BITS:
+                    rows = _unpack_rows(name, rows, lengths, example_ids, response_mask.dtype)
                 for r, (row, n) in enumerate(zip(rows, lengths)):
                     if row.shape[0] != n:
                         side = "chosen" if r < b else "rejected"
@@ -73,3 +93,15 @@ class ReferenceOutputs:
                 full = torch.stack(rows)
             setattr(out, name, full.to(device))
         return out
+
+
+def _unpack_rows(name: str, rows: list[bytes], lengths: list[int], example_ids: list[str], dtype) -> list[torch.Tensor]:
+    b = len(example_ids)
+    out = []
+    for r, (packed, n) in enumerate(zip(rows, lengths)):
+        if len(packed) != -(-n // 8):
+            side = "chosen" if r < b else "rejected"
+            raise MisalignedOutputs(f"reference {name} for example {example_ids[r % b]} ({side}) has {len(packed)} "
+                                    f"bytes but the batch has {n} response tokens ({-(-n // 8)} bytes)")
+        out.append(unpack_bits(packed, n).to(dtype if dtype.is_floating_point else torch.float32))
+    return out

@@ -10,6 +10,12 @@ SPO: nothing is walked ahead; each policy micro-step sends its samples and KL su
 REQUEST (to the serving replica's first and last stage), the pipeline scores them (``score`` with
 ``request_ids``) and the last stage answers with OUTPUTS, in the schedule's rounds.
 
+SePO: the group holds the oracle pair instead of the reference (two pipelines over the same stage
+ranks, `sparsepo.reference.oracle_live`), after the same oracle check as cache and inline modes
+(`oracle_manifest`: tokenizer and vocabulary, before any model is loaded); it writes r_t through to
+the cache and sends each batch's key tokens (`sepo_selection`), bit-packed (the policy logs the
+bytes per pair it received: `LiveSource.finish`).
+
 FPO: the pipeline carries decoder layer `sae.layer`'s output to the last stage, which alone loads
 the SAE (`sparsepo.sae.runtime.load_for_run`, checked against the reference model like every mode)
 and serves the pooled top-k feature ids/values; the cache key includes the SAE fingerprint, layer
@@ -42,10 +48,12 @@ class LiveModeError(ValueError):
 
 def live_fields(cfg) -> tuple[str, ...]:
     """What the pipeline reference group can serve for this run: the logit outputs, plus the SAE
-    feature top-k when an SAE is configured (sae.path)."""
+    feature top-k when an SAE is configured (sae.path), plus SePO's oracle scores (sent as the
+    selection) when an oracle pair is (reference.oracle)."""
+    from sparsepo.reference.oracle import ORACLE_FIELDS
     from sparsepo.reference.scoring import FEATURE_FIELDS, SCORE_FIELDS
 
-    return SCORE_FIELDS + (FEATURE_FIELDS if cfg.sae.path else ())
+    return SCORE_FIELDS + (FEATURE_FIELDS if cfg.sae.path else ()) + (ORACLE_FIELDS if cfg.reference.oracle else ())
 
 
 def live_outputs(cfg) -> tuple[str, ...]:
@@ -60,6 +68,18 @@ def live_outputs(cfg) -> tuple[str, ...]:
                             f"reference group serves {served}{hint}. Use reference.mode=cache or reference.mode=inline "
                             f"for it.")
     return outputs
+
+
+def live_model_paths(cfg) -> list[str]:
+    """The models the group will hold: the reference, or SePO's oracle pair — read from oracle.json
+    and checked against the policy's tokenizer and vocabulary (`oracle_manifest`, the check every
+    mode runs) before anything is loaded or scored."""
+    if "oracle_scores" in live_outputs(cfg):
+        from sparsepo.reference.oracle import oracle_manifest
+
+        manifest = oracle_manifest(cfg)
+        return [manifest.oracle, manifest.reference]
+    return [offline.reference_path(cfg)]
 
 
 def uses_features(outputs: tuple[str, ...]) -> bool:
@@ -124,11 +144,20 @@ def serve(cfg, plan, bridge) -> None:
 
     samples = get_method(cfg.method.name).needs_policy_samples
     sample_outputs = sample_fields(cfg) if samples else ()
-    scorer = PipelineScorer.from_pretrained(
-        ref_path, num_stages=topo.num_stages, precision=cfg.train.precision, outputs=outputs,
-        topk=cfg.reference.topk if "topk_ids" in outputs + sample_outputs else None,
-        feature_layer=cfg.sae.layer if features else None, features=load_features if features else None,
-        requests=samples)
+    if "oracle_scores" in outputs:  # SePO: the oracle pair, checked like every mode checks it, before loading
+        from sparsepo.reference.oracle import oracle_manifest
+        from sparsepo.reference.oracle_live import OraclePipelines, selection_records
+
+        scorer = OraclePipelines.build(oracle_manifest(cfg), num_stages=topo.num_stages, precision=cfg.train.precision)
+        wire = lambda batch, records: selection_records(cfg.method.params, batch, records,  # noqa: E731
+                                                        tokenizer.eos_token_id)
+    else:
+        scorer = PipelineScorer.from_pretrained(
+            ref_path, num_stages=topo.num_stages, precision=cfg.train.precision, outputs=outputs,
+            topk=cfg.reference.topk if "topk_ids" in outputs + sample_outputs else None,
+            feature_layer=cfg.sae.layer if features else None, features=load_features if features else None,
+            requests=samples)
+        wire = lambda batch, records: records  # noqa: E731
     if scorer.replica_index != role.replica or scorer.stage_id != role.stage:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "
                            f"{scorer.replica_index}, topology says stage {role.stage} replica {role.replica}")
@@ -164,7 +193,7 @@ def serve(cfg, plan, bridge) -> None:
             out = scorer.score(batch)
             records = out.to_records(batch.response_mask) if role.is_last_stage else None
         if role.is_last_stage:
-            outbox.send(policy_ranks[slot.policy_rank], br.OUTPUTS, list(batch.example_ids), records)
+            outbox.send(policy_ranks[slot.policy_rank], br.OUTPUTS, list(batch.example_ids), wire(batch, records))
             scored.update(zip(batch.example_ids, records))
     outbox.flush()
     indexed = _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)

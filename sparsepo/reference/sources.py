@@ -114,6 +114,7 @@ class LiveSource:
         self.serves_pairs = serves_pairs
         self.next_seq = 0
         self.last_served = "none yet"
+        self.bytes_received = self.pairs_received = 0  # OUTPUTS for pair batches (SePO: the bit-packed selection)
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> list[str]:
         """SPO: send the samples and the support ids to the replica's first and last stage (REQUEST);
@@ -133,6 +134,8 @@ class LiveSource:
         if not self.serves_pairs:  # SPO: nothing on the pairs, only on request
             return None
         msg = self._next(list(batch.example_ids))
+        self.bytes_received += msg.nbytes
+        self.pairs_received += len(msg.example_ids)
         return ReferenceOutputs.from_records(batch.example_ids, msg.records, batch.response_mask, self.device)
 
     def _next(self, example_ids: list[str]):
@@ -161,6 +164,9 @@ class LiveSource:
         done = br.broadcast(self.bridge, None, src=self.finish_src)
         if not isinstance(done, br.Finish):
             raise MisalignedOutputs(f"reference group ended with {done!r}, not a Finish message")
+        if self.pairs_received:
+            log.info("bridge: reference outputs for %d pairs received, %d bytes (%.1f bytes/pair)",
+                     self.pairs_received, self.bytes_received, self.bytes_received / self.pairs_received)
         return done
 
 
