@@ -240,3 +240,14 @@ def test_config_refuses_a_knob_naming_the_key(method, key, value, word):
         config_from_dict({"method": {"name": method, key: value}})
     accepted = config_from_dict({"method": {"name": "ipo", "h": "sequence", "ld_alpha": 0.5, "wpo_weighting": True}})
     assert accepted.method.params == IPOParams(h="sequence", ld_alpha=0.5, wpo_weighting=True)
+
+
+def test_config_keys_document_the_inherited_knobs():
+    """`sparsepo config keys` reads field docstrings from source: a knob's comes from its mixin, the
+    row's own fields keep theirs."""
+    from sparsepo.config.keys import field_docs
+    from sparsepo.losses import HingeParams
+
+    docs = field_docs(HingeParams)
+    assert docs["ld_alpha"].startswith("α of LD-DPO") and docs["wpo_weighting"].startswith("WPO")
+    assert docs["sft_weight"].startswith("α of RPO") and docs["beta"].startswith("β: the hinge")
