@@ -87,3 +87,36 @@ def optional_fields(spec):
 
 def policy_fields(spec):
     return [name for name in spec.required_fields if name.startswith("policy_")]
+
+
+# Knob examples (DPO's in test_losses_dpo_knobs.py, the other rows' in test_losses_pair_knobs.py)
+def rows(T, spans_values):
+    """(mask, tokens) (B,T) from one [(start, values), ...] per row: the response's tokens at start.. ."""
+    mask, tokens = torch.zeros(len(spans_values), T, dtype=F64), torch.zeros(len(spans_values), T, dtype=F64)
+    for i, (start, values) in enumerate(spans_values):
+        mask[i, start:start + len(values)] = 1
+        tokens[i, start:start + len(values)] = t(values)
+    return mask, tokens
+
+
+def ld_inputs():
+    """Two pairs, T=6; responses start mid-row (the public length counts response tokens, not positions)."""
+    mw, pw = rows(6, [(2, [-1, -2, -3]), (1, [-0.5, -0.5])])
+    _, rw = rows(6, [(2, [-1, -1, -1]), (1, [-1, -1])])
+    ml, pl = rows(6, [(1, [-1, -1]), (1, [-1, -1, -2, -2])])
+    _, rl = rows(6, [(1, [-2, -2]), (1, [-1, -1, -1, -1])])
+    return dict(policy_chosen_logps=pw.sum(-1), policy_rejected_logps=pl.sum(-1), ref_chosen_logps=rw.sum(-1),
+                ref_rejected_logps=rl.sum(-1), policy_chosen_token_logps=pw, policy_rejected_token_logps=pl,
+                ref_chosen_token_logps=rw, ref_rejected_token_logps=rl, chosen_mask=mw, rejected_mask=ml)
+
+
+def wpo_inputs():
+    """The DPO hand example's sequence log-probs (z = 0.4 and 0) with token log-probs and log Σp² chosen
+    for round weights."""
+    mw, tw = rows(3, [(1, [math.log(0.5), math.log(0.5)]), (1, [math.log(0.9)])])
+    ml, tl = rows(3, [(1, [math.log(0.25)]), (1, [math.log(0.9)])])
+    _, sw = rows(3, [(1, [math.log(0.5), math.log(0.5)]), (1, [math.log(0.82)])])
+    _, sl = rows(3, [(1, [math.log(0.5)]), (1, [math.log(0.82)])])
+    return dict(policy_chosen_logps=t([-10, -5]), policy_rejected_logps=t([-15, -5]), ref_chosen_logps=t([-12, -5]),
+                ref_rejected_logps=t([-13, -5]), policy_chosen_token_logps=tw, policy_rejected_token_logps=tl,
+                policy_chosen_log_sq_mass=sw, policy_rejected_log_sq_mass=sl, chosen_mask=mw, rejected_mask=ml)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loss_fields import F64, PARAMS, TOL, inputs_for, optional_fields, random_fields, t
+from loss_fields import F64, PARAMS, TOL, inputs_for, ld_inputs, optional_fields, random_fields, t, wpo_inputs
 from sparsepo.config import ConfigError, RunConfig, config_from_dict
 from sparsepo.losses import METHODS, DPOParams, LossInputs, dpo_loss, get_method
 from sparsepo.losses.common import log_sq_mass, token_logps_from_logits
@@ -24,26 +24,6 @@ from sparsepo.reference.outputs import ReferenceOutputs
 pytestmark = pytest.mark.unit
 LD = DPOParams(ld_alpha=0.5)
 WPO = DPOParams(wpo_weighting=True)
-
-
-def rows(T, spans_values):
-    """(mask, tokens) (B,T) from one [(start, values), ...] per row: the response's tokens at start.. ."""
-    mask, tokens = torch.zeros(len(spans_values), T, dtype=F64), torch.zeros(len(spans_values), T, dtype=F64)
-    for i, (start, values) in enumerate(spans_values):
-        mask[i, start:start + len(values)] = 1
-        tokens[i, start:start + len(values)] = t(values)
-    return mask, tokens
-
-
-def ld_inputs():
-    """Two pairs, T=6; responses start mid-row (the public length counts response tokens, not positions)."""
-    mw, pw = rows(6, [(2, [-1, -2, -3]), (1, [-0.5, -0.5])])
-    _, rw = rows(6, [(2, [-1, -1, -1]), (1, [-1, -1])])
-    ml, pl = rows(6, [(1, [-1, -1]), (1, [-1, -1, -2, -2])])
-    _, rl = rows(6, [(1, [-2, -2]), (1, [-1, -1, -1, -1])])
-    return dict(policy_chosen_logps=pw.sum(-1), policy_rejected_logps=pl.sum(-1), ref_chosen_logps=rw.sum(-1),
-                ref_rejected_logps=rl.sum(-1), policy_chosen_token_logps=pw, policy_rejected_token_logps=pl,
-                ref_chosen_token_logps=rw, ref_rejected_token_logps=rl, chosen_mask=mw, rejected_mask=ml)
 
 
 def test_ld_dpo_by_hand():
@@ -95,18 +75,6 @@ def test_ld_on_equal_lengths_is_dpo_and_alpha_only_scales_the_excess(alpha):
     after = dpo_loss(LossInputs(**moved), DPOParams(ld_alpha=alpha)).losses
     assert after[1] == before[1]
     assert (after[0] == before[0]) == (alpha == 0.0)
-
-
-def wpo_inputs():
-    """The DPO hand example's sequence log-probs (z = 0.4 and 0) with token log-probs and log Σp² chosen
-    for round weights."""
-    mw, tw = rows(3, [(1, [math.log(0.5), math.log(0.5)]), (1, [math.log(0.9)])])
-    ml, tl = rows(3, [(1, [math.log(0.25)]), (1, [math.log(0.9)])])
-    _, sw = rows(3, [(1, [math.log(0.5), math.log(0.5)]), (1, [math.log(0.82)])])
-    _, sl = rows(3, [(1, [math.log(0.5)]), (1, [math.log(0.82)])])
-    return dict(policy_chosen_logps=t([-10, -5]), policy_rejected_logps=t([-15, -5]), ref_chosen_logps=t([-12, -5]),
-                ref_rejected_logps=t([-13, -5]), policy_chosen_token_logps=tw, policy_rejected_token_logps=tl,
-                policy_chosen_log_sq_mass=sw, policy_rejected_log_sq_mass=sl, chosen_mask=mw, rejected_mask=ml)
 
 
 def test_wpo_by_hand():
@@ -240,9 +208,10 @@ def test_build_loss_inputs_fills_the_knobs_fields():
 
 @pytest.mark.parametrize("method,key,value", [
     ("dpo", "ld_alpha", 1.5), ("dpo", "ld_alpha", -0.1), ("dpo", "ld_alpha", "nan"), ("dpo", "wpo_weighting", 1),
-    ("hinge", "ld_alpha", 0.5), ("simpo", "wpo_weighting", True), ("ipo", "ld_alpha", 0.5)])
+    ("aot", "wpo_weighting", True), ("simpo", "wpo_weighting", True), ("ipo", "ld_alpha", 0.5)])
 def test_bad_knobs_are_refused_naming_the_key(method, key, value):
-    """Out of range on DPO, or set on a row that does not take it (an unknown key of that row)."""
+    """Out of range on DPO, or set on a row that does not take it (an unknown key of that row; IPO's
+    default h=token_mean refuses ld_alpha by value). The other rows: tests/test_losses_pair_knobs.py."""
     with pytest.raises(ConfigError, match=key):
         config_from_dict({"method": {"name": method, key: value}})
     assert config_from_dict({"method": {"name": "dpo", "ld_alpha": 0.5, "wpo_weighting": True}}).method.params == \

@@ -6,9 +6,10 @@ at both steps.
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_losses_train.py
 
 The DPO-family rows share one reference cache (they ask the reference for the same outputs, so the
-cache's fingerprint is the same); cpo, orpo and sft are reference-free and build none. DPO's
-`ld_alpha` also asks for the reference's token log-probs: its cache has another key, so its own
-directory (a cache directory holds one key); it trains inline too.
+cache's fingerprint is the same); cpo, orpo and sft are reference-free and build none. `ld_alpha`
+(DPO's, and nca_pair's as a row beside DPO that takes the knobs) also asks for the reference's token
+log-probs: its cache has another key, so its own directory (a cache directory holds one key); DPO's
+trains inline too.
 """
 
 import json
@@ -26,7 +27,8 @@ STEPS = 2
 ROWS = [("hinge",), ("robust",), ("exo_pair",), ("nca_pair",), ("bco_pair",), ("sppo_hard",), ("aot",),
         ("aot_pair",), ("apo_zero",), ("apo_down",), ("discopop",), ("sigmoid_norm",), ("cpo",), ("orpo",),
         ("sft",), ("dpo", "method.sft_weight=0.5"), ("simpo", "method.gamma_beta_ratio=0.25"),
-        (["dpo", "sft"], "method.weights=[1.0,0.1]"), ("dpo", "method.ld_alpha=0.5"), ("dpo", "method.wpo_weighting=true")]
+        (["dpo", "sft"], "method.weights=[1.0,0.1]"), ("dpo", "method.ld_alpha=0.5"), ("dpo", "method.wpo_weighting=true"),
+        ("nca_pair", "method.ld_alpha=0.5", "method.wpo_weighting=true")]
 LD = "method.ld_alpha=0.5"
 
 

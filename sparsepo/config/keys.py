@@ -14,7 +14,15 @@ from sparsepo.config.sections import _CHOICES, RunConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """field name -> the docstring written under it in `cls`'s body ('' when there is none)."""
+    """field name -> the docstring written under it in `cls`'s body, or in the body of the base that
+    declares it (a method's knob mixins, `losses/knobs.py`); '' when there is none."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):  # the bases first, so a subclass's own docstring wins
+        docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

@@ -3,6 +3,8 @@ baseline (BCO), instead of only through the pair's difference.
 
 Each reads the four sequence log-probs (B,); a = log πθ(yw) − log πref(yw), b = the same for yl,
 Δ = a − b. Rewards are β·a, β·b (TRL's convention). Formulas match TRL's `DPOTrainer` loss types.
+The knobs of `knobs.py` act through `knobs.sequence_logps` / `pair_logratios` and
+`knobs.output_with_knobs`; APO and BCO take all three of `PairKnobs`, AOT all but `wpo_weighting`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sparsepo.losses.common import check, make_output, sigmoid_loss
-from sparsepo.losses.pairwise import pair_logratios
+from sparsepo.losses.common import check, sigmoid_loss
+from sparsepo.losses.knobs import (CDPOKnob, LDKnob, PairKnobs, SFTKnob, output_with_knobs, pair_logratios,
+                                   sequence_logps)
 from sparsepo.losses.types import LossInputs, LossOutput
 
 
 @dataclass(kw_only=True)
-class APOParams:
+class APOParams(PairKnobs):
     beta: float = 0.1
     """β: scale of the log-ratios inside the sigmoids (TRL default 0.1)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.beta > 0, "APOParams", f"beta must be > 0 (got {self.beta})")
 
 
@@ -35,9 +39,9 @@ def apo_zero_loss(inputs: LossInputs, params: APOParams) -> LossOutput:
     Addressing Underspecification in Alignment" (arXiv 2408.06266), Eq. 7; TRL `apo_zero`. For when
     the chosen responses are better than the model's own outputs. Default β=0.1.
     """
-    a, b = pair_logratios(inputs, "apo_zero")
+    a, b = pair_logratios(inputs, params, "apo_zero")
     losses = (1.0 - torch.sigmoid(params.beta * a)) + torch.sigmoid(params.beta * b)
-    return make_output(losses, params.beta * a, params.beta * b)
+    return output_with_knobs(inputs, params, "apo_zero", losses, params.beta * a, params.beta * b)
 
 
 def apo_down_loss(inputs: LossInputs, params: APOParams) -> LossOutput:
@@ -49,16 +53,16 @@ def apo_down_loss(inputs: LossInputs, params: APOParams) -> LossOutput:
     responses are worse than the model's own outputs: the first term pushes the chosen log-ratio
     down, so raising the chosen likelihood alone can raise this loss (by design). Default β=0.1.
     """
-    a, b = pair_logratios(inputs, "apo_down")
+    a, b = pair_logratios(inputs, params, "apo_down")
     losses = torch.sigmoid(params.beta * a) + (1.0 - torch.sigmoid(params.beta * (a - b)))
-    return make_output(losses, params.beta * a, params.beta * b)
+    return output_with_knobs(inputs, params, "apo_down", losses, params.beta * a, params.beta * b)
 
 
 BASELINES = ("batch_mean", "none")
 
 
 @dataclass(kw_only=True)
-class BCOParams:
+class BCOParams(PairKnobs):
     beta: float = 0.1
     """β: scale of the rewards r = β·(log πθ − log πref) (TRL default 0.1)."""
     baseline: str = "batch_mean"
@@ -67,6 +71,7 @@ class BCOParams:
     what TRL's `bco_pair` does since its DPO refactor (#3906)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.beta > 0, "BCOParams", f"beta must be > 0 (got {self.beta})")
         check(self.baseline in BASELINES, "BCOParams",
               f"baseline must be one of {', '.join(BASELINES)} (got {self.baseline!r})")
@@ -84,27 +89,28 @@ def bco_pair_loss(inputs: LossInputs, params: BCOParams) -> LossOutput:
     micro-batch uses its own mean; TRL's running mean of per-step means agrees only on step 1), or 0
     (`baseline="none"`). Defaults β=0.1, baseline="batch_mean".
     """
-    a, b = pair_logratios(inputs, "bco_pair")
+    a, b = pair_logratios(inputs, params, "bco_pair")
     rw, rl = params.beta * a, params.beta * b
     if params.baseline == "batch_mean":
         delta = torch.cat([rw, rl]).mean().detach()
     else:
         delta = torch.zeros((), dtype=rw.dtype, device=rw.device)
     losses = -F.logsigmoid(rw - delta) - F.logsigmoid(-(rl - delta))
-    return make_output(losses, rw, rl, reward_baseline=delta)
+    return output_with_knobs(inputs, params, "bco_pair", losses, rw, rl, reward_baseline=delta)
 
 
 @dataclass(kw_only=True)
-class AOTParams:
+class AOTParams(LDKnob, SFTKnob, CDPOKnob):
+    """β, label_smoothing (cDPO on the sorted margins, as TRL's AOT), ld_alpha and sft_weight. No
+    wpo_weighting: AOT's losses are order statistics of the micro-batch, not pairs, so a pair's
+    weight has no loss to multiply (the key is refused as unknown)."""
+
     beta: float = 0.1
     """β of DPO (TRL default 0.1)."""
-    label_smoothing: float = 0.0
-    """ε of cDPO applied to the sorted margins, in [0, 0.5) (TRL's AOT uses the same label smoothing)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.beta > 0, "AOTParams", f"beta must be > 0 (got {self.beta})")
-        check(0.0 <= self.label_smoothing < 0.5, "AOTParams",
-              f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
 
 
 def aot_loss(inputs: LossInputs, params: AOTParams) -> LossOutput:
@@ -121,11 +127,11 @@ def aot_loss(inputs: LossInputs, params: AOTParams) -> LossOutput:
     step), so losses[i] belongs to the i-th order statistic, not to pair i, and only their mean is
     meaningful. Larger micro-batches match finer quantiles; with B=1 it is DPO (cDPO with ε).
     """
-    pw, pl, rw, rl = inputs.require("aot", "policy_chosen_logps", "policy_rejected_logps",
-                                    "ref_chosen_logps", "ref_rejected_logps")
+    pw, pl, rw, rl = sequence_logps(inputs, params, "aot")
     u, _ = torch.sort(pw - pl)
     v, _ = torch.sort(rw - rl)
-    return make_output(sigmoid_loss(params.beta * (u - v), params.label_smoothing), params.beta * (pw - rw), params.beta * (pl - rl))
+    losses = sigmoid_loss(params.beta * (u - v), params.label_smoothing)
+    return output_with_knobs(inputs, params, "aot", losses, params.beta * (pw - rw), params.beta * (pl - rl))
 
 
 def aot_pair_loss(inputs: LossInputs, params: AOTParams) -> LossOutput:
@@ -137,7 +143,8 @@ def aot_pair_loss(inputs: LossInputs, params: AOTParams) -> LossOutput:
     `aot_unpaired` in TRL (#5038). Rewards β·a, β·b per pair (unsorted). Defaults β=0.1, ε=0.
     Batch-coupled like `aot_loss` (sorting within one micro-batch); with B=1 it is DPO too.
     """
-    a, b = pair_logratios(inputs, "aot_pair")
+    a, b = pair_logratios(inputs, params, "aot_pair")
     a_sorted, _ = torch.sort(a)
     b_sorted, _ = torch.sort(b)
-    return make_output(sigmoid_loss(params.beta * (a_sorted - b_sorted), params.label_smoothing), params.beta * a, params.beta * b)
+    losses = sigmoid_loss(params.beta * (a_sorted - b_sorted), params.label_smoothing)
+    return output_with_knobs(inputs, params, "aot_pair", losses, params.beta * a, params.beta * b)

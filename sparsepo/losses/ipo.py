@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsepo.losses.common import check, make_output, response_lengths
+from sparsepo.losses.common import check, response_lengths
+from sparsepo.losses.knobs import PairKnobs, output_with_knobs, pair_logratios
 from sparsepo.losses.types import LossInputs, LossOutput
 
 
@@ -13,7 +14,12 @@ H_READINGS = ("token_mean", "sequence")
 
 
 @dataclass(kw_only=True)
-class IPOParams:
+class IPOParams(PairKnobs):
+    """β, h, and the knobs of `knobs.PairKnobs`: wpo_weighting and sft_weight with either h;
+    ld_alpha only with h="sequence". The token mean already takes the length out of each log-ratio,
+    and LD-DPO (arXiv 2409.06411) is defined on sequence sums: discounting the excess tokens inside
+    a mean that still counts them is a reading no paper gives, so h="token_mean" refuses ld_alpha."""
+
     beta: float = 0.1
     """β (the paper's τ): regularisation strength; the loss pulls h towards 1/(2β)."""
     h: str = "token_mean"
@@ -21,8 +27,12 @@ class IPOParams:
     "sequence" (the paper's Eq. 17: summed log-ratios, so 1/(2β) is a per-sequence target)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.beta > 0, "IPOParams", f"beta must be > 0 (got {self.beta})")
         check(self.h in H_READINGS, "IPOParams", f"h must be one of {', '.join(H_READINGS)} (got {self.h!r})")
+        check(not (self.desensitised and self.h == "token_mean"), "IPOParams",
+              f"ld_alpha={self.ld_alpha} needs h=sequence: LD-DPO discounts tokens of sequence sums, and h=token_mean "
+              f"averages per token already; set h=sequence (the paper's Eq. 17) or leave ld_alpha null")
 
 
 def ipo_loss(inputs: LossInputs, params: IPOParams) -> LossOutput:
@@ -35,16 +45,17 @@ def ipo_loss(inputs: LossInputs, params: IPOParams) -> LossOutput:
     sequence log-ratios (`h="sequence"`); by default, like TRL's `ipo`, we average them per token
     (|y| = mask.sum(-1)), which makes 1/(2β) a per-token target independent of response length.
     Default β=0.1. The logged rewards follow the same reading: per-token averaged by default (TRL's
-    dashboards show summed ones), summed with `h="sequence"`.
+    dashboards show summed ones), summed with `h="sequence"`. With h="sequence", ld_alpha replaces
+    the sums by LD-DPO's (`knobs.pair_logratios`); wpo_weighting and sft_weight act on the loss
+    (`knobs.output_with_knobs`).
 
     Reads: policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,);
     chosen_mask, rejected_mask (B,T) for |y|. Rewards: β·(log πθ(y) − log πref(y))/|y|, (B,).
     """
-    pw, pl, rw, rl, mw, ml = inputs.require("ipo", "policy_chosen_logps", "policy_rejected_logps",
-                                            "ref_chosen_logps", "ref_rejected_logps",
-                                            "chosen_mask", "rejected_mask")
+    a, b = pair_logratios(inputs, params, "ipo")
+    mw, ml = inputs.require("ipo", "chosen_mask", "rejected_mask")
     per_token = params.h == "token_mean"
-    chosen_ratio = (pw - rw) / response_lengths(mw) if per_token else pw - rw
-    rejected_ratio = (pl - rl) / response_lengths(ml) if per_token else pl - rl
+    chosen_ratio = a / response_lengths(mw) if per_token else a
+    rejected_ratio = b / response_lengths(ml) if per_token else b
     losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * params.beta)) ** 2
-    return make_output(losses, params.beta * chosen_ratio, params.beta * rejected_ratio)
+    return output_with_knobs(inputs, params, "ipo", losses, params.beta * chosen_ratio, params.beta * rejected_ratio)

@@ -1,23 +1,112 @@
-"""Two knobs on DPO's sequence log-probs: LD-DPO's length desensitisation and WPO's pair weights.
+"""Knobs that apply across the rows built on the pair's sequence log-ratios (the issue #12 follow-up):
+RPO's NLL (`sft_weight`), LD-DPO's length desensitisation (`ld_alpha`), WPO's pair weights
+(`wpo_weighting`) and cDPO's label smoothing (`label_smoothing`, sigmoid rows only).
 
-Pure functions of the per-token tensors (B,T) and masks (B,T) of `types.LossInputs`; `dpo.dpo_loss`
-applies them (`DPOParams.ld_alpha`, `DPOParams.wpo_weighting`), and `DPOParams.input_needs` tells the
-table which extra inputs they read, so with both knobs off nothing extra is computed or served.
+Each knob is a dataclass mixin holding its field: a row takes a knob by inheriting its mixin, and a
+row that does not refuses the key as unknown (`method.<key>`). All of them are validated in one
+function (`check_knobs`, run by every row's `__post_init__` through `super()`), say in one method
+which extra inputs they read (`Knobs.input_needs`, read by `table.get_method(name, params)`, so
+with every knob off nothing extra is computed or served), and are applied in two places every row
+goes through: `sequence_logps` / `pair_logratios` (LD-DPO, where a row reads the pair's sequence
+log-probs) and `output_with_knobs` (WPO's weight and RPO's NLL, where it returns). The maths are
+pure functions of the per-token tensors (B,T) and masks (B,T) of `types.LossInputs`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from sparsepo.losses.common import masked_mean, masked_sum
-from sparsepo.losses.types import LossInputs
+from sparsepo.losses.common import check, chosen_nll, make_output, masked_mean, masked_sum
+from sparsepo.losses.types import LossInputs, LossOutput
 
-LD_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-             "policy_chosen_token_logps", "policy_rejected_token_logps",
+PAIR = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+LD_FIELDS = (*PAIR, "policy_chosen_token_logps", "policy_rejected_token_logps",
              "ref_chosen_token_logps", "ref_rejected_token_logps", "chosen_mask", "rejected_mask")
 WPO_FIELDS = ("policy_chosen_token_logps", "policy_rejected_token_logps",
               "policy_chosen_log_sq_mass", "policy_rejected_log_sq_mass", "chosen_mask", "rejected_mask")
+
+
+class Knobs:
+    """Base of the knob mixins (no fields of its own): checks whichever knobs the row has, and
+    names the inputs they add. A row's own `__post_init__` calls `super().__post_init__()`."""
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
+
+    @property
+    def desensitised(self) -> bool:
+        """LD-DPO is on: the row takes ld_alpha, and it is set and not 1."""
+        alpha = getattr(self, "ld_alpha", None)
+        return alpha is not None and alpha != 1.0
+
+    def input_needs(self) -> dict[str, bool]:
+        """The table flags these knobs add to the row (`table.get_method(name, params)`): nothing when
+        they are off, so the row computes and serves exactly what it does without them."""
+        wpo = bool(getattr(self, "wpo_weighting", False))
+        return {"needs_token_logps": self.desensitised or wpo, "needs_ref_token_logps": self.desensitised,
+                "needs_sq_mass": wpo}
+
+
+@dataclass(kw_only=True)
+class SFTKnob(Knobs):
+    sft_weight: float = 0.0
+    """α of RPO: weight of the chosen response's per-token NLL, −log πθ(yw)/|yw|, added to each pair's
+    loss (RPO, Pang et al. 2024, arXiv 2404.19733: 1; TRL's `rpo_alpha`). 0 is the row without it."""
+
+
+@dataclass(kw_only=True)
+class LDKnob(Knobs):
+    ld_alpha: float | None = None
+    """α of LD-DPO (Liu et al. 2024, arXiv 2409.06411), in [0, 1]: each response's tokens past the
+    pair's public length min(|yw|, |yl|) count α times in both the policy's and the reference's
+    sequence log-probs (`ld_sequence_logps`). None or 1 is the row without it and reads nothing
+    extra; any other value needs both sides' per-token log-probs (the reference serves `token_logps`).
+    The paper tunes α per model in [0, 1] (TRL's `ld_alpha`)."""
+
+
+@dataclass(kw_only=True)
+class WPOKnob(Knobs):
+    wpo_weighting: bool = False
+    """WPO (Zhou et al. 2024, arXiv 2406.11827): weigh each pair's preference term by the detached
+    w(x,yw)·w(x,yl) ≤ 1 of `wpo_weights` (TRL's `use_weighting`); needs the policy's per-token
+    log Σ_v πθ(v)², computed in the policy forward only when this is on. False is the row without it."""
+
+
+@dataclass(kw_only=True)
+class CDPOKnob(Knobs):
+    label_smoothing: float = 0.0
+    """ε of conservative DPO (cDPO, Mitchell 2023): the probability that a preference label is flipped,
+    in [0, 0.5), on a row's logistic term: −(1−ε)·log σ(z) − ε·log σ(−z). 0 is no smoothing."""
+
+
+@dataclass(kw_only=True)
+class PairKnobs(WPOKnob, LDKnob, SFTKnob):
+    """sft_weight, ld_alpha and wpo_weighting: the knobs of every row whose loss is a function of the
+    pair's sequence log-ratios and is a sum of per-pair terms."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_knobs(params) -> None:
+    """ValueError "<Params>: <key> must ..." for the first knob of `params` out of range (nan fails)."""
+    owner = type(params).__name__
+    if isinstance(params, SFTKnob):
+        check(_number(params.sft_weight) and params.sft_weight >= 0, owner,
+              f"sft_weight must be >= 0 (got {params.sft_weight!r}); 0 is the row without the NLL term")
+    if isinstance(params, LDKnob):
+        check(params.ld_alpha is None or (_number(params.ld_alpha) and 0.0 <= params.ld_alpha <= 1.0), owner,
+              f"ld_alpha must be null or in [0, 1] (got {params.ld_alpha!r}); null or 1 is the row without it")
+    if isinstance(params, WPOKnob):
+        check(isinstance(params.wpo_weighting, bool), owner,
+              f"wpo_weighting must be true or false (got {params.wpo_weighting!r})")
+    if isinstance(params, CDPOKnob):  # robust and exo_pair own an ε of their own
+        check(_number(params.label_smoothing) and 0.0 <= params.label_smoothing < 0.5, owner,
+              f"label_smoothing must be in [0, 0.5) (got {params.label_smoothing!r}); 0 is no smoothing")
 
 
 def excess_masks(chosen_mask: Tensor, rejected_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,3 +163,37 @@ def wpo_weights(inputs: LossInputs, method: str) -> Tensor:
     with torch.no_grad():
         log_w = masked_mean(tw.detach() - sw.detach(), mw) + masked_mean(tl.detach() - sl.detach(), ml)
         return torch.exp(log_w.clamp(max=0.0))
+
+
+def sequence_logps(inputs: LossInputs, params: Knobs, method: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(log πθ(yw), log πθ(yl), log πref(yw), log πref(yl)), each (B,): the four sequence log-probs
+    (Σ over response tokens), or LD-DPO's desensitised ones when the row's ld_alpha is on. Every
+    row on sequence log-probs reads them here, so LD-DPO is applied in this one place."""
+    if params.desensitised:
+        return ld_sequence_logps(inputs, params.ld_alpha, method)
+    return inputs.require(method, *PAIR)
+
+
+def pair_logratios(inputs: LossInputs, params: Knobs, method: str) -> tuple[Tensor, Tensor]:
+    """(a, b) = (log πθ(yw) − log πref(yw), log πθ(yl) − log πref(yl)), each (B,), from `sequence_logps`."""
+    pw, pl, rw, rl = sequence_logps(inputs, params, method)
+    return pw - rw, pl - rl
+
+
+def output_with_knobs(inputs: LossInputs, params: Knobs, method: str, losses: Tensor, chosen_rewards: Tensor,
+                      rejected_rewards: Tensor, **metrics: Tensor) -> LossOutput:
+    """The row's LossOutput from its per-pair preference losses (B,), with the knobs that act on the loss:
+
+        loss = w·ℓ + α·(−log πθ(yw)/|yw|)
+
+    w is WPO's detached pair weight when the row's wpo_weighting is on (`wpo_weights`; metric
+    "wpo_weight", its batch mean), else 1; α is the row's sft_weight (RPO; metric "nll" when α > 0),
+    on the plain sequence log-prob even under LD-DPO (the NLL is the response's, not a preference
+    term). Rewards and metrics are detached by `make_output`."""
+    if getattr(params, "wpo_weighting", False):
+        weights = wpo_weights(inputs, method)
+        losses, metrics["wpo_weight"] = weights * losses, weights.mean()
+    if getattr(params, "sft_weight", 0.0):
+        nll = chosen_nll(inputs)
+        losses, metrics["nll"] = losses + params.sft_weight * nll, nll.mean()
+    return make_output(losses, chosen_rewards, rejected_rewards, **metrics)

@@ -4,6 +4,11 @@ Every loss here reads the four sequence log-probs (B,) (and, for sigmoid_norm, t
 |y|), forms the log-ratios a = log πθ(yw) − log πref(yw), b = log πθ(yl) − log πref(yl), Δ = a − b,
 and returns per-pair losses (B,) with rewards β·a, β·b (TRL's convention for every DPO loss type).
 Formulas match TRL's `DPOTrainer` loss types of the same name (trl/trainer/dpo_trainer.py).
+
+The knobs of `knobs.py` act on every row here through `knobs.pair_logratios` (LD-DPO's `ld_alpha`:
+a and b are then the desensitised log-ratios, rewards included) and `knobs.output_with_knobs`
+(WPO's `wpo_weighting`, RPO's `sft_weight`): each row's params inherit `PairKnobs`, except
+sigmoid_norm, which averages per token and so takes no `ld_alpha` (see its params).
 """
 
 from __future__ import annotations
@@ -13,18 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
-from sparsepo.losses.common import check, make_output, response_lengths
+from sparsepo.losses.common import check, response_lengths
+from sparsepo.losses.knobs import PairKnobs, SFTKnob, WPOKnob, output_with_knobs, pair_logratios
 from sparsepo.losses.types import LossInputs, LossOutput
-
-PAIR = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
-
-
-def pair_logratios(inputs: LossInputs, method: str) -> tuple[Tensor, Tensor]:
-    """(a, b): log πθ(y) − log πref(y) for chosen and rejected, each (B,)."""
-    pw, pl, rw, rl = inputs.require(method, *PAIR)
-    return pw - rw, pl - rl
 
 
 def _beta(owner: str, beta: float) -> None:
@@ -32,11 +29,12 @@ def _beta(owner: str, beta: float) -> None:
 
 
 @dataclass(kw_only=True)
-class HingeParams:
+class HingeParams(PairKnobs):
     beta: float = 0.1
     """β: the hinge is relu(1 − β·Δ), so 1/β is the log-ratio margin (SLiC's δ); TRL default 0.1."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _beta("HingeParams", self.beta)
 
 
@@ -48,12 +46,13 @@ def hinge_loss(inputs: LossInputs, params: HingeParams) -> LossOutput:
     log-ratios to the reference as in Liu et al. 2023 (RSO, arXiv 2309.06657) and TRL's `hinge`.
     Zero gradient once β·Δ ≥ 1. Default β=0.1.
     """
-    a, b = pair_logratios(inputs, "hinge")
-    return make_output(torch.relu(1.0 - params.beta * (a - b)), params.beta * a, params.beta * b)
+    a, b = pair_logratios(inputs, params, "hinge")
+    return output_with_knobs(inputs, params, "hinge", torch.relu(1.0 - params.beta * (a - b)), params.beta * a,
+                             params.beta * b)
 
 
 @dataclass(kw_only=True)
-class RobustParams:
+class RobustParams(PairKnobs):
     beta: float = 0.1
     """β of DPO."""
     label_smoothing: float = 0.1
@@ -61,6 +60,7 @@ class RobustParams:
     experiments and TRL's docs. ε=0 is plain DPO."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _beta("RobustParams", self.beta)
         check(0.0 <= self.label_smoothing < 0.5, "RobustParams",
               f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing}); 0 is plain DPO")
@@ -75,14 +75,14 @@ def robust_loss(inputs: LossInputs, params: RobustParams) -> LossOutput:
     Feedback" (arXiv 2403.00409), the de-biased loss of §3; TRL `robust`. Unlike cDPO's label
     smoothing the flipped term is subtracted, so the loss can go negative. Defaults β=0.1, ε=0.1.
     """
-    a, b = pair_logratios(inputs, "robust")
+    a, b = pair_logratios(inputs, params, "robust")
     z, eps = params.beta * (a - b), params.label_smoothing
     losses = ((1.0 - eps) * -F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
-    return make_output(losses, params.beta * a, params.beta * b)
+    return output_with_knobs(inputs, params, "robust", losses, params.beta * a, params.beta * b)
 
 
 @dataclass(kw_only=True)
-class ExoParams:
+class ExoParams(PairKnobs):
     beta: float = 0.1
     """β_π: scale of the policy's log-ratio inside the softmax over {yw, yl}."""
     label_smoothing: float = 1e-3
@@ -90,6 +90,7 @@ class ExoParams:
     1e-3 as recommended by the paper (and TRL's fallback)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _beta("ExoParams", self.beta)
         check(0.0 < self.label_smoothing < 0.5, "ExoParams",
               f"label_smoothing must be in (0, 0.5) (got {self.label_smoothing}): EXO takes log ε")
@@ -104,19 +105,20 @@ def exo_pair_loss(inputs: LossInputs, params: ExoParams) -> LossOutput:
     Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (arXiv
     2402.00856), Eq. 16; TRL `exo_pair`. Minimum 0 at q = 1−ε. Defaults β=0.1, ε=1e-3.
     """
-    a, b = pair_logratios(inputs, "exo_pair")
+    a, b = pair_logratios(inputs, params, "exo_pair")
     z, eps = params.beta * (a - b), params.label_smoothing
     losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
               + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
-    return make_output(losses, params.beta * a, params.beta * b)
+    return output_with_knobs(inputs, params, "exo_pair", losses, params.beta * a, params.beta * b)
 
 
 @dataclass(kw_only=True)
-class NCAParams:
+class NCAParams(PairKnobs):
     beta: float = 0.1
     """β: scale of the rewards r = β·(log πθ − log πref); TRL default 0.1."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _beta("NCAParams", self.beta)
 
 
@@ -129,18 +131,19 @@ def nca_pair_loss(inputs: LossInputs, params: NCAParams) -> LossOutput:
     2402.05369), the NCA loss for K=2 responses (§3); TRL `nca_pair`. The chosen term is minimised at
     r(yw) = log 2 (σ = 2/3), so NCA raises the chosen likelihood only up to that point. Default β=0.1.
     """
-    a, b = pair_logratios(inputs, "nca_pair")
+    a, b = pair_logratios(inputs, params, "nca_pair")
     rw, rl = params.beta * a, params.beta * b
     losses = -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
-    return make_output(losses, rw, rl)
+    return output_with_knobs(inputs, params, "nca_pair", losses, rw, rl)
 
 
 @dataclass(kw_only=True)
-class SPPOParams:
+class SPPOParams(PairKnobs):
     beta: float = 0.1
     """β (the paper's 1/η): log-ratios are regressed onto ±1/(2β); TRL default 0.1 (targets ±5)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _beta("SPPOParams", self.beta)
 
 
@@ -153,20 +156,21 @@ def sppo_hard_loss(inputs: LossInputs, params: SPPOParams) -> LossOutput:
     2405.00675), Eq. 4.7 / Algorithm 1 with P̂ set to 1 for the winner and 0 for the loser (the
     paper estimates soft P̂ with PairRM outside the loss); TRL `sppo_hard`. Default β=0.1.
     """
-    a, b = pair_logratios(inputs, "sppo_hard")
+    a, b = pair_logratios(inputs, params, "sppo_hard")
     target = 0.5 / params.beta
     losses = (a - target) ** 2 + (b + target) ** 2
-    return make_output(losses, params.beta * a, params.beta * b)
+    return output_with_knobs(inputs, params, "sppo_hard", losses, params.beta * a, params.beta * b)
 
 
 @dataclass(kw_only=True)
-class DiscoPOPParams:
+class DiscoPOPParams(PairKnobs):
     beta: float = 0.1
     """β of DPO (TRL default 0.1)."""
     tau: float = 0.05
     """τ: temperature of the sigmoid that mixes the logistic and exponential losses (paper: 0.05)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _beta("DiscoPOPParams", self.beta)
         check(self.tau > 0, "DiscoPOPParams", f"tau must be > 0 (got {self.tau})")
 
@@ -180,20 +184,26 @@ def discopop_loss(inputs: LossInputs, params: DiscoPOPParams) -> LossOutput:
     Large Language Models" (arXiv 2406.08414), Eq. 5; TRL `discopop`. Not convex in z: see the
     tests for where its slope turns positive. Defaults β=0.1, τ=0.05.
     """
-    a, b = pair_logratios(inputs, "discopop")
+    a, b = pair_logratios(inputs, params, "discopop")
     z = params.beta * (a - b)
     mix = torch.sigmoid(z / params.tau)
     losses = (1.0 - mix) * -F.logsigmoid(z) + mix * torch.exp(-z)
-    return make_output(losses, params.beta * a, params.beta * b)
+    return output_with_knobs(inputs, params, "discopop", losses, params.beta * a, params.beta * b)
 
 
 @dataclass(kw_only=True)
-class SigmoidNormParams:
+class SigmoidNormParams(WPOKnob, SFTKnob):
+    """β, wpo_weighting and sft_weight. No ld_alpha: the per-token average already takes the length
+    out of each log-ratio, and LD-DPO (arXiv 2409.06411) is defined on sequence sums; discounting the
+    excess tokens inside a mean that still counts them is a third reading no paper gives (the key is
+    refused as unknown). No label_smoothing either: TRL's sigmoid_norm has none."""
+
     beta: float = 0.1
     """β on the per-token average log-ratio (TRL default 0.1; per-token ratios are |y| times smaller
     than DPO's, so a larger β gives a comparable scale)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _beta("SigmoidNormParams", self.beta)
 
 
@@ -206,7 +216,7 @@ def sigmoid_norm_loss(inputs: LossInputs, params: SigmoidNormParams) -> LossOutp
     practice (Azar et al. 2023, Eq. 17 as TRL implements it) and SimPO (arXiv 2405.14734, Eq. 4);
     TRL `sigmoid_norm`. With |yw| = |yl| = n it is DPO at β/n. Default β=0.1. Rewards β·ā, β·b̄.
     """
-    pw, pl, rw, rl, mw, ml = inputs.require("sigmoid_norm", *PAIR, "chosen_mask", "rejected_mask")
-    chosen = params.beta * (pw - rw) / response_lengths(mw)
-    rejected = params.beta * (pl - rl) / response_lengths(ml)
-    return make_output(-F.logsigmoid(chosen - rejected), chosen, rejected)
+    a, b = pair_logratios(inputs, params, "sigmoid_norm")
+    mw, ml = inputs.require("sigmoid_norm", "chosen_mask", "rejected_mask")
+    chosen, rejected = params.beta * a / response_lengths(mw), params.beta * b / response_lengths(ml)
+    return output_with_knobs(inputs, params, "sigmoid_norm", -F.logsigmoid(chosen - rejected), chosen, rejected)

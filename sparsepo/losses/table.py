@@ -102,10 +102,10 @@ class MethodSpec:
     ref_/policy_sample_topk_logps, ref_/policy_sample_token_logps). Never precomputable."""
     needs_ref_token_logps: bool
     """The reference's per-token log-probs on the pair (ref_{chosen,rejected}_token_logps; the reference
-    serves `token_logps`). No row sets it: DPO's `ld_alpha` adds it (`get_method(name, params)`)."""
+    serves `token_logps`). No row sets it: a row's `ld_alpha` adds it (`get_method(name, params)`, `losses/knobs.py`)."""
     needs_sq_mass: bool
     """The policy's log Σ_v πθ(v)² at each response position (policy_{chosen,rejected}_log_sq_mass),
-    computed in its forward only when asked. No row sets it: DPO's `wpo_weighting` adds it."""
+    computed in its forward only when asked. No row sets it: a row's `wpo_weighting` adds it."""
     length_normalised: bool
     """Rewards divide sequence log-probs by |y|."""
     paper: str
@@ -209,7 +209,7 @@ METHODS: dict[str, MethodSpec] = {
 def get_method(name, params=None) -> MethodSpec:
     """The row for `name`; a ValueError naming the nearest valid method for a typo. A list of names
     is their weighted sum (see `combined_method`). With the run's `params`, the row as that run
-    uses it: the flags its knobs add (`params.input_needs()`, e.g. DPO's `ld_alpha`) are set too, so
+    uses it: the flags its knobs add (`params.input_needs()`, e.g. `ld_alpha`, `knobs.py`) are set too, so
     the trainer computes, and every reference source serves, what those knobs read."""
     if isinstance(name, (list, tuple)):
         spec = combined_method(tuple(get_method(n).name for n in name))
