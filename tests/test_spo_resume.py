@@ -11,20 +11,27 @@ import torch
 from conftest import read_scalars, run_training
 
 STEPS, HALF = 6, 3
-SPO = ("method.name=spo", "reference.mode=inline", "generation.max_new_tokens=8", "optim.lr=1e-2",
+SPO = ("method.name=spo", "generation.max_new_tokens=8", "optim.lr=1e-2",
        "optim.schedule=constant", "optim.warmup_steps=0", "train.micro_batch_size=2", "train.grad_accum=2",
        "generation.staleness=1", "generation.every_steps=2", f"checkpoint.every_steps={HALF}")
 
 
-@pytest.mark.integration
-def test_spo_with_staleness_resumes_exactly(tiny_world, tmp_path):
+MODES = {"inline": (("reference.mode=inline",), 1),
+         # live: the save waits for the reference group's pending answers (collected in request order)
+         "live": (("reference.mode=live", "topology.reference_ranks=1"), 2)}
+
+
+@pytest.mark.parametrize("mode", [pytest.param("inline", marks=pytest.mark.integration),
+                                  pytest.param("live", marks=pytest.mark.distributed)])
+def test_spo_with_staleness_resumes_exactly(tiny_world, tmp_path, mode):
     """Step 4 (index 3) is the first after the resume: it trains on the round drawn at index 2 (s = 1)
     and, as 3 % every_steps != 0, draws no fresh round but re-requests index 2's samples: both from
     the checkpoint. Two micro-batches per step: each micro-slot keeps its own rounds."""
     full, part = tmp_path / "full", tmp_path / "part"
-    run_training(tiny_world, full, *SPO, f"train.max_steps={STEPS}")
-    run_training(tiny_world, part, *SPO, f"train.max_steps={HALF}")
-    proc = run_training(tiny_world, part, *SPO, f"train.max_steps={STEPS}", resume="auto")
+    extra, nproc = MODES[mode]
+    run_training(tiny_world, full, *SPO, *extra, f"train.max_steps={STEPS}", nproc=nproc)
+    run_training(tiny_world, part, *SPO, *extra, f"train.max_steps={HALF}", nproc=nproc)
+    proc = run_training(tiny_world, part, *SPO, *extra, f"train.max_steps={STEPS}", resume="auto", nproc=nproc)
     assert f"continuing at step {HALF}" in proc.stdout + proc.stderr
     assert "SPO sample state restored" in proc.stdout + proc.stderr
     for tag in ("loss", "sample_kl", "sample_length", "staleness"):
