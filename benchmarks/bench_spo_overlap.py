@@ -1,6 +1,9 @@
 """SPO with live, overlapped reference scoring against the synchronous inline run.
 
-    .venv/bin/python benchmarks/bench_spo_overlap.py --size default --steps 30 --staleness 1 2 --repeats 3
+    .venv/bin/python benchmarks/bench_spo_overlap.py --size default --steps 30 --staleness 0 1 2 --repeats 3
+
+(`--staleness 0` adds the synchronous live run: the reference on its own core but not overlapped, which
+separates "the reference moved off the policy's core" from "its scoring overlaps the policy's step".)
 
 Inline (the sequential baseline): 1 process on 1 core; each step samples, has the frozen reference on
 the same rank score the samples, then trains. Live s: 1 policy rank + 1 reference rank
