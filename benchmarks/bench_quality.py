@@ -1,6 +1,8 @@
-"""Quality with error bars: DPO (β sweep), SimPO, SePO, SPO (and FPO) over several training seeds.
+"""Quality with error bars: DPO (β sweep), SimPO, SePO, SPO (α sweep) (and FPO) over several training seeds.
 
     .venv/bin/python benchmarks/bench_quality.py --size default --steps 120 --seeds 0,1,2
+    .venv/bin/python benchmarks/bench_quality.py --methods dpo,spo --dpo-betas 0.1 --spo-alphas 0.5,1,2,4 \
+        --doc docs/benchmarks_sepo_spo.md --json docs/bench_spo_alpha.json     # SPO's α against diversity
 
 On one demo world (built once, fixed: same SFT model, pairs and held-out prompts), every method is
 trained for the same number of steps on the same data (`sparsepo/recipes/demo.yaml` re-targeted at
@@ -12,10 +14,12 @@ reference under the demo's ground-truth reward, with the evaluation sampler seed
 
 * win rate vs SFT, KL(policy‖ref) per sequence, mean response length (tokens), fraction of samples
   that end with eos within the budget, distinct-2 (unique word bigrams / word bigrams over all the
-  policy's samples: low = repetitive);
+  policy's samples: low = repetitive), distinct-1, and the word entropy of the samples (nats of the
+  unigram distribution of every word the policy wrote: low = a narrow vocabulary);
 * the table gives mean ± standard error over seeds (s.e. = sample stdev / sqrt(n seeds)).
 
-Method settings: each keeps its loss-table defaults except the DPO β sweep (--dpo-betas). SePO's
+Method settings: each keeps its loss-table defaults except the DPO β sweep (--dpo-betas) and the SPO
+α sweep (--spo-alphas; empty: one `spo` row at the default α). SePO's
 oracle (DPO on a seeded half of the pairs, as `sparsepo demo --method sepo`) and FPO's SAE
 (--sae-steps steps) are trained once per world before any run, cached in --workdir. A finished
 run keeps its result in <run dir>/quality_row.json and is reused when the command line of its
@@ -37,6 +41,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,13 +52,22 @@ RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 METRICS = (("win_rate", "win rate vs SFT", ".3f"), ("kl", "KL(policy‖ref)", ".2f"),
            ("policy_reward", "reward", ".2f"), ("policy_length", "length (tokens)", ".1f"),
-           ("policy_ended_fraction", "ended fraction", ".3f"), ("distinct2", "distinct-2", ".3f"))
+           ("policy_ended_fraction", "ended fraction", ".3f"), ("distinct2", "distinct-2", ".3f"),
+           ("distinct1", "distinct-1", ".3f"), ("word_entropy", "word entropy (nats)", ".2f"))
+METRICS_VERSION = 2  # a cached quality_row.json of another version is recomputed (it lacks newer metrics)
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Unique word n-grams / all word n-grams over every text (0 when there are none)."""
     grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def word_entropy(texts: list[str]) -> float:
+    """Entropy (nats) of the unigram distribution of every word in `texts` (0 when there are none)."""
+    counts = Counter(w for t in texts for w in t.split())
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -68,6 +82,9 @@ def parse_specs(a) -> dict[str, tuple[str, list[str]]]:
         if m == "dpo":
             for b in [x for x in a.dpo_betas.split(",") if x]:
                 specs[f"dpo β={b}"] = ("dpo", [f"method.beta={b}"])
+        elif m == "spo" and a.spo_alphas:
+            for x in [x for x in a.spo_alphas.split(",") if x]:
+                specs[f"spo α={x}"] = ("spo", [f"method.alpha={x}"])
         else:
             specs[m] = (m, [])
     return specs
@@ -113,7 +130,7 @@ def train_cmd(world, work: Path, label: str, method: str, ovs: list[str], seed: 
     """(run directory, training command, log name) of one run."""
     from sparsepo.recipe import write_for_method
 
-    slug = label.replace(" β=", "-b").replace("[", "-").replace("]", "")
+    slug = label.replace(" β=", "-b").replace(" α=", "-a").replace("[", "-").replace("]", "")
     run_dir = work / f"run-{slug}-s{seed}"
     recipe = write_for_method(RECIPE, method, work / f"recipe-{method}.yaml")
     cmd = [sys.executable, "-m", "sparsepo.train", "--config", str(recipe), f"model.path={world.sft_dir}",
@@ -127,7 +144,7 @@ def run_one(world, work: Path, label: str, method: str, ovs: list[str], seed: in
     from sparsepo.demo import evaluate_policy
 
     run_dir, cmd, log_name = train_cmd(world, work, label, method, ovs, seed, a.steps)
-    key = {"cmd": cmd[2:], "eval_samples": a.eval_samples}
+    key = {"cmd": cmd[2:], "eval_samples": a.eval_samples, "metrics": METRICS_VERSION}
     done = run_dir / "quality_row.json"
     if done.is_file() and (row := json.loads(done.read_text())).get("key") == key:
         print(f"[quality] {label} seed {seed}: reusing {done}", flush=True)
@@ -136,12 +153,14 @@ def run_one(world, work: Path, label: str, method: str, ovs: list[str], seed: in
     t = time.perf_counter()
     ev = evaluate_policy(run_dir / "final", world.sft_dir, world.eval_prompts_path, seed=seed,
                          samples_per_prompt=a.eval_samples, progress=False, num_threads=1, return_samples=True)
-    ev["distinct2"] = distinct_n([s["policy"] for s in ev.pop("samples")])
+    texts = [s["policy"] for s in ev.pop("samples")]
+    ev.update(distinct2=distinct_n(texts), distinct1=distinct_n(texts, 1), word_entropy=word_entropy(texts))
     row = {"label": label, "method": method, "seed": seed, "overrides": ovs, "train_wall_s": proc["wall_s"],
            "train_cpu_s": proc["cpu_s"], "eval_s": time.perf_counter() - t, **ev, "key": key}
     done.write_text(json.dumps(row))  # a rerun with more methods or seeds reuses this run
     print(f"[quality] {label} seed {seed}: win {ev['win_rate']:.3f} KL {ev['kl']:.2f} len "
           f"{ev['policy_length']:.1f} ended {ev['policy_ended_fraction']:.2f} d2 {ev['distinct2']:.3f} "
+          f"H {ev['word_entropy']:.2f} "
           f"(train {proc['wall_s']:.0f}s, eval {row['eval_s']:.0f}s)", flush=True)
     return row
 
@@ -175,9 +194,10 @@ def render(res: dict) -> str:
     for label, s in res["methods"].items():
         cells = [f"{s[k]:{f}} ± {s[k + '_se']:{f}}" for k, _, f in METRICS]
         lines.append(f"| {label} | {s['n_seeds']} | " + " | ".join(cells) + f" | {s['train_wall_s_median']:.0f} |")
-    lines += ["", "Per run (label, seed: win rate, KL, length, ended, distinct-2, train wall s): " + "; ".join(
+    lines += ["", "Per run (label, seed: win rate, KL, length, ended, distinct-2, word entropy, train wall s): " + "; ".join(
         f"{r['label']} s{r['seed']}: {r['win_rate']:.3f}, {r['kl']:.2f}, {r['policy_length']:.1f}, "
-        f"{r['policy_ended_fraction']:.2f}, {r['distinct2']:.3f}, {r['train_wall_s']:.0f}" for r in res["runs"])
+        f"{r['policy_ended_fraction']:.2f}, {r['distinct2']:.3f}, {r['word_entropy']:.2f}, {r['train_wall_s']:.0f}"
+        for r in res["runs"])
         + f". Total {res['total_s'] / 60:.1f} min.", ""]
     lines.append(f"Frontier plot: [{Path(res['plot']).name}]({Path(res['plot']).name})" if res.get("plot")
                  else "Frontier plot: not drawn (matplotlib is not installed in this venv); read the "
@@ -216,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="dpo,simpo,sepo,spo")
     p.add_argument("--dpo-betas", default="0.05,0.1,0.3")
+    p.add_argument("--spo-alphas", default="", help="SPO's α sweep, e.g. 0.5,1,2,4 (default: one row at α=1)")
     p.add_argument("--eval-samples", type=int, default=1, help="samples per held-out prompt")
     p.add_argument("--sae-steps", type=int, default=300, help="FPO's SAE training steps (only with fpo)")
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks_quality.md"))

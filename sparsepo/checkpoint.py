@@ -2,6 +2,7 @@
 
     <run>/checkpoints/step-00000020/      DeepSpeed's ZeRO-3 shards (one set per rank)
                       rng-rank{r}.pt      each rank's RNG states
+                      samples-rank{r}.pt  SPO: each rank's in-flight policy samples (PolicySamples.state_dict)
                       sparsepo.json       written last by rank 0: step, samples seen, world size,
                                           config + data fingerprints, and every file with its size
                                           ("files") and sha256 ("sha256")
@@ -200,12 +201,14 @@ def _remove(tag_dir: Path) -> None:
     shutil.rmtree(tag_dir.with_name(tag_dir.name + "_universal"), ignore_errors=True)
 
 
-def _write_shards(engine, tag_dir: Path, step: int, samples: int, rank: int) -> None:
-    """This rank's DeepSpeed shards and RNG state. DeepSpeed reports a full disk as a torch
-    serialisation error ("unexpected pos"): say what it is, and that the checkpoint stays unsealed."""
+def _write_shards(engine, tag_dir: Path, step: int, samples: int, rank: int, rank_state: dict) -> None:
+    """This rank's DeepSpeed shards, RNG state and `rank_state` files. DeepSpeed reports a full disk as a
+    torch serialisation error ("unexpected pos"): say what it is, and that the checkpoint stays unsealed."""
     try:
         engine.save(tag_dir.parent, tag_dir.name, client_state={"step": step, "samples": samples})
         torch.save(_rng_state(), tag_dir / f"rng-rank{rank}.pt")
+        for name, state in rank_state.items():
+            torch.save(state, tag_dir / f"{name}-rank{rank}.pt")
     except (OSError, RuntimeError) as e:
         free = shutil.disk_usage(tag_dir.parent).free
         if getattr(e, "errno", None) not in FULL and free >= 1 << 20:
@@ -215,9 +218,11 @@ def _write_shards(engine, tag_dir: Path, step: int, samples: int, rank: int) -> 
                               f"some space or point logging.output_dir at a larger disk.") from e
 
 
-def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data_fingerprint: str, ctx) -> Path:
+def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data_fingerprint: str, ctx,
+         rank_state: dict | None = None) -> Path:
     """Write checkpoint `step` on every rank; rank 0 seals it with sparsepo.json, then points
-    `latest` at it, then prunes. Killed at any moment, `latest` names a complete checkpoint."""
+    `latest` at it, then prunes. Killed at any moment, `latest` names a complete checkpoint.
+    `rank_state`: {name: this rank's state} saved as {name}-rank{r}.pt (see `load_rank_state`)."""
     ckpt_root = root(cfg)
     tag = tag_for(step)
     tag_dir = ckpt_root / tag
@@ -230,7 +235,8 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
                 log.warning("removing checkpoint %s: this run resumed before it and is now at step %d", old, step)
                 _remove(old)
     dist.barrier()
-    on_every_rank(lambda: _write_shards(engine, tag_dir, step, samples, ctx.rank), what=f"checkpoint {tag}")
+    on_every_rank(lambda: _write_shards(engine, tag_dir, step, samples, ctx.rank, rank_state or {}),
+                  what=f"checkpoint {tag}")
     rels = [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != META]
     # each rank hashes the files it owns (see `owner`), in parallel; rank 0 records them all
     mine = {rel: sha256_file(tag_dir / rel) for rel in rels if owner(rel, ctx.world_size) == ctx.rank}
@@ -349,3 +355,15 @@ def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx
     if ctx.is_main:
         log.info("resumed from %s: %d samples seen, continuing at step %d", tag_dir, meta["samples"], step)
     return step
+
+
+def load_rank_state(tag_dir: Path, name: str, *, rank: int, world_size: int):
+    """This rank's `name` state saved by `save(rank_state=...)`, or None (with a warning saying the resume
+    is not exact) when the checkpoint has none or was written on another world size."""
+    meta, path = read_meta(Path(tag_dir)), Path(tag_dir) / f"{name}-rank{rank}.pt"
+    if meta["world_size"] == world_size and path.is_file():
+        return torch.load(path, weights_only=True)
+    why = (f"it was written on {meta['world_size']} rank(s), this run has {world_size}"
+           if meta["world_size"] != world_size else f"it holds no {path.name} (written by an older sparsepo)")
+    log.warning("checkpoint %s: the %s state starts afresh because %s: the resume is not exact", tag_dir, name, why)
+    return None

@@ -2,7 +2,8 @@
 
     sparsepo demo                         # offline demo: prepare the world, train DPO, evaluate
     sparsepo demo --method simpo --nproc 2
-    sparsepo demo --method spo            # SPO: samples drawn and scored inline on the policy ranks
+    sparsepo demo --method spo            # SPO: samples scored by a live 2-stage reference group (+2 processes)
+    sparsepo demo --method spo reference.mode=inline   # SPO scored by the reference on the policy rank
     sparsepo demo prepare                 # only build the demo world (cached)
     sparsepo train --config run.yaml [--nproc N] [--resume auto] [section.key=value ...]
     sparsepo precompute --config run.yaml [section.key=value ...]
@@ -78,6 +79,30 @@ def _print_eval(result: dict, label: str) -> None:
               f"describe run-on samples (for SePO see docs/benchmarks_sepo_spo.md)")
 
 
+# SPO's samples are drawn during training, so no cache can hold their reference scores: the demo serves
+# them from a live 2-stage pipeline reference group, one step stale (the group scores round t while the
+# policy trains on round t-1; docs/bench_spo_overlap.json). `reference.mode=inline` scores them on the
+# policy ranks instead; `topology.reference_ranks=N` (a multiple of pipeline_stages) resizes the group.
+DEMO_LIVE = ("reference.mode=live", "topology.reference_ranks=2", "topology.pipeline_stages=2", "generation.staleness=1")
+
+
+def _last(overrides: list[str], key: str) -> str | None:
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
+    return values[-1] if values else None
+
+
+def demo_reference(needs_samples: bool, nproc: int, overrides: list[str]) -> tuple[list[str], int]:
+    """(overrides the demo adds, processes to launch): for SPO a live reference group whose ranks come on
+    top of the `nproc` policy ranks, unless the command line chose another reference mode."""
+    mode = _last(overrides, "reference.mode")
+    if not needs_samples or mode not in (None, "live"):
+        return [], nproc
+    given = {o.split("=", 1)[0] for o in overrides}
+    added = [o for o in DEMO_LIVE if o.split("=", 1)[0] not in given]
+    reference_ranks = int(_last([*DEMO_LIVE, *overrides], "topology.reference_ranks"))
+    return added, nproc + reference_ranks
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     if a.action == "prepare":
         return cmd_prepare(a)
@@ -90,8 +115,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     world = prepare_world(Path(a.workdir) / "world", size=a.size, seed=a.seed, force=a.force)
     run_dir = Path(a.workdir) / f"run-{a.method}"
     spec = get_method(a.method)
-    # SPO's samples are drawn during training: no cache can hold their reference scores; the demo scores inline
-    samples = ["reference.mode=inline"] if spec.needs_policy_samples else []
+    samples, nproc = demo_reference(spec.needs_policy_samples, a.nproc, a.overrides)
     overrides = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", f"method.name={a.method}",
                  f"logging.output_dir={run_dir}", "logging.overwrite=true", *samples, *a.overrides]
     if spec.needs_sae_features and not any(o.startswith("sae.path=") for o in a.overrides):
@@ -100,7 +124,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         overrides.append(f"reference.oracle={demo_oracle(world, a)}")
     # the demo recipe is written for DPO: pass the method only the keys its params have
     recipe = write_for_method(RECIPES / "demo.yaml", a.method, Path(a.workdir) / f"recipe-{a.method}.yaml")
-    code = launch_train(str(recipe), overrides, nproc=a.nproc)
+    code = launch_train(str(recipe), overrides, nproc=nproc)
     if code != 0:
         print(f"sparsepo demo: training failed (exit {code})", file=sys.stderr)
         return code
@@ -262,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default="dpo", help="loss to train with (a row of the loss table), default dpo")
     d.add_argument("--size", default="default", choices=["default", "tiny"], help="demo world size")
     d.add_argument("--workdir", default="runs/demo", help="where the world and the run directories go")
-    d.add_argument("--nproc", type=int, default=1, help="training processes (deepspeed launcher when > 1)")
+    d.add_argument("--nproc", type=int, default=1, help="policy processes (deepspeed launcher when > 1; SPO's live "
+                                                        "reference ranks come on top)")
     d.add_argument("--seed", type=int, default=0, help="seed of the world and of the evaluation")
     d.add_argument("--force", action="store_true", help="rebuild the demo world even if cached")
     d.add_argument("--oracle", default="small", choices=["small", "policy"],

@@ -24,7 +24,7 @@ from collections import deque
 import torch
 
 from sparsepo.data.prompts import prompts_for
-from sparsepo.generation import KeyedSampler, prompts_from, prompts_of, sample_batch
+from sparsepo.generation import KeyedSampler, SampleBatch, prompts_from, prompts_of, sample_batch
 from sparsepo.losses.kl import mask_support, union_support
 from sparsepo.logprobs import chunked_logps, hidden_forward
 from sparsepo.models import logps_at, response_logps, topk_at_response
@@ -106,6 +106,35 @@ class PolicySamples:
             entropy = torch.nn.functional.pad(-(logp.exp() * logp).sum(-1), (1, 0)) * mask
         return token_logps, logps_at(out, ids, mask), entropy
 
+    def state_dict(self) -> dict:
+        """The in-flight sample state, for the checkpoint: per micro-slot the last round (reused while
+        step % every_steps != 0) and the pending rounds of staleness s > 0 with their support ids and
+        reference scores. They were drawn by weights the checkpoint no longer holds, so a resume cannot
+        redraw them. Scores not yet collected are waited for here, in request order (live answers in order)."""
+        entries = sorted(((e[0], micro, e) for micro, queue in self.pending.items() for e in queue),
+                         key=lambda t: t[:2])
+        for _, _, entry in entries:
+            if entry[4] is None:
+                entry[4] = self.source.collect(entry[3])
+        return {"grad_accum": self.grad_accum, "dp": self.dp, "rounds": {m: _plain(r) for m, r in self.rounds.items()},
+                "pending": {m: [{"step": e[0], "samples": _plain(e[1]), "ids": e[2].cpu(),
+                                 "ref": {k: v.cpu() for k, v in e[4].items()}} for e in q]
+                            for m, q in self.pending.items()}}
+
+    def load_state_dict(self, state: dict, device="cpu") -> bool:
+        """Continue from `state_dict()`'s state (the collected scores need no new request); False (state
+        left fresh, with a warning) when the global batch was split otherwise: its micro-slots differ."""
+        if (state["grad_accum"], state["dp"]) != (self.grad_accum, self.dp):
+            log.warning("SPO sample state of grad_accum %d x %d rank(s) does not fit grad_accum %d x %d: the "
+                        "samples start afresh and the resume is not exact", state["grad_accum"], state["dp"],
+                        self.grad_accum, self.dp)
+            return False
+        self.rounds = {int(m): _batch(r, device) for m, r in state["rounds"].items()}
+        self.pending = {int(m): deque([e["step"], _batch(e["samples"], device), e["ids"].to(device), None,
+                                       {k: v.to(device) for k, v in e["ref"].items()}] for e in q)
+                        for m, q in state["pending"].items()}
+        return True
+
     def fields(self, policy, batch, *, step: int, micro: int) -> tuple[dict, dict]:
         """(LossInputs fields for needs_policy_samples, metrics) for this micro-batch."""
         if step % self.gen.every_steps == 0 or micro not in self.rounds:
@@ -147,3 +176,14 @@ class PolicySamples:
                        sample_length=float(samples.lengths.mean()))
         return fields, metrics
 
+
+
+def _plain(samples: SampleBatch) -> dict:
+    """A SampleBatch as tensors and strings (loadable with torch.load(weights_only=True))."""
+    return {"input_ids": samples.input_ids.cpu(), "attention_mask": samples.attention_mask.cpu(),
+            "sample_mask": samples.sample_mask.cpu(), "keys": list(samples.keys)}
+
+
+def _batch(d: dict, device) -> SampleBatch:
+    return SampleBatch(input_ids=d["input_ids"], attention_mask=d["attention_mask"], sample_mask=d["sample_mask"],
+                       keys=list(d["keys"])).to(device)

@@ -91,8 +91,13 @@ def setup(cfg: RunConfig, live=None) -> Run:
                                 pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
                                 rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
                                 staleness=cfg.generation.staleness, chunk=0 if live else cfg.model.logits_chunk)
+        state = None if resume is None else ckpt.load_rank_state(resume, "samples", rank=ctx.rank,
+                                                                  world_size=ctx.world_size)
+        if state is not None and not samples.load_state_dict(state, device=ctx.device):
+            state = None
         if ctx.is_main:
-            log.info("SPO: %s reference, staleness %d step(s)", cfg.reference.mode, cfg.generation.staleness)
+            log.info("SPO: %s reference, staleness %d step(s)%s", cfg.reference.mode, cfg.generation.staleness,
+                     "" if state is None else "; SPO sample state restored from the checkpoint")
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                             log_every=cfg.logging.log_every)
@@ -152,7 +157,8 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
         stop = preempt.any_rank()
         if stop or ckpt.due(cfg, step + 1, run.total):
             ckpt.save(run.policy, cfg, run.data.run_dir, step=step + 1, samples=(step + 1) * run.schedule.global_batch,
-                      data_fingerprint=run.data.fingerprint, ctx=run.ctx)
+                      data_fingerprint=run.data.fingerprint, ctx=run.ctx,
+                      rank_state=None if run.samples is None else {"samples": run.samples.state_dict()})
         if stop:
             run.metrics.close()
             raise Preempted(f"preempted at step {step + 1}: checkpoint written; resume with --resume auto")

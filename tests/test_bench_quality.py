@@ -24,6 +24,26 @@ def test_distinct_n_counts_unique_word_ngrams():
 
 
 @pytest.mark.unit
+def test_word_entropy_by_hand():
+    # words a a b b -> p = (1/2, 1/2): ln 2; a a a b -> -(3/4 ln 3/4 + 1/4 ln 1/4) = 0.5623; one word -> 0
+    assert bench_quality.word_entropy(["a a", "b b"]) == pytest.approx(0.693147, abs=1e-6)
+    assert bench_quality.word_entropy(["a a a b"]) == pytest.approx(0.562335, abs=1e-6)
+    assert bench_quality.word_entropy(["x x", ""]) == 0.0 and bench_quality.word_entropy([]) == 0.0
+
+
+@pytest.mark.unit
+def test_spo_alpha_sweep_gives_one_row_per_alpha():
+    import argparse
+
+    a = argparse.Namespace(methods="dpo,spo", dpo_betas="0.1", spo_alphas="0.5,2")
+    assert bench_quality.parse_specs(a) == {"dpo β=0.1": ("dpo", ["method.beta=0.1"]),
+                                            "spo α=0.5": ("spo", ["method.alpha=0.5"]),
+                                            "spo α=2": ("spo", ["method.alpha=2"])}
+    a.spo_alphas = ""
+    assert bench_quality.parse_specs(a)["spo"] == ("spo", [])
+
+
+@pytest.mark.unit
 def test_mean_se_is_stdev_over_sqrt_n():
     # values 1, 2, 3: mean 2, sample stdev 1, s.e. 1/sqrt(3)
     m, se = bench_quality.mean_se([1.0, 2.0, 3.0])
@@ -46,7 +66,7 @@ def test_bench_quality_smoke_writes_its_files(tiny_world, tmp_path):
     for s in res["methods"].values():
         assert s["n_seeds"] == 1
         assert 0.0 <= s["win_rate"] <= 1.0 and 0.0 <= s["policy_ended_fraction"] <= 1.0
-        assert 0.0 < s["distinct2"] <= 1.0 and s["policy_length"] > 0
+        assert 0.0 < s["distinct2"] <= 1.0 and s["policy_length"] > 0 and s["word_entropy"] > 0
     text = doc.read_text()
     assert bench_quality.BEGIN in text and bench_quality.END in text
     assert "| dpo β=0.3 | 1 |" in text and "| spo | 1 |" in text

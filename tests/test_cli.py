@@ -140,3 +140,50 @@ def test_config_show_refuses_a_bad_key_with_exit_2(capsys):
     assert run(["config", "show", "method.bta=0.1"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'method.bta'" in err and "Did you mean 'beta'?" in err
+
+
+@pytest.fixture
+def demo_launch(monkeypatch, tmp_path):
+    """`sparsepo demo` with the world, the launch and the evaluation replaced by recorders."""
+    import sparsepo.demo as demo
+
+    world = argparse.Namespace(root=tmp_path / "world", sft_dir=tmp_path / "sft", train_path=tmp_path / "train.jsonl",
+                               eval_prompts_path=tmp_path / "eval.jsonl")
+    calls = []
+
+    def record(config, overrides, *, nproc=1, resume=None):
+        calls.append({"overrides": list(overrides), "nproc": nproc})
+        method = next(o for o in overrides if o.startswith("method.name=")).split("=")[1]
+        (tmp_path / "runs" / f"run-{method}").mkdir(parents=True, exist_ok=True)
+        return 0
+
+    monkeypatch.setattr(demo, "prepare_world", lambda *a, **k: world)
+    monkeypatch.setattr(demo, "evaluate_policy", lambda *a, **k: {"win_rate": 0.5, "kl": 0.0, "policy_reward": 0.0,
+        "reference_reward": 0.0, "policy_length": 1.0, "reference_length": 1.0, "policy_ended_fraction": 1.0,
+        "reference_ended_fraction": 1.0, "n": 1, "max_new_tokens": 1})
+    monkeypatch.setattr(cli, "launch_train", record)
+    return lambda *argv: (run(["demo", "--workdir", str(tmp_path / "runs"), *argv]), calls[-1])[1]
+
+
+def test_demo_spo_is_a_live_launch_with_its_reference_ranks_on_top(demo_launch):
+    """SPO's demo: a live 2-stage reference group, one step stale, launched as nproc + 2 processes
+    through the deepspeed launcher; what the user sets on the command line wins."""
+    got = demo_launch("--method", "spo")
+    assert got["nproc"] == 3
+    for o in cli.DEMO_LIVE:
+        assert o in got["overrides"]
+    assert "reference.mode=live" in got["overrides"] and "generation.staleness=1" in got["overrides"]
+    cmd = cli.train_command("recipe.yaml", got["overrides"], nproc=got["nproc"])
+    assert cmd[cmd.index("--num_gpus") + 1] == "3" and "deepspeed.launcher.runner" in cmd
+    got = demo_launch("--method", "spo", "--nproc", "2", "topology.reference_ranks=1", "topology.pipeline_stages=1")
+    assert got["nproc"] == 3 and got["overrides"].count("topology.reference_ranks=1") == 1
+    assert "topology.reference_ranks=2" not in got["overrides"]
+
+
+@pytest.mark.parametrize("argv, nproc", [(("--method", "spo", "reference.mode=inline"), 1),
+                                         (("--method", "dpo"), 1), (("--method", "simpo", "--nproc", "2"), 2)])
+def test_demo_inline_spo_and_other_methods_launch_no_reference_group(demo_launch, argv, nproc):
+    got = demo_launch(*argv)
+    assert got["nproc"] == nproc
+    assert not any(o.startswith(("topology.", "generation.staleness")) for o in got["overrides"])
+    assert "reference.mode=live" not in got["overrides"]
