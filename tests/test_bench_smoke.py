@@ -75,3 +75,21 @@ def test_bench_spo_kl_writes_estimator_errors(tmp_path):
     # at K = V the top-K + tail estimator is the dense KL: no shortfall
     assert res["topk_tail"]["20"]["policy"] == pytest.approx(0.0, abs=1e-12)
     assert res["topk_tail"]["1"]["reference_only"] > res["topk_tail"]["1"]["policy"] > 0
+
+
+@pytest.mark.unit
+def test_scaling_model_by_hand(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import scaling
+
+    # 70B in bf16 with 25% headroom = 175 GB -> 3 stages of 80 GB; 1B -> 1 stage
+    assert scaling.stages_for(70e9) == 3 and scaling.stages_for(1e9) == 1
+    # 64 policy GPUs, reference = policy: 64 * (2/6 * 0.4/0.5) / 1.10 = 15.5 -> 16
+    assert scaling.reference_gpus(64, 8e9, 8e9) == (16, 1)
+    # 70B: 64 * 0.2667 * (1 + 2/8) / 1.10 = 19.4 -> whole pipelines of 3 -> 21
+    assert scaling.reference_gpus(64, 70e9, 70e9) == (21, 3)
+    # a measured share replaces the FLOP ratio: 64 * 0.11 / 1.10 = 6.4 -> 7
+    assert scaling.reference_gpus(64, 8e9, 8e9, share=0.11) == (7, 1)
+    text = scaling.main(["--overlap", str(tmp_path / "none.json"), "--methods", str(tmp_path / "none.json"),
+                         "--out", str(tmp_path / "scaling.md")])
+    assert "| 70B, FLOP model | 3 | 21 (33%, 3 nodes)" in text
