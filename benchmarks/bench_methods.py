@@ -186,6 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--fpo-variant {v!r}: want LABEL:KEY=VALUE[,...] (and fpo in --methods)")
         specs[f"fpo[{name}]"] = ("fpo", ovs.split(","))
     labels = list(specs)
+    from sparsepo.losses import get_method
+
+    for m in methods:
+        spec = get_method(m)  # an unknown name is refused here, naming the valid ones
+        if spec.needs_oracle_scores or spec.needs_policy_samples:
+            raise SystemExit(f"--methods {m}: its inputs (an oracle, or the policy's own samples) are set up by "
+                             "benchmarks/bench_quality.py and bench_sepo.py / bench_spo_overlap.py, not here")
 
     from sparsepo.cli import demo_sae
     from sparsepo.config import load_config
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     res_methods: dict[str, dict] = {}
     for method in methods:  # reference side first, one process each, before any timed training
         info: dict = {"cache_bytes_per_pair": None, "precompute_s": None}
-        if method != "simpo":
+        if get_method(method).reference_outputs:  # reference-free rows (SimPO, CPO, ORPO, ...) need no cache
             cache = work / "cache" / method
             if cache.exists():
                 import shutil

@@ -7,6 +7,16 @@ REFERENCE_SIDE = {"fpo": "offline cache: γ_ref + pooled SAE top-k", "simpo": "n
 BEGIN, END = "<!-- bench_methods:begin -->", "<!-- bench_methods:end -->"
 
 
+def reference_side(method: str) -> str:
+    """How the method's reference outputs reach the policy, for the table (any row of the loss table)."""
+    if method in REFERENCE_SIDE:
+        return REFERENCE_SIDE[method]
+    from sparsepo.losses import get_method
+
+    outputs = get_method(method).reference_outputs
+    return "cache: " + ", ".join(outputs) if outputs else "none"
+
+
 def fmt(x, spec=".1f", none="–"):
     return none if x is None else format(x, spec)
 
@@ -34,7 +44,7 @@ def render(res: dict) -> str:
     for name in res["order"]:
         s = m[name]
         lines.append(
-            f"| {name} | {REFERENCE_SIDE[s['method']]} | {s['cpu_ms_per_step']:.1f} | "
+            f"| {name} | {reference_side(s['method'])} | {s['cpu_ms_per_step']:.1f} | "
             f"{s['cpu_ms_per_step'] / simpo['cpu_ms_per_step']:.2f} | "
             f"{s['step_time_median_ms']:.1f} ({s['step_time_mean_ms']:.1f}) | "
             f"{s['step_time_median_ms'] / simpo['step_time_median_ms']:.2f} | {s['ref_wait_mean_ms']:.2f} | "
