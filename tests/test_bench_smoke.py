@@ -93,3 +93,13 @@ def test_scaling_model_by_hand(tmp_path):
     text = scaling.main(["--overlap", str(tmp_path / "none.json"), "--methods", str(tmp_path / "none.json"),
                          "--out", str(tmp_path / "scaling.md")])
     assert "| 70B, FLOP model | 3 | 21 (33%, 3 nodes)" in text
+
+
+@pytest.mark.unit
+def test_bench_methods_names_any_rows_reference_side():
+    sys.path.insert(0, str(BENCH))
+    import methods_report
+
+    assert methods_report.reference_side("hinge") == "cache: seq_logps"  # a TRL-family row: sequence log-probs
+    assert methods_report.reference_side("orpo") == "none"  # reference-free
+    assert methods_report.reference_side("fpo").startswith("offline cache")
