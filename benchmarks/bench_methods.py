@@ -52,13 +52,16 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import scalars  # noqa: E402
+from methods_report import BEGIN, END, render  # noqa: E402
+from method_costs import (cache_stats, fpo_policy_overhead, payload_bytes_per_pair,  # noqa: E402
+                          response_tokens_per_pair, sae_k)
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 METHODS = ("fpo", "simpo", "dpo", "tdpo2")
-REFERENCE_SIDE = {"fpo": "offline cache: γ_ref + pooled SAE top-k", "simpo": "none",
-                  "dpo": "cache: sequence log-probs", "tdpo2": "cache: per-token top-k distributions"}
 EXTENSIONS_DIR: Path | None = None
-BEGIN, END = "<!-- bench_methods:begin -->", "<!-- bench_methods:end -->"
 
 
 def env() -> dict[str, str]:
@@ -136,206 +139,6 @@ def train_cmd(nproc: int, overrides: list[str]) -> list[str]:
             str(port), "--module", "sparsepo.train", *args]
 
 
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[int, float] = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
-
-
-def cache_stats(cache: Path) -> dict:
-    index = json.loads((cache / "index.json").read_text())
-    pairs = sum(len(s["example_ids"]) for s in index["shards"])
-    total = sum(s["bytes"] for s in index["shards"])
-    return {"pairs": pairs, "bytes": total, "bytes_per_pair": total / pairs, "shards": len(index["shards"]),
-            "settings": json.loads(index["fingerprint"]["settings_detail"])}
-
-
-def payload_bytes_per_pair(cache: Path) -> dict[str, float]:
-    """Raw tensor bytes per pair by field (what the numbers need, without torch.save's framing)."""
-    import torch
-
-    index = json.loads((cache / "index.json").read_text())
-    sums: dict[str, int] = {}
-    n = 0
-    for shard in index["shards"]:
-        body = torch.load(cache / shard["file"], weights_only=True)
-        for rec in body["records"]:
-            n += 1
-            for name, pair in rec.items():
-                sums[name] = sums.get(name, 0) + sum(t.numel() * t.element_size() for t in pair)
-    return {k: v / n for k, v in sums.items()}
-
-
-def response_tokens_per_pair(cfg) -> float:
-    """Mean chosen + rejected response tokens (incl. eos, after truncation) = response_mask count."""
-    from sparsepo import data as pdata
-    from sparsepo.models import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    ds, _ = pdata.load_preference_dataset(cfg.data, tokenizer)
-    return sum(len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])) / len(ds)
-
-
-def fpo_policy_overhead(world, sae_dir: Path, *, layer: int, k: int, micro: int, reps: int) -> dict:
-    """ms per micro-batch, single-threaded, plain torch (no DeepSpeed): policy forward + backward of
-    the log-prob loss alone; + the layer hook, SAE encode + pooling and the feature MSE in the loss;
-    and the extra reconstruction statistics FPO logs (a second encode + decode, no_grad)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from sparsepo import data as pdata
-    from sparsepo.config import load_config
-    from sparsepo.sae.runtime import SAEFeatures
-    from sparsepo.losses.common import pooled_union_mse
-    from sparsepo.models import load_tokenizer, pair_forward
-    from sparsepo.sae import load_sae, reconstruction_stats
-
-    torch.set_num_threads(1)
-    cfg = load_config(RECIPE, [f"model.path={world.sft_dir}", f"data.path={world.train_path}"])
-    tokenizer = load_tokenizer(str(world.sft_dir))
-    ds, _ = pdata.load_preference_dataset(cfg.data, tokenizer)
-    batch = pdata.collate_pairs(pdata.gather_rows(ds, list(range(micro))), tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_pretrained(world.sft_dir, dtype=torch.float32).train()
-    sae = load_sae(str(sae_dir))
-    feats = SAEFeatures(sae, layer=layer, k=k)
-    with torch.no_grad(), feats.capture(model) as cap:
-        pair_forward(model, batch)
-        ref = feats.reference(cap, batch)
-
-    def plain():
-        fwd = pair_forward(model, batch)
-        (fwd.seq_logps / batch.response_mask.sum(-1)).mean().backward()
-
-    def with_features():
-        with feats.capture(model) as cap:
-            fwd = pair_forward(model, batch)
-        from sparsepo.sae import pooled_features
-
-        pooled = pooled_features(sae, cap.take(), batch.response_mask)
-        mse, _ = pooled_union_mse(pooled, ref["feature_ids"], ref["feature_values"], k)
-        ((fwd.seq_logps / batch.response_mask.sum(-1)).mean() + mse.mean()).backward()
-
-    def stats_only():
-        with torch.no_grad(), feats.capture(model) as cap:
-            pair_forward(model, batch)
-        hidden = cap.take()
-        t = time.perf_counter()
-        reconstruction_stats(sae, hidden, batch.response_mask)
-        return time.perf_counter() - t
-
-    def timed(fn):
-        for _ in range(2):
-            fn()
-            model.zero_grad(set_to_none=True)
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-            model.zero_grad(set_to_none=True)
-        return statistics.median(out) * 1000
-
-    base, feat = timed(plain), timed(with_features)
-    stats_ms = statistics.median([stats_only() for _ in range(reps)]) * 1000
-    return {"policy_fwd_bwd_ms": base, "with_sae_features_ms": feat, "sae_features_extra_ms": feat - base,
-            "reconstruction_stats_ms": stats_ms, "micro_batch_pairs": micro,
-            "response_tokens": int(batch.response_mask.sum()), "d_sae": int(sae.cfg.d_sae)}
-
-
-def _sae_k(sae_dir: Path):
-    cfg = json.loads((sae_dir / "cfg.json").read_text())
-    return cfg.get("k")
-
-
-def fmt(x, spec=".1f", none="–"):
-    return none if x is None else format(x, spec)
-
-
-def render(res: dict) -> str:
-    r, m = res["runs"], res["methods"]
-    lines = [BEGIN, "", f"Measured {res['date']} on {res['machine']} — command:", "", "```",
-             res["command"], "```", "",
-             f"World `{res['size']}` ({res['world']['n_pairs']} pairs, d_model {res['world']['hidden_size']}, "
-             f"{res['world']['num_layers']} layers, {res['world']['n_params']:,} parameters); "
-             f"{res['steps']} steps of {res['global_batch']} pairs, nproc {res['nproc']}, "
-             f"repeats {res['repeats']}; wall step times over steps 3..{res['steps']} of every repeat, CPU "
-             f"time per step from the {res['steps']}-step run minus a {res['short_steps']}-step run. "
-             f"FPO: SAE layer {res['fpo']['layer']}, d_sae {res['fpo']['d_sae']}, TopK "
-             f"{res['fpo']['sae_k']}, {res['fpo']['sae_stats'].get('steps')} training steps "
-             f"({res['fpo']['sae_stats'].get('seconds', float('nan')):.0f}s, explained variance "
-             f"{res['fpo']['sae_stats'].get('explained_variance', float('nan')):.3f}), method.k "
-             f"{res['fpo']['k']}; TDPO2: reference.topk {res['tdpo_topk']}. Load average "
-             f"{res['load_before']} before, {res['load_after']} after.", "",
-             "| method | reference side | CPU ms/step | × SimPO (CPU) | wall step ms median (mean) | "
-             "× SimPO (wall median) | cache read ms/step | peak RSS MiB | ref cache B/pair | precompute s | "
-             "train loss, mean of first 10 → last 10 steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    simpo = m["simpo"]
-    for name in res["order"]:
-        s = m[name]
-        lines.append(
-            f"| {name} | {REFERENCE_SIDE[s['method']]} | {s['cpu_ms_per_step']:.1f} | "
-            f"{s['cpu_ms_per_step'] / simpo['cpu_ms_per_step']:.2f} | "
-            f"{s['step_time_median_ms']:.1f} ({s['step_time_mean_ms']:.1f}) | "
-            f"{s['step_time_median_ms'] / simpo['step_time_median_ms']:.2f} | {s['ref_wait_mean_ms']:.2f} | "
-            f"{s['peak_rss_mib']:.0f} | {fmt(s['cache_bytes_per_pair'], ',.0f')} | {fmt(s['precompute_s'])} | "
-            f"{s['loss_first10']:.4f} → {s['loss_last10']:.4f} |")
-    lines += ["", "| method | win rate vs SFT (± se) | KL(policy‖ref) (± se) | reward (SFT) | length (SFT) |",
-              "|---|---|---|---|---|"]
-    for name in res["order"]:
-        e = m[name]["eval"]
-        lines.append(f"| {name} | {e['win_rate']:.3f} ± {e['win_rate_se']:.3f} | {e['kl']:.3f} ± {e['kl_se']:.3f} | "
-                     f"{e['policy_reward']:.3f} ({e['reference_reward']:.3f}) | "
-                     f"{e['policy_length']:.1f} ({e['reference_length']:.1f}) |")
-    f = res["fpo"]
-    lines += ["", f"FPO cache vs a dense per-token feature cache at layer {f['layer']}: "
-                  f"{f['response_tokens_per_pair']:.1f} response tokens per pair × d_sae {f['d_sae']} × 4 B = "
-                  f"{f['dense_bytes_per_pair']:,.0f} B/pair. FPO's whole cache: {f['cache_bytes_per_pair']:,.0f} "
-                  f"B/pair = **{100 * f['ratio']:.2f}%** (target ≤ 5%); its feature entries alone (FPO − DPO cache) "
-                  f"{f['feature_bytes_per_pair']:,.0f} B/pair = {100 * f['feature_ratio']:.2f}%. Raw tensor "
-                  f"payload per pair: "
-              + ", ".join(f"{k} {v:,.0f} B" for k, v in f["payload_bytes_per_pair"].items())
-              + ".", ""]
-    for name in res["order"]:
-        fm = m[name]
-        if "feature_mse_chosen_first_last" not in fm:
-            continue
-        variant = f" ({', '.join(fm['overrides'])})" if fm.get("overrides") else " (paper defaults)"
-        lines += [f"{name}{variant} training signals, step 1 → last: feature MSE chosen "
-                  + " → ".join(f"{v:.3g}" for v in fm["feature_mse_chosen_first_last"]) + ", rejected "
-                  + " → ".join(f"{v:.3g}" for v in fm["feature_mse_rejected_first_last"])
-                  + "; SAE explained variance on the policy's activations "
-                  + " → ".join(f"{v:.3f}" for v in fm["sae_explained_variance_first_last"]) + "; union size "
-                  + " → ".join(f"{v:.1f}" for v in fm["union_size_first_last"]) + ".", ""]
-    t = res["targets"]
-    lines += ["Targets:", "",
-              f"- FPO cache ≤ 5% of dense: {100 * f['ratio']:.2f}% — **{'met' if t['cache_5pct'] else 'missed'}**",
-              f"- FPO step time ≤ 1.10 × SimPO: {t['fpo_vs_simpo_cpu']:.2f}× in CPU time per step — "
-              f"**{'met' if t['fpo_vs_simpo_cpu'] <= 1.10 else 'missed'}** (wall-clock median: "
-              f"{t['fpo_vs_simpo_wall_median']:.2f}×)",
-              f"- FPO step time < TDPO2: {t['fpo_vs_tdpo2_cpu']:.2f}× TDPO2 in CPU time per step — "
-              f"**{'met' if t['fpo_vs_tdpo2_cpu'] < 1.0 else 'missed'}** (wall-clock median: "
-              f"{t['fpo_vs_tdpo2_wall_median']:.2f}×)", ""]
-    o = res.get("fpo_overhead")
-    if o:
-        lines += [f"FPO policy-side extra work per micro-batch of {o['micro_batch_pairs']} pairs "
-                  f"({o['response_tokens']} response tokens, d_sae {o['d_sae']}; plain torch, 1 thread, median): "
-                  f"forward+backward {o['policy_fwd_bwd_ms']:.1f} ms; with hook + SAE encode/pool + feature MSE "
-                  f"{o['with_sae_features_ms']:.1f} ms (+{o['sae_features_extra_ms']:.1f} ms); the logged "
-                  f"reconstruction statistics (second encode + decode) {o['reconstruction_stats_ms']:.1f} ms.", ""]
-    lines += ["Per run (wall s / CPU s, incl. process start; CPU ms per step): " + "; ".join(
-        f"{x['method']}#{x['repeat']} {x['wall_s']:.1f} / {x['cpu_s']:.1f}; {x['cpu_ms_per_step']:.1f}" for x in r)
-              + f". Total {res['total_s'] / 60:.1f} min (world {res['world_s']:.0f}s, SAE {res['sae_s']:.0f}s; "
-              "both cached for later runs).", "", END]
-    return "\n".join(lines)
-
-
 def write_doc(path: Path, block: str, *, title: str = "Methods benchmark", begin: str = BEGIN,
               end: str = END) -> None:
     """Replace the text between `begin` and `end` in `path` with `block` (which carries both markers);
@@ -354,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="default", choices=["default", "tiny"])
     p.add_argument("--workdir", default="runs/bench-methods")
+    p.add_argument("--world", default=None, help="an existing demo world directory (default: <workdir>/world)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--nproc", type=int, default=1)
@@ -382,6 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--fpo-variant {v!r}: want LABEL:KEY=VALUE[,...] (and fpo in --methods)")
         specs[f"fpo[{name}]"] = ("fpo", ovs.split(","))
     labels = list(specs)
+    from sparsepo.losses import get_method
+
+    for m in methods:
+        spec = get_method(m)  # an unknown name is refused here, naming the valid ones
+        if spec.needs_oracle_scores or spec.needs_policy_samples:
+            raise SystemExit(f"--methods {m}: its inputs (an oracle, or the policy's own samples) are set up by "
+                             "benchmarks/bench_quality.py and bench_sepo.py / bench_spo_overlap.py, not here")
 
     from sparsepo.cli import demo_sae
     from sparsepo.config import load_config
@@ -393,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     EXTENSIONS_DIR = work / "torch_extensions"
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.perf_counter()
-    world = prepare_world(work / "world", size=a.size, progress=False)
+    world = prepare_world(Path(a.world) if a.world else work / "world", size=a.size, progress=False)
     world_meta = json.loads(world.meta_path.read_text())
     print(f"[bench] world ready ({time.perf_counter() - t0:.0f}s)", flush=True)
     t_sae = time.perf_counter()
@@ -423,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     res_methods: dict[str, dict] = {}
     for method in methods:  # reference side first, one process each, before any timed training
         info: dict = {"cache_bytes_per_pair": None, "precompute_s": None}
-        if method != "simpo":
+        if get_method(method).reference_outputs:  # reference-free rows (SimPO, CPO, ORPO, ...) need no cache
             cache = work / "cache" / method
             if cache.exists():
                 import shutil
@@ -508,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         fpo_bytes = res_methods["fpo"]["cache_bytes_per_pair"]
         dpo_bytes = res_methods.get("dpo", {}).get("cache_bytes_per_pair") or 0.0
         fpo_res = {"layer": cfg.sae.layer, "d_sae": sae_meta["d_sae"], "k": cfg.method.params.k,
-                   "sae_dir": str(sae_dir), "sae_k": _sae_k(sae_dir),
+                   "sae_dir": str(sae_dir), "sae_k": sae_k(sae_dir),
                    "sae_stats": sae_meta.get("stats", {}), "response_tokens_per_pair": tokens,
                    "dense_bytes_per_pair": dense, "cache_bytes_per_pair": fpo_bytes, "ratio": fpo_bytes / dense,
                    "feature_bytes_per_pair": fpo_bytes - dpo_bytes, "feature_ratio": (fpo_bytes - dpo_bytes) / dense,

@@ -16,18 +16,19 @@ from pathlib import Path
 from common import REPO, scalars, steady_mean, summary, train, write_report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--size", default="default", choices=["default", "tiny"])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--world", default=None, help="an existing demo world (default: a fresh one, its preparation timed)")
     p.add_argument("--out", default=str(REPO / "docs" / "bench_train.md"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from sparsepo.demo import prepare_world
 
     work = Path(tempfile.mkdtemp(prefix="sparsepo-bench-"))
     t0 = time.perf_counter()
-    world = prepare_world(work / "world", size=a.size, progress=False, force=True)
+    world = prepare_world(Path(a.world) if a.world else work / "world", size=a.size, progress=False, force=not a.world)
     prepare_s = time.perf_counter() - t0
     rows, data = [], {"size": a.size, "prepare_world_s": prepare_s, "runs": {}}
     for nproc in (1, 2):

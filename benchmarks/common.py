@@ -15,11 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 
 
-def train(world, run_dir: Path, overrides: list[str], nproc: int) -> float:
-    """Run one training job; returns its wall time. Raises with the log tail on failure."""
+def train(world, run_dir: Path, overrides: list[str], nproc: int, *, pin: bool = False) -> float:
+    """Run one training job; returns its wall time. Raises with the log tail on failure. `pin`: one
+    core per process (1 process: `taskset -c 0`; more: the deepspeed launcher's --bind_cores_to_rank)."""
     cmd = train_command(RECIPE, [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
                                  f"logging.output_dir={run_dir}", "logging.progress=false", "logging.overwrite=true",
                                  *overrides], nproc=nproc)
+    if pin:
+        cmd = ["taskset", "-c", "0", *cmd] if nproc <= 1 else [*cmd[:3], "--bind_cores_to_rank", *cmd[3:]]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -32,7 +35,7 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[int, float] = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags()["scalars"]:
