@@ -28,41 +28,21 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
-from common import RECIPE, REPO, scalars, steady_mean
-
-from sparsepo.launch.ports import free_port
-
-
-def command(world, run: Path, overrides: list[str], *, nproc: int, pin: bool) -> list[str]:
-    """The training command of one run: 1 process under taskset, or the deepspeed launcher binding
-    each rank to its own core."""
-    args = ["--config", str(RECIPE), f"model.path={world.sft_dir}", f"data.path={world.train_path}",
-            f"logging.output_dir={run}", "logging.progress=false", "logging.overwrite=true", *overrides]
-    if nproc == 1:
-        return (["taskset", "-c", "0"] if pin else []) + [sys.executable, "-m", "sparsepo.train", *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-            str(free_port()), *(["--bind_cores_to_rank"] if pin else []), "--module", "sparsepo.train", *args]
+from common import REPO, scalars, steady_mean, train
 
 
 def run_mode(world, run: Path, overrides: list[str], *, nproc: int, pin: bool) -> dict:
-    cmd = command(world, run, overrides, nproc=nproc, pin=pin)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-               TOKENIZERS_PARALLELISM="false")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    wall = train(world, run, overrides, nproc, pin=pin)
     return {"step_time_s": steady_mean(scalars(run, "train/step_time")),
             "ref_wait_s": steady_mean(scalars(run, "train/sample_ref_wait")),
             "gen_time_s": steady_mean(scalars(run, "train/gen_time")),
-            "staleness": max(scalars(run, "train/staleness").values()), "wall_s": time.perf_counter() - t0}
+            "staleness": max(scalars(run, "train/staleness").values()), "wall_s": wall}
 
 
 def figures(runs: dict[str, list[dict]]) -> dict[str, dict]:

@@ -15,15 +15,22 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 
 
-def train(world, run_dir: Path, overrides: list[str], nproc: int, *, pin: bool = False) -> float:
-    """Run one training job; returns its wall time. Raises with the log tail on failure. `pin`: one
-    core per process (1 process: `taskset -c 0`; more: the deepspeed launcher's --bind_cores_to_rank)."""
+def command(world, run_dir: Path, overrides: list[str], nproc: int, *, pin: bool = False) -> list[str]:
+    """The command line of one training job on the demo world. `pin`: one core per process
+    (1 process: `taskset -c 0`; more: the deepspeed launcher's --bind_cores_to_rank, numactl)."""
     cmd = train_command(RECIPE, [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
                                  f"logging.output_dir={run_dir}", "logging.progress=false", "logging.overwrite=true",
                                  *overrides], nproc=nproc)
-    if pin:
-        cmd = ["taskset", "-c", "0", *cmd] if nproc <= 1 else [*cmd[:3], "--bind_cores_to_rank", *cmd[3:]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    if not pin:
+        return cmd
+    return ["taskset", "-c", "0", *cmd] if nproc <= 1 else [*cmd[:3], "--bind_cores_to_rank", *cmd[3:]]
+
+
+def train(world, run_dir: Path, overrides: list[str], nproc: int, *, pin: bool = False) -> float:
+    """Run one training job (`command`); returns its wall time. Raises with the log tail on failure."""
+    cmd = command(world, run_dir, overrides, nproc, pin=pin)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:

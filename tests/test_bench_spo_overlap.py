@@ -12,6 +12,7 @@ from conftest import REPO, train_env
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_spo_overlap  # noqa: E402
+import common  # noqa: E402
 
 
 @pytest.mark.unit
@@ -29,11 +30,11 @@ def test_figures_are_medians_then_ratios_to_inline():
 @pytest.mark.unit
 def test_live_runs_are_pinned_one_core_per_rank_and_inline_to_one_core(tmp_path):
     world = type("W", (), {"sft_dir": tmp_path / "sft", "train_path": tmp_path / "t.jsonl"})
-    inline = bench_spo_overlap.command(world, tmp_path, ["reference.mode=inline"], nproc=1, pin=True)
-    live = bench_spo_overlap.command(world, tmp_path, ["reference.mode=live"], nproc=2, pin=True)
+    inline = common.command(world, tmp_path, ["reference.mode=inline"], nproc=1, pin=True)
+    live = common.command(world, tmp_path, ["reference.mode=live"], nproc=2, pin=True)
     assert inline[:3] == ["taskset", "-c", "0"] and "sparsepo.train" in inline
     assert "--bind_cores_to_rank" in live and live[live.index("--num_gpus") + 1] == "2"
-    assert "taskset" not in bench_spo_overlap.command(world, tmp_path, [], nproc=1, pin=False)
+    assert "taskset" not in common.command(world, tmp_path, [], nproc=1, pin=False)
 
 
 @pytest.mark.integration
