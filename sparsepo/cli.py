@@ -131,6 +131,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     result = evaluate_policy(run_dir / "final", world.sft_dir, world.eval_prompts_path, seed=a.seed)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     _print_eval(result, f"{a.method} on the demo")
+    print("(one training seed: these figures move with train.seed; `python benchmarks/bench_quality.py` gives "
+          "mean ± s.e. over seeds, docs/benchmarks_quality.md)")
     return 0
 
 
