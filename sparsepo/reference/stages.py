@@ -97,6 +97,13 @@ class DecoderLayerStage(nn.Module):
         return (hidden, attention_mask, position_ids, *carried)
 
 
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """tanh(logits / c) * c in the order the Gemma 2/3 forward does it (the model dtype); None: unchanged."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
 class HeadStage(nn.Module):
     """Final norm + lm_head (+ soft-capping): (hidden, attention_mask, position_ids) -> logits (N,T,V)
     in the model dtype; (hidden, attention_mask, position_ids, hidden_ℓ) -> (logits, hidden_ℓ).
@@ -110,12 +117,7 @@ class HeadStage(nn.Module):
         self.softcap = softcap
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        logits = self.lm_head(self.norm(hidden))
-        if self.softcap is not None:
-            logits = logits / self.softcap
-            logits = torch.tanh(logits)
-            logits = logits * self.softcap
-        return logits
+        return soft_cap(self.lm_head(self.norm(hidden)), self.softcap)
 
     def forward(self, inputs):
         if not isinstance(inputs, (tuple, list)):
