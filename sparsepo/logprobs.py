@@ -5,7 +5,7 @@ vocabulary 128k and T 2k the largest tensor of a training step, several times ov
 (docs/benchmarks.md, "Lean log-probs"). Here the model's forward runs with ``logits_to_keep=1``
 (the head sees one position per row), a hook on the family's final norm (``reference.families``:
 the head's input) keeps the last hidden state (N,T,H), and the model's own ``lm_head`` (plus the
-family's soft-capping, ``reference.stages.soft_cap``) runs on ``chunk`` response positions at a
+family's soft-capping, ``soft_cap``) runs on ``chunk`` response positions at a
 time, each chunk's log_softmax in float32. Prompt and padding positions never see the head. With
 gradients each chunk is checkpointed, so the backward recomputes one chunk's logits at a time and
 never holds them all.
@@ -33,11 +33,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsepo.reference.families import FAMILIES
-from sparsepo.reference.stages import get_module, soft_cap
+from sparsepo.reference.families import FAMILIES, get_module
 
 DEFAULT_CHUNK = 128
 """Response positions per head chunk (``model.logits_chunk``); see docs/benchmarks.md for the choice."""
+
+
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """tanh(logits / c) * c in the order the Gemma 2/3 forward does it (the model dtype); None: unchanged."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
 
 
 @dataclass
@@ -156,6 +162,16 @@ def hidden_forward(model, input_ids: Tensor, attention_mask: Tensor, chunk: int)
     if len(got) != 1:
         raise RuntimeError(f"lean log-probs: the final norm ran {len(got)} times in one forward (expected once)")
     return HeadInput(hidden=got[0], head=head, chunk=chunk)
+
+
+def scoring_input(model, input_ids: Tensor, attention_mask: Tensor, chunk: int) -> HeadInput | Tensor:
+    """What ``reference.scoring.score`` takes from one forward of ``model``: the head's input
+    (``hidden_forward``, the lean path) when ``chunk`` > 0 and the model has a lean head, else the
+    full logits (N,T,V) in the model dtype (the plain path)."""
+    src = hidden_forward(model, input_ids, attention_mask, chunk) if chunk > 0 else None
+    if src is not None:
+        return src
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def chunked_logps(src: HeadInput, input_ids: Tensor, mask: Tensor, *, topk: int = 0, ids: Tensor | None = None,

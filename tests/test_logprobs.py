@@ -148,3 +148,22 @@ def test_an_empty_response_mask_gives_zeros():
     got = chunked_logps(HeadInput(src.hidden, src.head, 3), batch.input_ids, torch.zeros_like(batch.response_mask),
                         topk=K)
     assert all(float(v.abs().sum()) == 0 for v in got.values())
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2"])
+def test_the_pipeline_head_hands_the_lean_path_its_input(case):
+    """pipeline_layers(chunk=) (the live reference's last stage): the head returns a HeadInput, and
+    score() on it equals score() on the plain pipeline's logits (what ScoreFn computes)."""
+    from sparsepo.reference.stages import pipeline_layers, run_layers
+
+    model = tiny_model(case)
+    for i, batch in enumerate(batches()):
+        ids = request_ids(batch, i)
+        with torch.no_grad():
+            logits = run_layers(pipeline_layers(model), batch.input_ids, batch.attention_mask)
+            src = run_layers(pipeline_layers(model, chunk=CHUNK), batch.input_ids, batch.attention_mask)
+        assert isinstance(src, HeadInput) and src.chunk == CHUNK
+        plain = score(logits, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
+        lean = score(src, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
+        for name in FIELDS:
+            torch.testing.assert_close(lean[name], plain[name], atol=1e-6, rtol=0, msg=f"{case} {i} {name}")

@@ -128,7 +128,7 @@ def serve(cfg, plan, bridge) -> None:
         ref_path, num_stages=topo.num_stages, precision=cfg.train.precision, outputs=outputs,
         topk=cfg.reference.topk if "topk_ids" in outputs + sample_outputs else None,
         feature_layer=cfg.sae.layer if features else None, features=load_features if features else None,
-        requests=samples)
+        requests=samples, chunk=cfg.model.logits_chunk)
     if scorer.replica_index != role.replica or scorer.stage_id != role.stage:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "
                            f"{scorer.replica_index}, topology says stage {role.stage} replica {role.replica}")
