@@ -167,3 +167,10 @@ def test_the_pipeline_head_hands_the_lean_path_its_input(case):
         lean = score(src, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
         for name in FIELDS:
             torch.testing.assert_close(lean[name], plain[name], atol=1e-6, rtol=0, msg=f"{case} {i} {name}")
+
+
+def test_the_config_default_is_the_measured_chunk():
+    from sparsepo.config.sections import ModelConfig
+    from sparsepo.logprobs import DEFAULT_CHUNK
+
+    assert ModelConfig().logits_chunk == DEFAULT_CHUNK == 128  # docs/benchmarks.md, "Lean log-probs"
