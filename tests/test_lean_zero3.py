@@ -10,10 +10,12 @@ the per-step losses and the final weights of the plain path (logits_chunk=0), to
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_lean_zero3.py
 """
 
+import json
+
 import pytest
 import torch
 
-from conftest import read_scalars, run_training
+from conftest import REPO, read_scalars, run_training
 
 pytestmark = pytest.mark.distributed
 STEPS = 3
@@ -44,12 +46,19 @@ def response_tokens_per_rank(world, steps: int) -> list[tuple[int, int]]:
 
 
 def test_lean_zero3_with_unequal_lengths_across_ranks_finishes_and_equals_the_plain_path(tiny_world, tmp_path):
+    """ZeRO-3 with stage3_param_persistence_threshold 0: every weight of the tiny model (the head too) is
+    partitioned and all-gathered per module call, as at real size (the default file keeps weights under
+    1e5 elements whole on every rank)."""
     counts = response_tokens_per_rank(tiny_world, STEPS)
     assert all(a != b for a, b in counts), counts  # every step: different chunk counts on the two ranks
+    stage = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    stage["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3_partition_all.json").write_text(json.dumps(stage))
     runs = {}
     for chunk in (0, 1):
         runs[chunk] = tmp_path / f"chunk{chunk}"
-        run_training(tiny_world, runs[chunk], *COMMON, f"model.logits_chunk={chunk}", nproc=2, timeout=240)
+        run_training(tiny_world, runs[chunk], *COMMON, f"model.logits_chunk={chunk}",
+                     f"deepspeed.stage_file={tmp_path / 'zero3_partition_all.json'}", nproc=2, timeout=240)
     plain, lean = (read_scalars(runs[c], "train/loss") for c in (0, 1))
     assert sorted(plain) == list(range(1, STEPS + 1)) and lean.keys() == plain.keys(), (plain, lean)
     for step in plain:
