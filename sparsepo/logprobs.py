@@ -4,11 +4,20 @@ The plain path (``model(...).logits``, then ``losses.common``) holds (N,T,V) flo
 vocabulary 128k and T 2k the largest tensor of a training step, several times over at its peak
 (docs/benchmarks.md, "Lean log-probs"). Here the model's forward runs with ``logits_to_keep=1``
 (the head sees one position per row), a hook on the family's final norm (``reference.families``:
-the head's input) keeps the last hidden state (N,T,H), and the head — the model's own
-``lm_head`` plus the family's soft-capping, through ``reference.stages.HeadStage``, the module the
-live pipeline's last stage uses — runs on ``chunk`` response positions at a time, each chunk's
-log_softmax in float32. Prompt and padding positions never see the head. With gradients each chunk
-is checkpointed, so the backward recomputes one chunk's logits at a time and never holds them all.
+the head's input) keeps the last hidden state (N,T,H), and the model's own ``lm_head`` (plus the
+family's soft-capping, ``soft_cap``) runs on ``chunk`` response positions at a
+time, each chunk's log_softmax in float32. Prompt and padding positions never see the head. With
+gradients each chunk is checkpointed, so the backward recomputes one chunk's logits at a time and
+never holds them all.
+
+**One head call per scoring pass, whatever the chunk count.** All chunks run inside a single
+invocation of the ``lm_head`` module (``LeanHead``: its ``forward`` is swapped for the chunk loop
+for that one call), so hooks on the module fire once: under ZeRO-3 the head's weight is gathered
+once before the loop and released after it, and in the backward gathered once (ZeRO's pre-backward
+hook on the call's output) before any chunk is recomputed. Ranks whose response-token counts differ
+(so their chunk counts differ) make the same collectives; with one head call per chunk they did
+not, and a multi-rank ZeRO-3 run hung (tests/test_lean_zero3.py). At least one (possibly empty)
+chunk always runs, so a rank without response tokens still joins the backward's gather.
 
 Alignment as ``losses.common``: the value at position t describes x_t and comes from hidden[t-1].
 """
@@ -20,15 +29,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sparsepo.losses.common import log_sq_mass
-from sparsepo.reference.families import FAMILIES
-from sparsepo.reference.stages import HeadStage, get_module
+from sparsepo.reference.families import FAMILIES, get_module
 
 DEFAULT_CHUNK = 128
 """Response positions per head chunk (``model.logits_chunk``); see docs/benchmarks.md for the choice."""
+
+
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """tanh(logits / c) * c in the order the Gemma 2/3 forward does it (the model dtype); None: unchanged."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
 
 
 @dataclass
@@ -37,7 +53,7 @@ class HeadInput:
     ``pair_forward`` take instead of (N,T,V) logits on the lean path."""
 
     hidden: Tensor  # (N,T,H) the head's input (after the final norm)
-    head: nn.Module  # (…,H) -> (…,V) logits in the model dtype, soft-capped as the model's forward does
+    head: "LeanHead"  # the model's lm_head + soft-capping, run over all chunks in one module call
     chunk: int = DEFAULT_CHUNK
 
 
@@ -48,9 +64,72 @@ def _unwrap(model):
     return model
 
 
-def lean_head(model) -> tuple[nn.Module, nn.Module] | None:
-    """(final norm, head) of a causal LM whose family the table knows and whose forward takes
-    ``logits_to_keep``; None otherwise (the caller keeps the plain path)."""
+class LeanHead:
+    """The model's ``lm_head`` (an ``nn.Linear``) and the family's soft-cap ``softcap`` (None: none).
+
+    ``run`` scores all chunks inside one call of the ``lm_head`` module (see the module docstring)."""
+
+    def __init__(self, lm_head: nn.Linear, softcap: float | None = None):
+        self.lm_head, self.softcap = lm_head, softcap
+
+    def logits(self, h: Tensor) -> Tensor:
+        """(…,H) -> (…,V) logits in the model dtype, soft-capped as the model's forward does. Reads the
+        weight directly: call it only inside ``run`` (under ZeRO-3 the weight is gathered there only)."""
+        return soft_cap(F.linear(h, self.lm_head.weight, self.lm_head.bias), self.softcap)
+
+    def run(self, h: Tensor, targets: Tensor, ids: Tensor | None, *, chunk: int, topk: int = 0,
+            entropy: bool = False, sq_mass: bool = False) -> dict[str, Tensor]:
+        """M rows of the head's input h (M,H), their next tokens targets (M,) and optional ids (M,K'):
+        {"logps": (M,1+K') float32 (the target's log-prob, then the ids'), with gradients when h or
+        the weight has them; with ``topk`` "topk_logps" (M,K) / "topk_ids" (M,K); with ``entropy``
+        "entropy" (M,), with ``sq_mass`` "log_sq_mass" (M,)} (no gradient), ``chunk`` rows per logits
+        tensor, one ``lm_head`` call."""
+        module = self.lm_head
+        own = module.__dict__.get("forward")  # an instance-level forward (accelerate hooks) is put back after
+        module.forward = lambda h, targets, ids=None: self._chunks(h, targets, ids, chunk, topk, entropy, sq_mass)
+        try:  # tensors in, a tuple of tensors out: what ZeRO's and torch's module hooks can see
+            out = module(h, targets) if ids is None else module(h, targets, ids)
+            names = (("logps",) + (("topk_logps", "topk_ids") if topk else ()) + (("entropy",) if entropy else ())
+                     + (("log_sq_mass",) if sq_mass else ()))
+            return dict(zip(names, out, strict=True))
+        finally:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+    def _chunks(self, h: Tensor, targets: Tensor, ids: Tensor | None, chunk: int, topk: int,
+                entropy: bool, sq_mass: bool) -> tuple[Tensor, ...]:
+        grad = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
+        fn = self._chunk_fn(topk, entropy, sq_mass)
+        parts = []
+        for lo in range(0, max(int(h.shape[0]), 1), chunk):  # >= 1 chunk: every rank joins the backward
+            args = (h[lo:lo + chunk], targets[lo:lo + chunk], ids[lo:lo + chunk] if ids is not None else None)
+            parts.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+        return tuple(torch.cat(field) for field in zip(*parts))
+
+    def _chunk_fn(self, topk: int, entropy: bool, sq_mass: bool):
+        def fn(h: Tensor, targets: Tensor, ids: Tensor | None) -> tuple[Tensor, ...]:
+            logits = self.logits(h).float()  # (C,V)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            at = targets[:, None] if ids is None else torch.cat([targets[:, None], ids], dim=-1)
+            out = [logits.gather(-1, at) - lse]
+            if topk:
+                values, top_ids = logits.detach().topk(topk, dim=-1)
+                out += [values - lse.detach(), top_ids]
+            if entropy:
+                with torch.no_grad():
+                    logp = logits - lse
+                    out.append(-(logp.exp() * logp).sum(-1))
+            if sq_mass:
+                out.append(log_sq_mass(logits))
+            return tuple(out)
+        return fn
+
+
+def lean_head(model) -> tuple[nn.Module, LeanHead] | None:
+    """(final norm, head) of a causal LM whose family the table knows, whose head is an ``nn.Linear``
+    and whose forward takes ``logits_to_keep``; None otherwise (the caller keeps the plain path)."""
     module = _unwrap(model)
     config = getattr(module, "config", None)
     family = FAMILIES.get(getattr(config, "model_type", None))
@@ -60,8 +139,10 @@ def lean_head(model) -> tuple[nn.Module, nn.Module] | None:
         norm, lm_head = get_module(module, family.norm), get_module(module, family.head)
     except (AttributeError, IndexError):
         return None
+    if not isinstance(lm_head, nn.Linear):
+        return None
     softcap = getattr(config, "final_logit_softcapping", None) if family.logit_softcap else None
-    return norm, HeadStage(nn.Identity(), lm_head, softcap)
+    return norm, LeanHead(lm_head, softcap)
 
 
 @contextmanager
@@ -88,26 +169,14 @@ def hidden_forward(model, input_ids: Tensor, attention_mask: Tensor, chunk: int)
     return HeadInput(hidden=got[0], head=head, chunk=chunk)
 
 
-def _chunk_fn(head: nn.Module, topk: int, entropy: bool, sq_mass: bool = False):
-    def fn(h: Tensor, targets: Tensor, ids: Tensor | None):
-        logits = head(h).float()  # (C,V)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        out = [(logits.gather(-1, targets[:, None]) - lse).squeeze(-1)]
-        out.append(logits.gather(-1, ids) - lse if ids is not None else None)
-        if topk:
-            values, top_ids = logits.detach().topk(topk, dim=-1)
-            out += [values - lse.detach(), top_ids]
-        else:
-            out += [None, None]
-        if entropy:
-            with torch.no_grad():
-                logp = logits - lse
-                out.append(-(logp.exp() * logp).sum(-1))
-        else:
-            out.append(None)
-        out.append(log_sq_mass(logits) if sq_mass else None)
-        return tuple(out)
-    return fn
+def scoring_input(model, input_ids: Tensor, attention_mask: Tensor, chunk: int) -> HeadInput | Tensor:
+    """What ``reference.scoring.score`` takes from one forward of ``model``: the head's input
+    (``hidden_forward``, the lean path) when ``chunk`` > 0 and the model has a lean head, else the
+    full logits (N,T,V) in the model dtype (the plain path)."""
+    src = hidden_forward(model, input_ids, attention_mask, chunk) if chunk > 0 else None
+    if src is not None:
+        return src
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def chunked_logps(src: HeadInput, input_ids: Tensor, mask: Tensor, *, topk: int = 0, ids: Tensor | None = None,
@@ -128,30 +197,23 @@ def chunked_logps(src: HeadInput, input_ids: Tensor, mask: Tensor, *, topk: int 
     width = max(t - 1, 1)
     pred = (where // width) * t + where % width  # the predicting position in (N*T)
     target = pred + 1
-    h = hidden.reshape(n * t, -1)
-    grad = torch.is_grad_enabled() and h.requires_grad
-    fn = _chunk_fn(src.head, topk, entropy, sq_mass)
-    flat_ids = ids.reshape(n * t, -1) if ids is not None else None
-    parts: list[tuple] = []
-    for lo in range(0, int(where.numel()), src.chunk):
-        p, q = pred[lo:lo + src.chunk], target[lo:lo + src.chunk]
-        args = (h[p], input_ids.reshape(-1)[q], flat_ids[q] if flat_ids is not None else None)
-        parts.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    flat_ids = ids.reshape(n * t, -1)[target] if ids is not None else None
+    got = src.head.run(hidden.reshape(n * t, -1)[pred], input_ids.reshape(-1)[target], flat_ids,
+                       chunk=src.chunk, topk=topk, entropy=entropy, sq_mass=sq_mass)
 
-    def place(i: int, shape: tuple, dtype) -> Tensor:
-        flat = torch.zeros((n * t, *shape), dtype=dtype, device=hidden.device)
-        if parts:
-            flat = flat.index_put((target,), torch.cat([part[i] for part in parts]))
-        return flat.reshape(n, t, *shape)
+    def place(values: Tensor) -> Tensor:
+        flat = torch.zeros((n * t, *values.shape[1:]), dtype=values.dtype, device=hidden.device)
+        return flat.index_put((target,), values).reshape(n, t, *values.shape[1:])
 
-    token_logps = place(0, (), torch.float32)
-    got = {"token_logps": token_logps, "seq_logps": token_logps.sum(-1)}
+    logps = place(got["logps"])  # (N,T,1+K')
+    token_logps = logps[..., 0].contiguous()  # summed as the plain path sums it (same order, same bits)
+    out = {"token_logps": token_logps, "seq_logps": token_logps.sum(-1)}
     if ids is not None:
-        got["logps_at"] = place(1, (ids.shape[-1],), torch.float32)
+        out["logps_at"] = logps[..., 1:]
     if topk:
-        got["topk_logps"], got["topk_ids"] = place(2, (topk,), torch.float32), place(3, (topk,), torch.long)
+        out["topk_logps"], out["topk_ids"] = place(got["topk_logps"]), place(got["topk_ids"])
     if entropy:
-        got["entropy"] = place(4, (), torch.float32)
+        out["entropy"] = place(got["entropy"])
     if sq_mass:
-        got["log_sq_mass"] = place(5, (), torch.float32)
-    return got
+        out["log_sq_mass"] = place(got["log_sq_mass"])
+    return out

@@ -56,7 +56,7 @@ class Run:
     metrics: MetricsLogger
     start: int
     total: int
-    logits_chunk: int = 0  # model.logits_chunk, or 0 (plain path) in live runs, where the lean path hung (left to fix)
+    logits_chunk: int = 0  # model.logits_chunk (0: the plain path)
 
 
 def setup(cfg: RunConfig, live=None) -> Run:
@@ -90,7 +90,7 @@ def setup(cfg: RunConfig, live=None) -> Run:
                                 support=cfg.method.params.kl_support, seed=cfg.train.seed,
                                 pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
                                 rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
-                                staleness=cfg.generation.staleness, chunk=0 if live else cfg.model.logits_chunk)
+                                staleness=cfg.generation.staleness, chunk=cfg.model.logits_chunk)
         state = None if resume is None else ckpt.load_rank_state(resume, "samples", rank=ctx.rank,
                                                                   world_size=ctx.world_size)
         if state is not None and not samples.load_state_dict(state, device=ctx.device):
@@ -104,12 +104,9 @@ def setup(cfg: RunConfig, live=None) -> Run:
     if ctx.is_main:
         log.info("training %s on %d pairs: %d steps of %d pairs over %d rank(s)", spec.name, len(data.dataset),
                  total, schedule.global_batch, ctx.world_size)
-    if live and cfg.model.logits_chunk and ctx.is_main:
-        log.warning("model.logits_chunk=%d is not used in live runs yet (a live run with it hung): the policy "
-                    "takes the plain log-prob path", cfg.model.logits_chunk)
     return Run(cfg=cfg, ctx=ctx, spec=spec, data=data, schedule=schedule, policy=policy, source=source,
                features=features, samples=samples, metrics=metrics, start=start, total=total,
-               logits_chunk=0 if live else cfg.model.logits_chunk)
+               logits_chunk=cfg.model.logits_chunk)
 
 
 def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:

@@ -85,20 +85,49 @@ def test_lean_gradients_equal_the_plain_ones(case):
         assert (g1[name] - g0[name]).abs().max() <= 1e-6 * max(1.0, float(g0[name].abs().max())), name
 
 
-def test_the_head_sees_response_positions_only_and_chunk_rows_at_most():
+def test_the_head_sees_response_positions_only_and_chunk_rows_at_most(monkeypatch):
+    import sparsepo.logprobs as lp
+
     model = tiny_model("llama")
     batch = batches()[0]
-    rows = []
-    handle = model.lm_head.register_forward_hook(lambda _m, args, _o: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    calls, rows = [], []
+    logits = lp.LeanHead.logits
+    monkeypatch.setattr(lp.LeanHead, "logits", lambda self, h: rows.append(h.shape[0]) or logits(self, h))
+    handle = model.lm_head.register_forward_hook(lambda _m, args, _o: calls.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
     try:
         src = hidden_forward(model, batch.input_ids, batch.attention_mask, CHUNK)
         chunked_logps(src, batch.input_ids, batch.response_mask)
     finally:
         handle.remove()
-    n = batch.input_ids.shape[0]
-    assert rows[0] == n  # the model's own forward: logits_to_keep=1, one position per row
-    assert max(rows[1:]) <= CHUNK and sum(rows[1:]) == int(batch.response_mask.sum())
-    assert int(batch.response_mask.sum()) < batch.input_ids.numel() // 2  # prompts and padding were skipped
+    n, m = batch.input_ids.shape[0], int(batch.response_mask.sum())
+    assert calls == [n, m]  # the model's own forward (logits_to_keep=1: one position per row), then one lean call
+    assert max(rows) <= CHUNK and sum(rows) == m and len(rows) == -(-m // CHUNK)
+    assert m < batch.input_ids.numel() // 2  # prompts and padding were skipped
+
+
+@pytest.mark.parametrize("chunk", [1, CHUNK, 10_000])
+@pytest.mark.parametrize("empty", [False, True])
+def test_one_head_module_call_forward_and_backward_whatever_the_chunk_count(chunk, empty):
+    """What keeps multi-rank ZeRO-3 in step (its hooks gather the head's weight per module call, in
+    the forward and, through the call's output, in the backward): the lm_head module runs once and its
+    backward hook once per scoring pass, for any chunk count — also with no response token at all."""
+    model = tiny_model("llama")
+    model.requires_grad_(True)
+    batch = batches()[0]
+    mask = torch.zeros_like(batch.response_mask) if empty else batch.response_mask
+    forwards, backwards = [], []
+    hooks = [model.lm_head.register_forward_hook(lambda *_: forwards.append(1)),
+             model.lm_head.register_full_backward_pre_hook(lambda *_: backwards.append(1))]
+    try:
+        src = hidden_forward(model, batch.input_ids, batch.attention_mask, chunk)
+        got = chunked_logps(src, batch.input_ids, mask, ids=request_ids(batch))
+        (got["seq_logps"].sum() + got["logps_at"].sum()).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(forwards) == 2 and len(backwards) == 1, (forwards, backwards)
+    assert model.lm_head.weight.grad is not None
+    assert (float(model.lm_head.weight.grad.abs().sum()) == 0) == empty
 
 
 def test_a_model_the_table_does_not_know_keeps_the_plain_path(monkeypatch):
@@ -135,3 +164,29 @@ def test_lean_sq_mass_equals_the_plain_one_and_is_computed_only_when_asked(case)
         assert float(plain.log_sq_mass[batch.response_mask == 0].abs().sum()) == 0
         assert float(plain.log_sq_mass[batch.response_mask != 0].max()) < 0
     assert pair_forward(model, batch).log_sq_mass is None and pair_forward(model, batch, chunk=CHUNK).log_sq_mass is None
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2"])
+def test_the_pipeline_head_hands_the_lean_path_its_input(case):
+    """pipeline_layers(chunk=) (the live reference's last stage): the head returns a HeadInput, and
+    score() on it equals score() on the plain pipeline's logits (what ScoreFn computes)."""
+    from sparsepo.reference.stages import pipeline_layers, run_layers
+
+    model = tiny_model(case)
+    for i, batch in enumerate(batches()):
+        ids = request_ids(batch, i)
+        with torch.no_grad():
+            logits = run_layers(pipeline_layers(model), batch.input_ids, batch.attention_mask)
+            src = run_layers(pipeline_layers(model, chunk=CHUNK), batch.input_ids, batch.attention_mask)
+        assert isinstance(src, HeadInput) and src.chunk == CHUNK
+        plain = score(logits, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
+        lean = score(src, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
+        for name in FIELDS:
+            torch.testing.assert_close(lean[name], plain[name], atol=1e-6, rtol=0, msg=f"{case} {i} {name}")
+
+
+def test_the_config_default_is_the_measured_chunk():
+    from sparsepo.config.sections import ModelConfig
+    from sparsepo.logprobs import DEFAULT_CHUNK
+
+    assert ModelConfig().logits_chunk == DEFAULT_CHUNK == 128  # docs/benchmarks.md, "Lean log-probs"

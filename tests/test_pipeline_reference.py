@@ -245,15 +245,15 @@ def test_stage_parts_and_refusals():
 # ---------------------------------------------------------------------------------------------
 
 def run_pipeline(model_dir: Path, out: Path, *, nproc: int, stages: int, batches: list, micro_batches: int = 1,
-                 partition: str = "uniform", timeout: int = 120, sae: tuple[Path, int] | None = None
-                 ) -> dict[int, dict]:
+                 partition: str = "uniform", timeout: int = 120, sae: tuple[Path, int] | None = None,
+                 chunk: int = 0) -> dict[int, dict]:
     out.mkdir(parents=True, exist_ok=True)
     batches_file = out / "batches.pt"
     torch.save(batches, batches_file)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(WORKER), "--model", str(model_dir),
            "--batches", str(batches_file), "--out", str(out), "--stages", str(stages), "--topk", str(TOPK),
-           "--micro-batches", str(micro_batches), "--partition", partition]
+           "--micro-batches", str(micro_batches), "--partition", partition, "--chunk", str(chunk)]
     if sae is not None:
         cmd += ["--sae", str(sae[0]), "--sae-layer", str(sae[1]), "--sae-k", str(FEATURE_K)]
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -303,6 +303,17 @@ def test_two_stage_pipeline_matches_score_batch(saved_model, tmp_path):
     # each stage holds only its slice: stage 0 = embedding + layer 0, stage 1 = layer 1 + norm + head
     items = [p.numel() for p in model.parameters()]
     assert infos[0]["stage_params"] + infos[1]["stage_params"] == sum(items)
+    check_against_score_batch(model, tmp_path / "out", infos, batches)
+
+
+@pytest.mark.distributed
+def test_two_stage_pipeline_on_the_lean_path_matches_score_batch(saved_model, tmp_path):
+    """model.logits_chunk > 0: the last stage's head hands ``score`` its input (no (N,T,V) logits);
+    the scores equal the plain single-process ones."""
+    model_dir, model = saved_model
+    batches = batch_rows(4)[:3]
+    infos = run_pipeline(model_dir, tmp_path / "out", nproc=2, stages=2, batches=batches, chunk=3)
+    assert infos[0]["head_chunks"] == [] and infos[1]["head_chunks"] == [3]  # the head lives on the last stage
     check_against_score_batch(model, tmp_path / "out", infos, batches)
 
 

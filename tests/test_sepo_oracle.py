@@ -30,12 +30,14 @@ def pairs_batch():
 
 
 @pytest.mark.unit
-def test_oracle_scores_equal_a_hand_computation():
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_oracle_scores_equal_a_hand_computation(chunk):
     """r_t = log softmax(oracle logits[t-1])[x_t] − log softmax(reference logits[t-1])[x_t] on the
-    response tokens, 0 elsewhere; computed here position by position with plain torch."""
+    response tokens, 0 elsewhere; computed here position by position with plain torch. chunk 2: the
+    lean log-prob path (model.logits_chunk), two response positions per head chunk."""
     oracle, reference = tiny_llama(1), tiny_llama(2)
     batch = pairs_batch()
-    ro = score_batch(OraclePair(oracle, reference), batch, ("oracle_scores",), topk=16)
+    ro = score_batch(OraclePair(oracle, reference, chunk), batch, ("oracle_scores",), topk=16)
     assert ro.example_ids == ["a", "b"] and ro.present() == ["oracle_scores"]
     with torch.no_grad():
         lo = oracle(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()

@@ -21,14 +21,15 @@ class ModelConfig:
     """Tokenizer directory; defaults to `path`."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
-    logits_chunk: int = 0
-    """Lean log-probs (`sparsepo.logprobs`): the policy forward and the inline / precomputed reference
-    run the LM head on this many response positions at a time from the last hidden state, never
-    holding (2B,T,V) float32 logits; 0 = the plain path (full logits). Families the lean path does
-    not know use the plain path, and so does the policy of a live run. Default 0 for now: under
-    ZeRO-3 with several ranks each head chunk gathers the head's weight, and ranks with different
-    response-token counts make different numbers of gathers and hang (seen in 2- and 4-process runs);
-    128 measured best on one process (docs/benchmarks.md). Numerically the same (tests/test_logprobs.py)."""
+    logits_chunk: int = 128
+    """Lean log-probs (`sparsepo.logprobs`): the policy forward and every reference path (inline,
+    precompute, the live pipeline's last stage, SePO's oracle) run the LM head on this many response
+    positions at a time from the last hidden state, never holding (2B,T,V) float32 logits; 0 = the
+    plain path (full logits). Families the lean path does not know use the plain path. Numerically
+    the same (tests/test_logprobs.py); all chunks run inside one call of the head module, so under
+    ZeRO-3 ranks with different response lengths make the same gathers (tests/test_lean_zero3.py).
+    128: the lowest measured step peak at vocab 128k (2,034 -> 508 MB at T=256; 8.1 GB -> 0.6 GB at
+    T=1024) and no slower at the demo's vocabulary (docs/benchmarks.md, "Lean log-probs")."""
 
 
 @dataclass(kw_only=True)

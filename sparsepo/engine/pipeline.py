@@ -44,7 +44,7 @@ def _clear_total_loss(engine) -> None:
     engine.total_loss = None  # DeepSpeed adds the loss_fn output to it next: keep that to one micro-batch
 
 
-def _block_spec(loader: StageLoader, lo: int, hi: int, feature_layer: int | None = None):
+def _block_spec(loader: StageLoader, lo: int, hi: int, feature_layer: int | None = None, chunk: int = 0):
     """A DeepSpeed LayerSpec whose build() loads items [lo, hi): only called on the owning stage."""
     from deepspeed.pipe import LayerSpec
 
@@ -54,7 +54,7 @@ def _block_spec(loader: StageLoader, lo: int, hi: int, feature_layer: int | None
             self.bounds = (lo, hi)
 
         def build(self, log=False):
-            return loader.build(lo, hi, feature_layer)
+            return loader.build(lo, hi, feature_layer, chunk)
 
         def __repr__(self):
             return f"StageBlock(items [{lo}, {hi}))"
@@ -72,9 +72,10 @@ def ds_inference_config(*, steps_per_print: int = 10**9) -> dict:
 
 def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precision: str = "fp32",
                    partition: str = "uniform", ds_config: dict | None = None, feature_layer: int | None = None,
-                   features=None, requests: bool = False):
+                   features=None, requests: bool = False, chunk: int = 0):
     """A DeepSpeed PipelineEngine (eval only, no optimizer) over the current torch.distributed world.
     ``requests``: batches carry ``request_ids`` and the last stage adds request_logps (SPO's samples).
+    ``chunk`` > 0: the last stage scores by the lean log-prob path (model.logits_chunk, ``HeadStage``).
 
     World = num_stages x R data-parallel replicas (global rank = stage * R + replica). Initialises
     torch.distributed with ``deepspeed.init_distributed()`` when it is not yet (env:// variables).
@@ -120,7 +121,7 @@ def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precis
     if world % num_stages:
         raise PipelineConfigError(f"pipeline reference: world size {world} is not a multiple of "
                                   f"num_stages={num_stages} (world = stages x replicas)")
-    specs = [_block_spec(loader, parts[s], parts[s + 1], feature_layer) for s in range(num_stages)]
+    specs = [_block_spec(loader, parts[s], parts[s + 1], feature_layer, chunk) for s in range(num_stages)]
     score_fn = ScoreFn(topk, feature_layer=feature_layer, requests=requests)
     module = PipelineModule(layers=specs, num_stages=num_stages, loss_fn=score_fn,
                             partition_method="uniform", dynamic_shape=True)
@@ -197,12 +198,12 @@ class PipelineScorer:
     def from_pretrained(cls, model_path: str, *, num_stages: int, topk: int | None, precision: str = "fp32",
                         partition: str = "uniform", micro_batches: int = 1,
                         outputs: Sequence[str] | None = None, feature_layer: int | None = None,
-                        features=None, requests: bool = False) -> "PipelineScorer":
+                        features=None, requests: bool = False, chunk: int = 0) -> "PipelineScorer":
         """``features``/``feature_layer``/``requests``: see ``build_pipeline`` (a loader callable keeps
         the SAE off every stage but the last)."""
         engine = build_pipeline(model_path, num_stages=num_stages, topk=topk, precision=precision,
                                 partition=partition, feature_layer=feature_layer, features=features,
-                                requests=requests)
+                                requests=requests, chunk=chunk)
         return cls(engine, micro_batches=micro_batches, outputs=outputs)
 
     @property

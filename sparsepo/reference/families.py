@@ -119,3 +119,10 @@ def check_live_supported(config) -> None:
                               f"{'one mask for every layer' if family.masks == 'sliding_window' else 'a full causal mask'}")
     if getattr(config, "use_bidirectional_attention", False):
         raise _refuse(config, "use_bidirectional_attention=True (bidirectional masks are not rebuilt per stage)")
+
+
+def get_module(obj, path: str):
+    """``model.layers.3`` -> the module at that dotted path (AttributeError / IndexError when absent)."""
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj

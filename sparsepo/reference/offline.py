@@ -47,7 +47,8 @@ def load_scorer(cfg, outputs: tuple[str, ...], device):
     if "oracle_scores" in outputs:
         from sparsepo.reference.oracle import OraclePair, oracle_manifest
 
-        return OraclePair.load(oracle_manifest(cfg), device=device, precision=cfg.train.precision)
+        return OraclePair.load(oracle_manifest(cfg), device=device, precision=cfg.train.precision,
+                               chunk=cfg.model.logits_chunk)
     from sparsepo.models import load_frozen_model
 
     return load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sparsepo.logprobs import scoring_input
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
 
@@ -110,22 +111,23 @@ def oracle_fingerprints(manifest: OracleManifest) -> dict:
 class OraclePair:
     """Two frozen models; `score_batch` serves oracle_scores (and nothing else)."""
 
-    def __init__(self, oracle, reference):
-        self.oracle, self.reference = oracle, reference
+    def __init__(self, oracle, reference, chunk: int = 0):
+        """`chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk)."""
+        self.oracle, self.reference, self.chunk = oracle, reference, chunk
 
     @classmethod
-    def load(cls, manifest: OracleManifest, *, device="cpu", precision: str = "fp32") -> "OraclePair":
+    def load(cls, manifest: OracleManifest, *, device="cpu", precision: str = "fp32", chunk: int = 0) -> "OraclePair":
         from sparsepo.models import load_frozen_model
 
         return cls(load_frozen_model(manifest.oracle, device=device, precision=precision),
-                   load_frozen_model(manifest.reference, device=device, precision=precision))
+                   load_frozen_model(manifest.reference, device=device, precision=precision), chunk)
 
     @torch.no_grad()
     def token_scores(self, batch) -> torch.Tensor:
         """r_t for every row of a collated batch: (2B,T), zero outside the response mask."""
         logps = []
         for model in (self.oracle, self.reference):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            logits = scoring_input(model, batch.input_ids, batch.attention_mask, self.chunk)
             logps.append(score(logits, batch.input_ids, batch.response_mask, ("token_logps",), topk=None)["token_logps"])
         return logps[0] - logps[1]
 

@@ -47,11 +47,13 @@ class OraclePipelines:
         self.oracle, self.reference = oracle, reference
 
     @classmethod
-    def build(cls, manifest, *, num_stages: int, precision: str = "fp32", micro_batches: int = 1) -> "OraclePipelines":
+    def build(cls, manifest, *, num_stages: int, precision: str = "fp32", micro_batches: int = 1,
+              chunk: int = 0) -> "OraclePipelines":
+        """Both pipelines; ``chunk``: the lean head path of the last stage (``model.logits_chunk``)."""
         from sparsepo.engine.pipeline import PipelineScorer
 
         pipes = [PipelineScorer.from_pretrained(path, num_stages=num_stages, topk=None, precision=precision,
-                                                micro_batches=micro_batches, outputs=("token_logps",))
+                                                micro_batches=micro_batches, outputs=("token_logps",), chunk=chunk)
                  for path in (manifest.oracle, manifest.reference)]
         return cls(*pipes)
 

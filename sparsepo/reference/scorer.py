@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from sparsepo.logprobs import hidden_forward
+from sparsepo.logprobs import scoring_input
 from sparsepo.reference.cache import write_index, write_shard
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
@@ -25,15 +25,13 @@ log = logging.getLogger(__name__)
 def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=None, chunk: int = 0) -> ReferenceOutputs:
     """Reference outputs for one collated batch. `features` (e.g. sae.runtime.SAEFeatures) captures a layer
     during the same forward and adds its outputs (SAE feature top-k). `model` is the frozen causal LM,
-    or a scorer with its own `score_batch(batch, outputs)` (SePO's `oracle.OraclePair`). `chunk` > 0:
-    the lean path (`sparsepo.logprobs`, model.logits_chunk), no full logits."""
+    or a scorer with its own `score_batch(batch, outputs)` (SePO's `oracle.OraclePair`, which has its
+    own `chunk`). `chunk` > 0: the lean path (`sparsepo.logprobs`, model.logits_chunk), no full logits."""
     own = getattr(model, "score_batch", None)
     if own is not None:
         return own(batch, outputs)
     with features.capture(model) if features is not None else nullcontext() as cap:
-        logits = hidden_forward(model, batch.input_ids, batch.attention_mask, chunk) if chunk > 0 else None
-        if logits is None:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = scoring_input(model, batch.input_ids, batch.attention_mask, chunk)
     hidden = cap.take() if features is not None else None
     got = score(logits, batch.input_ids, batch.response_mask, outputs, topk=topk, features=features, hidden=hidden)
     ro = ReferenceOutputs(example_ids=list(batch.example_ids))

@@ -78,14 +78,10 @@ class InlineSource:
         """The reference side of SPO's KL on the policy's samples (a `generation.SampleBatch`), by the
         one scoring function: `outputs` from token_logps, request_logps (at `request_ids` (S,T,K)),
         topk_ids / topk_logps (the reference's own top-K)."""
-        from sparsepo.logprobs import hidden_forward
+        from sparsepo.logprobs import scoring_input
         from sparsepo.reference.scoring import score
 
-        logits = hidden_forward(self.model, samples.input_ids, samples.attention_mask, self.chunk) \
-            if self.chunk > 0 and not hasattr(self.model, "score_batch") else None
-        if logits is None:
-            logits = self.model(input_ids=samples.input_ids, attention_mask=samples.attention_mask,
-                                use_cache=False).logits
+        logits = scoring_input(self.model, samples.input_ids, samples.attention_mask, self.chunk)
         return score(logits, samples.input_ids, samples.sample_mask, outputs, topk=self.topk, request_ids=request_ids)
 
     def finish(self) -> None:

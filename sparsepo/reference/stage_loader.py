@@ -191,9 +191,10 @@ class StageLoader:
         rotary = get_module(self.skeleton, self.family.rotary)
         return type(rotary)(config=self.config)  # built on CPU: its buffers are computed, not loaded
 
-    def build(self, lo: int, hi: int, feature_layer: int | None = None) -> StageBlock:
+    def build(self, lo: int, hi: int, feature_layer: int | None = None, chunk: int = 0) -> StageBlock:
         """Items [lo, hi) as one StageBlock, in eval mode with gradients off; decoder layer
-        ``feature_layer`` (if it is among them) carries its output on (see ``DecoderLayerStage``)."""
+        ``feature_layer`` (if it is among them) carries its output on (see ``DecoderLayerStage``);
+        ``chunk`` > 0: the head hands the lean path its input (``HeadStage``)."""
         check_feature_layer(feature_layer, self.num_layers)
         source, cause = self._load_items(lo, hi)
         if source is None:
@@ -203,7 +204,7 @@ class StageLoader:
             config = full.config
         else:
             rotary, config = self._rotary(), self.config
-        block = StageBlock(make_items(source, config, lo, hi, rotary, feature_layer), first_item=lo)
+        block = StageBlock(make_items(source, config, lo, hi, rotary, feature_layer, chunk), first_item=lo)
         block.eval()
         block.requires_grad_(False)
         return block

@@ -31,7 +31,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from sparsepo.reference.families import SLIDING, Family, check_live_supported, family_of, layer_attention
+from sparsepo.logprobs import HeadInput, LeanHead, soft_cap
+from sparsepo.reference.families import (SLIDING, Family, check_live_supported, family_of, get_module,  # noqa: F401
+                                        layer_attention)
 from sparsepo.reference.partition import PipelineConfigError
 
 
@@ -101,21 +103,22 @@ class HeadStage(nn.Module):
     """Final norm + lm_head (+ soft-capping): (hidden, attention_mask, position_ids) -> logits (N,T,V)
     in the model dtype; (hidden, attention_mask, position_ids, hidden_ℓ) -> (logits, hidden_ℓ).
 
-    ``softcap`` c: logits = tanh(logits / c) * c, in the order the Gemma 2/3 forward does it."""
+    ``softcap`` c: logits = tanh(logits / c) * c, in the order the Gemma 2/3 forward does it.
+    ``chunk`` > 0 (model.logits_chunk; the head an ``nn.Linear``): a ``logprobs.HeadInput`` in place of
+    the logits — the normed hidden state and the head, which ``scoring.score`` (the last stage's
+    ``ScoreFn``) runs ``chunk`` response positions at a time, so the last stage never holds (N,T,V)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None, chunk: int = 0):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
         self.softcap = softcap
+        self.chunk = chunk if isinstance(lm_head, nn.Linear) else 0
 
-    def _logits(self, hidden: Tensor) -> Tensor:
-        logits = self.lm_head(self.norm(hidden))
-        if self.softcap is not None:
-            logits = logits / self.softcap
-            logits = torch.tanh(logits)
-            logits = logits * self.softcap
-        return logits
+    def _logits(self, hidden: Tensor) -> Tensor | HeadInput:
+        if self.chunk > 0:
+            return HeadInput(self.norm(hidden), LeanHead(self.lm_head, self.softcap), self.chunk)
+        return soft_cap(self.lm_head(self.norm(hidden)), self.softcap)
 
     def forward(self, inputs):
         if not isinstance(inputs, (tuple, list)):
@@ -153,16 +156,10 @@ def item_paths(family: Family, index: int, num_layers: int) -> list[str]:
     return [family.norm, family.head]
 
 
-def get_module(obj, path: str):
-    """``model.layers.3`` -> the module at that dotted path (AttributeError / IndexError when absent)."""
-    for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj
-
-
 def make_items(modules: Mapping[str, nn.Module], config, lo: int, hi: int, rotary_emb: nn.Module | None,
-               feature_layer: int | None = None) -> list[nn.Module]:
-    """Pipeline items [lo, hi) from the model's modules by path (``item_paths``), in order."""
+               feature_layer: int | None = None, chunk: int = 0) -> list[nn.Module]:
+    """Pipeline items [lo, hi) from the model's modules by path (``item_paths``), in order; ``chunk``:
+    the head's (``HeadStage``)."""
     family, num_layers = family_of(config), config.num_hidden_layers
     softcap = getattr(config, "final_logit_softcapping", None) if family.logit_softcap else None
     items: list[nn.Module] = []
@@ -174,11 +171,11 @@ def make_items(modules: Mapping[str, nn.Module], config, lo: int, hi: int, rotar
             items.append(DecoderLayerStage(modules[f"{family.layers}.{i - 1}"], rotary_emb, config, i - 1,
                                            capture=(i - 1 == feature_layer)))
         else:
-            items.append(HeadStage(modules[family.norm], modules[family.head], softcap))
+            items.append(HeadStage(modules[family.norm], modules[family.head], softcap, chunk))
     return items
 
 
-def pipeline_layers(model, feature_layer: int | None = None) -> list[nn.Module]:
+def pipeline_layers(model, feature_layer: int | None = None, chunk: int = 0) -> list[nn.Module]:
     """The L+2 pipeline items of an HF causal LM of a supported family, in order, sharing the model's modules.
 
     With ``feature_layer`` ℓ, decoder item ℓ carries its output to the head, which returns
@@ -195,7 +192,7 @@ def pipeline_layers(model, feature_layer: int | None = None) -> list[nn.Module]:
         except (AttributeError, IndexError):
             raise PipelineConfigError(f"pipeline reference: {type(model).__name__} has no `{path}`, where the "
                                       f"{family.name} entry of sparsepo.reference.families expects it") from None
-    return make_items(modules, config, 0, num_layers + 2, modules.get(family.rotary), feature_layer)
+    return make_items(modules, config, 0, num_layers + 2, modules.get(family.rotary), feature_layer, chunk)
 
 
 def run_layers(layers: Sequence[nn.Module], input_ids: Tensor, attention_mask: Tensor):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from sparsepo.data.batching import collate_pairs
 from sparsepo.engine.pipeline import PipelineScorer
+from sparsepo.reference.stages import HeadStage
 
 
 def main() -> int:
@@ -35,6 +36,7 @@ def main() -> int:
     ap.add_argument("--sae", default=None, help="SAE directory (sparsepo.sae.save_sae)")
     ap.add_argument("--sae-layer", type=int, default=None)
     ap.add_argument("--sae-k", type=int, default=None)
+    ap.add_argument("--chunk", type=int, default=0, help="model.logits_chunk (0: full logits on the last stage)")
     args = ap.parse_args()
 
     def load_features():
@@ -48,7 +50,7 @@ def main() -> int:
                                             precision=args.precision, partition=args.partition,
                                             micro_batches=args.micro_batches,
                                             feature_layer=args.sae_layer if args.sae else None,
-                                            features=load_features if args.sae else None)
+                                            features=load_features if args.sae else None, chunk=args.chunk)
     t_build = time.perf_counter() - t0
     all_rows = torch.load(args.batches)
     batches = [collate_pairs(rows, pad_id=0) for rows in all_rows]
@@ -77,7 +79,8 @@ def main() -> int:
             "stage_params": sum(p.numel() for p in scorer.engine.module.parameters()),
             "feature_layer": scorer.feature_layer, "holds_sae": scorer.features is not None,
             "sae_lens_imported": "sae_lens" in sys.modules, "outputs": list(scorer.outputs),
-            "build_s": t_build, "score_s": t_score}
+            "build_s": t_build, "score_s": t_score,
+            "head_chunks": [m.chunk for m in scorer.engine.module.modules() if isinstance(m, HeadStage)]}
     with open(os.path.join(args.out, f"info_rank{rank}.json"), "w") as f:
         json.dump(info, f)
     # gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
