@@ -47,7 +47,8 @@ def test_bench_sepo_smoke_writes_its_files(tiny_world, tmp_path):
     doc.write_text("# kept\n\nother text\n")
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_sepo.py"), "--size", "tiny", "--world",
            str(tiny_world.root), "--workdir", str(tmp_path / "work"), "--extensions-dir", "", "--steps", "2",
-           "--short-steps", "1", "--step-steps", "2", "--step-repeats", "1", "--seeds", "0", "--rhos", "0.3,1.0", "--oracle-steps", "2",
+           "--short-steps", "1", "--step-steps", "2", "--step-repeats", "1", "--seeds", "0", "--rhos", "0.3,1.0",
+           "--oracle-steps", "2",
            "--json", str(out_json), "--doc", str(doc)]
     env = dict(train_env(), PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
