@@ -30,6 +30,7 @@ resume step on (a warning says so). Constant (with warmup) does not depend on th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -56,7 +57,9 @@ _MAY_DIFFER_KEYS = {("train", "max_steps"), ("train", "epochs"), ("reference", "
                     ("reference", "window"), ("data", "num_proc"), ("data", "cache_dir"),
                     # the data is compared by fingerprint, the batch split by the global batch below
                     ("data", "path"), ("reference", "cache_dir"),
-                    ("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "train_batch_size")}
+                    ("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "train_batch_size"),
+                    # the lean and the plain log-prob paths give the same numbers (tests/test_logprobs*.py)
+                    ("model", "logits_chunk")}
 
 
 
@@ -97,6 +100,18 @@ def comparable(cfg_dict: dict) -> dict:
 
     return {s: {k: value(s, k, v) for k, v in body.items() if (s, k) not in _MAY_DIFFER_KEYS}
             for s, body in cfg_dict.items() if s not in _MAY_DIFFER}
+
+
+def _new_key_at_default(cfg: RunConfig, section: str, key: str, then: dict, now: dict) -> bool:
+    """A key the checkpoint's config lacks (written by an older sparsepo, before the option existed)
+    whose value now is the option's default: options are added so that their default is the old
+    behaviour, so the run continues as it was trained."""
+    if section not in then or key in then[section] or key not in now.get(section, {}):
+        return False
+    body = getattr(cfg, section)
+    fields = dataclasses.fields(body.params if section == "method" else body)
+    default = next((f.default for f in fields if f.name == key), dataclasses.MISSING)
+    return default is not dataclasses.MISSING and json.loads(json.dumps(default, default=str)) == now[section][key]
 
 
 def read_meta(tag_dir: Path) -> dict:
@@ -300,7 +315,8 @@ def check_compatible(tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, wo
     keys = [(s, k) for s in sorted(set(now) | set(then)) for k in sorted(set(now.get(s, {})) | set(then.get(s, {})))]
     missing = object()
     differ = [f"{s}.{k}: {then.get(s, {}).get(k, None)!r} -> {now.get(s, {}).get(k, None)!r}" for s, k in keys
-              if then.get(s, {}).get(k, missing) != now.get(s, {}).get(k, missing)]
+              if then.get(s, {}).get(k, missing) != now.get(s, {}).get(k, missing)
+              and not _new_key_at_default(cfg, s, k, then, now)]
     if differ:
         raise CheckpointError(f"checkpoint {tag_dir} was written by a different config: {'; '.join(differ)}. "
                               f"Resume with the original settings, or start a new run directory.")

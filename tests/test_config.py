@@ -250,3 +250,33 @@ def test_existing_local_paths_are_stored_absolute_and_a_resume_from_another_cwd_
     (tag / META).write_text(json.dumps({"step": 2, "samples": 8, "world_size": 1, "data": "d", "config": to_dict(first),
                                         "files": {"shard": 1}, "sha256": {"shard": hashlib.sha256(b"x").hexdigest()}}))
     assert check_compatible(tag, again, data_fingerprint="d", world_size=1)["step"] == 2
+
+
+def _checkpoint_with(tmp_path, config: dict):
+    from sparsepo.checkpoint import META
+
+    tag = tmp_path / "step-00000002"
+    tag.mkdir()
+    (tag / META).write_text(json.dumps({"step": 2, "samples": 8, "world_size": 1, "data": "d", "config": config}))
+    return tag
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(tmp_path):
+    """A checkpoint written by an older sparsepo lacks the options added since (here DPO's ld_alpha and
+    wpo_weighting); at their defaults (the old behaviour) the resume goes on, set otherwise it is
+    refused naming the key. model.logits_chunk (lean vs plain path: the same numbers) may differ."""
+    from sparsepo.checkpoint import CheckpointError, check_compatible
+
+    cfg = load_config(None, ["method.name=dpo", "train.micro_batch_size=8", "train.grad_accum=1"])
+    old = to_dict(cfg)
+    del old["method"]["ld_alpha"], old["method"]["wpo_weighting"]
+    old["model"]["logits_chunk"] = 0  # the previous default
+    tag = _checkpoint_with(tmp_path, old)
+    assert check_compatible(tag, cfg, data_fingerprint="d", world_size=1)["step"] == 2
+    changed = load_config(None, ["method.name=dpo", "train.micro_batch_size=8", "train.grad_accum=1",
+                                 "method.ld_alpha=0.5"])
+    with pytest.raises(CheckpointError, match=r"method\.ld_alpha: None -> 0\.5"):
+        check_compatible(tag, changed, data_fingerprint="d", world_size=1)
+    beta = load_config(None, ["method.name=dpo", "train.micro_batch_size=8", "train.grad_accum=1", "method.beta=0.3"])
+    with pytest.raises(CheckpointError, match=r"method\.beta"):  # a key both know still has to match
+        check_compatible(tag, beta, data_fingerprint="d", world_size=1)
