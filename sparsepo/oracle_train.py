@@ -87,7 +87,8 @@ def train_oracle(config: str | None, out: str | Path, *, launch, fraction: float
     recipe = atomic_write(out / "oracle_config.yaml", f"# the oracle's DPO run (from {config})\n"
                           + yaml.safe_dump(raw, sort_keys=False))
     user = load_config(recipe, list(overrides))
-    start = str(model or user.model.path)
+    # stored absolute, as the config stores paths: the manifest is read from other working directories
+    start = str(Path(model).resolve()) if model and Path(model).exists() else str(model or user.model.path)
     seed = user.train.seed if seed is None else seed
     forced = [f"model.path={start}", f"reference.path={start}", "method.name=dpo", f"logging.output_dir={out / 'run'}",
               "reference.mode=cache", f"reference.cache_dir={out / 'ref_cache'}", "topology.reference_ranks=0"]

@@ -72,6 +72,20 @@ def test_manifest_missing_names_the_command(tmp_path):
     assert (m.oracle, m.reference, m.fraction) == (str(tmp_path / "run/final"), "/abs/sft", 0.5)
 
 
+@pytest.mark.unit
+def test_a_manifest_with_a_working_directory_relative_path_still_resolves(tmp_path, monkeypatch):
+    """Older manifests stored the oracle's reference as given on the command line, relative to the
+    working directory (`sparsepo demo`'s runs/demo/world/sft-small): read from that directory it is
+    found there; a path that exists beside the manifest wins."""
+    oracle_dir, sft = tmp_path / "runs" / "oracle", tmp_path / "runs" / "sft"
+    for d in (oracle_dir / "run" / "final", sft):
+        d.mkdir(parents=True)
+    (oracle_dir / "oracle.json").write_text(json.dumps({"oracle": "run/final", "reference": "runs/sft"}))
+    monkeypatch.chdir(tmp_path)
+    m = read_manifest(oracle_dir)
+    assert (m.oracle, m.reference) == (str(oracle_dir / "run" / "final"), str(sft))
+
+
 def other_tokenizer_copy(world, dst):
     """A copy of the SFT model whose tokenizer has one extra token (same model, same vocab size)."""
     from transformers import AutoTokenizer

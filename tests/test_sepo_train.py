@@ -6,6 +6,7 @@ Run: OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu .venv/bin/python -m pytest tests/test_
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,25 @@ def test_sepo_without_an_oracle_is_refused(tiny_world, tmp_path):
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "reference.oracle" in proc.stderr and "sparsepo sepo train-oracle" in proc.stderr, proc.stderr
+
+
+def test_train_oracle_stores_a_relative_start_model_as_an_absolute_path(tiny_world, tmp_path, monkeypatch):
+    """`sparsepo demo --method sepo` passes its small SFT model relative to the working directory
+    (runs/demo/world/sft-small); the manifest must name it absolutely, or a run reading it resolves it
+    beside the manifest and fails (found on a fresh clone). The DPO run itself is faked: a copy."""
+    import shutil
+
+    from sparsepo.oracle_train import train_oracle
+    from sparsepo.reference.oracle import read_manifest
+
+    def fake_launch(config, overrides, *, nproc=1):
+        out = next(o.split("=", 1)[1] for o in overrides if o.startswith("logging.output_dir="))
+        shutil.copytree(tiny_world.sft_dir, Path(out) / "final")
+        return 0
+
+    monkeypatch.chdir(tiny_world.sft_dir.parent)
+    manifest = train_oracle(str(RECIPE), tmp_path / "oracle", launch=fake_launch, fraction=0.5, seed=0,
+                            model=tiny_world.sft_dir.name, overrides=[f"data.path={tiny_world.train_path}"])
+    assert manifest["reference"] == str(tiny_world.sft_dir.resolve())
+    monkeypatch.chdir(tmp_path)  # another working directory
+    assert read_manifest(tmp_path / "oracle").reference == str(tiny_world.sft_dir.resolve())

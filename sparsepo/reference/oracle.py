@@ -44,8 +44,17 @@ class OracleManifest:
     heldout_accuracy: float | None = None
 
 
+def _model_path(directory: Path, value: str) -> str:
+    if Path(value).is_absolute():
+        return value
+    beside = directory / value
+    return str(beside if beside.exists() or not Path(value).exists() else Path(value).resolve())
+
+
 def read_manifest(directory: str | Path) -> OracleManifest:
-    """Read <directory>/oracle.json; relative model paths are taken relative to the directory."""
+    """Read <directory>/oracle.json; relative model paths are taken relative to the directory (or,
+    for a manifest written by an older sparsepo with a path relative to its working directory, from
+    the current directory when only that exists)."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -53,8 +62,7 @@ def read_manifest(directory: str | Path) -> OracleManifest:
                           f"`sparsepo sepo train-oracle --config X --out {directory}`")
     try:
         raw = json.loads(path.read_text())
-        models = {key: str(directory / raw[key]) if not Path(raw[key]).is_absolute() else raw[key]
-                  for key in ("oracle", "reference")}
+        models = {key: _model_path(directory, raw[key]) for key in ("oracle", "reference")}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise OracleError(f"{path}: not an oracle manifest ({type(e).__name__}: {e}); it must name "
                           f"\"oracle\" and \"reference\" model directories") from e
