@@ -225,6 +225,18 @@ def plot(res: dict, path: Path) -> str | None:
     return str(path)
 
 
+def open_world(a) -> tuple[Path, object, dict]:
+    """(--workdir resolved, the demo world of --world or <workdir>/world at --size, its metadata);
+    points the runs at a private JIT-op cache (--extensions-dir; see bench_methods' docstring)."""
+    from sparsepo.demo import prepare_world
+
+    work = Path(a.workdir).resolve()
+    bm.EXTENSIONS_DIR = work / "torch_extensions" if a.extensions_dir is None else (
+        Path(a.extensions_dir).resolve() if a.extensions_dir else None)
+    world = prepare_world(Path(a.world) if a.world else work / "world", size=a.size, progress=False)
+    return work, world, json.loads(world.meta_path.read_text())
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="default", choices=["default", "tiny"])
@@ -243,16 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=str(REPO / "docs" / "bench_quality.json"))
     p.add_argument("--plot", default=None, help="PNG path (default: <doc dir>/bench_quality_frontier.png)")
     a = p.parse_args(argv)
-    from sparsepo.demo import prepare_world
-
-    work = Path(a.workdir).resolve()
-    # private JIT-op cache by default: see bench_methods' docstring
-    bm.EXTENSIONS_DIR = work / "torch_extensions" if a.extensions_dir is None else (
-        Path(a.extensions_dir).resolve() if a.extensions_dir else None)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.perf_counter()
-    world = prepare_world(Path(a.world) if a.world else work / "world", size=a.size, progress=False)
-    meta = json.loads(world.meta_path.read_text())
+    work, world, meta = open_world(a)
     specs = parse_specs(a)
     extra = side_inputs(world, work, {m for m, _ in specs.values()}, a)
     seeds = [int(s) for s in a.seeds.split(",") if s]

@@ -297,15 +297,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks_sepo_spo.md"))
     p.add_argument("--json", default=str(REPO / "docs" / "bench_sepo.json"))
     a = p.parse_args(argv)
-    from sparsepo.demo import prepare_world
-
-    work = Path(a.workdir).resolve()
-    bm.EXTENSIONS_DIR = work / "torch_extensions" if a.extensions_dir is None else (
-        Path(a.extensions_dir).resolve() if a.extensions_dir else None)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.perf_counter()
-    world = prepare_world(Path(a.world) if a.world else work / "world", size=a.size, progress=False)
-    meta = json.loads(world.meta_path.read_text())
+    work, world, meta = bq.open_world(a)
     specs = parse_specs(a)
     oracles = {k: prepare_oracle(world, work, k, a) for k in sorted({i["oracle"] for _, _, i in specs.values() if i})}
     reference = {k: reference_side(world, work, k, o) for k, o in oracles.items()}
