@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 from sparsepo.data.batching import collate_pairs
+from sparsepo.engine.dist import shutdown
 from sparsepo.losses import SePOParams
 from sparsepo.reference.oracle import read_manifest
 from sparsepo.reference.oracle_live import OraclePipelines, selection_records
@@ -45,11 +45,7 @@ def main() -> int:
             assert ro is None
     if pipes.is_last_stage:
         torch.save(got, os.path.join(args.out, f"oracle_rank{dist.get_rank()}.pt"))
-    dist.barrier()  # gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown(0)  # the gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from sparsepo.data.batching import collate_pairs
+from sparsepo.engine.dist import shutdown
 from sparsepo.engine.pipeline import PipelineScorer
 from sparsepo.reference.stages import HeadStage
 
@@ -83,12 +84,7 @@ def main() -> int:
             "head_chunks": [m.chunk for m in scorer.engine.module.modules() if isinstance(m, HeadStage)]}
     with open(os.path.join(args.out, f"info_rank{rank}.json"), "w") as f:
         json.dump(info, f)
-    # gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown(0)  # the gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
 
 
 if __name__ == "__main__":
