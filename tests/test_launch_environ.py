@@ -276,6 +276,20 @@ def test_lone_process_takes_a_free_port_unless_told():
     assert torch_dist_env({}, lone_port=lambda: 40001)["MASTER_PORT"] == "40001"
 
 
+def test_free_port_lies_below_the_ephemeral_range_with_its_role_ports_free():
+    """The kernel hands ephemeral ports to outgoing connections: a port chosen there could be taken
+    by one of the job's own connections before the master binds it (EADDRINUSE, seen in a live test).
+    free_port draws base .. base+3 from FREE_PORT_MIN up to the ephemeral range, all bindable."""
+    from sparsepo.launch.ports import FREE_PORT_MIN, ROLE_PORTS, _ephemeral_low
+
+    for _ in range(5):
+        base = free_port()
+        assert FREE_PORT_MIN <= base and base + ROLE_PORTS <= _ephemeral_low()
+        for port in range(base, base + ROLE_PORTS):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+
+
 def test_role_ports_and_overflow():
     assert role_ports(29500, agent_store=False) == {"policy": 29500, "reference": 29501, "bridge": 29502}
     assert role_ports(29500, agent_store=True) == {"policy": 29501, "reference": 29502, "bridge": 29503}

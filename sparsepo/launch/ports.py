@@ -22,7 +22,9 @@ everything moves up by one: policy ``base + 1``, reference ``base + 2``, bridge 
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 from sparsepo.launch.errors import TopologyError
 
@@ -44,8 +46,44 @@ def job_port(job_id: int) -> int:
     return JOB_PORT_BASE + job_id % JOB_PORT_SPAN
 
 
+FREE_PORT_MIN = JOB_PORT_BASE + JOB_PORT_SPAN
+"""Rule 4 draws its ports from FREE_PORT_MIN up to the kernel's ephemeral range, clear of rule 2's."""
+ROLE_PORTS = 4
+"""base .. base+3: what `role_ports` may use (torchrun's shift included)."""
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out as the local end of outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """Rule 4: a port nobody listens on right now (the kernel's choice for 127.0.0.1:0)."""
+    """Rule 4: a base port such that base .. base+3 (`role_ports`) nobody listens on right now, drawn
+    at random **below the kernel's ephemeral range**. The kernel's own choice for 127.0.0.1:0 lies in
+    that range, and so does the local port of every outgoing connection: between choosing a port and
+    binding it, one of this job's own connections (a gloo pair, the bridge's clients) could be handed
+    it — seen as EADDRINUSE on the master port in a 2-process live test. Falls back to the kernel's
+    choice when no candidate is free."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        if low - ROLE_PORTS <= FREE_PORT_MIN:
+            break
+        base = rng.randint(FREE_PORT_MIN, low - ROLE_PORTS)
+        if all(_bindable(port) for port in range(base, base + ROLE_PORTS)):
+            return base
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
