@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
     if fpo_res:
         def ratio(key, other):
             den = res_methods[other][key] if other in res_methods else 0.0
-        # a short run's CPU can equal the long one's at clock-tick resolution (10 ms): no ratio then
-        return res_methods["fpo"][key] / den if den and den > 0 else float("nan")
+            # a short run's CPU can equal the long one's at clock-tick resolution (10 ms): no ratio then
+            return res_methods["fpo"][key] / den if den and den > 0 else float("nan")
 
         targets = {"cache_5pct": fpo_res["ratio"] <= 0.05,
                    "fpo_vs_simpo_cpu": ratio("cpu_ms_per_step", "simpo"),
