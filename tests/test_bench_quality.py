@@ -51,6 +51,7 @@ def test_mean_se_is_stdev_over_sqrt_n():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_bench_quality_smoke_writes_its_files(tiny_world, tmp_path):
     out_json, doc = tmp_path / "q.json", tmp_path / "quality.md"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_quality.py"), "--size", "tiny", "--world",

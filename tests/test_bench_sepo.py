@@ -42,6 +42,7 @@ def test_step_summary_ratio_per_round_and_pooled():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_bench_sepo_smoke_writes_its_files(tiny_world, tmp_path):
     out_json, doc = tmp_path / "sepo.json", tmp_path / "sepo.md"
     doc.write_text("# kept\n\nother text\n")

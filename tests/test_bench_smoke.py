@@ -25,6 +25,7 @@ def run_bench(script: str, *args: str, timeout: int = 600) -> subprocess.Complet
     return proc
 
 
+@pytest.mark.slow
 def test_bench_overlap_writes_ratio_and_hidden_fraction(tiny_world, tmp_path):
     out = tmp_path / "overlap.md"
     run_bench("bench_overlap.py", "--size", "tiny", "--world", str(tiny_world.root), "--workdir", str(tmp_path / "w"),
@@ -37,6 +38,7 @@ def test_bench_overlap_writes_ratio_and_hidden_fraction(tiny_world, tmp_path):
     assert "live ÷ cache" in out.read_text()
 
 
+@pytest.mark.slow
 def test_bench_train_writes_one_and_two_process_rows(tiny_world, tmp_path):
     out = tmp_path / "train.md"
     run_bench("bench_train.py", "--size", "tiny", "--world", str(tiny_world.root), "--steps", "5",
@@ -46,6 +48,7 @@ def test_bench_train_writes_one_and_two_process_rows(tiny_world, tmp_path):
     assert all(r["step_time_s"] > 0 and len(r["peak_rss_mib_per_rank"]) == int(n) for n, r in res["runs"].items())
 
 
+@pytest.mark.slow
 def test_bench_methods_writes_doc_and_json(tiny_world, tmp_path):
     doc = tmp_path / "methods.md"
     run_bench("bench_methods.py", "--size", "tiny", "--world", str(tiny_world.root), "--workdir", str(tmp_path / "w"),

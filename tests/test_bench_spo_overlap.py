@@ -38,6 +38,7 @@ def test_live_runs_are_pinned_one_core_per_rank_and_inline_to_one_core(tmp_path)
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_bench_spo_overlap_smoke_writes_its_json(tiny_world, tmp_path):
     out = tmp_path / "o.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_spo_overlap.py"), "--size", "tiny", "--world",

@@ -1,7 +1,8 @@
 """Every method row added beside DPO (and a combination, method.name=[dpo, sft]) trains in cache
 mode: `sparsepo train` on the demo recipe re-targeted at the row (`sparsepo.recipe.for_method`, as
 `sparsepo demo --method` does), tiny demo world, one process, two optimizer steps, finite loss logged
-at both steps.
+at both steps. Rows beyond one per distinct set of reference outputs are `slow`
+(`-m slow` runs them).
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_losses_train.py
 
@@ -56,7 +57,17 @@ def train_two_steps(world, tmp_path, method, knobs, mode):
     return run
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[row_id(r) for r in ROWS])
+# The default run trains one row per distinct set of reference outputs (sequence log-probs; none;
+# sequence + token log-probs; a weighted combination; the policy's log Σp²); the rest are `slow`.
+DEFAULT_ROWS = {"hinge", "cpo", "dpo+sft", "dpo-method.ld_alpha=0.5", "dpo-method.wpo_weighting=true"}
+
+
+def row_param(row):
+    marks = () if row_id(row) in DEFAULT_ROWS else (pytest.mark.slow,)
+    return pytest.param(row, id=row_id(row), marks=marks)
+
+
+@pytest.mark.parametrize("row", [row_param(r) for r in ROWS])
 def test_row_trains_in_cache_mode(tiny_world, tmp_path, shared_cache, row):
     method, *knobs = row
     cache = tmp_path / "ref_cache" if LD in knobs else shared_cache
