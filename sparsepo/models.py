@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsepo.logprobs import chunked_logps, hidden_forward
+from sparsepo.logprobs.lean import chunked_logps, hidden_forward
 from sparsepo.losses.common import gather_logps, log_sq_mass, token_logps_from_logits, topk_logps_from_logits
 
 

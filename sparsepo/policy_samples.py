@@ -26,7 +26,7 @@ import torch
 from sparsepo.data.prompts import prompts_for
 from sparsepo.generation import KeyedSampler, SampleBatch, prompts_from, prompts_of, sample_batch
 from sparsepo.losses.kl import mask_support, union_support
-from sparsepo.logprobs import chunked_logps, hidden_forward
+from sparsepo.logprobs.lean import chunked_logps, hidden_forward
 from sparsepo.models import logps_at, response_logps, topk_at_response
 
 log = logging.getLogger("sparsepo")

@@ -41,7 +41,7 @@ def run_live(cfg, preempt) -> None:
 
     from sparsepo.bridge import connect
     from sparsepo.launch.process import plan
-    from sparsepo.reference.families import check_live_supported
+    from sparsepo.logprobs.families import check_live_supported
     from sparsepo.reference.partition import max_stages
     from sparsepo.reference.server import check_live_topology, live_model_paths, serve
     from sparsepo.trainer import train

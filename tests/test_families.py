@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from sparsepo.data.batching import collate_pairs
-from sparsepo.reference.families import FAMILIES, SLIDING, UnsupportedModelError, check_live_supported, layer_attention
+from sparsepo.logprobs.families import FAMILIES, SLIDING, UnsupportedModelError, check_live_supported, layer_attention
 from sparsepo.reference.partition import stage_parts
 from sparsepo.reference.scorer import score_batch
 from sparsepo.reference.stage_loader import StageLoader

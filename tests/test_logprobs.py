@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_families import CASES, VOCAB, batches, tiny_model
 
-from sparsepo.logprobs import HeadInput, chunked_logps, hidden_forward, lean_head
+from sparsepo.logprobs.lean import HeadInput, chunked_logps, hidden_forward, lean_head
 from sparsepo.models import pair_forward
 from sparsepo.reference.scoring import score
 
@@ -86,7 +86,7 @@ def test_lean_gradients_equal_the_plain_ones(case):
 
 
 def test_the_head_sees_response_positions_only_and_chunk_rows_at_most(monkeypatch):
-    import sparsepo.logprobs as lp
+    import sparsepo.logprobs.lean as lp
 
     model = tiny_model("llama")
     batch = batches()[0]
@@ -131,7 +131,7 @@ def test_one_head_module_call_forward_and_backward_whatever_the_chunk_count(chun
 
 
 def test_a_model_the_table_does_not_know_keeps_the_plain_path(monkeypatch):
-    import sparsepo.logprobs as lp
+    import sparsepo.logprobs.lean as lp
 
     model = tiny_model("llama")
     monkeypatch.setattr(lp, "FAMILIES", {})
@@ -187,6 +187,6 @@ def test_the_pipeline_head_hands_the_lean_path_its_input(case):
 
 def test_the_config_default_is_the_measured_chunk():
     from sparsepo.config.sections import ModelConfig
-    from sparsepo.logprobs import DEFAULT_CHUNK
+    from sparsepo.logprobs.lean import DEFAULT_CHUNK
 
     assert ModelConfig().logits_chunk == DEFAULT_CHUNK == 128  # docs/benchmarks.md, "Lean log-probs"

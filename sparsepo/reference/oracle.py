@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sparsepo.logprobs import scoring_input
+from sparsepo.logprobs.lean import scoring_input
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from sparsepo.logprobs import scoring_input
+from sparsepo.logprobs.lean import scoring_input
 from sparsepo.reference.cache import write_index, write_shard
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from sparsepo.logprobs import HeadInput, chunked_logps
+from sparsepo.logprobs.lean import HeadInput, chunked_logps
 from sparsepo.models import logps_at, response_logps, topk_at_response
 from sparsepo.reference.partition import PipelineConfigError
 

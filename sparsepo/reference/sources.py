@@ -78,7 +78,7 @@ class InlineSource:
         """The reference side of SPO's KL on the policy's samples (a `generation.SampleBatch`), by the
         one scoring function: `outputs` from token_logps, request_logps (at `request_ids` (S,T,K)),
         topk_ids / topk_logps (the reference's own top-K)."""
-        from sparsepo.logprobs import scoring_input
+        from sparsepo.logprobs.lean import scoring_input
         from sparsepo.reference.scoring import score
 
         logits = scoring_input(self.model, samples.input_ids, samples.attention_mask, self.chunk)

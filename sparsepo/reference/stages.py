@@ -31,8 +31,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from sparsepo.logprobs import HeadInput, LeanHead, soft_cap
-from sparsepo.reference.families import (SLIDING, Family, check_live_supported, family_of, get_module,  # noqa: F401
+from sparsepo.logprobs.lean import HeadInput, LeanHead, soft_cap
+from sparsepo.logprobs.families import (SLIDING, Family, check_live_supported, family_of, get_module,  # noqa: F401
                                         layer_attention)
 from sparsepo.reference.partition import PipelineConfigError
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sparsepo.losses.common import log_sq_mass
-from sparsepo.reference.families import FAMILIES, get_module
+from sparsepo.logprobs.families import FAMILIES, get_module
 
 DEFAULT_CHUNK = 128
 """Response positions per head chunk (``model.logits_chunk``); see docs/benchmarks.md for the choice."""
