@@ -26,8 +26,8 @@ import torch
 from sparsepo.data.prompts import prompts_for
 from sparsepo.generation import KeyedSampler, SampleBatch, prompts_from, prompts_of, sample_batch
 from sparsepo.losses.kl import mask_support, union_support
-from sparsepo.logprobs.lean import chunked_logps, hidden_forward
-from sparsepo.models import logps_at, response_logps, topk_at_response
+from sparsepo.logprobs.head import Head, PlainHead
+from sparsepo.logprobs.head import fields as head_fields
 
 log = logging.getLogger("sparsepo")
 
@@ -37,12 +37,13 @@ class PolicySamples:
 
     def __init__(self, gen, *, source, topk: int, support: str, seed: int, pad_id: int, eos_id: int,
                  prompts: list | None = None, rank: int = 0, dp: int = 1, grad_accum: int = 1, staleness: int = 0,
-                 chunk: int = 0):
+                 head: Head | None = None):
         """`prompts`: (id, token ids) from generation.prompts_path (`data.prompts.load_prompts`), or None
         to sample from each micro-batch's own prompts. `source`: the run's reference source, with
         request(samples, ids, outputs) -> ticket and collect(ticket) -> {name: tensor} (inline or live).
         `staleness` s: samples drawn at step t regularise step t + s (the first steps reuse step 0's).
-        `chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk): no (S,T,V) logits."""
+        `head`: the policy's `sparsepo.logprobs.head.Head` (plain or lean, chosen where the policy was
+        loaded); None: the plain path on the policy given to `fields`."""
         if not hasattr(source, "request"):
             raise ValueError(f"{type(source).__name__} cannot score policy samples: SPO needs reference.mode=inline "
                              f"or live")
@@ -50,7 +51,7 @@ class PolicySamples:
         self.seed, self.pad_id, self.eos_id = seed, pad_id, eos_id
         self.prompts, self.rank, self.dp, self.grad_accum = prompts, rank, dp, grad_accum
         self.staleness = staleness
-        self.chunk = chunk
+        self.head = head
         self.rounds: dict[int, object] = {}
         self.pending: dict[int, deque] = {}
         self.logged_path = False
@@ -80,31 +81,20 @@ class PolicySamples:
         return samples, {"gen_time": seconds, "gen_tokens_per_s": tokens / max(seconds, 1e-9), "samples_fresh": 1.0}
 
     def _forward(self, policy, samples):
-        """The policy's head input (a `logprobs.HeadInput`, lean path) or its float32 logits (plain)."""
-        src = hidden_forward(policy, samples.input_ids, samples.attention_mask, self.chunk) if self.chunk > 0 else None
-        if src is not None:
-            return src
-        return policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits.float()
+        """One forward of the policy on the samples, WITH gradient: its head's output (`Head.forward`)."""
+        head = self.head if self.head is not None else PlainHead(policy)
+        return head.forward(samples.input_ids, samples.attention_mask)
 
     def _support_ids(self, out, samples):
         """The policy's top-K ids at each sample position (the KL's support), no gradient."""
-        if isinstance(out, torch.Tensor):
-            return topk_at_response(out.detach(), samples.sample_mask, self.topk)[1]
         with torch.no_grad():
-            return chunked_logps(out, samples.input_ids, samples.sample_mask, topk=self.topk)["topk_ids"]
+            return head_fields(out, samples.input_ids, samples.sample_mask, topk=self.topk)["topk_ids"]
 
     @staticmethod
     def _policy_side(out, samples, ids):
         """(token log-probs (S,T), log-probs at `ids` (S,T,K), entropy (S,T) no grad), zero outside the samples."""
-        mask = samples.sample_mask
-        if not isinstance(out, torch.Tensor):
-            got = chunked_logps(out, samples.input_ids, mask, ids=ids, entropy=True)
-            return got["token_logps"], got["logps_at"], got["entropy"]
-        token_logps, _ = response_logps(out, samples.input_ids, mask)
-        with torch.no_grad():
-            logp = out[:, :-1].log_softmax(-1)
-            entropy = torch.nn.functional.pad(-(logp.exp() * logp).sum(-1), (1, 0)) * mask
-        return token_logps, logps_at(out, ids, mask), entropy
+        got = head_fields(out, samples.input_ids, samples.sample_mask, ids=ids, entropy=True)
+        return got["token_logps"], got["logps_at"], got["entropy"]
 
     def state_dict(self) -> dict:
         """The in-flight sample state, for the checkpoint: per micro-slot the last round (reused while

@@ -24,6 +24,7 @@ import torch
 
 from sparsepo import bridge as br
 from sparsepo.data.batching import collate_pairs
+from sparsepo.logprobs.head import PlainHead
 from sparsepo.losses import METHODS, SePOParams, sepo_loss, sepo_selection
 from sparsepo.losses.inputs import build_loss_inputs, eos_positions
 from sparsepo.reference.oracle import OraclePair
@@ -224,7 +225,7 @@ def oracle_dir(tmp_path_factory):
     for name, model in models.items():
         model.save_pretrained(root / name)
     (root / "oracle.json").write_text(json.dumps({"oracle": "oracle", "reference": "reference"}))
-    return root, OraclePair(models["oracle"], models["reference"])
+    return root, OraclePair(PlainHead(models["oracle"]), PlainHead(models["reference"]))
 
 
 @pytest.mark.distributed

@@ -43,15 +43,18 @@ def scorer_name(cfg, outputs: tuple[str, ...]) -> str:
 
 def load_scorer(cfg, outputs: tuple[str, ...], device):
     """What scores `outputs` in cache and inline modes: the oracle pair for oracle_scores (SePO loads
-    no reference model at all), else the frozen reference."""
+    no reference model at all), else the frozen reference's `Head` (the run's chunk bound here)."""
+    from sparsepo.logprobs.head import Head, head_chunk
+
     if "oracle_scores" in outputs:
         from sparsepo.reference.oracle import OraclePair, oracle_manifest
 
         return OraclePair.load(oracle_manifest(cfg), device=device, precision=cfg.train.precision,
-                               chunk=cfg.model.logits_chunk)
+                               chunk=head_chunk(cfg))
     from sparsepo.models import load_frozen_model
 
-    return load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision)
+    model = load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision)
+    return Head.for_model(model, head_chunk(cfg))
 
 
 def local_components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
@@ -81,13 +84,12 @@ def ensure_cache(cfg, outputs: tuple[str, ...], dataset, collate, *, data_finger
         if ctx.is_main:
             log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
                      scorer_name(cfg, outputs))
-        model = load_scorer(cfg, outputs, ctx.device)
-        precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
+        scorer = load_scorer(cfg, outputs, ctx.device)
+        precompute_cache(scorer, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
                          topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
                          shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
-                         device=ctx.device, features=features, progress=cfg.logging.progress,
-                         chunk=cfg.model.logits_chunk)
-        del model
+                         device=ctx.device, features=features, progress=cfg.logging.progress)
+        del scorer
     return open_cache(directory, expected, progress=cfg.logging.progress)
 
 

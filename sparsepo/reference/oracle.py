@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sparsepo.logprobs.lean import scoring_input
+from sparsepo.logprobs.head import Head
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
 
@@ -117,25 +117,25 @@ def oracle_fingerprints(manifest: OracleManifest) -> dict:
 
 
 class OraclePair:
-    """Two frozen models; `score_batch` serves oracle_scores (and nothing else)."""
+    """Two frozen models, each behind its `Head`; `score_batch` serves oracle_scores (and nothing else)."""
 
-    def __init__(self, oracle, reference, chunk: int = 0):
-        """`chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk)."""
-        self.oracle, self.reference, self.chunk = oracle, reference, chunk
+    def __init__(self, oracle: Head, reference: Head):
+        self.oracle, self.reference = oracle, reference
 
     @classmethod
     def load(cls, manifest: OracleManifest, *, device="cpu", precision: str = "fp32", chunk: int = 0) -> "OraclePair":
+        """Both models, each with its head (`chunk` > 0: the lean log-prob path, `sparsepo.logprobs.head`)."""
         from sparsepo.models import load_frozen_model
 
-        return cls(load_frozen_model(manifest.oracle, device=device, precision=precision),
-                   load_frozen_model(manifest.reference, device=device, precision=precision), chunk)
+        return cls(*(Head.for_model(load_frozen_model(path, device=device, precision=precision), chunk)
+                     for path in (manifest.oracle, manifest.reference)))
 
     @torch.no_grad()
     def token_scores(self, batch) -> torch.Tensor:
         """r_t for every row of a collated batch: (2B,T), zero outside the response mask."""
         logps = []
-        for model in (self.oracle, self.reference):
-            logits = scoring_input(model, batch.input_ids, batch.attention_mask, self.chunk)
+        for head in (self.oracle, self.reference):
+            logits = head.forward(batch.input_ids, batch.attention_mask)
             logps.append(score(logits, batch.input_ids, batch.response_mask, ("token_logps",), topk=None)["token_logps"])
         return logps[0] - logps[1]
 

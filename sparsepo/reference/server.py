@@ -33,6 +33,7 @@ from sparsepo import data as pdata
 from sparsepo.config import config_fingerprint
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.collectives import gather, on_one_rank
+from sparsepo.logprobs.head import head_chunk
 from sparsepo.losses import get_method
 from sparsepo.models import load_tokenizer
 from sparsepo.reference import offline
@@ -149,7 +150,7 @@ def serve(cfg, plan, bridge) -> None:
         from sparsepo.reference.oracle_live import OraclePipelines, selection_records
 
         scorer = OraclePipelines.build(oracle_manifest(cfg), num_stages=topo.num_stages, precision=cfg.train.precision,
-                                       chunk=cfg.model.logits_chunk)
+                                       chunk=head_chunk(cfg))
         wire = lambda batch, records: selection_records(cfg.method.params, batch, records,  # noqa: E731
                                                         tokenizer.eos_token_id)
     else:
@@ -157,7 +158,7 @@ def serve(cfg, plan, bridge) -> None:
             ref_path, num_stages=topo.num_stages, precision=cfg.train.precision, outputs=outputs,
             topk=cfg.reference.topk if "topk_ids" in outputs + sample_outputs else None,
             feature_layer=cfg.sae.layer if features else None, features=load_features if features else None,
-            requests=samples, chunk=cfg.model.logits_chunk)
+            requests=samples, chunk=head_chunk(cfg))
         wire = lambda batch, records: records  # noqa: E731
     if scorer.replica_index != role.replica or scorer.stage_id != role.stage:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "

@@ -55,16 +55,17 @@ class InlineSource:
     """The frozen reference (SePO: the oracle pair) on the policy rank itself, scored inside the step
     (TRL's way; the sequential baseline of the overlap benchmark)."""
 
-    def __init__(self, model, outputs: tuple[str, ...], *, topk: int, features=None, chunk: int = 0):
-        """`chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk)."""
-        self.model, self.outputs, self.topk, self.features, self.chunk = model, outputs, topk, features, chunk
+    def __init__(self, head, outputs: tuple[str, ...], *, topk: int, features=None):
+        """`head`: the frozen reference's `sparsepo.logprobs.head.Head` (its chunk bound when it was
+        loaded), or SePO's oracle pair (`score_batch` takes either)."""
+        self.head, self.outputs, self.topk, self.features = head, outputs, topk, features
 
     def get(self, batch) -> ReferenceOutputs | None:
         from sparsepo.reference.scorer import score_batch
 
         if not self.outputs:  # SPO: nothing on the pairs, only the samples (score_samples)
             return None
-        return score_batch(self.model, batch, self.outputs, topk=self.topk, features=self.features, chunk=self.chunk)
+        return score_batch(self.head, batch, self.outputs, topk=self.topk, features=self.features)
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
         """Inline: scored at once; the ticket is the result (see `LiveSource.request`)."""
@@ -78,10 +79,9 @@ class InlineSource:
         """The reference side of SPO's KL on the policy's samples (a `generation.SampleBatch`), by the
         one scoring function: `outputs` from token_logps, request_logps (at `request_ids` (S,T,K)),
         topk_ids / topk_logps (the reference's own top-K)."""
-        from sparsepo.logprobs.lean import scoring_input
         from sparsepo.reference.scoring import score
 
-        logits = scoring_input(self.model, samples.input_ids, samples.attention_mask, self.chunk)
+        logits = self.head.forward(samples.input_ids, samples.attention_mask)
         return score(logits, samples.input_ids, samples.sample_mask, outputs, topk=self.topk, request_ids=request_ids)
 
     def finish(self) -> None:
@@ -187,7 +187,7 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
         return NoReference()
     if cfg.reference.mode == "inline":
         return InlineSource(offline.load_scorer(cfg, outputs, ctx.device), outputs, topk=cfg.reference.topk,
-                            features=features, chunk=cfg.model.logits_chunk)
+                            features=features)
     reader = offline.ensure_cache(cfg, outputs, dataset, collate, data_fingerprint=data_fingerprint, ctx=ctx,
                                   features=features)
     return CacheSource(reader, outputs, ctx.device)
