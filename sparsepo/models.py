@@ -9,9 +9,11 @@ reference scorer both call it, so the two sides can never disagree on alignment 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from sparsepo.config.sections import ConfigError
 from sparsepo.logprobs.head import Head
 
 
@@ -24,6 +26,51 @@ def load_tokenizer(path: str):
             raise ValueError(f"tokenizer at {path} has neither a pad nor an eos token; add a pad token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+class TokenizerMismatch(ConfigError):
+    """A model that scores the run's tokens (reference, oracle, an SAE's model) with another tokenizer."""
+
+
+def token_digest(tokenizer) -> str:
+    """sha256 of what maps text to ids and ids to meaning: the backend's JSON (or the vocabulary), the
+    special ids and a probe encoding (not the chat template: the data is rendered once, by the run's
+    tokenizer)."""
+    import hashlib
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps({"special": [tokenizer.bos_token_id, tokenizer.eos_token_id], "size": len(tokenizer),
+                        "probe": tokenizer("Probe: Hello, world 123.")["input_ids"]}, sort_keys=True)
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def check_same_tokens(role: str, path: str, run_tokenizer: str, run_model: str, error=TokenizerMismatch) -> None:
+    """Refuse (``error``, naming both directories) a ``role`` model at ``path`` whose tokenizer differs
+    from the run's (``config.paths.run_tokenizer``) or whose vocabulary size differs from the policy's at
+    ``run_model``: its log-probs would describe other tokens. Reads tokenizer files and configs only,
+    never weights. A model directory without tokenizer files is taken to use the run's tokenizer."""
+    from transformers import AutoConfig
+
+    from sparsepo.config.paths import TOKENIZER_FILES
+
+    def loaded(what: str, where: str, fn):
+        try:
+            return fn(where)
+        except (OSError, ValueError) as e:
+            raise error(f"{role}: cannot load the {what} at {where}: {e}") from e
+
+    if any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        mine = token_digest(loaded(f"{role} tokenizer", path, load_tokenizer))
+        if mine != token_digest(loaded("run tokenizer", run_tokenizer, load_tokenizer)):
+            raise error(f"the {role} tokenizer at {path} differs from the policy tokenizer at {run_tokenizer}; "
+                        f"its scores would be over other tokens. Use a {role} with the policy's tokenizer")
+    vocab = loaded(f"{role} model config", path, AutoConfig.from_pretrained).vocab_size
+    policy_vocab = loaded("policy model config", run_model, AutoConfig.from_pretrained).vocab_size
+    if vocab != policy_vocab:
+        raise error(f"the {role} at {path} has a vocabulary of {vocab} but the policy at {run_model} has "
+                    f"{policy_vocab}; it must share the policy's vocabulary")
 
 
 def load_frozen_model(path: str, *, device: torch.device | str = "cpu", precision: str = "fp32"):

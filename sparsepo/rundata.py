@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from sparsepo import data as pdata
 from sparsepo.config import RunConfig
+from sparsepo.config.paths import run_tokenizer
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.dist import DistContext
 from sparsepo.models import load_tokenizer
@@ -49,7 +50,7 @@ class RunData:
 def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
     run_dir = prepare_run_dir(cfg, is_main=ctx.is_main)
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(run_tokenizer(cfg))
     if not ctx.is_main:  # rank 0 tokenises and fills the datasets cache; the others then hit it
         dist.barrier()
     dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None,

@@ -100,6 +100,17 @@ def _leave(code: int, message: str, blame: int | None = None) -> int:
     return code
 
 
+def check_run_tokenizer(cfg) -> None:
+    """Every mode (cache, inline, live, precompute), on every process, before torch.distributed,
+    DeepSpeed or any weights load: the models that will score the run's tokens share its tokenizer
+    (`reference.offline.check_scorer_tokenizers`; a mismatch is a config error, exit 2)."""
+    from sparsepo.losses import get_method
+    from sparsepo.reference.offline import check_scorer_tokenizers
+
+    spec = get_method(cfg.method.name, cfg.method.params)
+    check_scorer_tokenizers(cfg, spec.reference_outputs, samples=spec.needs_policy_samples)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from sparsepo.preemption import PreemptionFlag
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, overrides)
         check_local_inputs(cfg)
+        check_run_tokenizer(cfg)
     except ConfigError as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)

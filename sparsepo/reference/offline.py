@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from sparsepo.config.paths import run_tokenizer
 from sparsepo.engine.collectives import gather, is_multi, on_one_rank
+from sparsepo.models import check_same_tokens
 from sparsepo.reference.cache import (INDEX, MODEL_FILES, CacheError, CacheReader, fingerprint_components,
                                       hash_files)
 from sparsepo.reference.scorer import precompute_cache
@@ -41,6 +43,20 @@ def scorer_name(cfg, outputs: tuple[str, ...]) -> str:
     return f"the SePO oracle pair in {cfg.reference.oracle}" if "oracle_scores" in outputs else reference_path(cfg)
 
 
+def check_scorer_tokenizers(cfg, outputs: tuple[str, ...], *, samples: bool = False) -> None:
+    """Refuse, before any weights load, a model that would score the run's tokens with another
+    tokenizer than the run's (`config.paths.run_tokenizer`), naming both: SePO's oracle pair for
+    oracle_scores (`oracle.oracle_manifest`), else the reference (and the model FPO's SAE reads:
+    the same one) when the method asks anything of it. The one check cache, inline, live and
+    precompute all run."""
+    if "oracle_scores" in outputs:
+        from sparsepo.reference.oracle import oracle_manifest
+
+        oracle_manifest(cfg)
+    elif (outputs or samples) and reference_path(cfg) != cfg.model.path:
+        check_same_tokens("reference", reference_path(cfg), run_tokenizer(cfg), cfg.model.path)
+
+
 def load_scorer(cfg, outputs: tuple[str, ...], device):
     """What scores `outputs` in cache and inline modes: the oracle pair for oracle_scores (SePO loads
     no reference model at all), else the frozen reference's `Head` (the run's chunk bound here)."""
@@ -59,7 +75,7 @@ def load_scorer(cfg, outputs: tuple[str, ...], device):
 
 def local_components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
     ref = reference_path(cfg)
-    return fingerprint_components(model_dir=ref, tokenizer_dir=cfg.model.tokenizer or ref, data=data_fingerprint,
+    return fingerprint_components(model_dir=ref, tokenizer_dir=run_tokenizer(cfg), data=data_fingerprint,
                                   settings=cache_settings(cfg, outputs, features))
 
 

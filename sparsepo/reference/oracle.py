@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from sparsepo.config.paths import run_tokenizer
+from sparsepo.config.sections import ConfigError
 from sparsepo.logprobs.head import Head
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
@@ -28,8 +30,8 @@ ORACLE_FIELDS = ("oracle_scores",)
 """What the oracle pair serves."""
 
 
-class OracleError(ValueError):
-    """An oracle directory that is missing, damaged, or does not fit the policy."""
+class OracleError(ConfigError):
+    """An oracle directory that is missing, damaged, or does not fit the policy (a config error: exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -72,30 +74,12 @@ def read_manifest(directory: str | Path) -> OracleManifest:
 
 def check_compatible(policy_model: str, policy_tokenizer: str, manifest: OracleManifest) -> None:
     """Refuse an oracle (or oracle reference) whose tokenizer or vocabulary differs from the
-    policy's: its token scores would describe other tokens. Names both paths."""
-    from transformers import AutoConfig
+    policy's: its token scores would describe other tokens. Names both paths (`models.check_same_tokens`,
+    the check every scorer's models go through)."""
+    from sparsepo.models import check_same_tokens
 
-    from sparsepo.data.rows import tokenizer_digest
-    from sparsepo.models import load_tokenizer
-
-    def loaded(what: str, path: str, fn):
-        try:
-            return fn(path)
-        except (OSError, ValueError) as e:
-            raise OracleError(f"SePO oracle: cannot load the {what} at {path}: {e}") from e
-
-    policy_digest = tokenizer_digest(loaded("policy tokenizer", policy_tokenizer, load_tokenizer))
-    policy_vocab = loaded("policy model config", policy_model, AutoConfig.from_pretrained).vocab_size
     for role, path in (("oracle", manifest.oracle), ("oracle reference", manifest.reference)):
-        digest = tokenizer_digest(loaded(f"{role} tokenizer", path, load_tokenizer))
-        if digest != policy_digest:
-            raise OracleError(f"SePO oracle: the {role} tokenizer at {path} differs from the policy tokenizer at "
-                              f"{policy_tokenizer}; token scores must be over the policy's tokens. Train the "
-                              f"oracle from a model with the policy's tokenizer (`sparsepo sepo train-oracle`)")
-        vocab = loaded(f"{role} model config", path, AutoConfig.from_pretrained).vocab_size
-        if vocab != policy_vocab:
-            raise OracleError(f"SePO oracle: the {role} at {path} has a vocabulary of {vocab} but the policy at "
-                              f"{policy_model} has {policy_vocab}; the oracle must share the policy's vocabulary")
+        check_same_tokens(role, path, policy_tokenizer, policy_model, error=OracleError)
 
 
 def oracle_manifest(cfg) -> OracleManifest:
@@ -104,7 +88,7 @@ def oracle_manifest(cfg) -> OracleManifest:
     if not cfg.reference.oracle:
         raise OracleError("method 'sepo' needs reference.oracle (a directory from `sparsepo sepo train-oracle`)")
     manifest = read_manifest(cfg.reference.oracle)
-    check_compatible(cfg.model.path, cfg.model.tokenizer or cfg.model.path, manifest)
+    check_compatible(cfg.model.path, run_tokenizer(cfg), manifest)
     return manifest
 
 

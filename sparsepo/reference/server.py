@@ -31,6 +31,7 @@ import torch.distributed as dist
 from sparsepo import bridge as br
 from sparsepo import data as pdata
 from sparsepo.config import config_fingerprint
+from sparsepo.config.paths import run_tokenizer
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.logprobs.head import head_chunk
@@ -133,7 +134,7 @@ def serve(cfg, plan, bridge) -> None:
     hs = br.broadcast(bridge, None, src=topo.policy_ranks()[0])
     check_handshake(hs, cfg, outputs)
     ref_path = offline.reference_path(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or ref_path)
+    tokenizer = load_tokenizer(run_tokenizer(cfg))
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
     features = uses_features(outputs)
     model_fp = offline.model_fingerprint(cfg) if features else None
