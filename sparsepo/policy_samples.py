@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,9 +29,27 @@ from sparsepo.data.prompts import prompts_for
 from sparsepo.generation import KeyedSampler, SampleBatch, prompts_from, prompts_of, sample_batch
 from sparsepo.losses.kl import mask_support, union_support
 from sparsepo.logprobs.head import Head, PlainHead
+from sparsepo.reference.sources import SampleSource
 from sparsepo.logprobs.head import fields as head_fields
 
 log = logging.getLogger("sparsepo")
+
+
+@dataclass
+class PendingRound:
+    """A sample round drawn at `step` whose reference scores regularise step + staleness."""
+
+    step: int
+    samples: SampleBatch
+    ids: torch.Tensor  # (S,T,K) the policy's support ids, chosen when the round was drawn
+    ticket: Any = None  # what source.collect redeems (None when restored from a checkpoint: ref is set)
+    ref: dict | None = None  # the reference's scores, once collected
+
+    def wait(self, source) -> dict:
+        """The reference's scores, collected from `source` on first use (live answers in request order)."""
+        if self.ref is None:
+            self.ref = source.collect(self.ticket)
+        return self.ref
 
 
 class PolicySamples:
@@ -44,7 +64,7 @@ class PolicySamples:
         `staleness` s: samples drawn at step t regularise step t + s (the first steps reuse step 0's).
         `head`: the policy's `sparsepo.logprobs.head.Head` (plain or lean, chosen where the policy was
         loaded); None: the plain path on the policy given to `fields`."""
-        if not hasattr(source, "request"):
+        if not isinstance(source, SampleSource):
             raise ValueError(f"{type(source).__name__} cannot score policy samples: SPO needs reference.mode=inline "
                              f"or live")
         self.gen, self.source, self.topk, self.support = gen, source, topk, support
@@ -53,7 +73,7 @@ class PolicySamples:
         self.staleness = staleness
         self.head = head
         self.rounds: dict[int, object] = {}
-        self.pending: dict[int, deque] = {}
+        self.pending: dict[int, deque[PendingRound]] = {}
         self.logged_path = False
 
     def _draw(self, policy, batch, step: int, micro: int) -> tuple[object, dict]:
@@ -101,14 +121,13 @@ class PolicySamples:
         step % every_steps != 0) and the pending rounds of staleness s > 0 with their support ids and
         reference scores. They were drawn by weights the checkpoint no longer holds, so a resume cannot
         redraw them. Scores not yet collected are waited for here, in request order (live answers in order)."""
-        entries = sorted(((e[0], micro, e) for micro, queue in self.pending.items() for e in queue),
+        entries = sorted(((e.step, micro, e) for micro, queue in self.pending.items() for e in queue),
                          key=lambda t: t[:2])
         for _, _, entry in entries:
-            if entry[4] is None:
-                entry[4] = self.source.collect(entry[3])
+            entry.wait(self.source)
         return {"grad_accum": self.grad_accum, "dp": self.dp, "rounds": {m: _plain(r) for m, r in self.rounds.items()},
-                "pending": {m: [{"step": e[0], "samples": _plain(e[1]), "ids": e[2].cpu(),
-                                 "ref": {k: v.cpu() for k, v in e[4].items()}} for e in q]
+                "pending": {m: [{"step": e.step, "samples": _plain(e.samples), "ids": e.ids.cpu(),
+                                 "ref": {k: v.cpu() for k, v in e.ref.items()}} for e in q]
                             for m, q in self.pending.items()}}
 
     def load_state_dict(self, state: dict, device="cpu") -> bool:
@@ -120,8 +139,8 @@ class PolicySamples:
                         self.grad_accum, self.dp)
             return False
         self.rounds = {int(m): _batch(r, device) for m, r in state["rounds"].items()}
-        self.pending = {int(m): deque([e["step"], _batch(e["samples"], device), e["ids"].to(device), None,
-                                       {k: v.to(device) for k, v in e["ref"].items()}] for e in q)
+        self.pending = {int(m): deque(PendingRound(e["step"], _batch(e["samples"], device), e["ids"].to(device),
+                                                   ref={k: v.to(device) for k, v in e["ref"].items()}) for e in q)
                         for m, q in state["pending"].items()}
         return True
 
@@ -142,14 +161,13 @@ class PolicySamples:
             with torch.no_grad():
                 ids_now = self._support_ids(self._forward(policy, samples), samples)
             queue = self.pending.setdefault(micro, deque())
-            queue.append([step, samples, ids_now, self.source.request(samples, ids_now, outputs), None])
+            queue.append(PendingRound(step, samples, ids_now, ticket=self.source.request(samples, ids_now, outputs)))
             entry, t0 = queue[0], time.perf_counter()
-            if entry[4] is None:
-                entry[4] = self.source.collect(entry[3])
+            ref = entry.wait(self.source)
             metrics["sample_ref_wait"] = time.perf_counter() - t0
             if len(queue) == self.staleness + 1:
                 queue.popleft()
-            drawn, samples, request_ids, _, ref = entry
+            drawn, samples, request_ids = entry.step, entry.samples, entry.ids
             out = self._forward(policy, samples)
             metrics["staleness"] = float(step - drawn)
         mask = samples.sample_mask

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -19,6 +20,29 @@ from sparsepo import bridge as br
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
 
 log = logging.getLogger("sparsepo")
+
+
+class ReferenceSource(Protocol):
+    """What the trainer holds (`open_source`): the reference outputs of each batch, whatever the mode."""
+
+    outputs: tuple[str, ...]
+
+    def get(self, batch) -> ReferenceOutputs | None:
+        """Outputs for exactly this batch's example ids, in its order (None: the method needs none)."""
+
+    def finish(self) -> Any:
+        """The end of the run (live: the group's typed finish)."""
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    """A source that also scores the policy's own samples on request (SPO: inline and live)."""
+
+    def request(self, samples, request_ids, outputs: tuple[str, ...]) -> Any:
+        """Send (or score at once) one sample round; returns the ticket `collect` redeems."""
+
+    def collect(self, ticket) -> dict:
+        """The reference's scores for a request, in request order."""
 
 
 class ReferenceTimeout(RuntimeError):
@@ -167,7 +191,7 @@ class LiveSource:
 
 
 def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, features=None, live=None,
-                handshake: br.Handshake | None = None):
+                handshake: br.Handshake | None = None) -> ReferenceSource:
     """The source this run's mode asks for. Cache mode precomputes the cache first when it is
     missing; live mode sends the typed handshake (every bridge rank takes part)."""
     from sparsepo.reference import offline
