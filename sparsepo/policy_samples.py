@@ -29,7 +29,7 @@ from sparsepo.data.prompts import prompts_for
 from sparsepo.generation import KeyedSampler, SampleBatch, prompts_from, prompts_of, sample_batch
 from sparsepo.losses.kl import mask_support, union_support
 from sparsepo.logprobs.head import Head, PlainHead
-from sparsepo.reference.sources import SampleSource
+from sparsepo.reference_role.sources import SampleSource
 from sparsepo.logprobs.head import fields as head_fields
 
 log = logging.getLogger("sparsepo")

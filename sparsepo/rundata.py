@@ -64,7 +64,7 @@ def load_features(cfg: RunConfig, spec):
     """The frozen SAE (FPO), checked against the reference model it must have been trained on."""
     if not spec.needs_sae_features:
         return None
-    from sparsepo.reference.offline import model_fingerprint
+    from sparsepo.reference_role.offline import model_fingerprint
     from sparsepo.sae.runtime import load_for_run
 
     return load_for_run(cfg, model_fingerprint=model_fingerprint(cfg))

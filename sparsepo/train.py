@@ -43,7 +43,7 @@ def run_live(cfg, preempt) -> None:
     from sparsepo.launch.process import plan
     from sparsepo.logprobs.families import check_live_supported
     from sparsepo.reference.partition import max_stages
-    from sparsepo.reference.server import check_live_topology, live_model_paths, serve
+    from sparsepo.reference_role.server import check_live_topology, live_model_paths, serve
     from sparsepo.trainer import train
 
     configs = [AutoConfig.from_pretrained(path) for path in live_model_paths(cfg)]  # SePO: the checked oracle pair
@@ -103,9 +103,9 @@ def _leave(code: int, message: str, blame: int | None = None) -> int:
 def check_run_tokenizer(cfg) -> None:
     """Every mode (cache, inline, live, precompute), on every process, before torch.distributed,
     DeepSpeed or any weights load: the models that will score the run's tokens share its tokenizer
-    (`reference.offline.check_scorer_tokenizers`; a mismatch is a config error, exit 2)."""
+    (`reference_role.offline.check_scorer_tokenizers`; a mismatch is a config error, exit 2)."""
     from sparsepo.losses import get_method
-    from sparsepo.reference.offline import check_scorer_tokenizers
+    from sparsepo.reference_role.offline import check_scorer_tokenizers
 
     spec = get_method(cfg.method.name, cfg.method.params)
     check_scorer_tokenizers(cfg, spec.reference_outputs, samples=spec.needs_policy_samples)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.reference.mode == "live":
             run_live(cfg, preempt)
         elif cfg.reference.mode == "precompute":
-            from sparsepo.reference.precompute import precompute
+            from sparsepo.reference_role.precompute import precompute
 
             precompute(cfg)
         else:

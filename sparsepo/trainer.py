@@ -35,7 +35,7 @@ from sparsepo.models import pair_forward
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.preflight import preflight, resume_point
-from sparsepo.reference.sources import ReferenceSource, open_source
+from sparsepo.reference_role.sources import ReferenceSource, open_source
 from sparsepo.rundata import RunData, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
 from sparsepo.schedule import Schedule
@@ -51,7 +51,7 @@ class Run:
     data: RunData
     schedule: Schedule
     policy: PolicyEngine
-    source: ReferenceSource  # cache, inline or live (sparsepo.reference.sources)
+    source: ReferenceSource  # cache, inline or live (sparsepo.reference_role.sources)
     features: Any  # SAEFeatures or None
     samples: Any  # PolicySamples (methods that need policy samples: SPO) or None
     metrics: MetricsLogger

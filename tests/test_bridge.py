@@ -22,7 +22,7 @@ pytestmark = pytest.mark.distributed
 from conftest import free_port
 from sparsepo.reference.outputs import MisalignedOutputs
 from sparsepo import bridge as br
-from sparsepo.reference.sources import LiveSource, ReferenceTimeout
+from sparsepo.reference_role.sources import LiveSource, ReferenceTimeout
 
 
 def bridges(timeout_s=20.0):

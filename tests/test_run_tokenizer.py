@@ -57,7 +57,7 @@ def refused(d, capsys, monkeypatch, *more) -> str:
         pytest.fail("main went past the tokenizer check")
 
     for name, attr in (("sparsepo.engine.dist", "shutdown"), ("sparsepo.trainer", "train"),
-                       ("sparsepo.reference.precompute", "precompute")):
+                       ("sparsepo.reference_role.precompute", "precompute")):
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**{attr: past}))
     monkeypatch.setattr(entry, "run_live", past)
     monkeypatch.setattr("sparsepo.preemption.PreemptionFlag", lambda: None)  # no signal handlers in pytest

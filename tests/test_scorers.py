@@ -1,4 +1,4 @@
-"""The run's scorer, chosen once (`reference.scorers.scorer_for`): the frozen reference or SePO's oracle
+"""The run's scorer, chosen once (`reference_role.scorers.scorer_for`): the frozen reference or SePO's oracle
 pair, each owning its name, model paths, cache-key part, check, loading and wire format, so no mode
 tests ``"oracle_scores" in outputs`` itself. Model directories hold a config and a tokenizer only."""
 
@@ -13,7 +13,7 @@ from test_shape import MODULES
 
 from sparsepo.config import load_config
 from sparsepo.reference.oracle import OracleError
-from sparsepo.reference.scorers import OracleScorer, ReferenceScorer, scorer_for
+from sparsepo.reference_role.scorers import OracleScorer, ReferenceScorer, scorer_for
 
 pytestmark = pytest.mark.unit
 
@@ -59,4 +59,4 @@ def test_no_mode_tests_for_the_oracle_itself():
                    for node in ast.walk(ast.parse(path.read_text()))
                    if isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.In)
                    and getattr(node.left, "value", None) == "oracle_scores")
-    assert found == ["sparsepo.reference.scorers"]
+    assert found == ["sparsepo.reference_role.scorers"]

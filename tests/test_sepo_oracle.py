@@ -102,7 +102,7 @@ def test_tokenizer_mismatch_is_refused_before_scoring(tiny_world, tmp_path, monk
     """A run whose oracle has another tokenizer stops in the oracle check, naming both paths, before
     any model is loaded or a batch scored (cache mode: no cache written)."""
     from sparsepo.config import load_config
-    from sparsepo.reference import offline
+    from sparsepo.reference_role import offline
 
     odd = other_tokenizer_copy(tiny_world, tmp_path / "odd")
     oracle_dir = tmp_path / "oracle"
@@ -141,7 +141,7 @@ def test_cache_key_includes_both_oracle_models(tiny_world, tmp_path):
     """Changing the oracle's reference changes the cache key (settings part) though the policy's
     reference and data are the same."""
     from sparsepo.config import load_config
-    from sparsepo.reference import offline
+    from sparsepo.reference_role import offline
 
     other = tmp_path / "other"
     shutil.copytree(tiny_world.sft_dir, other)

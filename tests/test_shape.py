@@ -106,7 +106,7 @@ def test_no_file_over_the_limit():
 
 
 def test_importing_the_trainer_reaches_deepspeed_only_through_the_engine():
-    code = ("import sys, sparsepo.trainer, sparsepo.train, sparsepo.reference.server\n"
+    code = ("import sys, sparsepo.trainer, sparsepo.train, sparsepo.reference_role.server\n"
             "print('\\n'.join(m for m in sys.modules if m.startswith('sparsepo')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     loaded = out.stdout.split()

@@ -69,7 +69,7 @@ def test_sample_state_round_trips_the_pending_rounds_in_request_order(tmp_path):
     from sparsepo.data.batching import collate_pairs
     from sparsepo.logprobs.head import PlainHead
     from sparsepo.policy_samples import PolicySamples
-    from sparsepo.reference.sources import InlineSource
+    from sparsepo.reference_role.sources import InlineSource
     from test_pipeline_reference import VOCAB, tiny_llama
     from test_spo_trainer import PlainPolicy
 

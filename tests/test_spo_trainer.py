@@ -11,7 +11,7 @@ from sparsepo.losses.kl import topk_tail_kl
 from sparsepo.logprobs.head import Head
 from sparsepo.logprobs.lean import HeadInput
 from sparsepo.policy_samples import PolicySamples
-from sparsepo.reference.sources import InlineSource
+from sparsepo.reference_role.sources import InlineSource
 from test_pipeline_reference import VOCAB, tiny_llama
 
 STEPS = 4

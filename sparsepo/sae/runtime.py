@@ -85,7 +85,7 @@ def train_for_run(cfg, out_dir: str | Path, *, d_sae: int | None = None, k: int 
     from sparsepo.config.paths import run_tokenizer
     from sparsepo.models import check_same_tokens, load_frozen_model, load_tokenizer
     from sparsepo.reference.cache import MODEL_FILES, hash_files
-    from sparsepo.reference.offline import reference_path
+    from sparsepo.reference_role.offline import reference_path
 
     t0 = time.perf_counter()
     ref = reference_path(cfg)

@@ -17,7 +17,7 @@ from sparsepo.data.batching import collate_pairs
 from sparsepo.engine.dist import shutdown
 from sparsepo.losses import SePOParams
 from sparsepo.reference.oracle import read_manifest
-from sparsepo.reference.oracle_live import OraclePipelines, selection_records
+from sparsepo.reference_role.oracle_live import OraclePipelines, selection_records
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ from sparsepo.engine.collectives import gather, is_multi, on_one_rank
 from sparsepo.reference.cache import (INDEX, MODEL_FILES, CacheError, CacheReader, fingerprint_components,
                                       hash_files)
 from sparsepo.reference.scorer import precompute_cache
-from sparsepo.reference.scorers import reference_path, scorer_for
+from sparsepo.reference_role.scorers import reference_path, scorer_for
 
 log = logging.getLogger(__name__)
 

@@ -99,14 +99,14 @@ class OracleScorer:
 
     def pipelines(self, *, num_stages: int, **_):
         """Two pipelines over the same stage ranks (``oracle_live.OraclePipelines``)."""
-        from sparsepo.reference.oracle_live import OraclePipelines
+        from sparsepo.reference_role.oracle_live import OraclePipelines
 
         return OraclePipelines.build(self.manifest, num_stages=num_stages, precision=self.cfg.train.precision,
                                      chunk=head_chunk(self.cfg))
 
     def wire(self, batch, records: list[dict], eos_id: int) -> list[dict]:
         """The key tokens SePO trains on (``sepo_selection``), bit-packed, instead of r_t."""
-        from sparsepo.reference.oracle_live import selection_records
+        from sparsepo.reference_role.oracle_live import selection_records
 
         return selection_records(self.cfg.method.params, batch, records, eos_id)
 

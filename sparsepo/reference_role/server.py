@@ -11,7 +11,7 @@ REQUEST (to the serving replica's first and last stage), the pipeline scores the
 ``request_ids``) and the last stage answers with OUTPUTS, in the schedule's rounds.
 
 SePO: the group holds the oracle pair instead of the reference (two pipelines over the same stage
-ranks, `sparsepo.reference.oracle_live`), after the same oracle check as cache and inline modes
+ranks, `sparsepo.reference_role.oracle_live`), after the same oracle check as cache and inline modes
 (`oracle_manifest`: tokenizer and vocabulary, before any model is loaded); it writes r_t through to
 the cache and sends each batch's key tokens (`sepo_selection`), bit-packed (the policy logs the
 bytes per pair it received: `LiveSource.finish`).
@@ -36,9 +36,9 @@ from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.models import load_tokenizer
-from sparsepo.reference import offline
+from sparsepo.reference_role import offline
 from sparsepo.reference.cache import INDEX, write_index, write_shard
-from sparsepo.reference.scorers import scorer_for
+from sparsepo.reference_role.scorers import scorer_for
 from sparsepo.schedule import Schedule
 
 log = logging.getLogger("sparsepo")

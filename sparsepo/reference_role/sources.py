@@ -194,7 +194,7 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
                 handshake: br.Handshake | None = None) -> ReferenceSource:
     """The source this run's mode asks for. Cache mode precomputes the cache first when it is
     missing; live mode sends the typed handshake (every bridge rank takes part)."""
-    from sparsepo.reference import offline
+    from sparsepo.reference_role import offline
 
     outputs = spec.reference_outputs
     if live is not None:
