@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from sparsepo import data as pdata
 from sparsepo.config import RunConfig
-from sparsepo.config.paths import run_tokenizer
+from sparsepo.config.paths import reference_path, run_tokenizer
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.dist import DistContext
 from sparsepo.models import load_tokenizer
@@ -64,10 +64,18 @@ def load_features(cfg: RunConfig, spec):
     """The frozen SAE (FPO), checked against the reference model it must have been trained on."""
     if not spec.needs_sae_features:
         return None
-    from sparsepo.reference_role.offline import model_fingerprint
     from sparsepo.sae.runtime import load_for_run
 
     return load_for_run(cfg, model_fingerprint=model_fingerprint(cfg))
+
+
+def model_fingerprint(cfg: RunConfig) -> str:
+    """The reference weights' fingerprint (the cache key's "model" part; an SAE's sidecar records
+    the one it was trained on). Read on one rank and shared: the files may be large."""
+    from sparsepo.engine.collectives import on_one_rank
+    from sparsepo.reference.cache import MODEL_FILES, hash_files
+
+    return on_one_rank(lambda: hash_files(reference_path(cfg), MODEL_FILES))
 
 
 def load_run_prompts(cfg: RunConfig, ctx: DistContext, tokenizer):

@@ -49,6 +49,11 @@ def run_tokenizer(cfg: RunConfig) -> str:
     return cfg.model.tokenizer or cfg.model.path
 
 
+def reference_path(cfg: RunConfig) -> str:
+    """The frozen reference's directory: reference.path, else the policy's starting model."""
+    return cfg.reference.path or cfg.model.path
+
+
 def check_local_inputs(cfg: RunConfig) -> None:
     """Refuse, naming the key and the path, a model/tokenizer/reference directory that is not there."""
     check_model_dir("model.path", cfg.model.path)

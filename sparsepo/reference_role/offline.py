@@ -9,8 +9,7 @@ import torch.distributed as dist
 
 from sparsepo.config.paths import run_tokenizer
 from sparsepo.engine.collectives import gather, is_multi, on_one_rank
-from sparsepo.reference.cache import (INDEX, MODEL_FILES, CacheError, CacheReader, fingerprint_components,
-                                      hash_files)
+from sparsepo.reference.cache import INDEX, CacheError, CacheReader, fingerprint_components
 from sparsepo.reference.scorer import precompute_cache
 from sparsepo.reference_role.scorers import reference_path, scorer_for
 
@@ -50,12 +49,6 @@ def local_components(cfg, data_fingerprint: str, outputs: tuple[str, ...], featu
     ref = reference_path(cfg)
     return fingerprint_components(model_dir=ref, tokenizer_dir=run_tokenizer(cfg), data=data_fingerprint,
                                   settings=cache_settings(cfg, outputs, features))
-
-
-def model_fingerprint(cfg) -> str:
-    """The reference weights' fingerprint (the cache key's "model" part; an SAE's sidecar records
-    the one it was trained on). Read on one rank and shared: the files may be large."""
-    return on_one_rank(lambda: hash_files(reference_path(cfg), MODEL_FILES))
 
 
 def components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:

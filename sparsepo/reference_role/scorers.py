@@ -14,12 +14,8 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from sparsepo.config.paths import run_tokenizer
+from sparsepo.config.paths import reference_path, run_tokenizer
 from sparsepo.logprobs.head import Head, head_chunk
-
-
-def reference_path(cfg) -> str:
-    return cfg.reference.path or cfg.model.path
 
 
 class ReferenceScorer:

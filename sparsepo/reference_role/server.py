@@ -39,6 +39,7 @@ from sparsepo.models import load_tokenizer
 from sparsepo.reference_role import offline
 from sparsepo.reference.cache import INDEX, write_index, write_shard
 from sparsepo.reference_role.scorers import scorer_for
+from sparsepo.rundata import model_fingerprint
 from sparsepo.schedule import Schedule
 
 log = logging.getLogger("sparsepo")
@@ -129,7 +130,7 @@ def serve(cfg, plan, bridge) -> None:
     tokenizer = load_tokenizer(run_tokenizer(cfg))
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
     features = uses_features(outputs)
-    model_fp = offline.model_fingerprint(cfg) if features else None
+    model_fp = model_fingerprint(cfg) if features else None
 
     def load_features():  # called on the last stages only: the others never load the SAE
         from sparsepo.sae.runtime import load_for_run

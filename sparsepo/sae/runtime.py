@@ -82,10 +82,9 @@ def train_for_run(cfg, out_dir: str | Path, *, d_sae: int | None = None, k: int 
     """Train an SAE on the reference model's layer-ℓ residuals over the run's prompts + responses,
     save it in the sae-lens format; returns explained variance, L0 and timings."""
     from sparsepo import data as pdata
-    from sparsepo.config.paths import run_tokenizer
+    from sparsepo.config.paths import reference_path, run_tokenizer
     from sparsepo.models import check_same_tokens, load_frozen_model, load_tokenizer
     from sparsepo.reference.cache import MODEL_FILES, hash_files
-    from sparsepo.reference_role.offline import reference_path
 
     t0 = time.perf_counter()
     ref = reference_path(cfg)
