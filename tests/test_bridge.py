@@ -3,7 +3,7 @@
 Order is deterministic whatever the reference's timing; misaligned results are refused; a silent
 reference produces the timeout error (naming the rank and the last batch served), not a hang.
 Each scenario runs in a fresh interpreter that leaves through os._exit: a gloo thread still
-blocked in recv at interpreter exit aborts the process (FIELD_NOTES' exit crash).
+blocked in recv at interpreter exit aborts the process (docs/field_notes.md, "Exit crash").
 """
 
 import os

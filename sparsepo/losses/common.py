@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsepo.logprobs.plain import gather_logps, log_sq_mass, token_logps_from_logits, topk_logps_from_logits  # noqa: F401
+from sparsepo.logprobs.plain import (  # noqa: F401 - importable from here, where the losses used them
+    gather_logps,
+    log_sq_mass,
+    token_logps_from_logits,
+    topk_logps_from_logits,
+)
 from sparsepo.logprobs.plain import upcast as _upcast
 from sparsepo.losses.types import LossOutput
 

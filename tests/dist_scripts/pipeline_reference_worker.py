@@ -84,7 +84,7 @@ def main() -> int:
             "head_chunks": [m.head.chunk for m in scorer.engine.module.modules() if isinstance(m, HeadStage)]}
     with open(os.path.join(args.out, f"info_rank{rank}.json"), "w") as f:
         json.dump(info, f)
-    shutdown(0)  # the gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
+    shutdown(0)  # the gloo exit crash fix (docs/field_notes.md, "Exit crash"): barrier, destroy, flush, hard exit
 
 
 if __name__ == "__main__":
