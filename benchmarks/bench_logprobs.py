@@ -40,6 +40,7 @@ def child(args) -> dict:
     from sparsepo.data.batching import collate_pairs
     from sparsepo.losses import get_method
     from sparsepo.losses.inputs import build_loss_inputs
+    from sparsepo.logprobs.head import Head
     from sparsepo.models import pair_forward
     from sparsepo.reference.scorer import score_batch
 
@@ -52,6 +53,7 @@ def child(args) -> dict:
     reference = LlamaForCausalLM(config)
     reference.load_state_dict(policy.state_dict())
     reference.eval().requires_grad_(False)
+    policy_head, ref_head = Head.for_model(policy, args.chunk), Head.for_model(reference, args.chunk)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
     prompt_len = int(args.seq_len * args.prompt_frac)
@@ -73,8 +75,8 @@ def child(args) -> dict:
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        ref = score_batch(reference, batch, ("seq_logps",), topk=0, chunk=args.chunk)
-        fwd = pair_forward(policy, batch, chunk=args.chunk)
+        ref = score_batch(ref_head, batch, ("seq_logps",), topk=0)
+        fwd = pair_forward(policy_head, batch)
         out = spec.loss_fn(build_loss_inputs(spec, fwd, batch.response_mask, ref), params)
         out.losses.mean().backward()
         opt.step()

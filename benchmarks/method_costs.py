@@ -58,6 +58,7 @@ def fpo_policy_overhead(world, sae_dir: Path, *, layer: int, k: int, micro: int,
     from sparsepo.config import load_config
     from sparsepo.sae.runtime import SAEFeatures
     from sparsepo.losses.common import pooled_union_mse
+    from sparsepo.logprobs.head import PlainHead
     from sparsepo.models import load_tokenizer, pair_forward
     from sparsepo.sae import load_sae, reconstruction_stats
 
@@ -70,16 +71,16 @@ def fpo_policy_overhead(world, sae_dir: Path, *, layer: int, k: int, micro: int,
     sae = load_sae(str(sae_dir))
     feats = SAEFeatures(sae, layer=layer, k=k)
     with torch.no_grad(), feats.capture(model) as cap:
-        pair_forward(model, batch)
+        pair_forward(PlainHead(model), batch)
         ref = feats.reference(cap, batch)
 
     def plain():
-        fwd = pair_forward(model, batch)
+        fwd = pair_forward(PlainHead(model), batch)
         (fwd.seq_logps / batch.response_mask.sum(-1)).mean().backward()
 
     def with_features():
         with feats.capture(model) as cap:
-            fwd = pair_forward(model, batch)
+            fwd = pair_forward(PlainHead(model), batch)
         from sparsepo.sae import pooled_features
 
         pooled = pooled_features(sae, cap.take(), batch.response_mask)
@@ -88,7 +89,7 @@ def fpo_policy_overhead(world, sae_dir: Path, *, layer: int, k: int, micro: int,
 
     def stats_only():
         with torch.no_grad(), feats.capture(model) as cap:
-            pair_forward(model, batch)
+            pair_forward(PlainHead(model), batch)
         hidden = cap.take()
         t = time.perf_counter()
         reconstruction_stats(sae, hidden, batch.response_mask)

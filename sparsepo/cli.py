@@ -162,11 +162,11 @@ def cmd_sae_train(a: argparse.Namespace) -> int:
     try:
         cfg = load_config(a.config, [f"sae.path={a.out}", *a.overrides])
         check_local_inputs(cfg)
+        stats = train_for_run(cfg, a.out, d_sae=a.d_sae, k=a.k, steps=a.steps, architecture=a.architecture,
+                              max_tokens=a.max_tokens)  # refuses a reference with another tokenizer first
     except ConfigError as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         return 2
-    stats = train_for_run(cfg, a.out, d_sae=a.d_sae, k=a.k, steps=a.steps, architecture=a.architecture,
-                          max_tokens=a.max_tokens)
     print(f"SAE saved to {a.out}: explained variance {stats['explained_variance']:.3f}, L0 {stats['l0']:.1f}, "
           f"{stats['tokens']} tokens, {stats['total_seconds']:.1f}s")
     return 0

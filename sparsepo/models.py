@@ -1,6 +1,6 @@
 """Hugging Face models and tokenizers, and the one forward pass both sides share.
 
-`pair_forward` runs chosen + rejected of a collated batch through a causal LM in one forward and
+`pair_forward` runs chosen + rejected of a collated batch through a model's `Head` in one forward and
 returns per-token and sequence log-probs of the response tokens (plus, when asked, the log-probs at
 given token ids, for sparse-distribution methods). The policy (inside its DeepSpeed engine) and the
 reference scorer both call it, so the two sides can never disagree on alignment or masking.
@@ -9,11 +9,12 @@ reference scorer both call it, so the two sides can never disagree on alignment 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from sparsepo.logprobs import chunked_logps, hidden_forward
-from sparsepo.losses.common import gather_logps, log_sq_mass, token_logps_from_logits, topk_logps_from_logits
+from sparsepo.config.sections import ConfigError
+from sparsepo.logprobs.head import Head
 
 
 def load_tokenizer(path: str):
@@ -25,6 +26,51 @@ def load_tokenizer(path: str):
             raise ValueError(f"tokenizer at {path} has neither a pad nor an eos token; add a pad token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+class TokenizerMismatch(ConfigError):
+    """A model that scores the run's tokens (reference, oracle, an SAE's model) with another tokenizer."""
+
+
+def token_digest(tokenizer) -> str:
+    """sha256 of what maps text to ids and ids to meaning: the backend's JSON (or the vocabulary), the
+    special ids and a probe encoding (not the chat template: the data is rendered once, by the run's
+    tokenizer)."""
+    import hashlib
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps({"special": [tokenizer.bos_token_id, tokenizer.eos_token_id], "size": len(tokenizer),
+                        "probe": tokenizer("Probe: Hello, world 123.")["input_ids"]}, sort_keys=True)
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def check_same_tokens(role: str, path: str, run_tokenizer: str, run_model: str, error=TokenizerMismatch) -> None:
+    """Refuse (``error``, naming both directories) a ``role`` model at ``path`` whose tokenizer differs
+    from the run's (``config.paths.run_tokenizer``) or whose vocabulary size differs from the policy's at
+    ``run_model``: its log-probs would describe other tokens. Reads tokenizer files and configs only,
+    never weights. A model directory without tokenizer files is taken to use the run's tokenizer."""
+    from transformers import AutoConfig
+
+    from sparsepo.config.paths import TOKENIZER_FILES
+
+    def loaded(what: str, where: str, fn):
+        try:
+            return fn(where)
+        except (OSError, ValueError) as e:
+            raise error(f"{role}: cannot load the {what} at {where}: {e}") from e
+
+    if any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        mine = token_digest(loaded(f"{role} tokenizer", path, load_tokenizer))
+        if mine != token_digest(loaded("run tokenizer", run_tokenizer, load_tokenizer)):
+            raise error(f"the {role} tokenizer at {path} differs from the policy tokenizer at {run_tokenizer}; "
+                        f"its scores would be over other tokens. Use a {role} with the policy's tokenizer")
+    vocab = loaded(f"{role} model config", path, AutoConfig.from_pretrained).vocab_size
+    policy_vocab = loaded("policy model config", run_model, AutoConfig.from_pretrained).vocab_size
+    if vocab != policy_vocab:
+        raise error(f"the {role} at {path} has a vocabulary of {vocab} but the policy at {run_model} has "
+                    f"{policy_vocab}; it must share the policy's vocabulary")
 
 
 def load_frozen_model(path: str, *, device: torch.device | str = "cpu", precision: str = "fp32"):
@@ -44,49 +90,15 @@ class PairForward:
 
     token_logps: torch.Tensor  # (2B,T) log p(x_t | x_<t), zero outside the response
     seq_logps: torch.Tensor  # (2B,) sum over response tokens
-    logits: torch.Tensor | None = None  # (2B,T,V) float32 on the plain path (logits_chunk=0); None on the lean one
     logps_at_ids: torch.Tensor | None = None  # (2B,T,K) log-probs at pair_forward's `ids`, zero outside the response
     log_sq_mass: torch.Tensor | None = None  # (2B,T) log Σ_v p(v|x_<t)², no gradient, zero outside (sq_mass=True)
 
 
-def response_logps(logits: torch.Tensor, input_ids: torch.Tensor,
-                   response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token_logps (N,T), seq_logps (N,)) of the response tokens from float32 logits (N,T,V):
-    position t from logits[t-1], position 0 is 0, zero outside the response mask."""
-    token_logps = token_logps_from_logits(logits, input_ids) * response_mask
-    return token_logps, token_logps.sum(-1)
-
-
-def pair_forward(model, batch, *, ids: torch.Tensor | None = None, chunk: int = 0, sq_mass: bool = False) -> PairForward:
-    """The policy's forward of a collated batch. `ids` (2B,T,K): also the log-probs at those ids
-    (TDPO: the reference's top-K). `sq_mass`: also log Σ_v p(v|x_<t)² at each response position
-    (WPO's weights; `losses.common.log_sq_mass`), without gradient. `chunk` > 0: the lean path
-    (`sparsepo.logprobs`), no (2B,T,V) logits, `chunk` response positions per head call; 0, or a
-    family the lean path does not know: the plain path, full float32 logits kept in `logits`."""
-    src = hidden_forward(model, batch.input_ids, batch.attention_mask, chunk) if chunk > 0 else None
-    if src is not None:
-        got = chunked_logps(src, batch.input_ids, batch.response_mask, ids=ids, sq_mass=sq_mass)
-        return PairForward(token_logps=got["token_logps"], seq_logps=got["seq_logps"], logps_at_ids=got.get("logps_at"),
-                           log_sq_mass=got.get("log_sq_mass"))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logits = logits.float()
-    token_logps, seq_logps = response_logps(logits, batch.input_ids, batch.response_mask)
-    at = logps_at(logits, ids, batch.response_mask) if ids is not None else None
-    sq = sq_mass_at_response(logits, batch.response_mask) if sq_mass else None
-    return PairForward(token_logps=token_logps, seq_logps=seq_logps, logits=logits, logps_at_ids=at, log_sq_mass=sq)
-
-
-def sq_mass_at_response(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(N,T): log Σ_v p(v|x_<t)² at position t (from logits[t-1]; position 0 is 0), zero outside the mask."""
-    return torch.nn.functional.pad(log_sq_mass(logits[:, :-1]), (1, 0)) * mask
-
-
-def topk_at_response(logits: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k next-token log-probs (values, ids), zeroed outside the response mask."""
-    values, ids = topk_logps_from_logits(logits, k)
-    keep = mask.unsqueeze(-1)
-    return values * keep, (ids * keep.long())
-
-
-def logps_at(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return gather_logps(logits, ids) * mask.unsqueeze(-1)
+def pair_forward(head: Head, batch, *, ids: torch.Tensor | None = None, sq_mass: bool = False) -> PairForward:
+    """The policy's forward of a collated batch through its `head` (`sparsepo.logprobs.head.Head`: the
+    plain or the lean path, chosen when the model was loaded). `ids` (2B,T,K): also the log-probs at
+    those ids (TDPO: the reference's top-K). `sq_mass`: also log Σ_v p(v|x_<t)² at each response
+    position (WPO's weights; `logprobs.plain.log_sq_mass`), without gradient."""
+    got = head(batch.input_ids, batch.attention_mask, batch.response_mask, ids=ids, sq_mass=sq_mass)
+    return PairForward(token_logps=got["token_logps"], seq_logps=got["seq_logps"], logps_at_ids=got.get("logps_at"),
+                       log_sq_mass=got.get("log_sq_mass"))

@@ -20,16 +20,36 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sparsepo.data.prompts import prompts_for
 from sparsepo.generation import KeyedSampler, SampleBatch, prompts_from, prompts_of, sample_batch
 from sparsepo.losses.kl import mask_support, union_support
-from sparsepo.logprobs import chunked_logps, hidden_forward
-from sparsepo.models import logps_at, response_logps, topk_at_response
+from sparsepo.logprobs.head import Head, PlainHead
+from sparsepo.reference_role.sources import SampleSource
+from sparsepo.logprobs.head import fields as head_fields
 
 log = logging.getLogger("sparsepo")
+
+
+@dataclass
+class PendingRound:
+    """A sample round drawn at `step` whose reference scores regularise step + staleness."""
+
+    step: int
+    samples: SampleBatch
+    ids: torch.Tensor  # (S,T,K) the policy's support ids, chosen when the round was drawn
+    ticket: Any = None  # what source.collect redeems (None when restored from a checkpoint: ref is set)
+    ref: dict | None = None  # the reference's scores, once collected
+
+    def wait(self, source) -> dict:
+        """The reference's scores, collected from `source` on first use (live answers in request order)."""
+        if self.ref is None:
+            self.ref = source.collect(self.ticket)
+        return self.ref
 
 
 class PolicySamples:
@@ -37,22 +57,23 @@ class PolicySamples:
 
     def __init__(self, gen, *, source, topk: int, support: str, seed: int, pad_id: int, eos_id: int,
                  prompts: list | None = None, rank: int = 0, dp: int = 1, grad_accum: int = 1, staleness: int = 0,
-                 chunk: int = 0):
+                 head: Head | None = None):
         """`prompts`: (id, token ids) from generation.prompts_path (`data.prompts.load_prompts`), or None
         to sample from each micro-batch's own prompts. `source`: the run's reference source, with
         request(samples, ids, outputs) -> ticket and collect(ticket) -> {name: tensor} (inline or live).
         `staleness` s: samples drawn at step t regularise step t + s (the first steps reuse step 0's).
-        `chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk): no (S,T,V) logits."""
-        if not hasattr(source, "request"):
+        `head`: the policy's `sparsepo.logprobs.head.Head` (plain or lean, chosen where the policy was
+        loaded); None: the plain path on the policy given to `fields`."""
+        if not isinstance(source, SampleSource):
             raise ValueError(f"{type(source).__name__} cannot score policy samples: SPO needs reference.mode=inline "
                              f"or live")
         self.gen, self.source, self.topk, self.support = gen, source, topk, support
         self.seed, self.pad_id, self.eos_id = seed, pad_id, eos_id
         self.prompts, self.rank, self.dp, self.grad_accum = prompts, rank, dp, grad_accum
         self.staleness = staleness
-        self.chunk = chunk
+        self.head = head
         self.rounds: dict[int, object] = {}
-        self.pending: dict[int, deque] = {}
+        self.pending: dict[int, deque[PendingRound]] = {}
         self.logged_path = False
 
     def _draw(self, policy, batch, step: int, micro: int) -> tuple[object, dict]:
@@ -80,45 +101,33 @@ class PolicySamples:
         return samples, {"gen_time": seconds, "gen_tokens_per_s": tokens / max(seconds, 1e-9), "samples_fresh": 1.0}
 
     def _forward(self, policy, samples):
-        """The policy's head input (a `logprobs.HeadInput`, lean path) or its float32 logits (plain)."""
-        src = hidden_forward(policy, samples.input_ids, samples.attention_mask, self.chunk) if self.chunk > 0 else None
-        if src is not None:
-            return src
-        return policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask, use_cache=False).logits.float()
+        """One forward of the policy on the samples, WITH gradient: its head's output (`Head.forward`)."""
+        head = self.head if self.head is not None else PlainHead(policy)
+        return head.forward(samples.input_ids, samples.attention_mask)
 
     def _support_ids(self, out, samples):
         """The policy's top-K ids at each sample position (the KL's support), no gradient."""
-        if isinstance(out, torch.Tensor):
-            return topk_at_response(out.detach(), samples.sample_mask, self.topk)[1]
         with torch.no_grad():
-            return chunked_logps(out, samples.input_ids, samples.sample_mask, topk=self.topk)["topk_ids"]
+            return head_fields(out, samples.input_ids, samples.sample_mask, topk=self.topk)["topk_ids"]
 
     @staticmethod
     def _policy_side(out, samples, ids):
         """(token log-probs (S,T), log-probs at `ids` (S,T,K), entropy (S,T) no grad), zero outside the samples."""
-        mask = samples.sample_mask
-        if not isinstance(out, torch.Tensor):
-            got = chunked_logps(out, samples.input_ids, mask, ids=ids, entropy=True)
-            return got["token_logps"], got["logps_at"], got["entropy"]
-        token_logps, _ = response_logps(out, samples.input_ids, mask)
-        with torch.no_grad():
-            logp = out[:, :-1].log_softmax(-1)
-            entropy = torch.nn.functional.pad(-(logp.exp() * logp).sum(-1), (1, 0)) * mask
-        return token_logps, logps_at(out, ids, mask), entropy
+        got = head_fields(out, samples.input_ids, samples.sample_mask, ids=ids, entropy=True)
+        return got["token_logps"], got["logps_at"], got["entropy"]
 
     def state_dict(self) -> dict:
         """The in-flight sample state, for the checkpoint: per micro-slot the last round (reused while
         step % every_steps != 0) and the pending rounds of staleness s > 0 with their support ids and
         reference scores. They were drawn by weights the checkpoint no longer holds, so a resume cannot
         redraw them. Scores not yet collected are waited for here, in request order (live answers in order)."""
-        entries = sorted(((e[0], micro, e) for micro, queue in self.pending.items() for e in queue),
+        entries = sorted(((e.step, micro, e) for micro, queue in self.pending.items() for e in queue),
                          key=lambda t: t[:2])
         for _, _, entry in entries:
-            if entry[4] is None:
-                entry[4] = self.source.collect(entry[3])
+            entry.wait(self.source)
         return {"grad_accum": self.grad_accum, "dp": self.dp, "rounds": {m: _plain(r) for m, r in self.rounds.items()},
-                "pending": {m: [{"step": e[0], "samples": _plain(e[1]), "ids": e[2].cpu(),
-                                 "ref": {k: v.cpu() for k, v in e[4].items()}} for e in q]
+                "pending": {m: [{"step": e.step, "samples": _plain(e.samples), "ids": e.ids.cpu(),
+                                 "ref": {k: v.cpu() for k, v in e.ref.items()}} for e in q]
                             for m, q in self.pending.items()}}
 
     def load_state_dict(self, state: dict, device="cpu") -> bool:
@@ -130,8 +139,8 @@ class PolicySamples:
                         self.grad_accum, self.dp)
             return False
         self.rounds = {int(m): _batch(r, device) for m, r in state["rounds"].items()}
-        self.pending = {int(m): deque([e["step"], _batch(e["samples"], device), e["ids"].to(device), None,
-                                       {k: v.to(device) for k, v in e["ref"].items()}] for e in q)
+        self.pending = {int(m): deque(PendingRound(e["step"], _batch(e["samples"], device), e["ids"].to(device),
+                                                   ref={k: v.to(device) for k, v in e["ref"].items()}) for e in q)
                         for m, q in state["pending"].items()}
         return True
 
@@ -152,14 +161,13 @@ class PolicySamples:
             with torch.no_grad():
                 ids_now = self._support_ids(self._forward(policy, samples), samples)
             queue = self.pending.setdefault(micro, deque())
-            queue.append([step, samples, ids_now, self.source.request(samples, ids_now, outputs), None])
+            queue.append(PendingRound(step, samples, ids_now, ticket=self.source.request(samples, ids_now, outputs)))
             entry, t0 = queue[0], time.perf_counter()
-            if entry[4] is None:
-                entry[4] = self.source.collect(entry[3])
+            ref = entry.wait(self.source)
             metrics["sample_ref_wait"] = time.perf_counter() - t0
             if len(queue) == self.staleness + 1:
                 queue.popleft()
-            drawn, samples, request_ids, _, ref = entry
+            drawn, samples, request_ids = entry.step, entry.samples, entry.ids
             out = self._forward(policy, samples)
             metrics["staleness"] = float(step - drawn)
         mask = samples.sample_mask

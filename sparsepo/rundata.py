@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from sparsepo import data as pdata
 from sparsepo.config import RunConfig
+from sparsepo.config.paths import reference_path, run_tokenizer
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.dist import DistContext
 from sparsepo.models import load_tokenizer
@@ -49,7 +50,7 @@ class RunData:
 def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
     run_dir = prepare_run_dir(cfg, is_main=ctx.is_main)
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(run_tokenizer(cfg))
     if not ctx.is_main:  # rank 0 tokenises and fills the datasets cache; the others then hit it
         dist.barrier()
     dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None,
@@ -63,10 +64,18 @@ def load_features(cfg: RunConfig, spec):
     """The frozen SAE (FPO), checked against the reference model it must have been trained on."""
     if not spec.needs_sae_features:
         return None
-    from sparsepo.reference.offline import model_fingerprint
     from sparsepo.sae.runtime import load_for_run
 
     return load_for_run(cfg, model_fingerprint=model_fingerprint(cfg))
+
+
+def model_fingerprint(cfg: RunConfig) -> str:
+    """The reference weights' fingerprint (the cache key's "model" part; an SAE's sidecar records
+    the one it was trained on). Read on one rank and shared: the files may be large."""
+    from sparsepo.engine.collectives import on_one_rank
+    from sparsepo.reference.cache import MODEL_FILES, hash_files
+
+    return on_one_rank(lambda: hash_files(reference_path(cfg), MODEL_FILES))
 
 
 def load_run_prompts(cfg: RunConfig, ctx: DistContext, tokenizer):

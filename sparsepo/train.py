@@ -41,9 +41,9 @@ def run_live(cfg, preempt) -> None:
 
     from sparsepo.bridge import connect
     from sparsepo.launch.process import plan
-    from sparsepo.reference.families import check_live_supported
+    from sparsepo.logprobs.families import check_live_supported
     from sparsepo.reference.partition import max_stages
-    from sparsepo.reference.server import check_live_topology, live_model_paths, serve
+    from sparsepo.reference_role.server import check_live_topology, live_model_paths, serve
     from sparsepo.trainer import train
 
     configs = [AutoConfig.from_pretrained(path) for path in live_model_paths(cfg)]  # SePO: the checked oracle pair
@@ -100,6 +100,17 @@ def _leave(code: int, message: str, blame: int | None = None) -> int:
     return code
 
 
+def check_run_tokenizer(cfg) -> None:
+    """Every mode (cache, inline, live, precompute), on every process, before torch.distributed,
+    DeepSpeed or any weights load: the models that will score the run's tokens share its tokenizer
+    (`reference_role.offline.check_scorer_tokenizers`; a mismatch is a config error, exit 2)."""
+    from sparsepo.losses import get_method
+    from sparsepo.reference_role.offline import check_scorer_tokenizers
+
+    spec = get_method(cfg.method.name, cfg.method.params)
+    check_scorer_tokenizers(cfg, spec.reference_outputs, samples=spec.needs_policy_samples)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from sparsepo.preemption import PreemptionFlag
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, overrides)
         check_local_inputs(cfg)
+        check_run_tokenizer(cfg)
     except ConfigError as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.reference.mode == "live":
             run_live(cfg, preempt)
         elif cfg.reference.mode == "precompute":
-            from sparsepo.reference.precompute import precompute
+            from sparsepo.reference_role.precompute import precompute
 
             precompute(cfg)
         else:

@@ -27,6 +27,7 @@ from sparsepo.config import RunConfig, config_fingerprint, lr_schedule
 from sparsepo.engine.collectives import gather
 from sparsepo.engine.dist import DistContext, init_distributed
 from sparsepo.engine.policy import PolicyEngine
+from sparsepo.logprobs.head import Head, head_chunk
 from sparsepo.losses import MethodSpec, get_method
 from sparsepo.losses.inputs import build_loss_inputs, eos_positions
 from sparsepo.metrics import MetricsLogger, reduce_mean
@@ -34,7 +35,7 @@ from sparsepo.models import pair_forward
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.preflight import preflight, resume_point
-from sparsepo.reference.sources import open_source
+from sparsepo.reference_role.sources import ReferenceSource, open_source
 from sparsepo.rundata import RunData, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
 from sparsepo.schedule import Schedule
@@ -50,13 +51,13 @@ class Run:
     data: RunData
     schedule: Schedule
     policy: PolicyEngine
-    source: Any  # a reference source (sparsepo.reference.sources)
+    source: ReferenceSource  # cache, inline or live (sparsepo.reference_role.sources)
     features: Any  # SAEFeatures or None
     samples: Any  # PolicySamples (methods that need policy samples: SPO) or None
     metrics: MetricsLogger
     start: int
     total: int
-    logits_chunk: int = 0  # model.logits_chunk (0: the plain path)
+    head: Any = None  # the policy's log-prob Head (sparsepo.logprobs.head), bound where the engine is built
 
 
 def setup(cfg: RunConfig, live=None) -> Run:
@@ -77,6 +78,7 @@ def setup(cfg: RunConfig, live=None) -> Run:
         (data.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     policy = PolicyEngine.build(cfg.model.path, ds_config, schedule=lr_schedule(cfg, total),
                                 precision=cfg.train.precision, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    head = Head.for_model(policy, head_chunk(cfg))
     start = 0 if resume is None else ckpt.restore(policy, resume, cfg, data_fingerprint=data.fingerprint, ctx=ctx)
     handshake = br.Handshake(start_step=start, total_steps=total, outputs=spec.reference_outputs,
                              config_fingerprint=config_fingerprint(cfg)) if live else None
@@ -90,7 +92,7 @@ def setup(cfg: RunConfig, live=None) -> Run:
                                 support=cfg.method.params.kl_support, seed=cfg.train.seed,
                                 pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
                                 rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
-                                staleness=cfg.generation.staleness, chunk=cfg.model.logits_chunk)
+                                staleness=cfg.generation.staleness, head=head)
         state = None if resume is None else ckpt.load_rank_state(resume, "samples", rank=ctx.rank,
                                                                   world_size=ctx.world_size)
         if state is not None and not samples.load_state_dict(state, device=ctx.device):
@@ -106,7 +108,7 @@ def setup(cfg: RunConfig, live=None) -> Run:
                  total, schedule.global_batch, ctx.world_size)
     return Run(cfg=cfg, ctx=ctx, spec=spec, data=data, schedule=schedule, policy=policy, source=source,
                features=features, samples=samples, metrics=metrics, start=start, total=total,
-               logits_chunk=cfg.model.logits_chunk)
+               head=head)
 
 
 def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:
@@ -119,7 +121,7 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
         if run.samples is not None else (None, {})
     features = run.features
     with features.capture(run.policy) if features is not None else nullcontext() as cap:
-        fwd = pair_forward(run.policy, batch, chunk=run.logits_chunk, sq_mass=run.spec.needs_sq_mass,
+        fwd = pair_forward(run.head, batch, sq_mass=run.spec.needs_sq_mass,
                            ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None)
     logged = run.metrics.due(step + 1) or step + 1 == run.total  # the SAE statistics: log steps and the last
     pooled, feature_metrics = features.policy(cap, batch, stats=logged) if features is not None else (None, {})

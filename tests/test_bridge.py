@@ -3,7 +3,7 @@
 Order is deterministic whatever the reference's timing; misaligned results are refused; a silent
 reference produces the timeout error (naming the rank and the last batch served), not a hang.
 Each scenario runs in a fresh interpreter that leaves through os._exit: a gloo thread still
-blocked in recv at interpreter exit aborts the process (FIELD_NOTES' exit crash).
+blocked in recv at interpreter exit aborts the process (docs/field_notes.md, "Exit crash").
 """
 
 import os
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.distributed
 from conftest import free_port
 from sparsepo.reference.outputs import MisalignedOutputs
 from sparsepo import bridge as br
-from sparsepo.reference.sources import LiveSource, ReferenceTimeout
+from sparsepo.reference_role.sources import LiveSource, ReferenceTimeout
 
 
 def bridges(timeout_s=20.0):

@@ -27,8 +27,9 @@ import pytest
 import torch
 
 from sparsepo.data.batching import collate_pairs
-from sparsepo.reference.families import FAMILIES, SLIDING, UnsupportedModelError, check_live_supported, layer_attention
+from sparsepo.logprobs.families import FAMILIES, SLIDING, UnsupportedModelError, check_live_supported, layer_attention
 from sparsepo.reference.partition import stage_parts
+from sparsepo.logprobs.head import PlainHead
 from sparsepo.reference.scorer import score_batch
 from sparsepo.reference.stage_loader import StageLoader
 from sparsepo.reference.stages import DecoderLayerStage, EmbeddingStage, HeadStage, pipeline_layers, run_layers
@@ -114,7 +115,7 @@ def left_padded(batch):
 
 
 def model_outputs(model, batch, layer: int):
-    want = score_batch(model, batch, FIELDS, topk=5)
+    want = score_batch(PlainHead(model), batch, FIELDS, topk=5)
     with capture_residual(model, layer) as cap:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return want, cap.take()
@@ -157,9 +158,9 @@ def test_the_inputs_exercise_the_sliding_window(case):
     model = tiny_model(case)
     assert any(layer_attention(model.config, i) == SLIDING for i in range(LAYERS))
     batch = batches()[1]
-    narrow = score_batch(model, batch, ("token_logps",), topk=0).token_logps
+    narrow = score_batch(PlainHead(model), batch, ("token_logps",), topk=0).token_logps
     model.config.sliding_window = 10_000
-    wide = score_batch(model, batch, ("token_logps",), topk=0).token_logps
+    wide = score_batch(PlainHead(model), batch, ("token_logps",), topk=0).token_logps
     assert (narrow - wide).abs().max() > 1e-3
 
 
@@ -225,7 +226,7 @@ def test_a_buffer_the_model_cannot_recreate_falls_back_with_its_cause(tmp_path, 
     assert loader.fallback_cause == cause
     assert f"loading the full model from {tmp_path} on CPU to keep one stage, because {cause}" in caplog.text
     batch = batches()[0]
-    want = score_batch(model, batch, FIELDS, topk=5)
+    want = score_batch(PlainHead(model), batch, FIELDS, topk=5)
     with torch.no_grad():
         logits = run_layers(blocks, batch.input_ids, batch.attention_mask)
     torch.testing.assert_close(logits.float().log_softmax(-1)[:, :-1].gather(-1, batch.input_ids[:, 1:, None])

@@ -139,10 +139,11 @@ def scoring(tiny_world, sae_dir):
 @pytest.mark.parametrize("layer", [0, LAYER])
 def test_scored_features_are_the_dense_top_k(scoring, layer):
     from sparsepo.sae.runtime import SAEFeatures
+    from sparsepo.logprobs.head import PlainHead
     from sparsepo.reference.scorer import score_batch
 
     model, sae, batch = scoring  # (the SAE was trained on layer 1; at layer 0 it is just a fixed encoder)
-    ro = score_batch(model, batch, outputs=("seq_logps", "feature_ids", "feature_values"), topk=4,
+    ro = score_batch(PlainHead(model), batch, outputs=("seq_logps", "feature_ids", "feature_values"), topk=4,
                      features=SAEFeatures(sae, layer=layer, k=K))
     with torch.no_grad():
         dense = dense_pooled(model, sae, batch, layer)

@@ -57,7 +57,7 @@ def cache_run(tiny_world, sae_dir, tmp_path_factory):
 
 def test_live_outputs_accept_fpo_with_an_sae(tiny_world, sae_dir):
     from sparsepo.config import load_config
-    from sparsepo.reference.server import live_outputs
+    from sparsepo.reference_role.server import live_outputs
 
     cfg = load_config(RECIPE, [f"model.path={tiny_world.sft_dir}", f"data.path={tiny_world.train_path}",
                                *COMMON, *LIVE, f"sae.path={sae_dir}"])

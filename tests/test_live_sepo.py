@@ -1,5 +1,5 @@
 """Live SePO: the pipeline-parallel reference group holds the oracle pair (two pipelines over the same
-stage ranks, `sparsepo.reference.oracle_live`) and sends each batch's key tokens, bit-packed.
+stage ranks, `sparsepo.reference_role.oracle_live`) and sends each batch's key tokens, bit-packed.
 
 Unit: the selection the group sends gives exactly cache mode's loss and gradient (which reaches the
 selected tokens only); bit packing round-trips and refuses a wrong length; the bytes per pair on the
@@ -24,10 +24,11 @@ import torch
 
 from sparsepo import bridge as br
 from sparsepo.data.batching import collate_pairs
+from sparsepo.logprobs.head import PlainHead
 from sparsepo.losses import METHODS, SePOParams, sepo_loss, sepo_selection
 from sparsepo.losses.inputs import build_loss_inputs, eos_positions
 from sparsepo.reference.oracle import OraclePair
-from sparsepo.reference.oracle_live import selection_records
+from sparsepo.reference_role.oracle_live import selection_records
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs, pack_bits, unpack_bits
 
 from conftest import RECIPE, REPO, free_port, read_scalars, train_command, train_env
@@ -169,7 +170,7 @@ def test_bridge_bytes_per_pair_selection_vs_scores():
 @pytest.mark.unit
 def test_live_config_is_accepted_and_the_group_serves_oracle_scores():
     from sparsepo.config import load_config
-    from sparsepo.reference.server import live_outputs
+    from sparsepo.reference_role.server import live_outputs
 
     cfg = load_config(None, ["method.name=sepo", "reference.oracle=x", "reference.mode=live",
                              "topology.reference_ranks=2", "topology.pipeline_stages=2"])
@@ -182,7 +183,7 @@ def test_policy_ranks_run_no_oracle_in_live_mode(monkeypatch):
     running an oracle model (or any reference model) on a policy rank fails this test."""
     from sparsepo.config import load_config
     from sparsepo.launch.topology import Topology
-    from sparsepo.reference import offline, sources
+    from sparsepo.reference_role import offline, sources
 
     def forbidden(*a, **k):
         raise AssertionError("an oracle/reference model was loaded or run on a policy rank")
@@ -224,7 +225,7 @@ def oracle_dir(tmp_path_factory):
     for name, model in models.items():
         model.save_pretrained(root / name)
     (root / "oracle.json").write_text(json.dumps({"oracle": "oracle", "reference": "reference"}))
-    return root, OraclePair(models["oracle"], models["reference"])
+    return root, OraclePair(PlainHead(models["oracle"]), PlainHead(models["reference"]))
 
 
 @pytest.mark.distributed

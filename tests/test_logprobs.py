@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_families import CASES, VOCAB, batches, tiny_model
 
-from sparsepo.logprobs import HeadInput, chunked_logps, hidden_forward, lean_head
+from sparsepo.logprobs.head import Head, LeanPathHead, PlainHead
+from sparsepo.logprobs.lean import HeadInput, chunked_logps, hidden_forward, lean_head
 from sparsepo.models import pair_forward
 from sparsepo.reference.scoring import score
 
@@ -72,8 +73,9 @@ def test_lean_gradients_equal_the_plain_ones(case):
         model.requires_grad_(True)
         batch = batches()[0]
         ids = request_ids(batch)
-        fwd = pair_forward(model, batch, ids=ids, chunk=chunk)
-        assert (fwd.logits is None) == (chunk > 0)
+        head = Head.for_model(model, chunk)
+        assert isinstance(head, LeanPathHead) == (chunk > 0)  # which path runs
+        fwd = pair_forward(head, batch, ids=ids)
         w = torch.linspace(-1, 1, fwd.token_logps.shape[-1])
         loss = fwd.seq_logps.sum() + (fwd.token_logps * w).sum() + (fwd.logps_at_ids.exp() * 0.3).sum()
         loss.backward()
@@ -86,7 +88,7 @@ def test_lean_gradients_equal_the_plain_ones(case):
 
 
 def test_the_head_sees_response_positions_only_and_chunk_rows_at_most(monkeypatch):
-    import sparsepo.logprobs as lp
+    import sparsepo.logprobs.lean as lp
 
     model = tiny_model("llama")
     batch = batches()[0]
@@ -131,14 +133,15 @@ def test_one_head_module_call_forward_and_backward_whatever_the_chunk_count(chun
 
 
 def test_a_model_the_table_does_not_know_keeps_the_plain_path(monkeypatch):
-    import sparsepo.logprobs as lp
+    import sparsepo.logprobs.lean as lp
 
     model = tiny_model("llama")
     monkeypatch.setattr(lp, "FAMILIES", {})
     batch = batches()[0]
     assert hidden_forward(model, batch.input_ids, batch.attention_mask, CHUNK) is None
-    fwd = pair_forward(model, batch, chunk=CHUNK)
-    assert fwd.logits is not None and fwd.logits.dtype == torch.float32
+    head = Head.for_model(model, CHUNK)
+    assert isinstance(head, PlainHead) and head.forward(batch.input_ids, batch.attention_mask).logits.dtype == torch.float32
+    assert pair_forward(head, batch).token_logps.dtype == torch.float32
 
 
 def test_an_empty_response_mask_gives_zeros():
@@ -157,13 +160,13 @@ def test_lean_sq_mass_equals_the_plain_one_and_is_computed_only_when_asked(case)
     model = tiny_model(case)
     model.requires_grad_(True)
     for batch in batches():
-        plain = pair_forward(model, batch, sq_mass=True)
-        lean = pair_forward(model, batch, chunk=CHUNK, sq_mass=True)
+        plain = pair_forward(Head.for_model(model, 0), batch, sq_mass=True)
+        lean = pair_forward(Head.for_model(model, CHUNK), batch, sq_mass=True)
         torch.testing.assert_close(lean.log_sq_mass, plain.log_sq_mass, atol=1e-6, rtol=0)
         assert not lean.log_sq_mass.requires_grad and not plain.log_sq_mass.requires_grad
         assert float(plain.log_sq_mass[batch.response_mask == 0].abs().sum()) == 0
         assert float(plain.log_sq_mass[batch.response_mask != 0].max()) < 0
-    assert pair_forward(model, batch).log_sq_mass is None and pair_forward(model, batch, chunk=CHUNK).log_sq_mass is None
+    assert all(pair_forward(Head.for_model(model, c), batch).log_sq_mass is None for c in (0, CHUNK))
 
 
 @pytest.mark.parametrize("case", ["llama", "gemma2"])
@@ -187,6 +190,6 @@ def test_the_pipeline_head_hands_the_lean_path_its_input(case):
 
 def test_the_config_default_is_the_measured_chunk():
     from sparsepo.config.sections import ModelConfig
-    from sparsepo.logprobs import DEFAULT_CHUNK
+    from sparsepo.logprobs.lean import DEFAULT_CHUNK
 
     assert ModelConfig().logits_chunk == DEFAULT_CHUNK == 128  # docs/benchmarks.md, "Lean log-probs"

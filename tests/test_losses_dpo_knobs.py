@@ -17,8 +17,8 @@ from sparsepo.losses import METHODS, DPOParams, LossInputs, dpo_loss, get_method
 from sparsepo.losses.common import log_sq_mass, token_logps_from_logits
 from sparsepo.losses.inputs import build_loss_inputs
 from sparsepo.losses.knobs import excess_masks, ld_sequence_logps, wpo_weights
-from sparsepo.models import sq_mass_at_response
-from sparsepo.reference.offline import cache_settings
+from sparsepo.logprobs.plain import sq_mass_at_response
+from sparsepo.reference_role.offline import cache_settings
 from sparsepo.reference.outputs import ReferenceOutputs
 
 pytestmark = pytest.mark.unit

@@ -29,6 +29,7 @@ from sparsepo.reference.partition import PipelineConfigError, max_stages, stage_
 from sparsepo.reference.scoring import FEATURE_FIELDS, ScoreFn, score
 from sparsepo.reference.stage_loader import StageLoader
 from sparsepo.reference.stages import pipeline_layers, run_layers
+from sparsepo.logprobs.head import PlainHead
 from sparsepo.reference.scorer import score_batch
 
 from conftest import REPO, free_port, train_env
@@ -129,7 +130,7 @@ def test_last_stage_scoring_equals_score_batch():
     layers = pipeline_layers(model)
     for rows in batch_rows(2):
         batch = collate_pairs(rows, pad_id=0)
-        want = score_batch(model, batch, FIELDS, topk=TOPK)
+        want = score_batch(PlainHead(model), batch, FIELDS, topk=TOPK)
         with torch.no_grad():
             logits = run_layers(layers, batch.input_ids, batch.attention_mask)
         got = score(logits, batch.input_ids, batch.response_mask, ("seq_logps", "token_logps", "topk_logps",
@@ -160,7 +161,7 @@ def test_feature_layer_is_carried_to_the_head_and_scored_like_score_batch(layer)
     plain, carried = pipeline_layers(model), pipeline_layers(model, feature_layer=layer)
     for rows in batch_rows(7):
         batch = collate_pairs(rows, pad_id=0)
-        want = score_batch(model, batch, FIELDS + FEATURE_FIELDS, topk=TOPK, features=features)
+        want = score_batch(PlainHead(model), batch, FIELDS + FEATURE_FIELDS, topk=TOPK, features=features)
         with torch.no_grad():
             logits, hidden = run_layers(carried, batch.input_ids, batch.attention_mask)
             torch.testing.assert_close(logits, run_layers(plain, batch.input_ids, batch.attention_mask), atol=0, rtol=0)
@@ -275,7 +276,7 @@ def check_against_score_batch(model, out: Path, infos: dict, batches: list, feat
     assert sorted(scores) == list(range(len(batches)))
     for i, rows in enumerate(batches):
         batch = collate_pairs(rows, pad_id=0)
-        want = score_batch(model, batch, FIELDS + (FEATURE_FIELDS if features else ()), topk=TOPK,
+        want = score_batch(PlainHead(model), batch, FIELDS + (FEATURE_FIELDS if features else ()), topk=TOPK,
                            features=features)
         got = scores[i]
         assert got["example_ids"] == list(batch.example_ids)

@@ -154,7 +154,7 @@ def flip_a_byte(shard):
 
 
 def test_every_shard_is_verified_when_the_cache_is_opened(tmp_path, dirs):
-    from sparsepo.reference.offline import open_cache
+    from sparsepo.reference_role.offline import open_cache
 
     c, *_ = build(tmp_path / "cache", dirs)  # shards 0, 1, 2
     open_cache(tmp_path / "cache", c)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from sparsepo.config import TopologyConfig
-from sparsepo.reference.server import rounds
+from sparsepo.reference_role.server import rounds
 from sparsepo.schedule import Schedule
 from sparsepo.launch.topology import Topology
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparsepo.data import collate_pairs
+from sparsepo.logprobs.head import Head, PlainHead
 from sparsepo.reference.oracle import OracleError, OraclePair, check_compatible, read_manifest
 from sparsepo.reference.scorer import score_batch
 
@@ -37,7 +38,7 @@ def test_oracle_scores_equal_a_hand_computation(chunk):
     lean log-prob path (model.logits_chunk), two response positions per head chunk."""
     oracle, reference = tiny_llama(1), tiny_llama(2)
     batch = pairs_batch()
-    ro = score_batch(OraclePair(oracle, reference, chunk), batch, ("oracle_scores",), topk=16)
+    ro = score_batch(OraclePair(Head.for_model(oracle, chunk), Head.for_model(reference, chunk)), batch, ("oracle_scores",), topk=16)
     assert ro.example_ids == ["a", "b"] and ro.present() == ["oracle_scores"]
     with torch.no_grad():
         lo = oracle(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
@@ -57,7 +58,7 @@ def test_oracle_scores_equal_a_hand_computation(chunk):
 @pytest.mark.unit
 def test_oracle_pair_serves_only_oracle_scores():
     with pytest.raises(RuntimeError, match="only.*oracle_scores.*seq_logps"):
-        OraclePair(tiny_llama(1), tiny_llama(2)).score_batch(pairs_batch(), ("seq_logps",))
+        OraclePair(PlainHead(tiny_llama(1)), PlainHead(tiny_llama(2))).score_batch(pairs_batch(), ("seq_logps",))
 
 
 @pytest.mark.unit
@@ -101,7 +102,7 @@ def test_tokenizer_mismatch_is_refused_before_scoring(tiny_world, tmp_path, monk
     """A run whose oracle has another tokenizer stops in the oracle check, naming both paths, before
     any model is loaded or a batch scored (cache mode: no cache written)."""
     from sparsepo.config import load_config
-    from sparsepo.reference import offline
+    from sparsepo.reference_role import offline
 
     odd = other_tokenizer_copy(tiny_world, tmp_path / "odd")
     oracle_dir = tmp_path / "oracle"
@@ -140,7 +141,7 @@ def test_cache_key_includes_both_oracle_models(tiny_world, tmp_path):
     """Changing the oracle's reference changes the cache key (settings part) though the policy's
     reference and data are the same."""
     from sparsepo.config import load_config
-    from sparsepo.reference import offline
+    from sparsepo.reference_role import offline
 
     other = tmp_path / "other"
     shutil.copytree(tiny_world.sft_dir, other)

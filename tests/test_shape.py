@@ -106,10 +106,34 @@ def test_no_file_over_the_limit():
 
 
 def test_importing_the_trainer_reaches_deepspeed_only_through_the_engine():
-    code = ("import sys, sparsepo.trainer, sparsepo.train, sparsepo.reference.server\n"
+    code = ("import sys, sparsepo.trainer, sparsepo.train, sparsepo.reference_role.server\n"
             "print('\\n'.join(m for m in sys.modules if m.startswith('sparsepo')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     loaded = out.stdout.split()
     mods = MODULES
     importers = [m for m in loaded if m in mods and any(i.split(".")[0] == "deepspeed" for i in imported(m, mods[m]))]
     assert importers and all(m.startswith("sparsepo.engine") for m in importers), importers
+
+
+ROOMS = (  # bottom to top: a module may import its own room and the rooms listed before it
+    ("logprobs",), ("losses",), ("atomic", "hashing", "config", "launch"), ("data", "schedule"), ("models",),
+    ("reference",), ("sae",), ("bridge", "liveness", "preemption"), ("engine",),
+    ("rundir", "rundata", "checkpoint_integrity", "checkpoint", "preflight", "generation"),
+    ("reference_role",), ("policy_samples", "metrics"), ("trainer",), ("train",),
+    ("export", "recipe", "oracle_train", "demo", "cli"),
+)
+
+
+def room_of(name: str) -> int:
+    top = name.split(".")[1] if "." in name else name
+    for level, rooms in enumerate(ROOMS):
+        if top in rooms:
+            return level
+    raise AssertionError(f"{name}: room {top!r} is not in ROOMS (add it where it belongs)")
+
+
+def test_imports_point_down_only():
+    """No module imports a room above its own (docs/architecture.md: the rooms, bottom to top)."""
+    up = sorted(f"{m} -> {t}" for m, targets in graph().items() if m != "sparsepo" for t in targets
+                if t != "sparsepo" and room_of(t) > room_of(m))
+    assert up == []

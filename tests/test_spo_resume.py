@@ -67,8 +67,9 @@ def test_sample_state_round_trips_the_pending_rounds_in_request_order(tmp_path):
     while a fresh one does not (it draws a new round and trains on it unstale)."""
     from sparsepo.config.generation import GenerationConfig
     from sparsepo.data.batching import collate_pairs
+    from sparsepo.logprobs.head import PlainHead
     from sparsepo.policy_samples import PolicySamples
-    from sparsepo.reference.sources import InlineSource
+    from sparsepo.reference_role.sources import InlineSource
     from test_pipeline_reference import VOCAB, tiny_llama
     from test_spo_trainer import PlainPolicy
 
@@ -78,7 +79,7 @@ def test_sample_state_round_trips_the_pending_rounds_in_request_order(tmp_path):
 
     def make():
         return PolicySamples(GenerationConfig(max_new_tokens=5, staleness=2, every_steps=2),
-                             source=InOrderSource(InlineSource(reference, (), topk=4)), topk=4, support="union",
+                             source=InOrderSource(InlineSource(PlainHead(reference), (), topk=4)), topk=4, support="union",
                              seed=0, pad_id=0, eos_id=2, grad_accum=2, staleness=2)
 
     def walk(ps, steps):

@@ -8,8 +8,10 @@ from conftest import read_scalars, run_training
 from sparsepo.data.batching import collate_pairs
 from sparsepo.config.generation import GenerationConfig
 from sparsepo.losses.kl import topk_tail_kl
+from sparsepo.logprobs.head import Head
+from sparsepo.logprobs.lean import HeadInput
 from sparsepo.policy_samples import PolicySamples
-from sparsepo.reference.sources import InlineSource
+from sparsepo.reference_role.sources import InlineSource
 from test_pipeline_reference import VOCAB, tiny_llama
 
 STEPS = 4
@@ -47,12 +49,13 @@ def test_sample_fields_give_the_dense_kl_when_k_is_the_vocabulary(support, chunk
     rows = [dict(example_id=f"e{i}", prompt_ids=list(range(3, 6 + i)), chosen_ids=[7, 2], rejected_ids=[8, 2])
             for i in range(3)]
     batch = collate_pairs(rows, 0)
-    source = InlineSource(reference, (), topk=VOCAB, chunk=chunk)
+    source = InlineSource(Head.for_model(reference, chunk), (), topk=VOCAB)
+    plain_policy = PlainPolicy(policy)
     ps = PolicySamples(GenerationConfig(max_new_tokens=6, samples_per_prompt=2), source=source, topk=VOCAB,
-                       support=support, seed=0, pad_id=0, eos_id=2, chunk=chunk)
-    fields, metrics = ps.fields(PlainPolicy(policy), batch, step=0, micro=0)
+                       support=support, seed=0, pad_id=0, eos_id=2, head=Head.for_model(plain_policy, chunk))
+    fields, metrics = ps.fields(plain_policy, batch, step=0, micro=0)
     samples = ps.rounds[0]
-    assert isinstance(ps._forward(PlainPolicy(policy), samples), torch.Tensor) == (chunk == 0)  # which path ran
+    assert isinstance(ps._forward(plain_policy, samples), HeadInput) == (chunk > 0)  # which path ran
     mask = fields["sample_mask"]
     assert mask.shape[0] == 6 and metrics["samples_fresh"] == 1.0 and (mask.sum(-1) >= 1).all()
     with torch.no_grad():

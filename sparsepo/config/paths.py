@@ -42,6 +42,18 @@ def check_tokenizer_dir(key: str, path: str | Path) -> Path:
     return p
 
 
+def run_tokenizer(cfg: RunConfig) -> str:
+    """The run's tokenizer directory, the one rule: the policy's (model.tokenizer, else model.path).
+    Both roles tokenise the data with it, and every model that scores the run's tokens (the reference,
+    SePO's oracle pair, the model an SAE reads) must share it (`models.check_same_tokens`)."""
+    return cfg.model.tokenizer or cfg.model.path
+
+
+def reference_path(cfg: RunConfig) -> str:
+    """The frozen reference's directory: reference.path, else the policy's starting model."""
+    return cfg.reference.path or cfg.model.path
+
+
 def check_local_inputs(cfg: RunConfig) -> None:
     """Refuse, naming the key and the path, a model/tokenizer/reference directory that is not there."""
     check_model_dir("model.path", cfg.model.path)

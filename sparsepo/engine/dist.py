@@ -2,7 +2,7 @@
 
 `init_distributed` joins (or makes) this role's torch.distributed world: gloo on CPU, NCCL on GPUs;
 a plain `python` run becomes a world of one, so every code path is the distributed one.
-`shutdown` leaves without the gloo exit crash (FIELD_NOTES).
+`shutdown` leaves without the gloo exit crash (docs/field_notes.md, "Exit crash").
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def init_distributed(timeout_s: float | None = None) -> DistContext:
 
 
 def shutdown(code: int = 0) -> None:
-    """Leave without the gloo exit crash (FIELD_NOTES): barrier, destroy the group, finalise MPI,
-    flush, and `os._exit` so no gloo worker thread is torn down by the interpreter."""
+    """Leave without the gloo exit crash (docs/field_notes.md, "Exit crash"): barrier, destroy the group,
+    finalise MPI, flush, and `os._exit` so no gloo worker thread is torn down by the interpreter."""
     try:
         if dist.is_initialized():
             if code == 0:

@@ -1,4 +1,5 @@
-"""Shared pieces of the losses, also used by the trainer and the reference scorer.
+"""Shared pieces of the losses. The log-prob primitives (gather_logps, token_logps_from_logits,
+topk_logps_from_logits, log_sq_mass) live in ``sparsepo.logprobs.plain`` and are importable from here.
 
 Alignment (everywhere): for a padded sequence x of length T, the per-token value at position t
 describes x_t and comes from logits[:, t-1]; position 0 has no predicting distribution and holds 0
@@ -13,56 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsepo.logprobs.plain import (  # noqa: F401 - importable from here, where the losses used them
+    gather_logps,
+    log_sq_mass,
+    token_logps_from_logits,
+    topk_logps_from_logits,
+)
+from sparsepo.logprobs.plain import upcast as _upcast
 from sparsepo.losses.types import LossOutput
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """float32 for half / bf16 inputs (log-probs need the range); float32 and float64 unchanged."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def gather_logps(logits: Tensor, ids: Tensor) -> Tensor:
-    """log p(ids[n, t, j] | x_<t) from logits[n, t-1]: (N,T,V), (N,T,K) -> (N,T,K); position 0 is 0.
-
-    ids[:, 0] is ignored. To get the token log-probs and the log-probs at the reference's top-K ids
-    in one pass over the vocabulary, gather `torch.cat([input_ids[..., None], ref_ids], -1)`.
-    Memory: one upcast copy of the logits plus one logsumexp temporary; no full log_softmax is kept.
-    """
-    if logits.dim() != 3 or ids.dim() != 3 or logits.shape[:2] != ids.shape[:2]:
-        raise ValueError(f"gather_logps wants logits (N,T,V) and ids (N,T,K); got {tuple(logits.shape)}, "
-                         f"{tuple(ids.shape)}")
-    shifted = _upcast(logits[:, :-1])
-    out = shifted.gather(-1, ids[:, 1:]) - torch.logsumexp(shifted, dim=-1, keepdim=True)
-    return F.pad(out, (0, 0, 1, 0))
-
-
-def token_logps_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """log p(x_t | x_<t) for every position: logits (N,T,V), input_ids (N,T) -> (N,T); position 0 is 0."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"token_logps_from_logits wants input_ids (N,T); got {tuple(input_ids.shape)}")
-    return gather_logps(logits, input_ids.unsqueeze(-1)).squeeze(-1)
-
-
-def topk_logps_from_logits(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top-k next-token log-probs at each position: (N,T,V) -> values (N,T,k), ids (N,T,k) long.
-
-    Position t holds the distribution predicting x_t (from logits[:, t-1]); position 0 is zeros / id 0.
-    """
-    if not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"topk_logps_from_logits: k={k} must be in [1, vocab size {logits.shape[-1]}]")
-    shifted = _upcast(logits[:, :-1])
-    values, ids = shifted.topk(k, dim=-1)
-    values = values - torch.logsumexp(shifted, dim=-1, keepdim=True)
-    return F.pad(values, (0, 0, 1, 0)), F.pad(ids, (0, 0, 1, 0))
-
-
-def log_sq_mass(logits: Tensor) -> Tensor:
-    """log Σ_v p(v)² of p = softmax(logits) over the last axis, (…,V) -> (…), without gradient: the
-    log-probability that two independent draws from p agree (WPO's weight alignment). Computed as
-    logsumexp(2z) − 2·logsumexp(z), in float32 at least; at most log 1 = 0, at least −log V."""
-    with torch.no_grad():
-        z = _upcast(logits.detach())
-        return torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from sparsepo.logprobs import scoring_input
+from sparsepo.config.paths import run_tokenizer
+from sparsepo.config.sections import ConfigError
+from sparsepo.logprobs.head import Head
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
 
@@ -28,8 +30,8 @@ ORACLE_FIELDS = ("oracle_scores",)
 """What the oracle pair serves."""
 
 
-class OracleError(ValueError):
-    """An oracle directory that is missing, damaged, or does not fit the policy."""
+class OracleError(ConfigError):
+    """An oracle directory that is missing, damaged, or does not fit the policy (a config error: exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -72,30 +74,12 @@ def read_manifest(directory: str | Path) -> OracleManifest:
 
 def check_compatible(policy_model: str, policy_tokenizer: str, manifest: OracleManifest) -> None:
     """Refuse an oracle (or oracle reference) whose tokenizer or vocabulary differs from the
-    policy's: its token scores would describe other tokens. Names both paths."""
-    from transformers import AutoConfig
+    policy's: its token scores would describe other tokens. Names both paths (`models.check_same_tokens`,
+    the check every scorer's models go through)."""
+    from sparsepo.models import check_same_tokens
 
-    from sparsepo.data.rows import tokenizer_digest
-    from sparsepo.models import load_tokenizer
-
-    def loaded(what: str, path: str, fn):
-        try:
-            return fn(path)
-        except (OSError, ValueError) as e:
-            raise OracleError(f"SePO oracle: cannot load the {what} at {path}: {e}") from e
-
-    policy_digest = tokenizer_digest(loaded("policy tokenizer", policy_tokenizer, load_tokenizer))
-    policy_vocab = loaded("policy model config", policy_model, AutoConfig.from_pretrained).vocab_size
     for role, path in (("oracle", manifest.oracle), ("oracle reference", manifest.reference)):
-        digest = tokenizer_digest(loaded(f"{role} tokenizer", path, load_tokenizer))
-        if digest != policy_digest:
-            raise OracleError(f"SePO oracle: the {role} tokenizer at {path} differs from the policy tokenizer at "
-                              f"{policy_tokenizer}; token scores must be over the policy's tokens. Train the "
-                              f"oracle from a model with the policy's tokenizer (`sparsepo sepo train-oracle`)")
-        vocab = loaded(f"{role} model config", path, AutoConfig.from_pretrained).vocab_size
-        if vocab != policy_vocab:
-            raise OracleError(f"SePO oracle: the {role} at {path} has a vocabulary of {vocab} but the policy at "
-                              f"{policy_model} has {policy_vocab}; the oracle must share the policy's vocabulary")
+        check_same_tokens(role, path, policy_tokenizer, policy_model, error=OracleError)
 
 
 def oracle_manifest(cfg) -> OracleManifest:
@@ -104,7 +88,7 @@ def oracle_manifest(cfg) -> OracleManifest:
     if not cfg.reference.oracle:
         raise OracleError("method 'sepo' needs reference.oracle (a directory from `sparsepo sepo train-oracle`)")
     manifest = read_manifest(cfg.reference.oracle)
-    check_compatible(cfg.model.path, cfg.model.tokenizer or cfg.model.path, manifest)
+    check_compatible(cfg.model.path, run_tokenizer(cfg), manifest)
     return manifest
 
 
@@ -117,25 +101,25 @@ def oracle_fingerprints(manifest: OracleManifest) -> dict:
 
 
 class OraclePair:
-    """Two frozen models; `score_batch` serves oracle_scores (and nothing else)."""
+    """Two frozen models, each behind its `Head`; `score_batch` serves oracle_scores (and nothing else)."""
 
-    def __init__(self, oracle, reference, chunk: int = 0):
-        """`chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk)."""
-        self.oracle, self.reference, self.chunk = oracle, reference, chunk
+    def __init__(self, oracle: Head, reference: Head):
+        self.oracle, self.reference = oracle, reference
 
     @classmethod
     def load(cls, manifest: OracleManifest, *, device="cpu", precision: str = "fp32", chunk: int = 0) -> "OraclePair":
+        """Both models, each with its head (`chunk` > 0: the lean log-prob path, `sparsepo.logprobs.head`)."""
         from sparsepo.models import load_frozen_model
 
-        return cls(load_frozen_model(manifest.oracle, device=device, precision=precision),
-                   load_frozen_model(manifest.reference, device=device, precision=precision), chunk)
+        return cls(*(Head.for_model(load_frozen_model(path, device=device, precision=precision), chunk)
+                     for path in (manifest.oracle, manifest.reference)))
 
     @torch.no_grad()
     def token_scores(self, batch) -> torch.Tensor:
         """r_t for every row of a collated batch: (2B,T), zero outside the response mask."""
         logps = []
-        for model in (self.oracle, self.reference):
-            logits = scoring_input(model, batch.input_ids, batch.attention_mask, self.chunk)
+        for head in (self.oracle, self.reference):
+            logits = head.forward(batch.input_ids, batch.attention_mask)
             logps.append(score(logits, batch.input_ids, batch.response_mask, ("token_logps",), topk=None)["token_logps"])
         return logps[0] - logps[1]
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from sparsepo.logprobs.families import PipelineConfigError  # noqa: F401 - defined on the ground floor, raised here
+
 PARTITIONS = ("uniform", "layers", "parameters")
 """uniform: the L+2 items (embedding, L decoder layers, head) as evenly as possible over the stages,
 DeepSpeed's ``partition_uniform`` (earlier stages get the remainder); layers: the L decoder layers
 evenly, the embedding riding on the first stage and the head on the last; parameters: contiguous
 items balanced by parameter count (minimise the largest stage)."""
-
-
-class PipelineConfigError(ValueError):
-    """A pipeline shape or setting that cannot work (raised before any process group is touched)."""
 
 
 def max_stages(num_layers: int, partition: str = "uniform") -> int:

@@ -1,5 +1,5 @@
 """Scoring with the frozen reference: one batch (`score_batch`) and the offline pass that fills the
-reference cache (`precompute_cache`). `score_batch` runs the full model and hands its logits (and
+reference cache (`precompute_cache`). `score_batch` runs the reference through its `Head` and hands the output (and
 the SAE layer's output) to `sparsepo.reference.scoring.score`, the function the live pipeline's
 last stage calls too, so cache, precompute, inline and live modes produce the same numbers.
 """
@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from sparsepo.logprobs import scoring_input
 from sparsepo.reference.cache import write_index, write_shard
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
@@ -22,16 +21,16 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=None, chunk: int = 0) -> ReferenceOutputs:
-    """Reference outputs for one collated batch. `features` (e.g. sae.runtime.SAEFeatures) captures a layer
-    during the same forward and adds its outputs (SAE feature top-k). `model` is the frozen causal LM,
-    or a scorer with its own `score_batch(batch, outputs)` (SePO's `oracle.OraclePair`, which has its
-    own `chunk`). `chunk` > 0: the lean path (`sparsepo.logprobs`, model.logits_chunk), no full logits."""
-    own = getattr(model, "score_batch", None)
+def score_batch(head, batch, outputs: tuple[str, ...], *, topk: int, features=None) -> ReferenceOutputs:
+    """Reference outputs for one collated batch. `head` is the frozen reference's
+    `sparsepo.logprobs.head.Head` (bound to its model and chunk where it was loaded), or a scorer with
+    its own `score_batch(batch, outputs)` (SePO's `oracle.OraclePair`). `features` (e.g.
+    sae.runtime.SAEFeatures) captures a layer during the same forward and adds its outputs (SAE feature top-k)."""
+    own = getattr(head, "score_batch", None)
     if own is not None:
         return own(batch, outputs)
-    with features.capture(model) if features is not None else nullcontext() as cap:
-        logits = scoring_input(model, batch.input_ids, batch.attention_mask, chunk)
+    with features.capture(head.model) if features is not None else nullcontext() as cap:
+        logits = head.forward(batch.input_ids, batch.attention_mask)
     hidden = cap.take() if features is not None else None
     got = score(logits, batch.input_ids, batch.response_mask, outputs, topk=topk, features=features, hidden=hidden)
     ro = ReferenceOutputs(example_ids=list(batch.example_ids))
@@ -40,12 +39,13 @@ def score_batch(model, batch, outputs: tuple[str, ...], *, topk: int, features=N
     return ro
 
 
-def precompute_cache(model, dataset, collate: Callable, *, cache_dir, components: dict,
+def precompute_cache(head, dataset, collate: Callable, *, cache_dir, components: dict,
                      outputs: tuple[str, ...], topk: int, batch_size: int, shard_size: int,
                      rank: int = 0, world_size: int = 1, device="cpu", features=None,
-                     progress: bool = True, chunk: int = 0) -> None:
+                     progress: bool = True) -> None:
     """Score the whole dataset into `cache_dir`. Shards are split over ranks (shard i on rank
-    i % world); rank 0 writes the index last, so an interrupted run leaves no valid cache."""
+    i % world); rank 0 writes the index last, so an interrupted run leaves no valid cache. `head`: what
+    `score_batch` takes."""
     from tqdm.auto import tqdm
 
     n = len(dataset)
@@ -62,7 +62,7 @@ def precompute_cache(model, dataset, collate: Callable, *, cache_dir, components
             from sparsepo.data import gather_rows
 
             batch = collate(gather_rows(dataset, list(range(start, min(start + batch_size, hi))))).to(device)
-            ro = score_batch(model, batch, outputs, topk=topk, features=features, chunk=chunk)
+            ro = score_batch(head, batch, outputs, topk=topk, features=features)
             ids += list(batch.example_ids)
             records += ro.to_records(batch.response_mask)
             bar.update(batch.num_pairs)

@@ -12,8 +12,9 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from sparsepo.logprobs import HeadInput, chunked_logps
-from sparsepo.models import logps_at, response_logps, topk_at_response
+from sparsepo.logprobs.head import fields
+from sparsepo.logprobs.lean import HeadInput
+from sparsepo.logprobs.plain import Logits
 from sparsepo.reference.partition import PipelineConfigError
 
 SCORE_FIELDS = ("seq_logps", "token_logps", "topk_ids", "topk_logps")
@@ -43,13 +44,13 @@ class _Rows:
         self.response_mask = response_mask
 
 
-def score(logits: Tensor | HeadInput, input_ids: Tensor, response_mask: Tensor, outputs: Sequence[str], *,
+def score(logits: Tensor | Logits | HeadInput, input_ids: Tensor, response_mask: Tensor, outputs: Sequence[str], *,
           topk: int | None, features=None, hidden: Tensor | None = None,
           request_ids: Tensor | None = None) -> dict[str, Tensor]:
     """The reference's ``outputs`` for N rows, by name, in the order asked.
 
     From logits (N,T,V) (cast to float32): seq_logps (N,), token_logps (N,T) (position t from
-    logits[t-1], position 0 is 0, zero outside the response mask: ``models.response_logps``),
+    logits[t-1], position 0 is 0, zero outside the response mask: ``logprobs.plain.response_logps``),
     topk_logps / topk_ids (N,T,K) (the top ``topk`` next-token log-probs, zero outside the
     response). With ``features`` (an ``SAEFeatures``-like object) and ``hidden`` (decoder layer ℓ's
     output (N,T,D)): feature_ids (N,k) long / feature_values (N,k), the SAE activations pooled over
@@ -58,23 +59,15 @@ def score(logits: Tensor | HeadInput, input_ids: Tensor, response_mask: Tensor, 
     log-probs at those ids, zero outside the response. Raises when an output cannot
     be produced (so a scorer never serves less than asked).
 
-    ``logits`` may instead be a ``logprobs.HeadInput`` (the last hidden state and the model's head):
-    the same fields, computed chunk by chunk over the response positions (the lean path)."""
+    ``logits`` may instead be what a ``logprobs.head.Head`` forward returns: ``plain.Logits``, or a
+    ``lean.HeadInput`` (the last hidden state and the model's head: the same fields, computed chunk by
+    chunk over the response positions, the lean path)."""
     wants_topk = "topk_ids" in outputs or "topk_logps" in outputs
     if wants_topk and not topk:
         raise ValueError(f"score: {[o for o in outputs if o.startswith('topk')]} need topk >= 1, got {topk}")
-    if isinstance(logits, HeadInput):
-        got = chunked_logps(logits, input_ids, response_mask, topk=topk if wants_topk else 0, ids=request_ids)
-        if "logps_at" in got:
-            got["request_logps"] = got.pop("logps_at")
-    else:
-        logits = logits.float()
-        token_logps, seq_logps = response_logps(logits, input_ids, response_mask)
-        got = {"seq_logps": seq_logps, "token_logps": token_logps}
-        if wants_topk:
-            got["topk_logps"], got["topk_ids"] = topk_at_response(logits, response_mask, topk)
-        if request_ids is not None:
-            got["request_logps"] = logps_at(logits, request_ids, response_mask)
+    got = fields(logits, input_ids, response_mask, topk=topk if wants_topk else 0, ids=request_ids)
+    if "logps_at" in got:
+        got["request_logps"] = got.pop("logps_at")
     if features is not None:
         if hidden is None:
             raise RuntimeError("score: an SAE was given but no layer output (hidden) to read")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsepo.reference.families import check_live_supported, family_of
+from sparsepo.logprobs.families import check_live_supported, family_of
 from sparsepo.reference.partition import PipelineConfigError
 from sparsepo.reference.stages import StageBlock, check_feature_layer, get_module, item_paths, make_items, pipeline_layers
 

@@ -31,8 +31,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from sparsepo.logprobs import HeadInput, LeanHead, soft_cap
-from sparsepo.reference.families import (SLIDING, Family, check_live_supported, family_of, get_module,  # noqa: F401
+from sparsepo.logprobs.head import Head
+from sparsepo.logprobs.lean import HeadInput
+from sparsepo.logprobs.families import (SLIDING, Family, check_live_supported, family_of, get_module,  # noqa: F401
                                         layer_attention)
 from sparsepo.reference.partition import PipelineConfigError
 
@@ -112,13 +113,10 @@ class HeadStage(nn.Module):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
-        self.softcap = softcap
-        self.chunk = chunk if isinstance(lm_head, nn.Linear) else 0
+        self.head = Head.for_layers(lm_head, softcap, chunk)  # the path, chosen once (logprobs.head)
 
     def _logits(self, hidden: Tensor) -> Tensor | HeadInput:
-        if self.chunk > 0:
-            return HeadInput(self.norm(hidden), LeanHead(self.lm_head, self.softcap), self.chunk)
-        return soft_cap(self.lm_head(self.norm(hidden)), self.softcap)
+        return self.head(self.norm(hidden))
 
     def forward(self, inputs):
         if not isinstance(inputs, (tuple, list)):

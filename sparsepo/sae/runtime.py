@@ -82,13 +82,15 @@ def train_for_run(cfg, out_dir: str | Path, *, d_sae: int | None = None, k: int 
     """Train an SAE on the reference model's layer-ℓ residuals over the run's prompts + responses,
     save it in the sae-lens format; returns explained variance, L0 and timings."""
     from sparsepo import data as pdata
-    from sparsepo.models import load_frozen_model, load_tokenizer
+    from sparsepo.config.paths import reference_path, run_tokenizer
+    from sparsepo.models import check_same_tokens, load_frozen_model, load_tokenizer
     from sparsepo.reference.cache import MODEL_FILES, hash_files
-    from sparsepo.reference.offline import reference_path
 
     t0 = time.perf_counter()
     ref = reference_path(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or ref)
+    if ref != cfg.model.path:  # the SAE reads the reference: it must share the run's tokens
+        check_same_tokens("SAE's model (the reference)", ref, run_tokenizer(cfg), cfg.model.path)
+    tokenizer = load_tokenizer(run_tokenizer(cfg))
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer)
     model = load_frozen_model(ref)
     d_model, num_layers = model_shape(ref)

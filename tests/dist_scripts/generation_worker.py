@@ -19,6 +19,7 @@ from sparsepo.data.batching import collate_pairs
 from sparsepo.engine.dist import init_distributed, shutdown
 from sparsepo.engine.policy import PolicyEngine
 from sparsepo.generation import KeyedSampler, prompts_of, sample_batch
+from sparsepo.logprobs.head import PlainHead
 from sparsepo.models import pair_forward
 
 PAD, EOS = 0, 2
@@ -57,7 +58,7 @@ def main() -> int:
     samples = sample_batch(ids, prompts, eos_id=EOS, pad_id=PAD)
     torch.save({k: (samples.input_ids[n][samples.attention_mask[n].bool()], samples.sample_mask[n][samples.attention_mask[n].bool()])
                 for n, k in enumerate(samples.keys)}, f"{args.out}/samples_rank{ctx.rank}.pt")
-    loss = -pair_forward(policy, batch).seq_logps.mean()
+    loss = -pair_forward(PlainHead(policy), batch).seq_logps.mean()
     policy.backward(loss)
     policy.step()
     local, full = policy.parameter_counts()

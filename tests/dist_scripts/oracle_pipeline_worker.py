@@ -17,7 +17,7 @@ from sparsepo.data.batching import collate_pairs
 from sparsepo.engine.dist import shutdown
 from sparsepo.losses import SePOParams
 from sparsepo.reference.oracle import read_manifest
-from sparsepo.reference.oracle_live import OraclePipelines, selection_records
+from sparsepo.reference_role.oracle_live import OraclePipelines, selection_records
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
             assert ro is None
     if pipes.is_last_stage:
         torch.save(got, os.path.join(args.out, f"oracle_rank{dist.get_rank()}.pt"))
-    shutdown(0)  # the gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
+    shutdown(0)  # the gloo exit crash fix (docs/field_notes.md, "Exit crash"): barrier, destroy, flush, hard exit
 
 
 if __name__ == "__main__":

@@ -81,10 +81,10 @@ def main() -> int:
             "feature_layer": scorer.feature_layer, "holds_sae": scorer.features is not None,
             "sae_lens_imported": "sae_lens" in sys.modules, "outputs": list(scorer.outputs),
             "build_s": t_build, "score_s": t_score,
-            "head_chunks": [m.chunk for m in scorer.engine.module.modules() if isinstance(m, HeadStage)]}
+            "head_chunks": [m.head.chunk for m in scorer.engine.module.modules() if isinstance(m, HeadStage)]}
     with open(os.path.join(args.out, f"info_rank{rank}.json"), "w") as f:
         json.dump(info, f)
-    shutdown(0)  # the gloo exit crash fix (FIELD_NOTES): barrier, destroy, flush, hard exit
+    shutdown(0)  # the gloo exit crash fix (docs/field_notes.md, "Exit crash"): barrier, destroy, flush, hard exit
 
 
 if __name__ == "__main__":

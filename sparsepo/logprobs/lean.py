@@ -1,9 +1,9 @@
 """Log-probs from the last hidden state, chunk by chunk over the response positions: the lean path.
 
-The plain path (``model(...).logits``, then ``losses.common``) holds (N,T,V) float32 logits — at
+The plain path (``model(...).logits``, then ``logprobs.plain``) holds (N,T,V) float32 logits — at
 vocabulary 128k and T 2k the largest tensor of a training step, several times over at its peak
 (docs/benchmarks.md, "Lean log-probs"). Here the model's forward runs with ``logits_to_keep=1``
-(the head sees one position per row), a hook on the family's final norm (``reference.families``:
+(the head sees one position per row), a hook on the family's final norm (``logprobs.families``:
 the head's input) keeps the last hidden state (N,T,H), and the model's own ``lm_head`` (plus the
 family's soft-capping, ``soft_cap``) runs on ``chunk`` response positions at a
 time, each chunk's log_softmax in float32. Prompt and padding positions never see the head. With
@@ -19,7 +19,7 @@ hook on the call's output) before any chunk is recomputed. Ranks whose response-
 not, and a multi-rank ZeRO-3 run hung (tests/test_lean_zero3.py). At least one (possibly empty)
 chunk always runs, so a rank without response tokens still joins the backward's gather.
 
-Alignment as ``losses.common``: the value at position t describes x_t and comes from hidden[t-1].
+Alignment as ``logprobs.plain``: the value at position t describes x_t and comes from hidden[t-1].
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsepo.losses.common import log_sq_mass
-from sparsepo.reference.families import FAMILIES, get_module
+from sparsepo.logprobs.plain import log_sq_mass
+from sparsepo.logprobs.families import FAMILIES, get_module
 
 DEFAULT_CHUNK = 128
 """Response positions per head chunk (``model.logits_chunk``); see docs/benchmarks.md for the choice."""
@@ -49,12 +49,17 @@ def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
 
 @dataclass
 class HeadInput:
-    """The last hidden state of N rows and the head that turns it into logits: what ``score`` and
-    ``pair_forward`` take instead of (N,T,V) logits on the lean path."""
+    """The last hidden state of N rows and the head that turns it into logits: what ``head.LeanPathHead``
+    (and the pipeline's last stage) hand ``fields`` instead of (N,T,V) logits on the lean path."""
 
     hidden: Tensor  # (N,T,H) the head's input (after the final norm)
     head: "LeanHead"  # the model's lm_head + soft-capping, run over all chunks in one module call
     chunk: int = DEFAULT_CHUNK
+
+    def fields(self, input_ids: Tensor, mask: Tensor, *, topk: int = 0, ids: Tensor | None = None,
+               entropy: bool = False, sq_mass: bool = False) -> dict[str, Tensor]:
+        """``chunked_logps`` on this input: the keys of ``plain.Logits.fields``."""
+        return chunked_logps(self, input_ids, mask, topk=topk, ids=ids, entropy=entropy, sq_mass=sq_mass)
 
 
 def _unwrap(model):
@@ -169,16 +174,6 @@ def hidden_forward(model, input_ids: Tensor, attention_mask: Tensor, chunk: int)
     return HeadInput(hidden=got[0], head=head, chunk=chunk)
 
 
-def scoring_input(model, input_ids: Tensor, attention_mask: Tensor, chunk: int) -> HeadInput | Tensor:
-    """What ``reference.scoring.score`` takes from one forward of ``model``: the head's input
-    (``hidden_forward``, the lean path) when ``chunk`` > 0 and the model has a lean head, else the
-    full logits (N,T,V) in the model dtype (the plain path)."""
-    src = hidden_forward(model, input_ids, attention_mask, chunk) if chunk > 0 else None
-    if src is not None:
-        return src
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
 def chunked_logps(src: HeadInput, input_ids: Tensor, mask: Tensor, *, topk: int = 0, ids: Tensor | None = None,
                   entropy: bool = False, sq_mass: bool = False) -> dict[str, Tensor]:
     """The plain path's fields from the hidden state, ``src.chunk`` response positions at a time.
@@ -188,7 +183,7 @@ def chunked_logps(src: HeadInput, input_ids: Tensor, mask: Tensor, *, topk: int 
     topk_logps (N,T,K) and topk_ids (N,T,K) long (no gradient; zero outside the mask), with ``ids``
     (N,T,K') logps_at (N,T,K') (the log-probs at those ids, with gradients, zero outside the mask),
     with ``entropy`` entropy (N,T) (no gradient), with ``sq_mass`` log_sq_mass (N,T) (log Σ_v p(v)², no
-    gradient; ``losses.common.log_sq_mass``). Equal to ``losses.common`` on the full logits."""
+    gradient; ``plain.log_sq_mass``). Equal to ``plain.Logits.fields`` on the full logits."""
     hidden = src.hidden
     n, t = input_ids.shape
     if src.chunk < 1:

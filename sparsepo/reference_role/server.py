@@ -11,7 +11,7 @@ REQUEST (to the serving replica's first and last stage), the pipeline scores the
 ``request_ids``) and the last stage answers with OUTPUTS, in the schedule's rounds.
 
 SePO: the group holds the oracle pair instead of the reference (two pipelines over the same stage
-ranks, `sparsepo.reference.oracle_live`), after the same oracle check as cache and inline modes
+ranks, `sparsepo.reference_role.oracle_live`), after the same oracle check as cache and inline modes
 (`oracle_manifest`: tokenizer and vocabulary, before any model is loaded); it writes r_t through to
 the cache and sends each batch's key tokens (`sepo_selection`), bit-packed (the policy logs the
 bytes per pair it received: `LiveSource.finish`).
@@ -31,12 +31,15 @@ import torch.distributed as dist
 from sparsepo import bridge as br
 from sparsepo import data as pdata
 from sparsepo.config import config_fingerprint
+from sparsepo.config.paths import run_tokenizer
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.models import load_tokenizer
-from sparsepo.reference import offline
+from sparsepo.reference_role import offline
 from sparsepo.reference.cache import INDEX, write_index, write_shard
+from sparsepo.reference_role.scorers import scorer_for
+from sparsepo.rundata import model_fingerprint
 from sparsepo.schedule import Schedule
 
 log = logging.getLogger("sparsepo")
@@ -74,12 +77,7 @@ def live_model_paths(cfg) -> list[str]:
     """The models the group will hold: the reference, or SePO's oracle pair — read from oracle.json
     and checked against the policy's tokenizer and vocabulary (`oracle_manifest`, the check every
     mode runs) before anything is loaded or scored."""
-    if "oracle_scores" in live_outputs(cfg):
-        from sparsepo.reference.oracle import oracle_manifest
-
-        manifest = oracle_manifest(cfg)
-        return [manifest.oracle, manifest.reference]
-    return [offline.reference_path(cfg)]
+    return scorer_for(cfg, live_outputs(cfg)).model_paths()
 
 
 def uses_features(outputs: tuple[str, ...]) -> bool:
@@ -123,19 +121,16 @@ def check_handshake(hs, cfg, outputs: tuple[str, ...]) -> None:
 
 def serve(cfg, plan, bridge) -> None:
     """Run one reference process until the policy's last step has been served."""
-    from sparsepo.engine.pipeline import PipelineScorer
-
     topo, role = plan.topology, plan.role
     outputs = live_outputs(cfg)
     check_live_topology(topo)
     # The policy resolves resume and total steps (and fills the datasets cache) first.
     hs = br.broadcast(bridge, None, src=topo.policy_ranks()[0])
     check_handshake(hs, cfg, outputs)
-    ref_path = offline.reference_path(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or ref_path)
+    tokenizer = load_tokenizer(run_tokenizer(cfg))
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
     features = uses_features(outputs)
-    model_fp = offline.model_fingerprint(cfg) if features else None
+    model_fp = model_fingerprint(cfg) if features else None
 
     def load_features():  # called on the last stages only: the others never load the SAE
         from sparsepo.sae.runtime import load_for_run
@@ -144,21 +139,11 @@ def serve(cfg, plan, bridge) -> None:
 
     samples = get_method(cfg.method.name).needs_policy_samples
     sample_outputs = sample_fields(cfg) if samples else ()
-    if "oracle_scores" in outputs:  # SePO: the oracle pair, checked like every mode checks it, before loading
-        from sparsepo.reference.oracle import oracle_manifest
-        from sparsepo.reference.oracle_live import OraclePipelines, selection_records
-
-        scorer = OraclePipelines.build(oracle_manifest(cfg), num_stages=topo.num_stages, precision=cfg.train.precision,
-                                       chunk=cfg.model.logits_chunk)
-        wire = lambda batch, records: selection_records(cfg.method.params, batch, records,  # noqa: E731
-                                                        tokenizer.eos_token_id)
-    else:
-        scorer = PipelineScorer.from_pretrained(
-            ref_path, num_stages=topo.num_stages, precision=cfg.train.precision, outputs=outputs,
-            topk=cfg.reference.topk if "topk_ids" in outputs + sample_outputs else None,
-            feature_layer=cfg.sae.layer if features else None, features=load_features if features else None,
-            requests=samples, chunk=cfg.model.logits_chunk)
-        wire = lambda batch, records: records  # noqa: E731
+    choice = scorer_for(cfg, outputs, samples=samples)  # SePO: the oracle pair, checked before loading
+    scorer = choice.pipelines(num_stages=topo.num_stages,
+                              topk=cfg.reference.topk if "topk_ids" in outputs + sample_outputs else None,
+                              feature_layer=cfg.sae.layer if features else None,
+                              load_features=load_features if features else None)
     if scorer.replica_index != role.replica or scorer.stage_id != role.stage:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "
                            f"{scorer.replica_index}, topology says stage {role.stage} replica {role.replica}")
@@ -194,7 +179,8 @@ def serve(cfg, plan, bridge) -> None:
             out = scorer.score(batch)
             records = out.to_records(batch.response_mask) if role.is_last_stage else None
         if role.is_last_stage:
-            outbox.send(policy_ranks[slot.policy_rank], br.OUTPUTS, list(batch.example_ids), wire(batch, records))
+            outbox.send(policy_ranks[slot.policy_rank], br.OUTPUTS, list(batch.example_ids),
+                        choice.wire(batch, records, tokenizer.eos_token_id))
             scored.update(zip(batch.example_ids, records))
     outbox.flush()
     indexed = _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)

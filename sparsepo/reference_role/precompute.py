@@ -13,7 +13,7 @@ import logging
 from sparsepo.config import RunConfig
 from sparsepo.engine.dist import init_distributed
 from sparsepo.losses import get_method
-from sparsepo.reference import offline
+from sparsepo.reference_role import offline
 from sparsepo.preflight import preflight
 from sparsepo.rundata import load_run_data
 from sparsepo.rundir import release_run_dir

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsepo.reference.partition import PipelineConfigError
-
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline shape or setting that cannot work (raised before any process group is touched)."""
 
 
 class UnsupportedModelError(PipelineConfigError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -19,6 +20,29 @@ from sparsepo import bridge as br
 from sparsepo.reference.outputs import MisalignedOutputs, ReferenceOutputs
 
 log = logging.getLogger("sparsepo")
+
+
+class ReferenceSource(Protocol):
+    """What the trainer holds (`open_source`): the reference outputs of each batch, whatever the mode."""
+
+    outputs: tuple[str, ...]
+
+    def get(self, batch) -> ReferenceOutputs | None:
+        """Outputs for exactly this batch's example ids, in its order (None: the method needs none)."""
+
+    def finish(self) -> Any:
+        """The end of the run (live: the group's typed finish)."""
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    """A source that also scores the policy's own samples on request (SPO: inline and live)."""
+
+    def request(self, samples, request_ids, outputs: tuple[str, ...]) -> Any:
+        """Send (or score at once) one sample round; returns the ticket `collect` redeems."""
+
+    def collect(self, ticket) -> dict:
+        """The reference's scores for a request, in request order."""
 
 
 class ReferenceTimeout(RuntimeError):
@@ -55,16 +79,17 @@ class InlineSource:
     """The frozen reference (SePO: the oracle pair) on the policy rank itself, scored inside the step
     (TRL's way; the sequential baseline of the overlap benchmark)."""
 
-    def __init__(self, model, outputs: tuple[str, ...], *, topk: int, features=None, chunk: int = 0):
-        """`chunk` > 0: the lean log-prob path (`sparsepo.logprobs`, model.logits_chunk)."""
-        self.model, self.outputs, self.topk, self.features, self.chunk = model, outputs, topk, features, chunk
+    def __init__(self, head, outputs: tuple[str, ...], *, topk: int, features=None):
+        """`head`: the frozen reference's `sparsepo.logprobs.head.Head` (its chunk bound when it was
+        loaded), or SePO's oracle pair (`score_batch` takes either)."""
+        self.head, self.outputs, self.topk, self.features = head, outputs, topk, features
 
     def get(self, batch) -> ReferenceOutputs | None:
         from sparsepo.reference.scorer import score_batch
 
         if not self.outputs:  # SPO: nothing on the pairs, only the samples (score_samples)
             return None
-        return score_batch(self.model, batch, self.outputs, topk=self.topk, features=self.features, chunk=self.chunk)
+        return score_batch(self.head, batch, self.outputs, topk=self.topk, features=self.features)
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
         """Inline: scored at once; the ticket is the result (see `LiveSource.request`)."""
@@ -78,10 +103,9 @@ class InlineSource:
         """The reference side of SPO's KL on the policy's samples (a `generation.SampleBatch`), by the
         one scoring function: `outputs` from token_logps, request_logps (at `request_ids` (S,T,K)),
         topk_ids / topk_logps (the reference's own top-K)."""
-        from sparsepo.logprobs import scoring_input
         from sparsepo.reference.scoring import score
 
-        logits = scoring_input(self.model, samples.input_ids, samples.attention_mask, self.chunk)
+        logits = self.head.forward(samples.input_ids, samples.attention_mask)
         return score(logits, samples.input_ids, samples.sample_mask, outputs, topk=self.topk, request_ids=request_ids)
 
     def finish(self) -> None:
@@ -167,10 +191,10 @@ class LiveSource:
 
 
 def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, features=None, live=None,
-                handshake: br.Handshake | None = None):
+                handshake: br.Handshake | None = None) -> ReferenceSource:
     """The source this run's mode asks for. Cache mode precomputes the cache first when it is
     missing; live mode sends the typed handshake (every bridge rank takes part)."""
-    from sparsepo.reference import offline
+    from sparsepo.reference_role import offline
 
     outputs = spec.reference_outputs
     if live is not None:
@@ -187,7 +211,7 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
         return NoReference()
     if cfg.reference.mode == "inline":
         return InlineSource(offline.load_scorer(cfg, outputs, ctx.device), outputs, topk=cfg.reference.topk,
-                            features=features, chunk=cfg.model.logits_chunk)
+                            features=features)
     reader = offline.ensure_cache(cfg, outputs, dataset, collate, data_fingerprint=data_fingerprint, ctx=ctx,
                                   features=features)
     return CacheSource(reader, outputs, ctx.device)

@@ -7,16 +7,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from sparsepo.config.paths import run_tokenizer
 from sparsepo.engine.collectives import gather, is_multi, on_one_rank
-from sparsepo.reference.cache import (INDEX, MODEL_FILES, CacheError, CacheReader, fingerprint_components,
-                                      hash_files)
+from sparsepo.reference.cache import INDEX, CacheError, CacheReader, fingerprint_components
 from sparsepo.reference.scorer import precompute_cache
+from sparsepo.reference_role.scorers import reference_path, scorer_for
 
 log = logging.getLogger(__name__)
-
-
-def reference_path(cfg) -> str:
-    return cfg.reference.path or cfg.model.path
 
 
 def cache_dir(cfg) -> Path:
@@ -30,40 +27,28 @@ def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
         settings["topk"] = cfg.reference.topk
     if features is not None:
         settings.update(sae=features.fingerprint, layer=features.layer, k=features.k)
-    if "oracle_scores" in outputs:  # SePO: both oracle models' weights key the cache (and are checked first)
-        from sparsepo.reference.oracle import oracle_fingerprints, oracle_manifest
-
-        settings.update(oracle_fingerprints(oracle_manifest(cfg)))
+    settings.update(scorer_for(cfg, outputs).fingerprints())  # SePO: both oracle models (checked first)
     return settings
 
 
-def scorer_name(cfg, outputs: tuple[str, ...]) -> str:
-    return f"the SePO oracle pair in {cfg.reference.oracle}" if "oracle_scores" in outputs else reference_path(cfg)
+def check_scorer_tokenizers(cfg, outputs: tuple[str, ...], *, samples: bool = False) -> None:
+    """Refuse, before any weights load, a model that would score the run's tokens with another
+    tokenizer than the run's (`config.paths.run_tokenizer`), naming both: the run's scorer
+    (`scorers.scorer_for`: the reference, which FPO's SAE reads too, or SePO's oracle pair). The one
+    check cache, inline, live and precompute all run."""
+    scorer_for(cfg, outputs, samples=samples).check()
 
 
 def load_scorer(cfg, outputs: tuple[str, ...], device):
-    """What scores `outputs` in cache and inline modes: the oracle pair for oracle_scores (SePO loads
-    no reference model at all), else the frozen reference."""
-    if "oracle_scores" in outputs:
-        from sparsepo.reference.oracle import OraclePair, oracle_manifest
-
-        return OraclePair.load(oracle_manifest(cfg), device=device, precision=cfg.train.precision,
-                               chunk=cfg.model.logits_chunk)
-    from sparsepo.models import load_frozen_model
-
-    return load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision)
+    """What scores `outputs` in cache and inline modes (`scorers.scorer_for(...).load`): the frozen
+    reference's `Head`, or SePO's oracle pair (which loads no reference model at all)."""
+    return scorer_for(cfg, outputs).load(device)
 
 
 def local_components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
     ref = reference_path(cfg)
-    return fingerprint_components(model_dir=ref, tokenizer_dir=cfg.model.tokenizer or ref, data=data_fingerprint,
+    return fingerprint_components(model_dir=ref, tokenizer_dir=run_tokenizer(cfg), data=data_fingerprint,
                                   settings=cache_settings(cfg, outputs, features))
-
-
-def model_fingerprint(cfg) -> str:
-    """The reference weights' fingerprint (the cache key's "model" part; an SAE's sidecar records
-    the one it was trained on). Read on one rank and shared: the files may be large."""
-    return on_one_rank(lambda: hash_files(reference_path(cfg), MODEL_FILES))
 
 
 def components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:
@@ -80,14 +65,13 @@ def ensure_cache(cfg, outputs: tuple[str, ...], dataset, collate, *, data_finger
     if force or not (directory / INDEX).is_file():
         if ctx.is_main:
             log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
-                     scorer_name(cfg, outputs))
-        model = load_scorer(cfg, outputs, ctx.device)
-        precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
+                     scorer_for(cfg, outputs).name)
+        scorer = load_scorer(cfg, outputs, ctx.device)
+        precompute_cache(scorer, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
                          topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
                          shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
-                         device=ctx.device, features=features, progress=cfg.logging.progress,
-                         chunk=cfg.model.logits_chunk)
-        del model
+                         device=ctx.device, features=features, progress=cfg.logging.progress)
+        del scorer
     return open_cache(directory, expected, progress=cfg.logging.progress)
 
 
