@@ -10,6 +10,7 @@ import torch.distributed as dist
 from sparsepo.engine.collectives import gather, is_multi, on_one_rank
 from sparsepo.reference.cache import (INDEX, MODEL_FILES, CacheError, CacheReader, fingerprint_components,
                                       hash_files)
+from sparsepo.padding import batch_length
 from sparsepo.reference.scorer import precompute_cache
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ def cache_dir(cfg) -> Path:
 def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
     """Every option that changes the cached numbers (data/tokenisation settings are in the data part)."""
     settings = {"outputs": list(outputs), "precision": cfg.train.precision}
+    length = batch_length(cfg)
+    if length is not None:  # a model whose numbers depend on the padded length (sparsepo.padding)
+        settings["batch_length"] = length
     if "topk_ids" in outputs:
         settings["topk"] = cfg.reference.topk
     if features is not None:
