@@ -47,8 +47,29 @@ def train_command(config: str | None, overrides: list[str], *, nproc: int = 1, r
 
 
 def launch_train(config: str | None, overrides: list[str], *, nproc: int = 1, resume: str | None = None) -> int:
-    """Run `sparsepo.train` in fresh processes (so a finished run's exit path cannot hurt the caller)."""
+    """Run `sparsepo.train` in fresh processes (so a finished run's exit path cannot hurt the caller),
+    once the config has passed every check that needs no process group (`sparsepo.prelaunch`): a
+    refusal takes seconds and exits 2 here, with no launcher started."""
+    code = check_before_launch(config, [*overrides, *([f"checkpoint.resume={resume}"] if resume else [])], nproc)
+    if code:
+        return code
     return subprocess.call(train_command(config, overrides, nproc=nproc, resume=resume), env=_env())
+
+
+def check_before_launch(config: str | None, overrides: list[str], nproc: int) -> int:
+    """0, or the exit code of a run refused before launch (2: a config error, 1: another failure
+    of the same checks, which the launched processes would hit too), its reason on stderr."""
+    from sparsepo.prelaunch import CONFIG_ERRORS, check_command
+
+    try:
+        check_command(config, overrides, world_size=max(1, nproc))
+    except CONFIG_ERRORS as e:
+        print(f"sparsepo: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - e.g. an oracle directory that cannot be read: said once, here
+        print(f"sparsepo: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
