@@ -10,7 +10,7 @@
     sparsepo eval --policy DIR --reference DIR --prompts FILE
     sparsepo sae train --config run.yaml --out runs/sae    # an SAE for FPO (sae-lens format)
     sparsepo sepo train-oracle --config run.yaml --out runs/oracle [--fraction 0.5]   # SePO's oracle
-    sparsepo export CHECKPOINT_DIR OUT_DIR
+    sparsepo export CHECKPOINT_DIR OUT_DIR [--fp32-master]   # weights in the training precision (bf16 = final/)
     sparsepo config keys                  # every config key: type, default, what it does
     sparsepo config show --config run.yaml [section.key=value ...]   # the resolved config, nothing run
 
@@ -250,7 +250,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from sparsepo.export import export_checkpoint
 
     try:
-        done = export_checkpoint(a.checkpoint, a.out)
+        done = export_checkpoint(a.checkpoint, a.out, fp32_master=a.fp32_master)
     except CheckpointError as e:
         print(f"sparsepo export: {e}", file=sys.stderr)
         return 1
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="checkpoint -> Hugging Face model directory")
     x.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest valid checkpoint)")
     x.add_argument("out", help="the Hugging Face model directory to write")
+    x.add_argument("--fp32-master", action="store_true", help="write the fp32 master weights (default: the "
+                   "training precision, so a bf16 run exports bf16 weights equal to its final/)")
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("config", help="inspect the configuration: every key, or the resolved config of a command line")
