@@ -43,14 +43,18 @@ class EmbeddingStage(nn.Module):
     position_ids are 0..T-1, as the HF forward uses without a cache; ``embed_positions`` (learned
     absolute positions, GPT-2) is added to the token embedding when given."""
 
-    def __init__(self, embed_tokens: nn.Module, embed_positions: nn.Module | None = None):
+    def __init__(self, embed_tokens: nn.Module, embed_positions: nn.Module | None = None,
+                 multiplier: float | None = None):
         super().__init__()
         self.embed_tokens = embed_tokens
         self.embed_positions = embed_positions
+        self.multiplier = multiplier  # Granite's embedding_multiplier
 
     def forward(self, inputs):
         input_ids, attention_mask = inputs
         hidden = self.embed_tokens(input_ids)
+        if self.multiplier is not None:
+            hidden = hidden * self.multiplier
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         if self.embed_positions is not None:
             hidden = hidden + self.embed_positions(position_ids)
@@ -108,17 +112,20 @@ class HeadStage(nn.Module):
     the logits — the normed hidden state and the head, which ``scoring.score`` (the last stage's
     ``ScoreFn``) runs ``chunk`` response positions at a time, so the last stage never holds (N,T,V)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None, chunk: int = 0):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None, chunk: int = 0,
+                 scale: float | None = None):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
         self.softcap = softcap
-        self.chunk = chunk if isinstance(lm_head, nn.Linear) else 0
+        self.scale = scale  # Cohere's logit_scale, 1 / Granite's logits_scaling: the plain path only
+        self.chunk = chunk if isinstance(lm_head, nn.Linear) and scale is None else 0
 
     def _logits(self, hidden: Tensor) -> Tensor | HeadInput:
         if self.chunk > 0:
             return HeadInput(self.norm(hidden), LeanHead(self.lm_head, self.softcap), self.chunk)
-        return soft_cap(self.lm_head(self.norm(hidden)), self.softcap)
+        logits = self.lm_head(self.norm(hidden))
+        return soft_cap(logits if self.scale is None else logits * self.scale, self.softcap)
 
     def forward(self, inputs):
         if not isinstance(inputs, (tuple, list)):
@@ -165,13 +172,13 @@ def make_items(modules: Mapping[str, nn.Module], config, lo: int, hi: int, rotar
     items: list[nn.Module] = []
     for i in range(lo, hi):
         if i == 0:
-            items.append(EmbeddingStage(modules[family.embed],
-                                        modules[family.positions] if family.positions else None))
+            items.append(EmbeddingStage(modules[family.embed], modules[family.positions] if family.positions else None,
+                                        getattr(config, family.embed_multiplier) if family.embed_multiplier else None))
         elif i <= num_layers:
             items.append(DecoderLayerStage(modules[f"{family.layers}.{i - 1}"], rotary_emb, config, i - 1,
                                            capture=(i - 1 == feature_layer)))
         else:
-            items.append(HeadStage(modules[family.norm], modules[family.head], softcap, chunk))
+            items.append(HeadStage(modules[family.norm], modules[family.head], softcap, chunk, family.logit_scale(config)))
     return items
 
 
