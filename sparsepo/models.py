@@ -47,6 +47,7 @@ class PairForward:
     logits: torch.Tensor | None = None  # (2B,T,V) float32 on the plain path (logits_chunk=0); None on the lean one
     logps_at_ids: torch.Tensor | None = None  # (2B,T,K) log-probs at pair_forward's `ids`, zero outside the response
     log_sq_mass: torch.Tensor | None = None  # (2B,T) log Σ_v p(v|x_<t)², no gradient, zero outside (sq_mass=True)
+    aux_loss: torch.Tensor | None = None  # () an MoE router's load-balancing loss, with gradient (router_aux=True)
 
 
 def response_logps(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -57,23 +58,35 @@ def response_logps(logits: torch.Tensor, input_ids: torch.Tensor,
     return token_logps, token_logps.sum(-1)
 
 
-def pair_forward(model, batch, *, ids: torch.Tensor | None = None, chunk: int = 0, sq_mass: bool = False) -> PairForward:
+def pair_forward(model, batch, *, ids: torch.Tensor | None = None, chunk: int = 0, sq_mass: bool = False,
+                 router_aux: bool = False) -> PairForward:
     """The policy's forward of a collated batch. `ids` (2B,T,K): also the log-probs at those ids
     (TDPO: the reference's top-K). `sq_mass`: also log Σ_v p(v|x_<t)² at each response position
     (WPO's weights; `losses.common.log_sq_mass`), without gradient. `chunk` > 0: the lean path
     (`sparsepo.logprobs`), no (2B,T,V) logits, `chunk` response positions per head call; 0, or a
-    family the lean path does not know: the plain path, full float32 logits kept in `logits`."""
-    src = hidden_forward(model, batch.input_ids, batch.attention_mask, chunk) if chunk > 0 else None
+    family the lean path does not know: the plain path, full float32 logits kept in `logits`.
+    `router_aux`: an MoE model's router load-balancing loss too (`aux_loss`; the plain path)."""
+    src = hidden_forward(model, batch.input_ids, batch.attention_mask, chunk) if chunk > 0 and not router_aux else None
     if src is not None:
         got = chunked_logps(src, batch.input_ids, batch.response_mask, ids=ids, sq_mass=sq_mass)
         return PairForward(token_logps=got["token_logps"], seq_logps=got["seq_logps"], logps_at_ids=got.get("logps_at"),
                            log_sq_mass=got.get("log_sq_mass"))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logits = logits.float()
+    extra = {"output_router_logits": True} if router_aux else {}
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra)
+    if router_aux and getattr(out, "aux_loss", None) is None:
+        raise ValueError(f"model.router_aux_loss_coef > 0 but {type(_inner(model)).__name__} returns no router "
+                         f"aux_loss (not a mixture-of-experts model)")
+    logits = out.logits.float()
     token_logps, seq_logps = response_logps(logits, batch.input_ids, batch.response_mask)
     at = logps_at(logits, ids, batch.response_mask) if ids is not None else None
     sq = sq_mass_at_response(logits, batch.response_mask) if sq_mass else None
-    return PairForward(token_logps=token_logps, seq_logps=seq_logps, logits=logits, logps_at_ids=at, log_sq_mass=sq)
+    return PairForward(token_logps=token_logps, seq_logps=seq_logps, logits=logits, logps_at_ids=at, log_sq_mass=sq,
+                       aux_loss=out.aux_loss if router_aux else None)
+
+
+def _inner(model):
+    """The Hugging Face model inside a DeepSpeed engine (for messages)."""
+    return getattr(model, "module", model)
 
 
 def sq_mass_at_response(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

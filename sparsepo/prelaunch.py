@@ -44,11 +44,27 @@ def live_topology(cfg: RunConfig, world_size: int) -> Topology:
     return topo
 
 
+def check_router_aux(cfg: RunConfig) -> None:
+    """model.router_aux_loss_coef: >= 0, and > 0 only for a mixture-of-experts policy (its config
+    knows output_router_logits)."""
+    coef = cfg.model.router_aux_loss_coef
+    if coef < 0:
+        raise ConfigError(f"model.router_aux_loss_coef={coef} must be >= 0 (0: off)")
+    if coef > 0:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model.path)
+        if not hasattr(config, "output_router_logits"):
+            raise ConfigError(f"model.router_aux_loss_coef={coef} needs a mixture-of-experts policy, but "
+                              f"{cfg.model.path} is a {type(config).__name__} (no router): set it to 0")
+
+
 def check_run(cfg: RunConfig, world_size: int | None) -> None:
     """Raise one of CONFIG_ERRORS when `cfg` cannot run on `world_size` processes: the model and
     tokenizer directories, the stage file, live mode's family and method, and — when `world_size`
     is known — the topology and the DeepSpeed JSON with its batch split over the policy ranks."""
     check_local_inputs(cfg)
+    check_router_aux(cfg)
     load_stage_file(cfg.deepspeed.stage_file)
     live = cfg.reference.mode == "live"
     if world_size is None:  # the split is checked once the world is known (preflight)
