@@ -354,3 +354,26 @@ def test_scaled_logits_keep_the_plain_path(case):
     batch = batches()[0]
     plain, chunked = pair_forward(model, batch), pair_forward(model, batch, chunk=4)
     torch.testing.assert_close(chunked.token_logps, plain.token_logps, atol=1e-6, rtol=0)
+
+
+REAL_EXCEPTIONS = {"gemma2", "gemma3_text", "gpt2", "granite", "cohere", "falcon"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _configs()[c].model_type not in REAL_EXCEPTIONS])
+def test_the_usual_layout_rule_reads_the_table_row_of_every_plain_family(case):
+    """The table rows of Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX, Phi-3 and OLMo are what the rule reads
+    from the model itself (paths and mask rule); the other rows are real exceptions the rule refuses."""
+    from sparsepo.reference.layout import infer_layout
+
+    config = _configs()[case]
+    paths, masks = infer_layout(config)
+    row = FAMILIES[config.model_type]
+    assert {k: getattr(row, k) for k in paths} == paths and row.masks == masks
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if _configs()[c].model_type in REAL_EXCEPTIONS])
+def test_the_rule_refuses_every_real_exception(case):
+    from sparsepo.reference.layout import LayoutError, infer_layout
+
+    with pytest.raises(LayoutError):
+        infer_layout(_configs()[case])

@@ -68,6 +68,9 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {  # keyed by config.model_type
+    # Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX, Phi-3 and OLMo follow the usual layout: the rule
+    # (sparsepo.reference.layout) reads the same entry from the model (tests/test_families.py); their rows
+    # stay because the lean log-prob path (sparsepo.logprobs.lean_head) reads this table.
     "llama": Family(name="Llama"),
     "mistral": Family(name="Mistral", masks="sliding_window"),
     "qwen2": Family(name="Qwen2", masks="layer_types"),

@@ -88,7 +88,7 @@ def _pieces(model, config) -> dict[str, str | None]:
     if head is None:
         raise LayoutError("it has no output embedding (head)")
     rotary = [n for n, m in base.named_children() if "rotary" in type(m).__name__.lower()]
-    norms = [n for n, m in base.named_children() if NORM.search(n) and any(True for _ in m.parameters())]
+    norms = [n for n, m in base.named_children() if NORM.search(n)]  # OLMo's has no weights
     if len(norms) != 1:
         raise LayoutError(f"its base model has {len(norms)} final norms ({norms}), not one")
     known = {_path_of(base, embed) if embed in base.modules() else None, lists[0], norms[0], *rotary}
