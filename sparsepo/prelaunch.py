@@ -37,9 +37,10 @@ def live_layers(cfg: RunConfig) -> int:
     return max_stages(min(c.num_hidden_layers for c in configs))
 
 
-def live_topology(cfg: RunConfig, world_size: int) -> Topology:
-    """The live job's rank -> role map on `world_size` processes (one node), checked."""
-    topo = Topology.build(cfg.topology, world_size, num_layers=live_layers(cfg))
+def live_topology(cfg: RunConfig, world_size: int, ranks_per_node: int | None = None) -> Topology:
+    """The live job's rank -> role map on `world_size` processes, checked (`ranks_per_node`: the
+    launch's, as `launch.process.plan` builds it; None on one node)."""
+    topo = Topology.build(cfg.topology, world_size, ranks_per_node=ranks_per_node, num_layers=live_layers(cfg))
     check_live_topology(topo)
     return topo
 
@@ -59,7 +60,7 @@ def check_router_aux(cfg: RunConfig) -> None:
                               f"{cfg.model.path} is a {type(config).__name__} (no router): set it to 0")
 
 
-def check_run(cfg: RunConfig, world_size: int | None) -> None:
+def check_run(cfg: RunConfig, world_size: int | None, ranks_per_node: int | None = None) -> None:
     """Raise one of CONFIG_ERRORS when `cfg` cannot run on `world_size` processes: the model and
     tokenizer directories, the stage file, live mode's family and method, and — when `world_size`
     is known — the topology and the DeepSpeed JSON with its batch split over the policy ranks."""
@@ -71,11 +72,13 @@ def check_run(cfg: RunConfig, world_size: int | None) -> None:
         if live:
             live_layers(cfg)
         return
-    build_deepspeed_config(cfg, dp_size=live_topology(cfg, world_size).num_policy if live else world_size)
+    dp = live_topology(cfg, world_size, ranks_per_node).num_policy if live else world_size
+    build_deepspeed_config(cfg, dp_size=dp)
 
 
-def check_command(config: str | None, overrides: list[str], *, world_size: int | None) -> RunConfig:
+def check_command(config: str | None, overrides: list[str], *, world_size: int | None,
+                  ranks_per_node: int | None = None) -> RunConfig:
     """`load_config` + `check_run`: the resolved config of a command line, or one of CONFIG_ERRORS."""
     cfg = load_config(config, overrides)
-    check_run(cfg, world_size)
+    check_run(cfg, world_size, ranks_per_node)
     return cfg

@@ -95,16 +95,17 @@ def _leave(code: int, message: str, blame: int | None = None) -> int:
     return code
 
 
-def _launch_world_size() -> int | None:
-    """This launch's number of processes, or None when its environment cannot be read here (live
-    mode's `plan` then says why; deepspeed's init reads it in cache mode)."""
+def _launch_shape() -> dict:
+    """This launch's world_size and ranks_per_node, or None for both when its environment cannot be
+    read here (live mode's `plan` then says why; deepspeed's init reads it in cache mode)."""
     from sparsepo.launch.environ import global_launch_env
     from sparsepo.launch.topology import TopologyError
 
     try:
-        return global_launch_env(os.environ).world_size
+        launch = global_launch_env(os.environ)
     except TopologyError:
-        return None
+        return {"world_size": None}
+    return {"world_size": launch.world_size, "ranks_per_node": launch.ranks_per_node}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:  # the CLI's own pre-launch check, in every process of every launcher: exit 2 before any process group
-        cfg = check_command(args.config, overrides, world_size=_launch_world_size())
+        cfg = check_command(args.config, overrides, **_launch_shape())
     except CONFIG_ERRORS as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)
