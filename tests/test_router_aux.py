@@ -29,6 +29,35 @@ def test_a_router_loss_without_a_router_is_refused_before_launch(coef, says, tmp
     assert says in capsys.readouterr().err and started == []
 
 
+def moe_dir(tokenizer, path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(T.MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow  # ~65 s: two training runs, one of them on 2 ranks
+@pytest.mark.distributed
+def test_zero3_over_two_ranks_equals_one_rank_with_the_router_loss(tiny_world, tmp_path):
+    """The MoE policy's fused expert weights partitioned by ZeRO-3 over 2 ranks train exactly as on
+    one rank with grad_accum 2 (same global batches), router loss included (measured: equal bit for bit)."""
+    import transformers as T
+
+    model = moe_dir(T.AutoTokenizer.from_pretrained(tiny_world.sft_dir), tmp_path / "moe")
+    common = (f"model.path={model}", "train.max_steps=3", "train.micro_batch_size=2", "method.name=dpo",
+              "model.router_aux_loss_coef=0.1", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant")
+    run_training(tiny_world, tmp_path / "one", *common, "train.grad_accum=2", nproc=1)
+    run_training(tiny_world, tmp_path / "two", *common, nproc=2)
+    for tag in ("train/loss", "train/router_aux_loss"):
+        one, two = read_scalars(tmp_path / "one", tag), read_scalars(tmp_path / "two", tag)
+        assert sorted(one) == [1, 2, 3] and all(two[s] == pytest.approx(one[s], abs=1e-6) for s in one), (tag, one, two)
+
+
 def test_step_one_loss_is_ln2_plus_the_weighted_router_loss(tiny_world, tmp_path):
     """At step 1 the policy is the reference, so DPO gives exactly ln 2 and the logged loss is
     ln 2 + coef x aux, aux the initial model's own load-balancing loss on step 1's batch (computed
@@ -40,13 +69,7 @@ def test_step_one_loss_is_ln2_plus_the_weighted_router_loss(tiny_world, tmp_path
     from sparsepo.schedule import Schedule
 
     tok = T.AutoTokenizer.from_pretrained(tiny_world.sft_dir)
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(T.MixtralConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0))
-    model.save_pretrained(tmp_path / "moe")
-    tok.save_pretrained(tmp_path / "moe")
+    model = T.AutoModelForCausalLM.from_pretrained(moe_dir(tok, tmp_path / "moe"))
     overrides = [f"model.path={tmp_path / 'moe'}", f"data.path={tiny_world.train_path}", "train.max_steps=1",
                  "train.micro_batch_size=2", "method.name=dpo", f"model.router_aux_loss_coef={COEF}"]
     run_training(tiny_world, tmp_path / "run", *overrides)
