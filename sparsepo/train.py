@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     except CONFIG_ERRORS as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - the same checks' other failures (e.g. an unreadable oracle): one line
+        print(f"sparsepo: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
     from sparsepo.engine.dist import shutdown
     from sparsepo.preemption import EXIT_PREEMPTED, Preempted
     from sparsepo.trainer import train
