@@ -10,7 +10,7 @@
     sparsepo eval --policy DIR --reference DIR --prompts FILE
     sparsepo sae train --config run.yaml --out runs/sae    # an SAE for FPO (sae-lens format)
     sparsepo sepo train-oracle --config run.yaml --out runs/oracle [--fraction 0.5]   # SePO's oracle
-    sparsepo export CHECKPOINT_DIR OUT_DIR
+    sparsepo export CHECKPOINT_DIR OUT_DIR [--fp32-master]   # weights in the training precision (bf16 = final/)
     sparsepo config keys                  # every config key: type, default, what it does
     sparsepo config show --config run.yaml [section.key=value ...]   # the resolved config, nothing run
 
@@ -47,8 +47,29 @@ def train_command(config: str | None, overrides: list[str], *, nproc: int = 1, r
 
 
 def launch_train(config: str | None, overrides: list[str], *, nproc: int = 1, resume: str | None = None) -> int:
-    """Run `sparsepo.train` in fresh processes (so a finished run's exit path cannot hurt the caller)."""
+    """Run `sparsepo.train` in fresh processes (so a finished run's exit path cannot hurt the caller),
+    once the config has passed every check that needs no process group (`sparsepo.prelaunch`): a
+    refusal takes seconds and exits 2 here, with no launcher started."""
+    code = check_before_launch(config, [*overrides, *([f"checkpoint.resume={resume}"] if resume else [])], nproc)
+    if code:
+        return code
     return subprocess.call(train_command(config, overrides, nproc=nproc, resume=resume), env=_env())
+
+
+def check_before_launch(config: str | None, overrides: list[str], nproc: int) -> int:
+    """0, or the exit code of a run refused before launch (2: a config error, 1: another failure
+    of the same checks, which the launched processes would hit too), its reason on stderr."""
+    from sparsepo.prelaunch import CONFIG_ERRORS, check_command
+
+    try:
+        check_command(config, overrides, world_size=max(1, nproc))
+    except CONFIG_ERRORS as e:
+        print(f"sparsepo: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - e.g. an oracle directory that cannot be read: said once, here
+        print(f"sparsepo: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -229,7 +250,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from sparsepo.export import export_checkpoint
 
     try:
-        done = export_checkpoint(a.checkpoint, a.out)
+        done = export_checkpoint(a.checkpoint, a.out, fp32_master=a.fp32_master)
     except CheckpointError as e:
         print(f"sparsepo export: {e}", file=sys.stderr)
         return 1
@@ -334,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="checkpoint -> Hugging Face model directory")
     x.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest valid checkpoint)")
     x.add_argument("out", help="the Hugging Face model directory to write")
+    x.add_argument("--fp32-master", action="store_true", help="write the fp32 master weights (default: the "
+                   "training precision, so a bf16 run exports bf16 weights equal to its final/)")
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("config", help="inspect the configuration: every key, or the resolved config of a command line")

@@ -4,8 +4,12 @@ CHECKPOINT is a checkpoint directory (`<run>/checkpoints/step-00000020`), or a r
 its checkpoints/ directory (then its newest valid checkpoint; newer damaged ones are named in the
 result, on stdout and in OUT/sparsepo_export.json). The checkpoint's sparsepo.json names the model
 it started from; its architecture and tokenizer are reused, the weights come from DeepSpeed's
-zero-to-fp32 consolidation of the shards (fp32 master weights, whatever the training precision).
-Runs on one process, no torch.distributed.
+zero-to-fp32 consolidation of the shards (the fp32 master weights). They are written in the
+training precision: a bf16 run's export holds bf16 weights, the master weights rounded as DeepSpeed
+rounds them into the bf16 model, so they equal the run's `final/` bit for bit;
+`sparsepo export --fp32-master` (`fp32_master=True`) writes the fp32 master weights instead (they
+differ from the bf16 model by up to half a bf16 ulp per parameter). Runs on one process, no
+torch.distributed.
 
 Checkpoints written before config loading made local paths absolute record model.path as it was
 typed (relative to the training run's working directory). That directory is recovered from where
@@ -40,10 +44,12 @@ class Exported:
     """True when a run directory was named (the newest valid checkpoint was taken)."""
     source_model: str = ""
     """The model directory the architecture and tokenizer came from."""
+    dtype: str = "float32"
+    """The weights' dtype as written (`export_dtype`)."""
 
     def describe(self) -> str:
-        """`exported step 20 (newest valid; step 30 was skipped: <reason>)`."""
-        text = f"exported step {self.step}"
+        """`exported step 20 (bfloat16; newest valid; step 30 was skipped: <reason>)`."""
+        text = f"exported step {self.step}" + ("" if self.dtype == "float32" else f" ({self.dtype} weights)")
         if self.skipped:
             text += " (newest valid; " + "; ".join(f"step {s} was skipped: {why}" for s, why in self.skipped) + ")"
         elif self.newest_of_run:
@@ -85,7 +91,16 @@ def recorded_path(recorded: str, tag_dir: Path, output_dir: str | None, key: str
                           f"started in, or copy the model directory there.")
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Exported:
+def export_dtype(train_config: dict, fp32_master: bool):
+    """The dtype an export writes: the training precision (bf16 runs: bfloat16, what `final/` holds),
+    or float32 — the master weights — on request or for an fp32 run."""
+    import torch
+
+    bf16 = train_config.get("precision", "fp32") == "bf16" and not fp32_master
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fp32_master: bool = False) -> Exported:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsepo.engine.policy import fp32_state_dict_from_checkpoint
@@ -103,8 +118,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Exported:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot export {tag_dir}: the model it was trained from ({source}) is needed for "
                               f"its architecture and tokenizer and could not be loaded: {e}") from e
-    state = fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name)
-    model = AutoModelForCausalLM.from_config(config)
+    dtype = export_dtype(meta["config"].get("train", {}), fp32_master)
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name).items()}
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "lm_head" not in k or not model.config.tie_word_embeddings]
     if missing or unexpected:
@@ -114,9 +131,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Exported:
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(tokenizer).save_pretrained(out)
     result = Exported(out=out, checkpoint=tag_dir, step=meta["step"], skipped=skipped, source_model=source,
-                      newest_of_run=Path(checkpoint).resolve() != tag_dir.resolve())
+                      newest_of_run=Path(checkpoint).resolve() != tag_dir.resolve(), dtype=str(dtype).split(".")[-1])
     atomic_write(out / "sparsepo_export.json", json.dumps(
-        {"checkpoint": str(tag_dir.resolve()), "step": meta["step"], "samples": meta["samples"],
+        {"checkpoint": str(tag_dir.resolve()), "step": meta["step"], "samples": meta["samples"], "dtype": result.dtype,
          "skipped_newer": [{"step": s, "reason": why} for s, why in skipped],
          "method": meta["config"].get("method", {}).get("name"), "source_model": source}, indent=1))
     log.info("%s from %s to %s", result.describe(), tag_dir, out)

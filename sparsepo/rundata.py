@@ -19,6 +19,7 @@ from sparsepo.config.paths import reference_path, run_tokenizer
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.dist import DistContext
 from sparsepo.models import load_tokenizer
+from sparsepo.padding import batch_length
 from sparsepo.rundir import prepare_run_dir
 
 
@@ -37,10 +38,12 @@ class RunData:
     dataset: Any
     report: Any
     fingerprint: str
+    length: int | None = None
+    """Every batch's fixed padded length (`sparsepo.padding.batch_length`), or None: the longest row."""
 
     def collate(self, rows: list[dict]):
         """Dataset rows (dicts) -> one PairBatch."""
-        return pdata.collate_pairs(rows, self.tokenizer.pad_token_id)
+        return pdata.collate_pairs(rows, self.tokenizer.pad_token_id, length=self.length)
 
     def batch(self, indices) -> Any:
         """The PairBatch of these dataset rows, in this order."""
@@ -57,7 +60,8 @@ def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
                                                     pair_filter=pair_filter_for(cfg))
     if ctx.is_main:
         dist.barrier()
-    return RunData(run_dir, tokenizer, dataset, report, pdata.dataset_fingerprint(dataset))
+    return RunData(run_dir, tokenizer, dataset, report, pdata.dataset_fingerprint(dataset),
+                   length=batch_length(cfg, announce=ctx.is_main))
 
 
 def load_features(cfg: RunConfig, spec):

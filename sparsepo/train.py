@@ -5,7 +5,8 @@
     mpirun -np 2 python -m sparsepo.train --config ...
 
 Extra arguments are dotted config overrides. Exits through sparsepo.engine.dist.shutdown (clean gloo teardown)
-with 0 (done), 1 (error), 2 (config error) or 3 (preempted: checkpoint written, requeue and
+with 0 (done), 1 (error), 2 (config error: `sparsepo.prelaunch`, checked in every process before any
+process group starts, and later CONFIG_ERRORS) or 3 (preempted: checkpoint written, requeue and
 resume with --resume auto). In live mode (reference.mode=live) every process of the job leaves
 within about reference.timeout_s once a peer of either role is lost (1, naming it) or the policy
 was preempted (3): sparsepo.liveness.
@@ -37,20 +38,14 @@ def run_live(cfg, preempt) -> None:
     """One job, two roles: rewrite this process's torch.distributed environment for its role's own
     world (DeepSpeed must own a whole world), join the bridge that spans every process, and run
     either a policy rank or a reference stage."""
-    from transformers import AutoConfig
-
     from sparsepo.bridge import connect
     from sparsepo.launch.process import plan
-    from sparsepo.logprobs.families import check_live_supported
-    from sparsepo.reference.partition import max_stages
-    from sparsepo.reference_role.server import check_live_topology, live_model_paths, serve
+    from sparsepo.prelaunch import live_layers
+    from sparsepo.reference_role.server import check_live_topology, serve
     from sparsepo.trainer import train
 
-    configs = [AutoConfig.from_pretrained(path) for path in live_model_paths(cfg)]  # SePO: the checked oracle pair
-    for ref_config in configs:
-        check_live_supported(ref_config)  # a family the pipeline cannot split exactly: refused before anything loads
-    layers = min(c.num_hidden_layers for c in configs)
-    p = plan(cfg.topology, os.environ, num_layers=max_stages(layers))
+    # a family the pipeline cannot split exactly: refused before anything loads (SePO: the checked oracle pair)
+    p = plan(cfg.topology, os.environ, num_layers=live_layers(cfg))
     check_live_topology(p.topology)
     if p.launch.rank == 0:
         logging.getLogger("sparsepo").info("live topology:\n%s", p.topology.describe(p.launch))
@@ -100,15 +95,17 @@ def _leave(code: int, message: str, blame: int | None = None) -> int:
     return code
 
 
-def check_run_tokenizer(cfg) -> None:
-    """Every mode (cache, inline, live, precompute), on every process, before torch.distributed,
-    DeepSpeed or any weights load: the models that will score the run's tokens share its tokenizer
-    (`reference_role.offline.check_scorer_tokenizers`; a mismatch is a config error, exit 2)."""
-    from sparsepo.losses import get_method
-    from sparsepo.reference_role.offline import check_scorer_tokenizers
+def _launch_shape() -> dict:
+    """This launch's world_size and ranks_per_node, or None for both when its environment cannot be
+    read here (live mode's `plan` then says why; deepspeed's init reads it in cache mode)."""
+    from sparsepo.launch.environ import global_launch_env
+    from sparsepo.launch.topology import TopologyError
 
-    spec = get_method(cfg.method.name, cfg.method.params)
-    check_scorer_tokenizers(cfg, spec.reference_outputs, samples=spec.needs_policy_samples)
+    try:
+        launch = global_launch_env(os.environ)
+    except TopologyError:
+        return {"world_size": None}
+    return {"world_size": launch.world_size, "ranks_per_node": launch.ranks_per_node}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,17 +120,17 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from sparsepo.config import ConfigError, load_config
-    from sparsepo.config.paths import check_local_inputs
+    from sparsepo.prelaunch import CONFIG_ERRORS, check_command
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)
-        check_local_inputs(cfg)
-        check_run_tokenizer(cfg)
-    except ConfigError as e:
+    try:  # the CLI's own pre-launch check, in every process of every launcher: exit 2 before any process group
+        cfg = check_command(args.config, overrides, **_launch_shape())
+    except CONFIG_ERRORS as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - the same checks' other failures (e.g. an unreadable oracle): one line
+        print(f"sparsepo: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
     from sparsepo.engine.dist import shutdown
     from sparsepo.preemption import EXIT_PREEMPTED, Preempted
     from sparsepo.trainer import train
@@ -152,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as e:
         log.warning("%s", e)
         code, message = EXIT_PREEMPTED, str(e)
+    except CONFIG_ERRORS as e:  # found only once the run started (the handshake, a batch split): still exit 2
+        code, message = 2, f"config error: {e}"
+        log.error("%s", message)
     except Exception as e:  # every rank reports, then leaves without hanging its peers
         code, message = 1, f"{type(e).__name__}: {e}"
         peer = _peer_cause()

@@ -122,13 +122,17 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
     features = run.features
     with features.capture(run.policy) if features is not None else nullcontext() as cap:
         fwd = pair_forward(run.head, batch, sq_mass=run.spec.needs_sq_mass,
-                           ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None)
+                           ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None,
+                           router_aux=run.cfg.model.router_aux_loss_coef > 0)
     logged = run.metrics.due(step + 1) or step + 1 == run.total  # the SAE statistics: log steps and the last
     pooled, feature_metrics = features.policy(cap, batch, stats=logged) if features is not None else (None, {})
     eos = eos_positions(batch.input_ids, batch.response_mask, run.data.tokenizer.eos_token_id)
     out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields, eos),
                            run.cfg.method.params)
     loss = out.losses.mean()
+    if fwd.aux_loss is not None:  # an MoE policy's router load-balancing loss (model.router_aux_loss_coef)
+        loss = loss + run.cfg.model.router_aux_loss_coef * fwd.aux_loss
+        sample_metrics = {**sample_metrics, "router_aux_loss": fwd.aux_loss.detach()}
     run.policy.backward(loss)
     run.policy.step()
     metrics = {"loss": loss.detach(), **out.metrics, **feature_metrics, **sample_metrics,

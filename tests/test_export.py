@@ -113,3 +113,23 @@ def test_cli_names_the_step_of_an_explicit_checkpoint(project, tmp_path, capsys)
     with pytest.raises(SystemExit):
         cli.main(["export", str(tag), str(tmp_path / "hf")])
     assert capsys.readouterr().out.startswith(f"exported step 2: {tag} -> ")
+
+
+@pytest.mark.parametrize("fp32_master", [False, True], ids=["default", "fp32-master"])
+def test_a_bf16_run_exports_bf16_weights_unless_the_master_is_asked_for(project, tmp_path, fp32_master, capsys):
+    """The checkpoint of a bf16 run (train.precision in its sparsepo.json): by default the master
+    weights rounded to bfloat16 (what the run's final/ holds), with --fp32-master the fp32 master."""
+    from transformers import AutoModelForCausalLM
+
+    tag = project.run / "checkpoints" / "step-00000004"
+    meta = json.loads((tag / META).read_text())
+    meta["config"]["train"] = {"precision": "bf16"}
+    (tag / META).write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", str(tag), str(tmp_path / "hf"), *(["--fp32-master"] if fp32_master else [])])
+    assert e.value.code == 0
+    dtype = torch.float32 if fp32_master else torch.bfloat16
+    assert ("bfloat16 weights" in capsys.readouterr().out) != fp32_master
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto").state_dict()
+    assert all(got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)) for k, v in project.trained.items())
+    assert json.loads((tmp_path / "hf" / "sparsepo_export.json").read_text())["dtype"] == str(dtype).split(".")[1]

@@ -1,6 +1,6 @@
 """The live reference pipeline reproduces each supported family's own forward, exactly.
 
-For every entry of ``sparsepo.reference.families.FAMILIES`` (and Mistral / Phi-3 with and without
+For every entry of ``sparsepo.logprobs.families.FAMILIES`` (and Mistral / Phi-3 with and without
 ``sliding_window``) a tiny random model built from its transformers config class, seeded, with a
 sliding window of W = 4 where the family has one, scores batches whose sequences are longer than
 3W (right padding as ``collate_pairs`` makes it, and the same rows left-padded):
@@ -68,10 +68,33 @@ def _configs():
         "phi3": T.Phi3Config(**COMMON, sliding_window=None),
         "phi3-sliding": T.Phi3Config(**COMMON, sliding_window=WINDOW),
         "olmo": T.OlmoConfig(**COMMON),
+        # issue 23: table rows for real exceptions (granite, cohere, falcon), the usual layout read from the model
+        # for the rest (sparsepo.logprobs.layout); the MoE ones with more experts than each token uses
+        "mixtral-sliding": T.MixtralConfig(**COMMON, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[0]),
+        "qwen3_moe-sliding": T.Qwen3MoeConfig(**COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=16, use_sliding_window=True, sliding_window=WINDOW),
+        "olmo2": T.Olmo2Config(**COMMON),
+        "granite": T.GraniteConfig(**COMMON, embedding_multiplier=3.0, logits_scaling=4.0, residual_multiplier=0.5,
+                                   attention_multiplier=0.3),
+        "cohere": T.CohereConfig(**COMMON, logit_scale=0.5),
+        "phi": T.PhiConfig(**COMMON, partial_rotary_factor=0.5),
+        "falcon": T.FalconConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=VOCAB,
+                                 bos_token_id=1, eos_token_id=2, new_decoder_architecture=True, num_kv_heads=2),
+        "stablelm": T.StableLmConfig(**COMMON, partial_rotary_factor=0.25, use_qkv_bias=True),
+        "smollm3": T.SmolLM3Config(**COMMON, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=WINDOW,
+                                   max_window_layers=1),
     }
 
 
-CASES = sorted(_configs())
+NEW_CASES = ["cohere", "falcon", "granite", "mixtral-sliding", "olmo2", "phi", "qwen2_moe", "qwen3_moe-sliding",
+             "smollm3", "stablelm"]
+"""The families issue 23 brought to live mode (the lean log-prob path, tests/test_logprobs.py, covers CASES)."""
+CASES = sorted(set(_configs()) - set(NEW_CASES))
+ALL_CASES = sorted(_configs())
+INFERRED = {"mixtral", "qwen2_moe", "qwen3_moe", "olmo2", "phi", "stablelm", "smollm3"}
+"""Model types with no table row: the usual layout, read from the model (`sparsepo.logprobs.layout`)."""
 
 
 def tiny_model(case: str, seed: int = 0):
@@ -133,10 +156,11 @@ def check_equal(logits, hidden, want, want_hidden, batch):
 
 
 def test_every_family_in_the_table_is_tested():
-    assert {_configs()[c].model_type for c in CASES} == set(FAMILIES)
+    assert {_configs()[c].model_type for c in ALL_CASES} == set(FAMILIES) | INFERRED
+    assert not INFERRED & set(FAMILIES)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ALL_CASES)
 def test_pipeline_layers_equal_the_models_own_forward(case):
     model = tiny_model(case)
     check_live_supported(model.config)
@@ -150,7 +174,7 @@ def test_pipeline_layers_equal_the_models_own_forward(case):
             check_equal(logits, hidden, want, want_hidden, batch)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-sliding") or c.startswith("gemma2")
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if c.endswith("-sliding") or c.startswith("gemma2")
                                   or c.startswith("gemma3")])
 def test_the_inputs_exercise_the_sliding_window(case):
     """A window wider than the sequences changes the model's own output, so the equality test above
@@ -183,12 +207,13 @@ def expected_keys(loader: StageLoader, lo: int, hi: int) -> set[str]:
     for i in range(lo, hi):
         for path in loader.item_paths(i):
             for key in loader.skeleton.get_submodule(path).state_dict():
-                k = f"{path}.{key}"
-                keys.add(loader.key_map.get(k) or loader.key_map[f"{loader.family.embed}.{key}"])  # tied head
+                got = loader.checkpoint_keys(path, key)  # a tied head: the embedding's; MoE experts: one per expert
+                assert got, f"{path}.{key}"
+                keys.update(got)
     return keys
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ALL_CASES)
 def test_stage_loader_cuts_equal_the_models_own_forward(case, tmp_path):
     model = tiny_model(case, seed=1)
     model.save_pretrained(tmp_path)
@@ -257,7 +282,7 @@ def _refused():
     return {
         "gemma3": (T.Gemma3Config(text_config=dict(**COMMON, head_dim=8)), "Gemma3ForCausalLM"),
         "opt": (T.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                            vocab_size=VOCAB), "reproduce only Llama"),
+                            vocab_size=VOCAB), "not one list of decoder layers"),
         "gemma3_text": (T.Gemma3TextConfig(**COMMON, head_dim=8, use_bidirectional_attention=True),
                         "use_bidirectional_attention"),
         "llama": (T.LlamaConfig(**COMMON, layer_types=["full_attention", "sliding_attention", "full_attention"]),
@@ -289,3 +314,68 @@ def test_live_launch_refuses_an_unsupported_family_before_loading_anything(tmp_p
     monkeypatch.setattr(sparsepo.bridge, "connect", lambda *a, **k: pytest.fail("bridge reached"))
     with pytest.raises(UnsupportedModelError, match="model family 'gemma3'.*reference.mode=cache"):
         train.run_live(cfg, preempt=None)
+
+
+# --- the usual layout, read from the model: what it refuses, and the table's real exceptions ---------------
+
+@pytest.mark.parametrize("case,rule", [
+    ("granite", "does more to the embeddings or positions than the stages do (`inputs_embeds = inputs_embeds *`)"),
+    ("cohere", "changes the logits after the head (`logits = logits * self.logit_scale`)"),
+    ("falcon", "(`alibi`)"),
+], ids=["granite", "cohere", "falcon"])
+def test_without_its_table_row_a_family_is_refused_by_the_rule_it_breaks(case, rule, monkeypatch):
+    """The three table rows for the new families are real exceptions: without them the usual-layout
+    reading refuses the model, naming what its forward does that the stages would not."""
+    import sparsepo.logprobs.families as fam
+    from sparsepo.logprobs.layout import _infer
+
+    _infer.cache_clear()
+    monkeypatch.setattr(fam, "FAMILIES", {k: v for k, v in FAMILIES.items() if k != case})
+    with pytest.raises(UnsupportedModelError) as err:
+        check_live_supported(_configs()[case])
+    assert "does not fit the usual decoder-only layout" in str(err.value) and rule in str(err.value), str(err.value)
+
+
+def test_falcon_with_alibi_is_refused():
+    import transformers as T
+
+    with pytest.raises(UnsupportedModelError, match="alibi=True"):
+        check_live_supported(T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True))
+
+
+@pytest.mark.parametrize("case", ["granite", "cohere"])
+def test_scaled_logits_keep_the_plain_path(case):
+    """Granite divides its logits, Cohere multiplies them: the lean head (which knows only soft-caps)
+    must not serve them, so model.logits_chunk > 0 gives the plain numbers."""
+    from sparsepo.logprobs.head import Head
+    from sparsepo.logprobs.lean import lean_head
+    from sparsepo.models import pair_forward
+
+    model = tiny_model(case)
+    assert lean_head(model) is None
+    batch = batches()[0]
+    plain, chunked = pair_forward(Head.for_model(model, 0), batch), pair_forward(Head.for_model(model, 4), batch)
+    torch.testing.assert_close(chunked.token_logps, plain.token_logps, atol=1e-6, rtol=0)
+
+
+REAL_EXCEPTIONS = {"gemma2", "gemma3_text", "gpt2", "granite", "cohere", "falcon"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _configs()[c].model_type not in REAL_EXCEPTIONS])
+def test_the_usual_layout_rule_reads_the_table_row_of_every_plain_family(case):
+    """The table rows of Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX, Phi-3 and OLMo are what the rule reads
+    from the model itself (paths and mask rule); the other rows are real exceptions the rule refuses."""
+    from sparsepo.logprobs.layout import infer_layout
+
+    config = _configs()[case]
+    paths, masks = infer_layout(config)
+    row = FAMILIES[config.model_type]
+    assert {k: getattr(row, k) for k in paths} == paths and row.masks == masks
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if _configs()[c].model_type in REAL_EXCEPTIONS])
+def test_the_rule_refuses_every_real_exception(case):
+    from sparsepo.logprobs.layout import LayoutError, infer_layout
+
+    with pytest.raises(LayoutError):
+        infer_layout(_configs()[case])

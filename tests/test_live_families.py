@@ -32,11 +32,16 @@ def family_config(case: str, vocab: int):
                   eos_token_id=2, pad_token_id=0)
     if case == "mistral-sliding":
         return T.MistralConfig(**common, sliding_window=WINDOW)
+    if case == "mixtral-sliding":  # MoE, no table row (sparsepo.logprobs.layout); experts merged by the stage loader
+        return T.MixtralConfig(**common, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)
+    if case == "granite":  # a table row for its embedding multiplier and logits scaling
+        return T.GraniteConfig(**common, embedding_multiplier=3.0, logits_scaling=4.0, residual_multiplier=0.5)
     return T.Gemma2Config(**common, head_dim=8, sliding_window=WINDOW, layer_types=["sliding_attention",
                           "full_attention"], final_logit_softcapping=1.0, attn_logit_softcapping=5.0)
 
 
-@pytest.mark.parametrize("case", ["mistral-sliding", "gemma2"])
+@pytest.mark.parametrize("case", ["mistral-sliding", "gemma2", "mixtral-sliding",
+                                  pytest.param("granite", marks=pytest.mark.slow)])
 def test_live_equals_cache_beyond_the_window(case, tiny_world, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -93,7 +93,7 @@ def test_live_mode_refuses_it_on_every_process_before_the_topology(dirs, capsys,
 
 def test_a_reference_with_the_same_tokenizer_passes_and_a_bigger_vocabulary_does_not(dirs, tmp_path):
     from sparsepo.models import TokenizerMismatch
-    from sparsepo.train import check_run_tokenizer
+    from sparsepo.prelaunch import check_run_tokenizer
 
     check_run_tokenizer(load_config(None, argv(dirs, f"reference.path={dirs['same']}")))
     check_run_tokenizer(load_config(None, argv(dirs, "method.name=simpo", f"reference.path={dirs['odd']}")))  # no reference

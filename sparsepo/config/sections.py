@@ -30,6 +30,11 @@ class ModelConfig:
     ZeRO-3 ranks with different response lengths make the same gathers (tests/test_lean_zero3.py).
     128: the lowest measured step peak at vocab 128k (2,034 -> 508 MB at T=256; 8.1 GB -> 0.6 GB at
     T=1024) and no slower at the demo's vocabulary (docs/benchmarks.md, "Lean log-probs")."""
+    router_aux_loss_coef: float = 0.0
+    """Mixture-of-experts policies (Mixtral, Qwen2/3-MoE, ...): add this times the router's load-balancing
+    loss (the model's own `aux_loss`, `output_router_logits=True`, over the batch's real tokens) to the
+    policy loss, as TRL does with the model config's router_aux_loss_coef; 0 = off. Needs an MoE model;
+    its policy forward takes the plain log-prob path. Logged as train/router_aux_loss."""
 
 
 @dataclass(kw_only=True)

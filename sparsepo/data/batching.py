@@ -63,18 +63,26 @@ class PairBatch:
         return self._half(x, False)
 
 
-def collate_pairs(rows: list[dict], pad_id: int, *, pad_to_multiple_of: int | None = None) -> PairBatch:
+def collate_pairs(rows: list[dict], pad_id: int, *, pad_to_multiple_of: int | None = None,
+                  length: int | None = None) -> PairBatch:
     """Pack rows (example_id, prompt_ids, chosen_ids, rejected_ids) chosen-first into one PairBatch.
 
     T is the longest prompt+response, rounded up to `pad_to_multiple_of` when given (e.g. 8 for
-    tensor cores).
+    tensor cores); `length`: T is exactly this, whatever the rows (`sparsepo.padding`: models whose
+    output depends on the padded length); a longer row is refused.
     """
     if not rows:
         raise ValueError("collate_pairs needs at least one row")
     seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in rows] + \
            [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
     t = max(len(p) + len(y) for p, y in seqs)
-    if pad_to_multiple_of:
+    if length is not None:
+        if t > length:
+            longest = max(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+            raise ValueError(f"pair {rows[longest % len(rows)].get('example_id')}: {t} tokens, longer than the "
+                             f"fixed batch length {length}")
+        t = length
+    elif pad_to_multiple_of:
         t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
     n = len(seqs)
     input_ids = torch.full((n, t), pad_id, dtype=torch.long)

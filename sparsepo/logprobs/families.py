@@ -13,7 +13,9 @@ How the attention mask of decoder layer i is chosen (``layer_attention``), as ea
   layer_types     ``config.layer_types[i]``: "full_attention" or "sliding_attention" (Qwen2/3, Gemma 2/3)
 
 ``check_live_supported(config)`` reads the Hugging Face config only (no weights), so the launcher
-calls it before any process loads anything.
+calls it before any process loads anything. A family not in the table is read from the model
+itself when it has the usual decoder-only layout (``sparsepo.logprobs.layout``: paths and mask rule
+by rule, from a meta-device skeleton and its forward's source), or refused with the rule it breaks.
 """
 
 from __future__ import annotations
@@ -51,9 +53,26 @@ class Family:
     """causal | sliding_window | layer_types (module docstring)."""
     logit_softcap: bool = False
     """logits = tanh(logits / c) * c with c = ``config.final_logit_softcapping`` when set (Gemma 2/3)."""
+    embed_multiplier: str | None = None
+    """The config attribute the embeddings are multiplied by (Granite: embedding_multiplier)."""
+    logit_multiplier: str | None = None
+    """The config attribute the logits are multiplied by (Cohere: logit_scale)."""
+    logit_divisor: str | None = None
+    """The config attribute the logits are divided by (Granite: logits_scaling)."""
+    inferred: bool = False
+    """Not in the table: the usual layout, read from the model (``sparsepo.logprobs.layout``)."""
+
+    def logit_scale(self, config) -> float | None:
+        """The factor the head's logits are multiplied by (None: none)."""
+        if self.logit_multiplier:
+            return float(getattr(config, self.logit_multiplier))
+        return 1.0 / float(getattr(config, self.logit_divisor)) if self.logit_divisor else None
 
 
 FAMILIES: dict[str, Family] = {  # keyed by config.model_type
+    # Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX, Phi-3 and OLMo follow the usual layout: the rule
+    # (sparsepo.logprobs.layout) reads the same entry from the model (tests/test_families.py); their rows
+    # stay because the lean log-prob path (sparsepo.logprobs.lean.lean_head) reads this table.
     "llama": Family(name="Llama"),
     "mistral": Family(name="Mistral", masks="sliding_window"),
     "qwen2": Family(name="Qwen2", masks="layer_types"),
@@ -67,6 +86,11 @@ FAMILIES: dict[str, Family] = {  # keyed by config.model_type
                    norm="transformer.ln_f", rotary=None),
     "phi3": Family(name="Phi-3", masks="sliding_window"),
     "olmo": Family(name="OLMo"),
+    # real exceptions to the usual layout (any other decoder-only *ForCausalLM: sparsepo.logprobs.layout)
+    "granite": Family(name="Granite", embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
+    "cohere": Family(name="Cohere", logit_multiplier="logit_scale"),
+    "falcon": Family(name="Falcon", embed="transformer.word_embeddings", layers="transformer.h",
+                     norm="transformer.ln_f", rotary="transformer.rotary_emb"),
 }
 
 _REFUSED = {  # model_type -> why (families that would need more than the table can say)
@@ -88,9 +112,17 @@ def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type in _REFUSED:
         raise _refuse(config, _REFUSED[model_type])
-    if model_type not in FAMILIES:
-        raise _refuse(config, f"the pipeline stages reproduce only {', '.join(f.name for f in FAMILIES.values())}")
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    from sparsepo.logprobs.layout import LayoutError, infer_layout
+
+    try:
+        paths, masks = infer_layout(config)
+    except LayoutError as e:
+        raise _refuse(config, f"it is not in the table ({', '.join(f.name for f in FAMILIES.values())}) and does not "
+                              f"fit the usual decoder-only layout: {e}") from None
+    return Family(name=type(config).__name__.removesuffix("Config") or str(model_type), masks=masks, inferred=True,
+                  **paths)
 
 
 def layer_attention(config, index: int) -> str:
@@ -119,6 +151,9 @@ def check_live_supported(config) -> None:
     elif types and any(t != FULL for t in types):
         raise _refuse(config, f"layer types {sorted(set(types))}, but {family.name}'s forward builds "
                               f"{'one mask for every layer' if family.masks == 'sliding_window' else 'a full causal mask'}")
+    if getattr(config, "alibi", False):
+        raise _refuse(config, "alibi=True (ALiBi biases are added to the mask in the model's forward, not rebuilt "
+                              "per stage)")
     if getattr(config, "use_bidirectional_attention", False):
         raise _refuse(config, "use_bidirectional_attention=True (bidirectional masks are not rebuilt per stage)")
 

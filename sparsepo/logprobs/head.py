@@ -58,10 +58,10 @@ class Head:
         return choose_head(model, chunk)
 
     @staticmethod
-    def for_layers(lm_head: nn.Module, softcap: float | None, chunk: int) -> "StageHead":
+    def for_layers(lm_head: nn.Module, softcap: float | None, chunk: int, *, scale: float | None = None) -> "StageHead":
         """The head of a pipeline's last stage, which holds the model's ``lm_head`` but not the model
-        (``choose_head``)."""
-        return choose_head(None, chunk, lm_head=lm_head, softcap=softcap)
+        (``choose_head``). ``scale``: the family's logit multiplier (Cohere, Granite; the plain path)."""
+        return choose_head(None, chunk, lm_head=lm_head, softcap=softcap, scale=scale)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> HeadInput | Logits:
         """One forward of the model; its output for ``fields``."""
@@ -96,27 +96,31 @@ class LeanPathHead(Head):
 
 class StageHead:
     """A pipeline's last stage: the final norm's output (N,T,H) -> what ``fields`` reads. Plain: the
-    logits (N,T,V) in the model dtype, soft-capped as the model's forward does (``chunk`` 0); lean: a
-    ``lean.HeadInput`` (the hidden state and the head, run ``chunk`` response positions at a time)."""
+    logits (N,T,V) in the model dtype, scaled and soft-capped as the model's forward does (``chunk`` 0);
+    lean: a ``lean.HeadInput`` (the hidden state and the head, run ``chunk`` response positions at a time)."""
 
-    def __init__(self, lm_head: nn.Module, softcap: float | None, chunk: int = 0):
-        self.lm_head, self.softcap, self.chunk = lm_head, softcap, chunk
+    def __init__(self, lm_head: nn.Module, softcap: float | None, chunk: int = 0, scale: float | None = None):
+        self.lm_head, self.softcap, self.chunk, self.scale = lm_head, softcap, chunk, scale
 
     def __call__(self, hidden: Tensor) -> Tensor | HeadInput:
         if self.chunk > 0:
             return HeadInput(hidden, LeanHead(self.lm_head, self.softcap), self.chunk)
-        return soft_cap(self.lm_head(hidden), self.softcap)
+        logits = self.lm_head(hidden)
+        return soft_cap(logits if self.scale is None else logits * self.scale, self.softcap)
 
 
-def choose_head(model, chunk: int, *, lm_head: nn.Module | None = None, softcap: float | None = None):
+def choose_head(model, chunk: int, *, lm_head: nn.Module | None = None, softcap: float | None = None,
+                scale: float | None = None):
     """The one place the path is chosen: lean when ``chunk`` > 0 and the head can run in chunks (a
-    model the family table knows, ``lean.lean_head``; a pipeline stage's ``lm_head`` an ``nn.Linear``),
+    model the family table knows, ``lean.lean_head``; a pipeline stage's ``lm_head`` an ``nn.Linear``
+    and its logits unscaled),
     else plain. A fused kernel's head would be chosen here. With ``lm_head`` (and no model): the
     ``StageHead`` of a pipeline's last stage."""
     if chunk < 0:
         raise ValueError(f"model.logits_chunk={chunk} must be >= 0 (0: the plain path)")
     if model is None:
-        return StageHead(lm_head, softcap, chunk if chunk > 0 and isinstance(lm_head, nn.Linear) else 0)
+        lean = chunk > 0 and isinstance(lm_head, nn.Linear) and scale is None
+        return StageHead(lm_head, softcap, chunk if lean else 0, scale)
     if chunk > 0 and lean_head(model) is not None:
         return LeanPathHead(model, chunk)
     return PlainHead(model)

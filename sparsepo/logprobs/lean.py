@@ -138,7 +138,8 @@ def lean_head(model) -> tuple[nn.Module, LeanHead] | None:
     module = _unwrap(model)
     config = getattr(module, "config", None)
     family = FAMILIES.get(getattr(config, "model_type", None))
-    if family is None or "logits_to_keep" not in inspect.signature(module.forward).parameters:
+    if family is None or family.logit_scale(config) is not None or \
+            "logits_to_keep" not in inspect.signature(module.forward).parameters:  # scaled logits: the plain path
         return None
     try:
         norm, lm_head = get_module(module, family.norm), get_module(module, family.head)

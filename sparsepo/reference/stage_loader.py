@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ from sparsepo.reference.partition import PipelineConfigError
 from sparsepo.reference.stages import StageBlock, check_feature_layer, get_module, item_paths, make_items, pipeline_layers
 
 log = logging.getLogger(__name__)
+
+
+def _natural(key: str) -> list:
+    """Sort key that orders the numbers inside a name by value (experts.2 before experts.10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,6 +59,7 @@ class StageLoader:
         pipeline_layers(self.skeleton)  # structure checks
         self.num_layers = self.config.num_hidden_layers
         self.weight_map = self._weight_map()
+        self.merged: dict[str, tuple] = {}  # model key -> (converter, {source pattern: checkpoint keys}): MoE experts
         self.key_map = self._key_map() if self.weight_map is not None else {}
         self.tensors_read: list[str] = []
         self.fallback_cause: str | None = None
@@ -86,8 +93,9 @@ class StageLoader:
     def _key_map(self) -> dict[str, str]:
         """Model state-dict key -> checkpoint key, through the model's own loading renames
         (``transformers.conversion_mapping``: e.g. GPT-NeoX stores ``lm_head`` as ``embed_out``; a
-        checkpoint saved from the base model lacks the ``model.`` prefix). Keys that need a
-        tensor-merging converter are left out (their module then falls back, with that cause)."""
+        checkpoint saved from the base model lacks the ``model.`` prefix). Keys that a tensor-merging
+        converter combines (an MoE layer's per-expert weights into one fused tensor) go to
+        ``self.merged`` instead, grouped by the model key they make (``_merge`` applies the converter)."""
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -98,11 +106,33 @@ class StageLoader:
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         meta_state = self.skeleton.state_dict()
         out = {}
-        for ckpt_key in self.weight_map:
+        for ckpt_key in sorted(self.weight_map, key=_natural):  # experts in index order (2 before 10)
             model_key, converted = rename_source_key(ckpt_key, renamings, converters,
                                                      self.skeleton.base_model_prefix, meta_state)
             if converted is None:
                 out[model_key] = ckpt_key
+                continue
+            converter = next(c for c in converters if converted in c.source_patterns)
+            self.merged.setdefault(model_key, (converter, {}))[1].setdefault(converted, []).append(ckpt_key)
+        return out
+
+    def checkpoint_keys(self, path: str, key: str) -> list[str]:
+        """The checkpoint tensors the model's `path`.`key` is made of (one, or an MoE layer's per-expert ones)."""
+        if f"{path}.{key}" in self.merged:
+            return [k for keys in self.merged[f"{path}.{key}"][1].values() for k in keys]
+        ckpt_key = self._checkpoint_key(path, key)
+        return [] if ckpt_key is None else [ckpt_key]
+
+    def _merge(self, model_key: str, read) -> torch.Tensor:
+        """The model's tensor `model_key` from its checkpoint tensors, by the model's own converter
+        operations (transformers.core_model_loading: e.g. MergeModulelist then Concatenate)."""
+        converter, sources = self.merged[model_key]
+        tensors = {pattern: [read(k) for k in keys] for pattern, keys in sources.items()}
+        for op in converter.operations:
+            tensors = op.convert(tensors, source_patterns=converter.source_patterns,
+                                 target_patterns=converter.target_patterns, full_layer_name=model_key,
+                                 model=self.skeleton, config=self.config, missing_keys=None)
+        (out,) = [v for k, v in tensors.items() if model_key.endswith(k)] or tensors.values()
         return out
 
     def _full_model(self, cause: str):
@@ -153,7 +183,7 @@ class StageLoader:
         wanted = {}
         for key in module.state_dict().keys():
             ckpt_key = self._checkpoint_key(path, key)
-            if ckpt_key is None:
+            if ckpt_key is None and f"{path}.{key}" not in self.merged:
                 return None, (f"the checkpoint has no tensor for {path}.{key} (its keys do not follow the module "
                               f"names, even through the model's own loading renames)")
             wanted[key] = ckpt_key
@@ -161,15 +191,14 @@ class StageLoader:
         cause = self._recreate_buffers(module, path)
         if cause is not None:
             return None, cause
-        by_file: dict[str, list[str]] = {}
-        for key, ckpt_key in wanted.items():
-            by_file.setdefault(self.weight_map[ckpt_key], []).append(key)
-        tensors = {}
-        for file, keys in by_file.items():
-            with safe_open(file, "pt") as f:
-                for key in keys:
-                    tensors[key] = f.get_tensor(wanted[key])
-                    self.tensors_read.append(wanted[key])
+
+        def read(ckpt_key: str) -> torch.Tensor:
+            with safe_open(self.weight_map[ckpt_key], "pt") as f:
+                self.tensors_read.append(ckpt_key)
+                return f.get_tensor(ckpt_key)
+
+        tensors = {key: read(ckpt_key) if ckpt_key is not None else self._merge(f"{path}.{key}", read)
+                   for key, ckpt_key in wanted.items()}
         module.load_state_dict(tensors, strict=True, assign=True)
         return module.to(self.dtype), None
 

@@ -13,7 +13,7 @@ head returns ``(logits, hidden_ℓ)``:
     HeadStage             (hidden, mask, pos, hidden_ℓ) -> (logits, hidden_ℓ)
 
 Only tensors cross stages. The items reuse the model's own modules (embedding, decoder layers,
-final norm, head, rotary) found through the family table (``sparsepo.reference.families``); each
+final norm, head, rotary) found through the family table (``sparsepo.logprobs.families``); each
 decoder item rebuilds its own layer's 4D mask (full or sliding-window causal, as the model's
 forward picks it) with transformers' own mask builders, so it matches the HF forward exactly
 whatever the attention implementation, and its rotary (cos, sin) from ``position_ids``; both are
@@ -44,14 +44,18 @@ class EmbeddingStage(nn.Module):
     position_ids are 0..T-1, as the HF forward uses without a cache; ``embed_positions`` (learned
     absolute positions, GPT-2) is added to the token embedding when given."""
 
-    def __init__(self, embed_tokens: nn.Module, embed_positions: nn.Module | None = None):
+    def __init__(self, embed_tokens: nn.Module, embed_positions: nn.Module | None = None,
+                 multiplier: float | None = None):
         super().__init__()
         self.embed_tokens = embed_tokens
         self.embed_positions = embed_positions
+        self.multiplier = multiplier  # Granite's embedding_multiplier
 
     def forward(self, inputs):
         input_ids, attention_mask = inputs
         hidden = self.embed_tokens(input_ids)
+        if self.multiplier is not None:
+            hidden = hidden * self.multiplier
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         if self.embed_positions is not None:
             hidden = hidden + self.embed_positions(position_ids)
@@ -109,11 +113,13 @@ class HeadStage(nn.Module):
     the logits — the normed hidden state and the head, which ``scoring.score`` (the last stage's
     ``ScoreFn``) runs ``chunk`` response positions at a time, so the last stage never holds (N,T,V)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None, chunk: int = 0):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None, chunk: int = 0,
+                 scale: float | None = None):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
-        self.head = Head.for_layers(lm_head, softcap, chunk)  # the path, chosen once (logprobs.head)
+        # the path, chosen once (logprobs.head); Cohere's logit_scale, 1 / Granite's logits_scaling: plain only
+        self.head = Head.for_layers(lm_head, softcap, chunk, scale=scale)
 
     def _logits(self, hidden: Tensor) -> Tensor | HeadInput:
         return self.head(self.norm(hidden))
@@ -163,13 +169,13 @@ def make_items(modules: Mapping[str, nn.Module], config, lo: int, hi: int, rotar
     items: list[nn.Module] = []
     for i in range(lo, hi):
         if i == 0:
-            items.append(EmbeddingStage(modules[family.embed],
-                                        modules[family.positions] if family.positions else None))
+            items.append(EmbeddingStage(modules[family.embed], modules[family.positions] if family.positions else None,
+                                        getattr(config, family.embed_multiplier) if family.embed_multiplier else None))
         elif i <= num_layers:
             items.append(DecoderLayerStage(modules[f"{family.layers}.{i - 1}"], rotary_emb, config, i - 1,
                                            capture=(i - 1 == feature_layer)))
         else:
-            items.append(HeadStage(modules[family.norm], modules[family.head], softcap, chunk))
+            items.append(HeadStage(modules[family.norm], modules[family.head], softcap, chunk, family.logit_scale(config)))
     return items
 
 
@@ -189,7 +195,7 @@ def pipeline_layers(model, feature_layer: int | None = None, chunk: int = 0) -> 
             modules[path] = get_module(model, path)
         except (AttributeError, IndexError):
             raise PipelineConfigError(f"pipeline reference: {type(model).__name__} has no `{path}`, where the "
-                                      f"{family.name} entry of sparsepo.reference.families expects it") from None
+                                      f"{family.name} entry of sparsepo.logprobs.families expects it") from None
     return make_items(modules, config, 0, num_layers + 2, modules.get(family.rotary), feature_layer, chunk)
 
 

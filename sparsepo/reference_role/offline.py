@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from sparsepo.config.paths import run_tokenizer
 from sparsepo.engine.collectives import gather, is_multi, on_one_rank
+from sparsepo.padding import batch_length
 from sparsepo.reference.cache import INDEX, CacheError, CacheReader, fingerprint_components
 from sparsepo.reference.scorer import precompute_cache
 from sparsepo.reference_role.scorers import reference_path, scorer_for
@@ -23,6 +24,9 @@ def cache_dir(cfg) -> Path:
 def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
     """Every option that changes the cached numbers (data/tokenisation settings are in the data part)."""
     settings = {"outputs": list(outputs), "precision": cfg.train.precision}
+    length = batch_length(cfg)
+    if length is not None:  # a model whose numbers depend on the padded length (sparsepo.padding)
+        settings["batch_length"] = length
     if "topk_ids" in outputs:
         settings["topk"] = cfg.reference.topk
     if features is not None:

@@ -36,6 +36,7 @@ from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.models import load_tokenizer
+from sparsepo.padding import batch_length
 from sparsepo.reference_role import offline
 from sparsepo.reference.cache import INDEX, write_index, write_shard
 from sparsepo.reference_role.scorers import scorer_for
@@ -129,6 +130,7 @@ def serve(cfg, plan, bridge) -> None:
     check_handshake(hs, cfg, outputs)
     tokenizer = load_tokenizer(run_tokenizer(cfg))
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
+    length = batch_length(cfg)  # the policy's own padding (sparsepo.padding)
     features = uses_features(outputs)
     model_fp = model_fingerprint(cfg) if features else None
 
@@ -171,7 +173,8 @@ def serve(cfg, plan, bridge) -> None:
         slot = round_slots[role.replica]
         batch = None
         if role.is_last_stage or (scorer.needs_batch and not reuse):
-            batch = pdata.collate_pairs(pdata.gather_rows(dataset, list(slot.rows)), tokenizer.pad_token_id)
+            batch = pdata.collate_pairs(pdata.gather_rows(dataset, list(slot.rows)), tokenizer.pad_token_id,
+                                        length=length)
         if reuse:
             records = (cache.get(batch.example_ids) if cache is not None
                        else [scored[i] for i in batch.example_ids]) if role.is_last_stage else None
