@@ -59,7 +59,9 @@ _MAY_DIFFER_KEYS = {("train", "max_steps"), ("train", "epochs"), ("reference", "
                     ("data", "path"), ("reference", "cache_dir"),
                     ("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "train_batch_size"),
                     # the lean and the plain log-prob paths give the same numbers (tests/test_logprobs*.py)
-                    ("model", "logits_chunk")}
+                    ("model", "logits_chunk"),
+                    # a resume may raise the tolerance of the non-finite guard (sparsepo.guard)
+                    ("train", "max_nonfinite_steps")}
 
 
 
