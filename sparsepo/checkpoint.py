@@ -34,15 +34,14 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 from typing import NamedTuple
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from sparsepo import rng_state
 from sparsepo.engine.collectives import gather, is_multi, on_every_rank, on_one_rank
 from sparsepo.atomic import FULL, atomic_write
 from sparsepo.checkpoint_integrity import META, is_valid, owner, verify  # noqa: F401  (is_valid: API)
@@ -198,21 +197,6 @@ def find_resume(cfg: RunConfig) -> Path | None:
     return _pick(on_one_rank(lambda: _plan(cfg)), verify, talk=dist.get_rank() == 0)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _remove(tag_dir: Path) -> None:
     shutil.rmtree(tag_dir, ignore_errors=True)
     shutil.rmtree(tag_dir.with_name(tag_dir.name + "_universal"), ignore_errors=True)
@@ -223,7 +207,7 @@ def _write_shards(engine, tag_dir: Path, step: int, samples: int, rank: int, ran
     torch serialisation error ("unexpected pos"): say what it is, and that the checkpoint stays unsealed."""
     try:
         engine.save(tag_dir.parent, tag_dir.name, client_state={"step": step, "samples": samples})
-        torch.save(_rng_state(), tag_dir / f"rng-rank{rank}.pt")
+        torch.save(rng_state.capture(), tag_dir / f"rng-rank{rank}.pt")
         for name, state in rank_state.items():
             torch.save(state, tag_dir / f"{name}-rank{rank}.pt")
     except (OSError, RuntimeError) as e:
@@ -368,7 +352,7 @@ def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx
                               f"{META} says {meta['samples']}; the directory mixes two saves")
     # Every rank was seeded alike, so with another world size a new rank takes rank 0's state.
     rng = tag_dir / f"rng-rank{ctx.rank}.pt"
-    _set_rng_state(torch.load(rng if rng.is_file() else tag_dir / "rng-rank0.pt", weights_only=False))
+    rng_state.restore(rng_state.load(rng if rng.is_file() else tag_dir / "rng-rank0.pt"))
     step = meta["samples"] // global_batch
     if ctx.is_main:
         log.info("resumed from %s: %d samples seen, continuing at step %d", tag_dir, meta["samples"], step)
