@@ -44,7 +44,7 @@ import torch.distributed as dist
 from sparsepo import rng_state
 from sparsepo.engine.collectives import gather, is_multi, on_every_rank, on_one_rank
 from sparsepo.atomic import FULL, atomic_write
-from sparsepo.checkpoint_integrity import META, is_valid, owner, verify  # noqa: F401  (is_valid: API)
+from sparsepo.checkpoint_integrity import META, is_valid, owner, seal, verify  # noqa: F401  (is_valid: API)
 from sparsepo.hashing import sha256_file
 from sparsepo.config import RunConfig, to_dict
 
@@ -250,7 +250,7 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
                 "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size,
                 "data": data_fingerprint, "config": to_dict(cfg), "files": files,
                 "sha256": dict(sorted(hashes.items()))}
-        atomic_write(tag_dir / META, json.dumps(meta, indent=1, default=str))
+        atomic_write(tag_dir / META, seal(meta))  # with the checksum of its own body
         atomic_write(ckpt_root / "latest", tag)
         for old in list_tags(ckpt_root)[:-cfg.checkpoint.keep_last]:
             _remove(old)

@@ -439,7 +439,7 @@ def test_find_resume(ckpt_cfg, full, tmp_path, caplog):
 
 
 def test_is_valid_checks_every_recorded_file(full, tmp_path):
-    from sparsepo.checkpoint import is_valid
+    from sparsepo.checkpoint import is_valid, seal
 
     tag = tmp_path / "step-00000012"
     shutil.copytree(full / "checkpoints" / "step-00000012", tag)
@@ -452,7 +452,7 @@ def test_is_valid_checks_every_recorded_file(full, tmp_path):
     shard = next(tag.glob("*model_states.pt"))
     with open(shard, "ab") as f:
         f.write(b"x")
-    (tag / "sparsepo.json").write_text(json.dumps(meta))
+    (tag / "sparsepo.json").write_text(seal(meta))  # re-sealed: a consistent sparsepo.json, one grown shard
     ok, why = is_valid(tag)
     assert not ok and shard.name in why and "truncated or modified" in why
 
