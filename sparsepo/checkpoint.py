@@ -308,7 +308,8 @@ def check_compatible(tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, wo
                               f"Resume with the original settings, or start a new run directory.")
     if meta["data"] != data_fingerprint:
         raise CheckpointError(f"checkpoint {tag_dir} was trained on different data (fingerprint "
-                              f"{meta['data']} vs {data_fingerprint}); resume with the original dataset.")
+                              f"{meta['data']} vs {data_fingerprint}); resume with the original dataset (and, for "
+                              f"SPO, the original generation.prompts_path file).")
     old_train = meta["config"]["train"]
     old_global = meta.get("global_batch") or (old_train["micro_batch_size"] * old_train["grad_accum"]
                                               * meta["world_size"])
