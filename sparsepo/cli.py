@@ -106,6 +106,13 @@ def demo_reference(needs_samples: bool, nproc: int, overrides: list[str]) -> tup
 def cmd_demo(a: argparse.Namespace) -> int:
     if a.action == "prepare":
         return cmd_prepare(a)
+    if a.action not in (None, "run") and "=" not in a.action:  # a typo: refused before the world is built
+        import difflib
+
+        near = difflib.get_close_matches(a.action, ["run", "prepare"], n=1)
+        print(f"sparsepo demo: unknown action {a.action!r}{f' (did you mean {near[0]!r}?)' if near else ''}; "
+              f"actions: run, prepare; config overrides look like key=value", file=sys.stderr)
+        return 2
     if a.action not in (None, "run"):  # `sparsepo demo train.max_steps=5`: an override, not an action
         a.overrides.insert(0, a.action)
     from sparsepo.demo import evaluate_policy, prepare_world

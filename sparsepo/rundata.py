@@ -100,7 +100,10 @@ def load_run_prompts(cfg: RunConfig, ctx: DistContext, tokenizer):
 
     if not ctx.is_main:
         dist.barrier()
-    prompts = load_prompts(cfg.generation.prompts_path, cfg.data, tokenizer)
+    try:
+        prompts = load_prompts(cfg.generation.prompts_path, cfg.data, tokenizer)
+    except pdata.DataError as e:  # the loaders name data.path, the key of the pairs: name the prompts' key
+        raise pdata.DataError(str(e).replace("data.path", "generation.prompts_path")) from None
     if ctx.is_main and ctx.world_size > 1:
         dist.barrier()
     return prompts

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as e:
         log.warning("%s", e)
         code, message = EXIT_PREEMPTED, str(e)
+    except ConfigError as e:  # found after the launch (batch split, stage file, oracle): still a config error
+        log.error("config error: %s", e)
+        code, message = 2, f"config error: {e}"
     except Exception as e:  # every rank reports, then leaves without hanging its peers
         code, message = 1, f"{type(e).__name__}: {e}"
         peer = _peer_cause()

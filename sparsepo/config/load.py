@@ -261,6 +261,10 @@ def validate(cfg: RunConfig, *, source: str = "<config>", sources: dict[str, str
     if spec.needs_policy_samples and r.mode == "live" and cfg.generation.staleness >= r.window:
         raise ConfigError(f"generation.staleness={cfg.generation.staleness} must be < reference.window={r.window} "
                           f"in live mode ({source}): raise reference.window or lower the staleness.")
+    if spec.needs_policy_samples and t.max_steps is not None and cfg.generation.staleness >= t.max_steps:
+        raise ConfigError(f"generation.staleness={cfg.generation.staleness} in {at('generation.staleness')} must be < "
+                          f"train.max_steps={t.max_steps}: every step would regularise on the samples of step 0. "
+                          f"Lower the staleness (0 = synchronous) or train longer.")
     if spec.needs_policy_samples and (problem := check_generation(cfg.generation)):
         raise ConfigError(f"{problem} ({source})")
     if spec.needs_oracle_scores and not r.oracle:
