@@ -75,3 +75,21 @@ def test_a_config_error_found_after_the_launch_exits_2(tiny_world, tmp_path):
     proc = run_training(tiny_world, tmp_path, "train.micro_batch_size=8", "train.train_batch_size=12", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error: train.train_batch_size=12" in proc.stderr and not (tmp_path / "final").exists()
+
+
+@pytest.mark.unit
+def test_the_first_error_line_of_a_live_failure_names_the_lost_peer(monkeypatch, caplog):
+    from sparsepo import train as entry
+
+    lost = "lost policy rank 0 (global rank 0), which hosts the bridge store (DistStoreError: ...): stopped, hung or dead"
+    monkeypatch.setattr(entry, "_peer_cause", lambda: (1, lost, 0))
+    with caplog.at_level("ERROR", logger="sparsepo"):
+        code, message, blame = entry.report_failure(RuntimeError("[gloo] Connection closed by peer [10.0.0.2]:4711"))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors[0] == lost and "Connection closed by peer" in errors[1], errors
+    assert (code, blame) == (1, 0) and "Connection closed" in message
+    monkeypatch.setattr(entry, "_peer_cause", lambda: None)  # no peer to blame: the local error first
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="sparsepo"):
+        assert entry.report_failure(ValueError("bad row"))[::2] == (1, None)
+    assert caplog.records[0].getMessage() == "ValueError: bad row"
