@@ -11,6 +11,7 @@ from sparsepo.engine.collectives import gather, is_multi, on_one_rank
 from sparsepo.reference.cache import (INDEX, MODEL_FILES, CacheError, CacheReader, fingerprint_components,
                                       hash_files)
 from sparsepo.reference.scorer import precompute_cache
+from sparsepo.rundir import acquire_run_lock, release_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,21 @@ def ensure_cache(cfg, outputs: tuple[str, ...], dataset, collate, *, data_finger
     expected = components(cfg, data_fingerprint, outputs, features)
     directory = cache_dir(cfg)
     if force or not (directory / INDEX).is_file():
-        if ctx.is_main:
-            log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
-                     scorer_name(cfg, outputs))
-        model = load_scorer(cfg, outputs, ctx.device)
-        precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
-                         topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
-                         shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
-                         device=ctx.device, features=features, progress=cfg.logging.progress,
-                         chunk=cfg.model.logits_chunk)
-        del model
+        # one writer per cache directory: a second precompute (or cache-mode run) into it is refused
+        on_one_rank(lambda: acquire_run_lock(directory, setting="reference.cache_dir"))
+        try:
+            if ctx.is_main:
+                log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
+                         scorer_name(cfg, outputs))
+            model = load_scorer(cfg, outputs, ctx.device)
+            precompute_cache(model, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
+                             topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
+                             shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
+                             device=ctx.device, features=features, progress=cfg.logging.progress,
+                             chunk=cfg.model.logits_chunk)
+            del model
+        finally:
+            release_run_dir(directory)
     return open_cache(directory, expected, progress=cfg.logging.progress)
 
 
