@@ -113,3 +113,14 @@ def test_policy_engine_counts_non_finite_weights_of_its_partitions():
     assert engine.nonfinite_weights() == 2
     Engine.module.weight.ds_tensor = torch.zeros(1)  # under ZeRO-3 only the local partition counts
     assert engine.nonfinite_weights() == 1
+
+
+def test_train_entry_point_exits_2_on_lr_1e400_before_anything_runs(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sparsepo.train", "optim.lr=1e400",
+                           f"logging.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error: 'optim.lr' in command-line override 'optim.lr=1e400' is inf" in proc.stderr
+    assert not (tmp_path / "run").exists()
