@@ -14,13 +14,22 @@ separate from the roles' own DeepSpeed worlds. It carries:
 Window and back-pressure: an `Inbox` thread receives one peer's messages into a bounded queue (W);
 when it is full it stops receiving, so the sender's `Outbox` (at most W sends in flight per
 destination) stalls. The receiver names the peer and the last message on a timeout or a dead peer.
+
+Nothing from the wire is unpickled: payloads are decoded with `torch.load(weights_only=True)`, which
+accepts tensors, plain values and the two typed messages above only (a payload carrying any other
+object, e.g. a pickled callable, is refused as a `BridgeError`). The store's server listens on the
+job's own address (MASTER_ADDR), not on every interface.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import io
+import logging
+import pickle
 import queue
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("sparsepo")
 OUTPUTS, REQUEST = 1, 2
 KINDS = {OUTPUTS: "outputs", REQUEST: "request"}
 
@@ -62,8 +72,28 @@ class Message:
 def connect(addr: str, port: int, rank: int, world_size: int, timeout_s: float):
     """Join the bridge (global ranks); global rank 0 hosts its store."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(addr, port, world_size, is_master=(rank == 0), timeout=timeout, use_libuv=False)
+    listen_fd = listen_on(addr, port) if rank == 0 else None
+    store = dist.TCPStore(addr, port, world_size, is_master=(rank == 0), timeout=timeout, use_libuv=False,
+                          master_listen_fd=listen_fd)
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def listen_on(addr: str, port: int) -> int | None:
+    """A listening socket's fd on `addr` only, for a TCPStore server (which otherwise listens on every
+    interface); None (every interface, with a warning) where `addr` is no address of this host."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as e:
+        sock.close()
+        if e.errno != errno.EADDRNOTAVAIL:
+            raise
+        log.warning("bridge store: %s is not an address of this host; listening on every interface", addr)
+        return None
+    return sock.detach()
 
 
 def _encode(obj: Any) -> torch.Tensor:
@@ -72,8 +102,15 @@ def _encode(obj: Any) -> torch.Tensor:
     return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
 
 
-def _decode(payload: torch.Tensor) -> Any:
-    return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=False)
+def _decode(payload: torch.Tensor, src: int | str = "?") -> Any:
+    """Tensors, plain values, Handshake and Finish only; anything else is refused (no code runs)."""
+    try:
+        with torch.serialization.safe_globals([Handshake, Finish]):
+            return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BridgeError(f"bridge message from rank {src} refused: not tensors and plain values "
+                          f"(weights_only load: {first[:200]})") from None
 
 
 def broadcast(bridge, obj: Any, *, src: int) -> Any:
@@ -87,7 +124,7 @@ def broadcast(bridge, obj: Any, *, src: int) -> Any:
     if payload is None:
         payload = torch.empty(int(size.item()), dtype=torch.uint8)
     bridge.broadcast([payload], opts).wait()
-    return obj if me == src else _decode(payload)
+    return obj if me == src else _decode(payload, src)
 
 
 def send(bridge, dst: int, msg: Message) -> list:
@@ -101,7 +138,7 @@ def recv(bridge, src: int) -> Message:
     bridge.recv([header], src, 0).wait()
     payload = torch.empty(int(header[2]), dtype=torch.uint8)
     bridge.recv([payload], src, 1).wait()
-    body = _decode(payload)
+    body = _decode(payload, src)
     if (body["kind"], body["seq"]) != (int(header[0]), int(header[1])):
         raise BridgeError(f"bridge message from rank {src}: header says {KINDS.get(int(header[0]))} #{int(header[1])}, "
                           f"payload {KINDS.get(body['kind'])} #{body['seq']}")

@@ -34,18 +34,17 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 from typing import NamedTuple
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from sparsepo import rng_state
 from sparsepo.engine.collectives import gather, is_multi, on_every_rank, on_one_rank
 from sparsepo.atomic import FULL, atomic_write
-from sparsepo.checkpoint_integrity import META, is_valid, owner, verify  # noqa: F401  (is_valid: API)
+from sparsepo.checkpoint_integrity import META, is_valid, owner, seal, verify  # noqa: F401  (is_valid: API)
 from sparsepo.hashing import sha256_file
 from sparsepo.config import RunConfig, to_dict
 
@@ -59,7 +58,9 @@ _MAY_DIFFER_KEYS = {("train", "max_steps"), ("train", "epochs"), ("reference", "
                     ("data", "path"), ("reference", "cache_dir"),
                     ("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "train_batch_size"),
                     # the lean and the plain log-prob paths give the same numbers (tests/test_logprobs*.py)
-                    ("model", "logits_chunk")}
+                    ("model", "logits_chunk"),
+                    # a resume may raise the tolerance of the non-finite guard (sparsepo.guard)
+                    ("train", "max_nonfinite_steps")}
 
 
 
@@ -196,21 +197,6 @@ def find_resume(cfg: RunConfig) -> Path | None:
     return _pick(on_one_rank(lambda: _plan(cfg)), verify, talk=dist.get_rank() == 0)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _remove(tag_dir: Path) -> None:
     shutil.rmtree(tag_dir, ignore_errors=True)
     shutil.rmtree(tag_dir.with_name(tag_dir.name + "_universal"), ignore_errors=True)
@@ -221,7 +207,7 @@ def _write_shards(engine, tag_dir: Path, step: int, samples: int, rank: int, ran
     torch serialisation error ("unexpected pos"): say what it is, and that the checkpoint stays unsealed."""
     try:
         engine.save(tag_dir.parent, tag_dir.name, client_state={"step": step, "samples": samples})
-        torch.save(_rng_state(), tag_dir / f"rng-rank{rank}.pt")
+        torch.save(rng_state.capture(), tag_dir / f"rng-rank{rank}.pt")
         for name, state in rank_state.items():
             torch.save(state, tag_dir / f"{name}-rank{rank}.pt")
     except (OSError, RuntimeError) as e:
@@ -264,7 +250,7 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
                 "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size,
                 "data": data_fingerprint, "config": to_dict(cfg), "files": files,
                 "sha256": dict(sorted(hashes.items()))}
-        atomic_write(tag_dir / META, json.dumps(meta, indent=1, default=str))
+        atomic_write(tag_dir / META, seal(meta))  # with the checksum of its own body
         atomic_write(ckpt_root / "latest", tag)
         for old in list_tags(ckpt_root)[:-cfg.checkpoint.keep_last]:
             _remove(old)
@@ -322,7 +308,8 @@ def check_compatible(tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, wo
                               f"Resume with the original settings, or start a new run directory.")
     if meta["data"] != data_fingerprint:
         raise CheckpointError(f"checkpoint {tag_dir} was trained on different data (fingerprint "
-                              f"{meta['data']} vs {data_fingerprint}); resume with the original dataset.")
+                              f"{meta['data']} vs {data_fingerprint}); resume with the original dataset (and, for "
+                              f"SPO, the original generation.prompts_path file).")
     old_train = meta["config"]["train"]
     old_global = meta.get("global_batch") or (old_train["micro_batch_size"] * old_train["grad_accum"]
                                               * meta["world_size"])
@@ -366,7 +353,7 @@ def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx
                               f"{META} says {meta['samples']}; the directory mixes two saves")
     # Every rank was seeded alike, so with another world size a new rank takes rank 0's state.
     rng = tag_dir / f"rng-rank{ctx.rank}.pt"
-    _set_rng_state(torch.load(rng if rng.is_file() else tag_dir / "rng-rank0.pt", weights_only=False))
+    rng_state.restore(rng_state.load(rng if rng.is_file() else tag_dir / "rng-rank0.pt"))
     step = meta["samples"] // global_batch
     if ctx.is_main:
         log.info("resumed from %s: %d samples seen, continuing at step %d", tag_dir, meta["samples"], step)

@@ -1,9 +1,12 @@
 """Is a checkpoint directory whole? Its sparsepo.json (written last) lists every file with its size
-and sha256; `is_valid` checks them, `verify` shares the hashing among the ranks (each rank hashes
-the files that carry its rank number) so every rank reaches the same verdict."""
+and sha256, and carries the sha256 of its own body (`seal`), so a damaged sparsepo.json is a damaged
+checkpoint (skipped by --resume auto, refused when named) rather than a config to argue with;
+`is_valid` checks them, `verify` shares the hashing among the ranks (each rank hashes the files that
+carry its rank number) so every rank reaches the same verdict."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -17,6 +20,28 @@ from sparsepo.hashing import sha256_file
 log = logging.getLogger("sparsepo")
 META = "sparsepo.json"
 _RANK = re.compile(r"rank[_-]?(\d+)")
+BODY = "body_sha256"  # sparsepo.json's checksum of the rest of itself
+
+
+def _body_sha256(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def seal(meta: dict) -> str:
+    """sparsepo.json's text: `meta` (as JSON stores it) plus the sha256 of that body."""
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != BODY}, default=str))
+    return json.dumps({**body, BODY: _body_sha256(body)}, indent=1)
+
+
+def _unsealed(meta: dict, meta_path: Path, rank: int) -> str:
+    """Why `meta` is not its sealed self ("" when it is, or when an older sparsepo wrote it unsealed)."""
+    if BODY not in meta:
+        if rank == 0:
+            log.warning("%s carries no checksum of itself (written by an older sparsepo)", meta_path)
+        return ""
+    body = {k: v for k, v in meta.items() if k != BODY}
+    return "" if _body_sha256(body) == meta[BODY] else \
+        f"{meta_path} is damaged (its content does not match its own sha256)"
 
 
 def owner(rel: str, world_size: int) -> int:
@@ -43,6 +68,8 @@ def is_valid(tag_dir: Path, *, rank: int = 0, world_size: int = 1) -> tuple[bool
             raise KeyError("a required key")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return False, f"{meta_path} is damaged"
+    if why := _unsealed(meta, meta_path, rank):
+        return False, why
     if not files:
         return False, f"{meta_path} lists no files"
     if hashes is not None and set(hashes) != set(files):

@@ -127,6 +127,13 @@ def demo_reference(needs_samples: bool, nproc: int, overrides: list[str]) -> tup
 def cmd_demo(a: argparse.Namespace) -> int:
     if a.action == "prepare":
         return cmd_prepare(a)
+    if a.action not in (None, "run") and "=" not in a.action:  # a typo: refused before the world is built
+        import difflib
+
+        near = difflib.get_close_matches(a.action, ["run", "prepare"], n=1)
+        print(f"sparsepo demo: unknown action {a.action!r}{f' (did you mean {near[0]!r}?)' if near else ''}; "
+              f"actions: run, prepare; config overrides look like key=value", file=sys.stderr)
+        return 2
     if a.action not in (None, "run"):  # `sparsepo demo train.max_steps=5`: an override, not an action
         a.overrides.insert(0, a.action)
     from sparsepo.demo import evaluate_policy, prepare_world
@@ -157,11 +164,33 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_refusal(a: argparse.Namespace) -> str | None:
+    """What makes `sparsepo eval` impossible before anything loads, in one line (or None)."""
+    for flag, path, kind in (("--policy", a.policy, "dir"), ("--reference", a.reference, "dir"),
+                             ("--prompts", a.prompts, "file")):
+        if not (Path(path).is_dir() if kind == "dir" else Path(path).is_file()):
+            return f"{flag} {path}: no such {'model directory' if kind == 'dir' else 'file'}"
+    if a.samples_per_prompt < 1:
+        return f"--samples-per-prompt {a.samples_per_prompt} must be >= 1"
+    return None
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
+    """Every refusal is one line on stderr and exit 2 (a traceback only with SPARSEPO_DEBUG)."""
     from sparsepo.demo import evaluate_policy
 
-    result = evaluate_policy(a.policy, a.reference, a.prompts, samples_per_prompt=a.samples_per_prompt,
-                             seed=a.seed)
+    problem = _eval_refusal(a)
+    if problem is None:
+        try:
+            result = evaluate_policy(a.policy, a.reference, a.prompts, samples_per_prompt=a.samples_per_prompt,
+                                     seed=a.seed)
+        except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
+            if os.environ.get("SPARSEPO_DEBUG"):
+                raise
+            problem = " ".join(str(e).split()) or type(e).__name__
+    if problem is not None:
+        print(f"sparsepo eval: {problem}", file=sys.stderr)
+        return 2
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))
     _print_eval(result, str(a.policy))

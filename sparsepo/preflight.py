@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsepo import checkpoint as ckpt
-from sparsepo.config import RunConfig, build_deepspeed_config, check_batch_size
+from sparsepo.config import ConfigError, RunConfig, build_deepspeed_config, check_batch_size
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,13 @@ def preflight(cfg: RunConfig, spec, ctx, *, training: bool = True) -> Preflight:
     ds_config = build_deepspeed_config(cfg, dp_size=ctx.world_size)  # reads and checks the stage file
     if training:
         check_batch_size(cfg, ctx.world_size)
+    if spec.needs_oracle_scores:  # SePO: oracle.json there, naming two distinct local models (no tokenising yet)
+        from sparsepo.reference.oracle import OracleError, read_manifest
+
+        try:
+            read_manifest(cfg.reference.oracle)
+        except OracleError as e:
+            raise ConfigError(f"reference.oracle: {e}") from None
     from sparsepo.rundata import load_features
 
     return Preflight(ds_config=ds_config, features=load_features(cfg, spec))

@@ -4,6 +4,7 @@ the locked run directory, the tokenizer, the tokenised pairs and their fingerpri
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,29 @@ def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
                                                     pair_filter=pair_filter_for(cfg))
     if ctx.is_main:
         dist.barrier()
-    return RunData(run_dir, tokenizer, dataset, report, pdata.dataset_fingerprint(dataset),
+    return RunData(run_dir, tokenizer, dataset, report, with_prompts(cfg, pdata.dataset_fingerprint(dataset)),
                    length=batch_length(cfg, announce=ctx.is_main))
+
+
+def with_prompts(cfg: RunConfig, fingerprint: str) -> str:
+    """The run's data fingerprint: the pairs', joined (for a method that samples from it: SPO) by the
+    content of generation.prompts_path, so a prompt file rewritten in place between a checkpoint and its
+    resume is refused like changed pairs. A hub name (no local file) joins by name."""
+    from sparsepo.losses import get_method
+
+    path = cfg.generation.prompts_path
+    if not path or not get_method(cfg.method.name).needs_policy_samples:
+        return fingerprint
+    from sparsepo.hashing import sha256_file
+
+    local = Path(path)
+    files = sorted(f for f in local.rglob("*") if f.is_file()) if local.is_dir() else [local] if local.is_file() else []
+    h = hashlib.sha256(f"{fingerprint}\0prompts\0".encode())
+    for f in files:
+        h.update(f"{f.relative_to(local) if local.is_dir() else f.name}\0{sha256_file(f)}\0".encode())
+    if not files:
+        h.update(path.encode())
+    return h.hexdigest()[:len(fingerprint)]
 
 
 def load_features(cfg: RunConfig, spec):
@@ -91,7 +113,10 @@ def load_run_prompts(cfg: RunConfig, ctx: DistContext, tokenizer):
 
     if not ctx.is_main:
         dist.barrier()
-    prompts = load_prompts(cfg.generation.prompts_path, cfg.data, tokenizer)
+    try:
+        prompts = load_prompts(cfg.generation.prompts_path, cfg.data, tokenizer)
+    except pdata.DataError as e:  # the loaders name data.path, the key of the pairs: name the prompts' key
+        raise pdata.DataError(str(e).replace("data.path", "generation.prompts_path")) from None
     if ctx.is_main and ctx.world_size > 1:
         dist.barrier()
     return prompts

@@ -48,9 +48,10 @@ def _describe(text: str) -> str:
         return f"holder unknown ({text.strip()[:200]!r})" if text.strip() else "holder unknown"
 
 
-def acquire_run_lock(run_dir: str | Path) -> Path:
-    """Take <run_dir>/.lock (creating run_dir); raise RunDirError naming the holder if another
-    process has it. Re-entrant within one process. Returns the lock file's path."""
+def acquire_run_lock(run_dir: str | Path, *, setting: str = "logging.output_dir") -> Path:
+    """Take <run_dir>/.lock (creating run_dir); raise RunDirError naming the holder (and `setting`, the
+    setting that chose the directory) if another process has it. Re-entrant within one process.
+    Returns the lock file's path. The reference cache directory is locked the same way while written."""
     run_dir = Path(run_dir)
     key = run_dir.resolve()
     path = run_dir / LOCK
@@ -64,7 +65,7 @@ def acquire_run_lock(run_dir: str | Path) -> Path:
         holder = _describe(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
         os.close(fd)
         raise RunDirError(f"{run_dir} is in use by another run ({holder}; lock {path}). Wait for it to "
-                          f"finish, stop it, or choose another logging.output_dir") from None
+                          f"finish, stop it, or choose another {setting}") from None
     except BaseException:
         os.close(fd)
         raise

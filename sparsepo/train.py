@@ -153,19 +153,30 @@ def main(argv: list[str] | None = None) -> None:
         code, message = 2, f"config error: {e}"
         log.error("%s", message)
     except Exception as e:  # every rank reports, then leaves without hanging its peers
-        code, message = 1, f"{type(e).__name__}: {e}"
-        peer = _peer_cause()
-        if peer is not None and peer[0] == EXIT_PREEMPTED:  # the job was preempted: this is no error
-            log.warning("%s (here: %s)", peer[1], message[:300])
-            code, message = EXIT_PREEMPTED, peer[1]
-        else:
-            log.error("%s", message)
-            if peer is not None:
-                log.error("cause: %s", peer[1])
-                blame = peer[2]
-            if os.environ.get("SPARSEPO_DEBUG"):
-                traceback.print_exc()
+        code, message, blame = report_failure(e)
     shutdown(_leave(code, message, blame))
+
+
+def report_failure(e: Exception) -> tuple[int, str, int | None]:
+    """Log a failure of this process: (exit code, message, peer to blame). In live mode, when a peer
+    caused it (lost, failed or preempted), the first line names that peer and its role, and the local
+    symptom (often a raw gloo `Connection closed by peer`) follows."""
+    from sparsepo.preemption import EXIT_PREEMPTED
+
+    log = logging.getLogger("sparsepo")
+    message = f"{type(e).__name__}: {e}"
+    peer = _peer_cause()
+    if peer is not None and peer[0] == EXIT_PREEMPTED:  # the job was preempted: this is no error
+        log.warning("%s (here: %s)", peer[1], message[:300])
+        return EXIT_PREEMPTED, peer[1], None
+    if peer is not None:
+        log.error("%s", peer[1])
+        log.error("(here, as a consequence: %s)", message[:500])
+    else:
+        log.error("%s", message)
+    if os.environ.get("SPARSEPO_DEBUG"):
+        traceback.print_exc()
+    return 1, message, None if peer is None else peer[2]
 
 
 if __name__ == "__main__":

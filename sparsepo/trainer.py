@@ -28,6 +28,7 @@ from sparsepo.engine.collectives import gather
 from sparsepo.engine.dist import DistContext, init_distributed
 from sparsepo.engine.policy import PolicyEngine
 from sparsepo.logprobs.head import Head, head_chunk
+from sparsepo.guard import NonFiniteGuard
 from sparsepo.losses import MethodSpec, get_method
 from sparsepo.losses.inputs import build_loss_inputs, eos_positions
 from sparsepo.metrics import MetricsLogger, reduce_mean
@@ -145,6 +146,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     run = setup(cfg, live)
     preempt = preempt or PreemptionFlag()
     accum, dp, last = cfg.train.grad_accum, run.ctx.world_size, {}
+    guard = NonFiniteGuard.for_engine(cfg.train.max_nonfinite_steps, run.policy)  # no NaN model published
     for step, slots in run.schedule.steps(run.start, run.total, run.ctx.rank):
         t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
         lr = run.policy.lr()  # the rate this step uses
@@ -156,9 +158,11 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
         step_time = time.perf_counter() - t_step
         last = reduce_mean({**sums, "step_time": step_time, "ref_wait": wait, "tokens_per_s": tokens * dp / step_time})
         last.update(lr=lr, grad_norm=run.policy.grad_norm())
+        guard.step(step + 1, last, run.policy)
         run.metrics.log(step + 1, last)
         stop = preempt.any_rank()
         if stop or ckpt.due(cfg, step + 1, run.total):
+            guard.check_weights(run.policy, f"at step {step + 1}, before its checkpoint")
             ckpt.save(run.policy, cfg, run.data.run_dir, step=step + 1, samples=(step + 1) * run.schedule.global_batch,
                       data_fingerprint=run.data.fingerprint, ctx=run.ctx,
                       rank_state=None if run.samples is None else {"samples": run.samples.state_dict()})
@@ -166,6 +170,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
             run.metrics.close()
             raise Preempted(f"preempted at step {step + 1}: checkpoint written; resume with --resume auto")
     run.metrics.close()
+    guard.check_weights(run.policy, "before the final model")
     run.source.finish()  # live: the reference group has finished its write-through
     return finish(run, last)
 

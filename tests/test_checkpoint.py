@@ -439,7 +439,7 @@ def test_find_resume(ckpt_cfg, full, tmp_path, caplog):
 
 
 def test_is_valid_checks_every_recorded_file(full, tmp_path):
-    from sparsepo.checkpoint import is_valid
+    from sparsepo.checkpoint import is_valid, seal
 
     tag = tmp_path / "step-00000012"
     shutil.copytree(full / "checkpoints" / "step-00000012", tag)
@@ -452,24 +452,24 @@ def test_is_valid_checks_every_recorded_file(full, tmp_path):
     shard = next(tag.glob("*model_states.pt"))
     with open(shard, "ab") as f:
         f.write(b"x")
-    (tag / "sparsepo.json").write_text(json.dumps(meta))
+    (tag / "sparsepo.json").write_text(seal(meta))  # re-sealed: a consistent sparsepo.json, one grown shard
     ok, why = is_valid(tag)
     assert not ok and shard.name in why and "truncated or modified" in why
 
 
-def test_rng_state_round_trips():
+def test_rng_state_round_trips(tmp_path):
     import random
 
     import numpy as np
     import torch
 
-    from sparsepo.checkpoint import _rng_state, _set_rng_state
+    from sparsepo import rng_state
 
-    state = _rng_state()
-    first = (random.random(), np.random.rand(), torch.rand(3))
-    _set_rng_state(state)
-    again = (random.random(), np.random.rand(), torch.rand(3))
-    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+    torch.save(rng_state.capture(), tmp_path / "rng-rank0.pt")
+    first = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    rng_state.restore(rng_state.load(tmp_path / "rng-rank0.pt"))  # weights_only: tensors and plain values
+    again = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    assert first[:3] == again[:3] and torch.equal(first[3], again[3])
 
 
 # ------------------------------------------------------------------------------------------

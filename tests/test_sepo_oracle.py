@@ -68,9 +68,14 @@ def test_manifest_missing_names_the_command(tmp_path):
     (tmp_path / "oracle.json").write_text(json.dumps({"oracle": "run/final"}))
     with pytest.raises(OracleError, match="reference"):
         read_manifest(tmp_path)
-    (tmp_path / "oracle.json").write_text(json.dumps({"oracle": "run/final", "reference": "/abs/sft", "fraction": 0.5}))
+    sft = tmp_path / "abs" / "sft"
+    (tmp_path / "oracle.json").write_text(json.dumps({"oracle": "run/final", "reference": str(sft), "fraction": 0.5}))
+    with pytest.raises(OracleError, match=r"\"oracle\" names 'run/final', which is no model directory"):
+        read_manifest(tmp_path)  # refused here, not as the hub's "Repo id must be in the form ..."
+    for d in (tmp_path / "run" / "final", sft):
+        d.mkdir(parents=True)
     m = read_manifest(tmp_path)
-    assert (m.oracle, m.reference, m.fraction) == (str(tmp_path / "run/final"), "/abs/sft", 0.5)
+    assert (m.oracle, m.reference, m.fraction) == (str(tmp_path / "run/final"), str(sft), 0.5)
 
 
 @pytest.mark.unit
@@ -143,20 +148,23 @@ def test_cache_key_includes_both_oracle_models(tiny_world, tmp_path):
     from sparsepo.config import load_config
     from sparsepo.reference_role import offline
 
-    other = tmp_path / "other"
-    shutil.copytree(tiny_world.sft_dir, other)
     from transformers import AutoModelForCausalLM
 
-    copy = AutoModelForCausalLM.from_pretrained(other)
-    with torch.no_grad():
-        for p in copy.parameters():
-            p.add_(0.01)
-    copy.save_pretrained(other)
+    def moved_copy(name, by):
+        shutil.copytree(tiny_world.sft_dir, tmp_path / name)
+        copy = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        with torch.no_grad():
+            for p in copy.parameters():
+                p.add_(by)
+        copy.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    oracle, other = moved_copy("oracle", 0.02), moved_copy("other", 0.01)  # an oracle is not its own reference
     keys = []
     for ref in (tiny_world.sft_dir, other):
         d = tmp_path / f"o{len(keys)}"
         d.mkdir()
-        (d / "oracle.json").write_text(json.dumps({"oracle": str(tiny_world.sft_dir), "reference": str(ref)}))
+        (d / "oracle.json").write_text(json.dumps({"oracle": str(oracle), "reference": str(ref)}))
         cfg = load_config(None, [f"model.path={tiny_world.sft_dir}", "method.name=sepo", f"reference.oracle={d}"])
         keys.append(offline.local_components(cfg, "data-fp", ("oracle_scores",)))
     assert keys[0]["model"] == keys[1]["model"] and keys[0]["settings"] != keys[1]["settings"]
@@ -203,7 +211,7 @@ def test_small_oracle_model_is_4x_smaller_and_fits_the_policy(tiny_world, tmp_pa
     stats = json.loads((small / MANIFEST).read_text())
     assert stats["n_params"] * 4 <= stats["policy_n_params"]
     assert stats["sft_final_loss"] < stats["sft_first_loss"]
-    (tmp_path / "oracle.json").write_text(json.dumps({"oracle": str(small), "reference": str(small)}))
+    (tmp_path / "oracle.json").write_text(json.dumps({"oracle": str(small), "reference": str(paths.sft_dir)}))
     check_compatible(str(paths.sft_dir), str(paths.sft_dir), read_manifest(tmp_path))
     mtime = (small / "model.safetensors").stat().st_mtime_ns
     assert prepare_small_sft(paths) == small and (small / "model.safetensors").stat().st_mtime_ns == mtime

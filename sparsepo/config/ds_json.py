@@ -17,11 +17,14 @@ def check_batch_size(cfg: RunConfig, dp_size: int) -> int:
     t = cfg.train
     product = t.micro_batch_size * t.grad_accum * dp_size
     if t.train_batch_size is not None and t.train_batch_size != product:
+        per_step = t.micro_batch_size * dp_size
+        fix = f"train.grad_accum={t.train_batch_size // per_step}" if t.train_batch_size % per_step == 0 else (
+            f"a train.train_batch_size that train.micro_batch_size x {dp_size} policy ranks = {per_step} divides "
+            f"(e.g. {per_step * max(1, round(t.train_batch_size / per_step))}), or another micro_batch_size")
         raise ConfigError(
             f"train.train_batch_size={t.train_batch_size} but train.micro_batch_size={t.micro_batch_size} "
             f"x train.grad_accum={t.grad_accum} x {dp_size} policy ranks = {product}. Set "
-            f"train.train_batch_size={product}, or change grad_accum to "
-            f"{t.train_batch_size / (t.micro_batch_size * dp_size):g}."
+            f"train.train_batch_size={product}, or {fix}."
         )
     return product
 

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -55,18 +56,26 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        value = _as_float(value, key, source)  # YAML 1.1 reads `1e-4` (no dot) as a string
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"'{key}' in {source} is {value!r}: every float setting must be finite "
+                          f"(1e400 overflows to inf; did you mean a negative exponent, e.g. 1e-4?)")
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(
             f"'{key}' in {source} must be {tp.__name__}, got {type(value).__name__} {value!r}"
         )
     return value
+
+
+def _as_float(value: int | str, key: str, source: str) -> Any:
+    """An int or a numeric string as a float (a string that is no number is returned unchanged)."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+    except OverflowError:  # an int beyond a double
+        raise ConfigError(f"'{key}' in {source} is too large for a float: {str(value)[:20]}...") from None
 
 
 def _build(cls: type, raw: dict, prefix: str, sources: dict[str, str]) -> Any:
@@ -179,7 +188,7 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", overrides: typing.Seq
             kwargs[section] = _build(classes[section], body, section, sources)
     cfg = RunConfig(**kwargs)
     absolute_local_paths(cfg)
-    validate(cfg, source=source)
+    validate(cfg, source=source, sources=sources)
     return cfg
 
 
@@ -197,9 +206,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return config_from_dict(raw, source=str(path), overrides=overrides)
 
 
-def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
-    """Refuse combinations that cannot run, naming the keys and the fix."""
+def validate(cfg: RunConfig, *, source: str = "<config>", sources: dict[str, str] | None = None) -> None:
+    """Refuse combinations that cannot run, naming the keys and the fix. `sources`: where each dotted
+    key was set (the file, or the command-line override), so a one-key refusal names its origin."""
     from sparsepo.losses import get_method
+
+    def at(key: str) -> str:
+        return (sources or {}).get(key, source)
 
     spec = get_method(cfg.method.name)
     d, r, t = cfg.data, cfg.reference, cfg.train
@@ -213,13 +226,18 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
                        ("reference.topk", r.topk), ("reference.window", r.window),
                        ("reference.shard_size", r.shard_size), ("data.max_length", d.max_length)):
         if value < 1:
-            raise ConfigError(f"{key}={value} in {source} must be >= 1")
+            raise ConfigError(f"{key}={value} in {at(key)} must be >= 1")
+    if t.max_nonfinite_steps < 0:
+        raise ConfigError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} in {at('train.max_nonfinite_steps')} "
+                          f"must be >= 0")
     if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps={t.max_steps} in {source} must be >= 1 (or null for whole epochs)")
+        raise ConfigError(f"train.max_steps={t.max_steps} in {at('train.max_steps')} must be >= 1 "
+                          f"(or null for whole epochs)")
     if not 0.0 <= d.max_skip_fraction <= 1.0:
-        raise ConfigError(f"data.max_skip_fraction={d.max_skip_fraction} in {source} must be in [0, 1]")
+        raise ConfigError(f"data.max_skip_fraction={d.max_skip_fraction} in {at('data.max_skip_fraction')} "
+                          f"must be in [0, 1]")
     if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} in {source} must be > 0")
+        raise ConfigError(f"optim.lr={cfg.optim.lr} in {at('optim.lr')} must be > 0")
     if r.mode == "live" and cfg.topology.reference_ranks == 0:
         raise ConfigError(
             f"reference.mode=live needs a reference group ({source}): set topology.reference_ranks "
@@ -243,6 +261,10 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
     if spec.needs_policy_samples and r.mode == "live" and cfg.generation.staleness >= r.window:
         raise ConfigError(f"generation.staleness={cfg.generation.staleness} must be < reference.window={r.window} "
                           f"in live mode ({source}): raise reference.window or lower the staleness.")
+    if spec.needs_policy_samples and t.max_steps is not None and cfg.generation.staleness >= t.max_steps:
+        raise ConfigError(f"generation.staleness={cfg.generation.staleness} in {at('generation.staleness')} must be < "
+                          f"train.max_steps={t.max_steps}: every step would regularise on the samples of step 0. "
+                          f"Lower the staleness (0 = synchronous) or train longer.")
     if spec.needs_policy_samples and (problem := check_generation(cfg.generation)):
         raise ConfigError(f"{problem} ({source})")
     if spec.needs_oracle_scores and not r.oracle:
@@ -250,7 +272,7 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
     if cfg.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {at('checkpoint.keep_last')} must be >= 1")
 
 
 def to_dict(cfg: RunConfig) -> dict:

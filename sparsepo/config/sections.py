@@ -151,6 +151,11 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     """fp32 | bf16 (fp16 is not supported on CPU)."""
+    max_nonfinite_steps: int = 2
+    """Fail the run (exit 1, no final/ published, the last good checkpoint kept) once more optimiser
+    steps than this had a non-finite loss or gradient norm or were skipped by DeepSpeed's overflow
+    check (counted since the start; the checkpoint carries DeepSpeed's skip count). A non-finite
+    weight fails the run at once (sparsepo.guard)."""
 
 
 @dataclass(kw_only=True)

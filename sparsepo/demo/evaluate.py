@@ -64,8 +64,11 @@ def read_prompts(path: str | Path) -> list[str]:
     with open(path) as fh:
         for i, line in enumerate(fh, 1):
             if line.strip():
-                row = json.loads(line)
-                if not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON object ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
                     raise ValueError(f"{path}:{i}: expected a non-empty string 'prompt'")
                 prompts.append(row["prompt"])
     if not prompts:
@@ -112,6 +115,11 @@ def check_same_tokenizer(policy_dir: str | Path, reference_dir: str | Path,
         except (OSError, ValueError):
             continue  # no tokenizer there (a bare model directory)
         digests[role] = (str(path), tokenizer_digest(tok))
+    bare = [role for role in ("policy", "reference") if role not in digests]
+    if bare and digests:
+        log.warning("the %s directory %s holds no tokenizer: both models are run on the ids of the tokenizer in %s "
+                    "(the rule: --reference must be the model the policy was trained from, or one with the policy's "
+                    "tokenizer)", bare[0], roles[bare[0]], next(iter(digests.values()))[0])
     if len({d for _, d in digests.values()}) > 1:
         found = "; ".join(f"{role} {path} (tokenizer digest {d[:12]})" for role, (path, d) in digests.items())
         raise ValueError(f"the tokenizers differ: {found}. Both models are scored on one tokenizer's ids, so "

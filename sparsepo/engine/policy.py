@@ -102,6 +102,18 @@ class PolicyEngine:
         """The global gradient norm of the last optimiser step (0.0 before the first)."""
         return float(self._engine.get_global_grad_norm() or 0.0)
 
+    def skipped_steps(self) -> int:
+        """Optimiser steps DeepSpeed skipped on an overflow (non-finite gradients), fp32 and bf16 alike;
+        restored from a checkpoint on resume."""
+        return int(getattr(self._engine, "skipped_steps", 0))
+
+    @torch.no_grad()
+    def nonfinite_weights(self) -> int:
+        """Non-finite elements among the weights this rank holds (its ZeRO-3 partitions). Local: sum
+        it over the ranks for the verdict (sparsepo.guard)."""
+        return sum(int((~torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p)).sum())
+                   for p in self.module.parameters())
+
     def parameter_counts(self) -> tuple[int, int]:
         """(elements this rank holds, elements of the full model): under ZeRO-3 the first is ~1/N."""
         local = full = 0

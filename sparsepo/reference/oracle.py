@@ -14,6 +14,8 @@ directory is written by `sparsepo sepo train-oracle` (`sparsepo.oracle_train`).
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from sparsepo.logprobs.head import Head
 from sparsepo.reference.outputs import ReferenceOutputs
 from sparsepo.reference.scoring import score
 
+log = logging.getLogger("sparsepo")
 MANIFEST = "oracle.json"
 ORACLE_FIELDS = ("oracle_scores",)
 """What the oracle pair serves."""
@@ -68,6 +71,14 @@ def read_manifest(directory: str | Path) -> OracleManifest:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise OracleError(f"{path}: not an oracle manifest ({type(e).__name__}: {e}); it must name "
                           f"\"oracle\" and \"reference\" model directories") from e
+    for key, model in models.items():
+        if not Path(model).is_dir():
+            raise OracleError(f"{path}: \"{key}\" names {raw[key]!r}, which is no model directory ({model} "
+                              f"does not exist); sparsepo never downloads an oracle: point it at a local directory")
+    if os.path.realpath(models["oracle"]) == os.path.realpath(models["reference"]):
+        raise OracleError(f"{path}: \"oracle\" and \"reference\" are the same model ({models['oracle']}): every "
+                          f"token reward r_t would be 0 and SePO's key tokens mere tie order. Name the DPO-trained "
+                          f"oracle and the model its training started from (`sparsepo sepo train-oracle`)")
     return OracleManifest(directory=str(directory), fraction=raw.get("fraction"),
                           heldout_accuracy=raw.get("heldout_accuracy"), **models)
 
@@ -89,6 +100,11 @@ def oracle_manifest(cfg) -> OracleManifest:
         raise OracleError("method 'sepo' needs reference.oracle (a directory from `sparsepo sepo train-oracle`)")
     manifest = read_manifest(cfg.reference.oracle)
     check_compatible(cfg.model.path, run_tokenizer(cfg), manifest)
+    prints = oracle_fingerprints(manifest)
+    if prints["oracle"] == prints["oracle_reference"]:
+        raise OracleError(f"{Path(manifest.directory) / MANIFEST}: the oracle at {manifest.oracle} and its reference "
+                          f"at {manifest.reference} hold the same weights (fingerprint {prints['oracle']}): every "
+                          f"token reward r_t would be 0. Use the DPO-trained oracle (`sparsepo sepo train-oracle`)")
     return manifest
 
 
@@ -98,6 +114,23 @@ def oracle_fingerprints(manifest: OracleManifest) -> dict:
 
     return {"oracle": hash_files(manifest.oracle, MODEL_FILES),
             "oracle_reference": hash_files(manifest.reference, MODEL_FILES)}
+
+
+_FLAT = {"batches": 0}
+
+
+def _warn_if_flat(scores: torch.Tensor, batch) -> None:
+    """Warn (the 1st, 2nd, 4th, 8th... time) on a batch whose response tokens all score alike: its
+    "key tokens" are tie order, not the oracle's choice."""
+    values = scores[batch.response_mask.bool()]
+    if values.numel() < 2 or bool(values.max() > values.min()):
+        return
+    _FLAT["batches"] += 1
+    n = _FLAT["batches"]
+    if n & (n - 1) == 0:
+        log.warning("SePO oracle: every response token of batch %s... scores r_t = %.4g (%d such batch(es) so "
+                    "far): the selected tokens are tie order. Is the oracle trained (oracle.json)?",
+                    list(batch.example_ids)[:2], float(values[0]), n)
 
 
 class OraclePair:
@@ -121,7 +154,9 @@ class OraclePair:
         for head in (self.oracle, self.reference):
             logits = head.forward(batch.input_ids, batch.attention_mask)
             logps.append(score(logits, batch.input_ids, batch.response_mask, ("token_logps",), topk=None)["token_logps"])
-        return logps[0] - logps[1]
+        scores = logps[0] - logps[1]
+        _warn_if_flat(scores, batch)
+        return scores
 
     def score_batch(self, batch, outputs: tuple[str, ...]) -> ReferenceOutputs:
         """The `sparsepo.reference.scorer.score_batch` contract for the oracle pair."""

@@ -13,6 +13,7 @@ from sparsepo.padding import batch_length
 from sparsepo.reference.cache import INDEX, CacheError, CacheReader, fingerprint_components
 from sparsepo.reference.scorer import precompute_cache
 from sparsepo.reference_role.scorers import reference_path, scorer_for
+from sparsepo.rundir import acquire_run_lock, release_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,20 @@ def ensure_cache(cfg, outputs: tuple[str, ...], dataset, collate, *, data_finger
     expected = components(cfg, data_fingerprint, outputs, features)
     directory = cache_dir(cfg)
     if force or not (directory / INDEX).is_file():
-        if ctx.is_main:
-            log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
-                     scorer_for(cfg, outputs).name)
-        scorer = load_scorer(cfg, outputs, ctx.device)
-        precompute_cache(scorer, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
-                         topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
-                         shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
-                         device=ctx.device, features=features, progress=cfg.logging.progress)
-        del scorer
+        # one writer per cache directory: a second precompute (or cache-mode run) into it is refused
+        on_one_rank(lambda: acquire_run_lock(directory, setting="reference.cache_dir"))
+        try:
+            if ctx.is_main:
+                log.info("reference cache %s missing: scoring %d pairs with %s", directory, len(dataset),
+                         scorer_for(cfg, outputs).name)
+            scorer = load_scorer(cfg, outputs, ctx.device)
+            precompute_cache(scorer, dataset, collate, cache_dir=directory, components=expected, outputs=outputs,
+                             topk=cfg.reference.topk, batch_size=cfg.reference.batch_size,
+                             shard_size=cfg.reference.shard_size, rank=ctx.rank, world_size=ctx.world_size,
+                             device=ctx.device, features=features, progress=cfg.logging.progress)
+            del scorer
+        finally:
+            release_run_dir(directory)
     return open_cache(directory, expected, progress=cfg.logging.progress)
 
 
