@@ -200,6 +200,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
     """Refuse combinations that cannot run, naming the keys and the fix."""
     from sparsepo.losses import get_method
+    from sparsepo.losses.spo import stale_sample_problem
 
     spec = get_method(cfg.method.name)
     d, r, t = cfg.data, cfg.reference, cfg.train
@@ -244,6 +245,9 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(f"generation.staleness={cfg.generation.staleness} must be < reference.window={r.window} "
                           f"in live mode ({source}): raise reference.window or lower the staleness.")
     if spec.needs_policy_samples and (problem := check_generation(cfg.generation)):
+        raise ConfigError(f"{problem} ({source})")
+    if spec.needs_policy_samples and (problem := stale_sample_problem(
+            cfg.method.params, staleness=cfg.generation.staleness, every_steps=cfg.generation.every_steps)):
         raise ConfigError(f"{problem} ({source})")
     if spec.needs_oracle_scores and not r.oracle:
         raise ConfigError(
