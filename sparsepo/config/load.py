@@ -200,6 +200,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
     """Refuse combinations that cannot run, naming the keys and the fix."""
     from sparsepo.losses import get_method
+    from sparsepo.losses.fpo import mode_problem as fpo_mode_problem
     from sparsepo.losses.spo import stale_sample_problem
 
     spec = get_method(cfg.method.name)
@@ -248,6 +249,8 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(f"{problem} ({source})")
     if spec.needs_policy_samples and (problem := stale_sample_problem(
             cfg.method.params, staleness=cfg.generation.staleness, every_steps=cfg.generation.every_steps)):
+        raise ConfigError(f"{problem} ({source})")
+    if spec.needs_sae_features and (problem := fpo_mode_problem(cfg.method.params, r.mode)):
         raise ConfigError(f"{problem} ({source})")
     if spec.needs_oracle_scores and not r.oracle:
         raise ConfigError(

@@ -30,6 +30,8 @@ def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
         settings["topk"] = cfg.reference.topk
     if features is not None:
         settings.update(sae=features.fingerprint, layer=features.layer, k=features.k)
+        if getattr(features, "pool", "response") != "response":  # keyed only when set: older caches stay valid
+            settings["pool"] = features.pool
     if "oracle_scores" in outputs:  # SePO: both oracle models' weights key the cache (and are checked first)
         from sparsepo.reference.oracle import oracle_fingerprints, oracle_manifest
 
