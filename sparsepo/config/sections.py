@@ -47,6 +47,10 @@ class DataConfig:
     truncation: str = "prompt_first"
     """prompt_first: cut the prompt from the left down to max_prompt_length, then the response from
     the right; response_only: only cut responses; error: refuse over-long pairs."""
+    eos_at_cut: bool = False
+    """A response cut to fit ends in eos all the same: its last kept token is overwritten with eos, as
+    SePO's authors' code does (cut, then the last token set to eos; issue 24's review), so SePO can still
+    select a cut response's end. False (default, TRL's way): a cut response has no eos."""
     on_bad_row: str = "error"
     """error: refuse the dataset at the first bad row; skip: skip it and report it in the run directory."""
     max_skip_fraction: float = 0.01
