@@ -202,6 +202,7 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
     from sparsepo.losses import get_method
     from sparsepo.losses.fpo import mode_problem as fpo_mode_problem
     from sparsepo.losses.spo import stale_sample_problem
+    from sparsepo.reference.follow import sync_problem
 
     spec = get_method(cfg.method.name)
     d, r, t = cfg.data, cfg.reference, cfg.train
@@ -249,6 +250,8 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(f"{problem} ({source})")
     if spec.needs_policy_samples and (problem := stale_sample_problem(
             cfg.method.params, staleness=cfg.generation.staleness, every_steps=cfg.generation.every_steps)):
+        raise ConfigError(f"{problem} ({source})")
+    if problem := sync_problem(cfg, spec):
         raise ConfigError(f"{problem} ({source})")
     if spec.needs_sae_features and (problem := fpo_mode_problem(cfg.method.params, r.mode)):
         raise ConfigError(f"{problem} ({source})")

@@ -99,6 +99,12 @@ class ReferenceConfig:
     oracle: str | None = None
     """SePO: the oracle directory written by `sparsepo sepo train-oracle` (its oracle.json names the
     DPO-trained oracle and the oracle's reference; their token rewards select the trained tokens)."""
+    sync_alpha: float | None = None
+    """TR-DPO (arXiv 2404.09656): every sync_steps optimiser steps the reference moves towards the
+    policy, θ_ref ← α·θ + (1 − α)·θ_ref; 1 is the hard update (θ_ref ← θ), null (default) a frozen
+    reference. Inline mode only (`sparsepo.reference.follow`); TRL's ref_model_mixup_alpha (its default 0.6)."""
+    sync_steps: int = 512
+    """TR-DPO's τ: optimiser steps between reference updates (TRL's ref_model_sync_steps, default 512)."""
 
 
 @dataclass(kw_only=True)
