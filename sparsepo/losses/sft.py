@@ -24,7 +24,9 @@ def sft_loss(inputs: LossInputs, params: SFTParams) -> LossOutput:
     NLL term of RPO, Pang et al. 2024, arXiv 2404.19733). Averaged per response; TRL's `sft` takes one
     cross-entropy over all chosen tokens of the batch (equal for equal lengths).
 
-    With wpo_weighting the loss is w·NLL, w WPO's detached pair weight (TRL 1.16 weighs its `sft` term so).
+    With wpo_weighting the loss is w·NLL, w WPO's detached pair weight (TRL 1.16 weighs its `sft` term so;
+    its term is the batch's token-mean NLL times each pair's w, ours each pair's own NLL times its w: the
+    two agree when the chosen responses' NLLs and lengths do).
 
     Reads: policy_chosen_logps, policy_rejected_logps (B,); chosen_mask, rejected_mask (B,T); with
     wpo_weighting also `knobs.WPO_FIELDS`.
