@@ -112,7 +112,17 @@ def _new_key_at_default(cfg: RunConfig, section: str, key: str, then: dict, now:
     body = getattr(cfg, section)
     fields = dataclasses.fields(body.params if section == "method" else body)
     default = next((f.default for f in fields if f.name == key), dataclasses.MISSING)
+    meant = getattr(body.params, "absent_key_value", None) if section == "method" else None
+    if meant is not None and (old := meant(key, then[section])) is not dataclasses.MISSING:
+        default = old  # the option's old behaviour is not its default now (WPO's cap: `losses.knobs.WPOKnob`)
     return default is not dataclasses.MISSING and json.loads(json.dumps(default, default=str)) == now[section][key]
+
+
+def _was(cfg: RunConfig, section: str, key: str, then: dict) -> str:
+    """The checkpoint's section.key as a resume error shows it, or what an older sparsepo meant by its absence."""
+    old, meant = then.get(section, {}), getattr(cfg.method.params, "absent_key_value", None)
+    was = meant(key, old) if section == "method" and key not in old and meant else dataclasses.MISSING
+    return repr(old.get(key, None)) if was is dataclasses.MISSING else f"absent (then {was!r})"
 
 
 def read_meta(tag_dir: Path) -> dict:
@@ -298,9 +308,12 @@ def check_compatible(tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, wo
     # compare what sparsepo.json can hold (tuples -> lists, paths -> str), as it was written
     now = comparable(json.loads(json.dumps(to_dict(cfg), default=str)))
     then = comparable(meta["config"])
+    for old, new in getattr(cfg.method.params, "renamed_keys", {}).items():  # a method key renamed since
+        if "method" in then and old in then["method"] and new not in then["method"]:
+            then["method"][new] = then["method"].pop(old)
     keys = [(s, k) for s in sorted(set(now) | set(then)) for k in sorted(set(now.get(s, {})) | set(then.get(s, {})))]
     missing = object()
-    differ = [f"{s}.{k}: {then.get(s, {}).get(k, None)!r} -> {now.get(s, {}).get(k, None)!r}" for s, k in keys
+    differ = [f"{s}.{k}: {_was(cfg, s, k, then)} -> {now.get(s, {}).get(k, None)!r}" for s, k in keys
               if then.get(s, {}).get(k, missing) != now.get(s, {}).get(k, missing)
               and not _new_key_at_default(cfg, s, k, then, now)]
     if differ:

@@ -36,6 +36,7 @@ from sparsepo.models import pair_forward
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.preflight import preflight, resume_point
+from sparsepo import follow
 from sparsepo.reference_role.sources import ReferenceSource, open_source
 from sparsepo.rundata import RunData, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
@@ -85,6 +86,8 @@ def setup(cfg: RunConfig, live=None) -> Run:
                              config_fingerprint=config_fingerprint(cfg)) if live else None
     source = open_source(cfg, spec, ctx=ctx, dataset=data.dataset, collate=data.collate,
                          data_fingerprint=data.fingerprint, features=features, live=live, handshake=handshake)
+    if resume is not None and cfg.reference.sync_alpha is not None:
+        restore_reference(source, resume, ctx)
     samples = None
     if spec.needs_policy_samples:
         tok = data.tokenizer
@@ -160,12 +163,13 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
         last.update(lr=lr, grad_norm=run.policy.grad_norm())
         guard.step(step + 1, last, run.policy)
         run.metrics.log(step + 1, last)
+        if follow.due(cfg, step + 1):  # TR-DPO: the reference follows the policy (inline; collective)
+            run.source.follow(run.policy, cfg.reference.sync_alpha)
         stop = preempt.any_rank()
         if stop or ckpt.due(cfg, step + 1, run.total):
             guard.check_weights(run.policy, f"at step {step + 1}, before its checkpoint")
             ckpt.save(run.policy, cfg, run.data.run_dir, step=step + 1, samples=(step + 1) * run.schedule.global_batch,
-                      data_fingerprint=run.data.fingerprint, ctx=run.ctx,
-                      rank_state=None if run.samples is None else {"samples": run.samples.state_dict()})
+                      data_fingerprint=run.data.fingerprint, ctx=run.ctx, rank_state=rank_state(run))
         if stop:
             run.metrics.close()
             raise Preempted(f"preempted at step {step + 1}: checkpoint written; resume with --resume auto")
@@ -173,6 +177,25 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     guard.check_weights(run.policy, "before the final model")
     run.source.finish()  # live: the reference group has finished its write-through
     return finish(run, last)
+
+
+def rank_state(run: Run) -> dict:
+    """What each rank adds to a checkpoint besides DeepSpeed's: SPO's sample rounds, TR-DPO's moved reference."""
+    state = {} if run.samples is None else {"samples": run.samples.state_dict()}
+    if run.cfg.reference.sync_alpha is not None:
+        state["reference"] = run.source.model.state_dict()
+    return state
+
+
+def restore_reference(source, resume, ctx) -> None:
+    """TR-DPO: the reference as the checkpoint's run had moved it (else the resume would score against
+    the initial reference)."""
+    state = ckpt.load_rank_state(resume, "reference", rank=ctx.rank, world_size=ctx.world_size)
+    if state is None:
+        raise ckpt.CheckpointError(f"checkpoint {resume} holds no TR-DPO reference for this rank "
+                                   f"(reference-rank{ctx.rank}.pt; another world size or an older sparsepo): "
+                                   f"resume on its world size, or start a new run")
+    source.model.load_state_dict(state)
 
 
 def finish(run: Run, last: dict) -> dict:

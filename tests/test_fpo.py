@@ -257,3 +257,20 @@ def test_fpo_fits_a_fixed_batch_of_demo_pairs(tiny_world, sae_dir, tmp_path):
         assert mse[8] > 0, (tag, mse)  # the policy's features moved (the hook feeds the loss)
     ev = read_scalars(run, "train/sae_explained_variance")
     assert all(math.isfinite(v) and v <= 1 for v in ev.values()), ev
+
+
+@pytest.mark.slow
+def test_fpo_inline_with_the_official_knobs(tiny_world, sae_dir, tmp_path):
+    """index_set=policy_topk (the inline reference serves all D_SAE pooled features) and
+    pool=predicting_states train in inline mode: finite losses and feature distances at every step,
+    and the distance is the official one (|I| = k exactly, never the union's up to 2k)."""
+    run = tmp_path / "run"
+    run_training(tiny_world, run, *COMMON, f"sae.path={sae_dir}", "reference.mode=inline",
+                 "method.index_set=policy_topk", "method.pool=predicting_states", "train.micro_batch_size=4",
+                 f"train.max_steps={STEPS}", nproc=1)
+    loss = read_scalars(run, "train/loss")
+    assert sorted(loss) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in loss.values()), loss
+    for tag in ("feature_mse_chosen", "feature_mse_rejected"):
+        mse = read_scalars(run, f"train/{tag}")
+        assert mse[1] == 0.0 and all(math.isfinite(v) and v > 0 for s, v in mse.items() if s > 1), (tag, mse)
+    assert set(read_scalars(run, "train/union_size").values()) == {float(K)}

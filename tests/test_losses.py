@@ -222,7 +222,7 @@ def test_unpromised_fields_are_ignored(name):
     assert torch.equal(base.chosen_rewards, full.chosen_rewards)
 
 
-@pytest.mark.parametrize("name", ["simpo", "sepo", "spo", "cpo", "orpo", "sft"])
+@pytest.mark.parametrize("name", ["simpo", "sepo", "spo", "cpo", "cpo_hinge", "cpo_ipo", "alphapo", "orpo", "sft"])
 def test_reference_free_methods_need_no_pair_reference(name):
     spec = METHODS[name]
     assert not spec.needs_reference and not spec.needs_ref_distributions
@@ -278,9 +278,10 @@ def test_table_rows_are_as_designed():
         "sepo": ("needs_token_logps", "needs_oracle_scores"),
         "spo": ("needs_policy_samples",),
         **{name: ("needs_reference",) for name in ("hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
-                                                   "sppo_hard", "aot", "aot_pair", "apo_zero", "apo_down", "discopop")},
+                                                   "sppo_hard", "aot", "aot_pair", "aot_unpaired", "apo_zero", "apo_down",
+                                                   "discopop")},
         "sigmoid_norm": ("needs_reference", "length_normalised"),
-        "cpo": (),
+        "cpo": (), "cpo_hinge": (), "cpo_ipo": ("length_normalised",), "alphapo": ("length_normalised",),
         "orpo": ("length_normalised",),
         "sft": ("length_normalised",),
     }

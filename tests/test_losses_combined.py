@@ -83,19 +83,19 @@ def test_gradcheck_and_detached_rewards():
 
 
 def test_shared_keys_are_shared_and_each_component_validates():
-    """dpo and cpo both have beta and label_smoothing: one value for both; cpo's alpha is its own."""
+    """dpo and cpo both have beta and label_smoothing: one value for both; cpo's cpo_alpha is its own."""
     spec = get_method(["dpo", "cpo"])
-    params = spec.params_cls(beta=0.2, alpha=0.5)
+    params = spec.params_cls(beta=0.2, cpo_alpha=0.5)
     (_, _, dpo_p), (_, _, cpo_p) = params.parts
-    assert dpo_p == DPOParams(beta=0.2) and cpo_p == CPOParams(beta=0.2, alpha=0.5)
+    assert dpo_p == DPOParams(beta=0.2) and cpo_p == CPOParams(beta=0.2, cpo_alpha=0.5)
     assert params.weights == [1.0, 1.0]
     fields = random_fields(seed=44)
     out = spec.loss_fn(inputs_for(spec, fields), params)
     expected = (dpo_loss(inputs_for(METHODS["dpo"], fields), dpo_p).losses
                 + cpo_loss(inputs_for(METHODS["cpo"], fields), cpo_p).losses)
     torch.testing.assert_close(out.losses, expected, rtol=0, atol=1e-14)
-    with pytest.raises(ValueError, match="CPOParams: alpha"):
-        spec.params_cls(alpha=-1.0)
+    with pytest.raises(ValueError, match="CPOParams: cpo_alpha"):
+        spec.params_cls(cpo_alpha=-1.0)
     assert get_method(("dpo", "cpo")) is spec  # one params class per combination
 
 

@@ -78,30 +78,39 @@ def test_ld_on_equal_lengths_is_dpo_and_alpha_only_scales_the_excess(alpha):
 
 
 def test_wpo_by_hand():
-    """w(y) = exp(mean_t [log πθ(y_t) − log Σ_v πθ(v)²]); pair weight min(1, w(yw)·w(yl)).
+    """w(y) = exp(mean_t [log πθ(y_t) − log Σ_v πθ(v)²]); pair weight w(yw)·w(yl), uncapped (TRL 1.16).
     Pair 0: chosen tokens p=0.5 with Σp²=0.5 -> w(yw) = 1; rejected p=0.25, Σp²=0.5 -> w(yl) = 0.5;
       weight 0.5, loss 0.5·log(1+e^{−0.4}) = 0.5·0.51301525 = 0.25650763.
-    Pair 1: p=0.9, Σp²=0.82 on both -> (0.9/0.82)² = 1.20464010, clamped to 1: loss log 2 = 0.69314718.
-    wpo_weight metric = mean(0.5, 1) = 0.75; rewards are DPO's (0.2, −0.2) and (0, 0)."""
+    Pair 1: p=0.9, Σp²=0.82 on both -> (0.9/0.82)² = 1.20464010: loss 1.20464010·log 2 = 0.83499289.
+    wpo_weight metric = mean(0.5, 1.20464010) = 0.85232005; rewards are DPO's (0.2, −0.2) and (0, 0).
+    wpo_clip=1 (sparsepo's old cap): pair 1 weighs 1, loss log 2 = 0.69314718, metric 0.75."""
     inputs = LossInputs(**wpo_inputs())
-    assert wpo_weights(inputs, "dpo").tolist() == pytest.approx([0.5, 1.0], abs=TOL)
+    assert wpo_weights(inputs, "dpo").tolist() == pytest.approx([0.5, 1.20464010], abs=1e-8)
     out = dpo_loss(inputs, WPO)
-    assert out.losses.tolist() == pytest.approx([0.25650763, 0.69314718], abs=1e-8)
-    assert out.metrics["wpo_weight"].item() == pytest.approx(0.75, abs=TOL)
+    assert out.losses.tolist() == pytest.approx([0.25650763, 0.83499289], abs=1e-8)
+    assert out.metrics["wpo_weight"].item() == pytest.approx(0.85232005, abs=1e-8)
     assert out.chosen_rewards.tolist() == pytest.approx([0.2, 0.0], abs=TOL)
+    capped = dpo_loss(inputs, DPOParams(wpo_weighting=True, wpo_clip=1.0))
+    assert capped.losses.tolist() == pytest.approx([0.25650763, 0.69314718], abs=1e-8)
+    assert capped.metrics["wpo_weight"].item() == pytest.approx(0.75, abs=TOL)
+    for bad in (0.0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="DPOParams: wpo_clip"):
+            DPOParams(wpo_weighting=True, wpo_clip=bad)
 
 
 @pytest.mark.parametrize("c", [-0.7, -0.2, 0.0, 0.4])
 def test_wpo_with_uniform_token_ratios_is_dpo_times_a_constant(c):
-    """Every token's log πθ(y_t) − log Σp² equal to c: each pair weighs min(1, e^{2c}), so the loss
-    is DPO's times that constant (exactly DPO for c ≥ 0, the clamp)."""
+    """Every token's log πθ(y_t) − log Σp² equal to c: each pair weighs e^{2c} (min(1, e^{2c}) with
+    wpo_clip=1), so the loss is DPO's times that constant."""
     fields = random_fields(seed=21)
     uniform = dict(fields, policy_chosen_log_sq_mass=fields["policy_chosen_token_logps"] - c,
                    policy_rejected_log_sq_mass=fields["policy_rejected_token_logps"] - c)
     spec = get_method("dpo", WPO)
-    got = dpo_loss(inputs_for(spec, uniform), WPO).losses
     plain = dpo_loss(inputs_for(spec, uniform), DPOParams()).losses
-    torch.testing.assert_close(got, min(1.0, math.exp(2 * c)) * plain, rtol=0, atol=1e-12)
+    got = dpo_loss(inputs_for(spec, uniform), WPO).losses
+    torch.testing.assert_close(got, math.exp(2 * c) * plain, rtol=0, atol=1e-12)
+    capped = dpo_loss(inputs_for(spec, uniform), DPOParams(wpo_weighting=True, wpo_clip=1.0)).losses
+    torch.testing.assert_close(capped, min(1.0, math.exp(2 * c)) * plain, rtol=0, atol=1e-12)
 
 
 def test_wpo_weight_matches_the_equation_on_a_full_distribution():

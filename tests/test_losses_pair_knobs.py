@@ -14,17 +14,21 @@ import torch
 from loss_fields import PARAMS, TOL, inputs_for, ld_inputs, optional_fields, random_fields, wpo_inputs
 from sparsepo.config import ConfigError, config_from_dict
 from sparsepo.losses import METHODS, IPOParams, LossInputs, chosen_nll, get_method
-from sparsepo.losses.knobs import CDPOKnob, LDKnob, SFTKnob, WPOKnob, ld_sequence_logps, wpo_weights
+from sparsepo.losses.knobs import CDPOKnob, FDivKnob, LDKnob, SFTKnob, WPOKnob, ld_sequence_logps, wpo_weights
 
 pytestmark = pytest.mark.unit
 ALL = {"sft_weight", "ld_alpha", "wpo_weighting"}
-TAKES = {"dpo": ALL | {"label_smoothing"}, "ipo": ALL, "hinge": ALL, "robust": ALL, "exo_pair": ALL,
-         "nca_pair": ALL, "bco_pair": ALL, "sppo_hard": ALL, "apo_zero": ALL, "apo_down": ALL, "discopop": ALL,
-         "aot": {"sft_weight", "ld_alpha", "label_smoothing"}, "aot_pair": {"sft_weight", "ld_alpha", "label_smoothing"},
-         "sigmoid_norm": {"sft_weight", "wpo_weighting"}}
-"""What each row takes; every other row takes none (robust's and exo_pair's own ε are not cDPO's)."""
-MIXIN = {"sft_weight": SFTKnob, "ld_alpha": LDKnob, "wpo_weighting": WPOKnob, "label_smoothing": CDPOKnob}
-ROWS = [name for name in METHODS if name != "dpo" and name in TAKES]
+FDIV = ALL | {"f_divergence_type"}
+AOT = {"sft_weight", "ld_alpha", "label_smoothing"}
+TAKES = {"dpo": FDIV | {"label_smoothing"}, "ipo": FDIV, "hinge": FDIV, "robust": FDIV, "exo_pair": FDIV,
+         "nca_pair": ALL, "bco_pair": ALL, "sppo_hard": ALL, "apo_zero": ALL, "apo_down": ALL, "discopop": FDIV,
+         "aot": AOT, "aot_pair": AOT, "aot_unpaired": AOT,
+         "sigmoid_norm": {"sft_weight", "wpo_weighting", "f_divergence_type"}, "sft": {"wpo_weighting"}}
+"""What each row takes; every other row takes none (robust's and exo_pair's own ε are not cDPO's;
+f_divergence_type on the rows TRL 1.16 allows it on; sft only WPO's weight, as TRL weighs its sft term)."""
+MIXIN = {"sft_weight": SFTKnob, "ld_alpha": LDKnob, "wpo_weighting": WPOKnob, "label_smoothing": CDPOKnob,
+         "f_divergence_type": FDivKnob}
+ROWS = [name for name in METHODS if name not in ("dpo", "sft") and name in TAKES]
 LD_ROWS = [n for n in ROWS if "ld_alpha" in TAKES[n]]
 WPO_ROWS = [n for n in ROWS if "wpo_weighting" in TAKES[n]]
 SEQ = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
@@ -94,8 +98,8 @@ def test_wpo_weighs_the_row(name):
 
 @pytest.mark.parametrize("name", ROWS)
 def test_all_knobs_on_compose_in_one_order(name):
-    """w·(the row on LD's sums) + α·NLL of the plain chosen log-prob: WPO weighs the preference term
-    only, and the NLL is the response's own (not desensitised)."""
+    """w·(the row on LD's sums + α·NLL of the plain chosen log-prob): WPO weighs the NLL too (TRL 1.16's
+    [sigmoid, sft] weighs both), and the NLL is the response's own (not desensitised)."""
     fields = random_fields(seed=33)
     on = {k: v for k, v in (("ld_alpha", 0.4), ("wpo_weighting", True), ("sft_weight", 0.7)) if k in TAKES[name]}
     got = run(name, dataclasses.replace(base(name), **on), fields)
@@ -103,7 +107,7 @@ def test_all_knobs_on_compose_in_one_order(name):
     sums = dict(zip(SEQ, ld_sequence_logps(full, 0.4, name))) if "ld_alpha" in on else {}
     row = METHODS[name].loss_fn(inputs_for(METHODS[name], fields, **sums), base(name)).losses
     weight = wpo_weights(full, name) if "wpo_weighting" in on else 1.0
-    torch.testing.assert_close(got.losses, weight * row + 0.7 * chosen_nll(full), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.losses, weight * (row + 0.7 * chosen_nll(full)), rtol=0, atol=1e-12)
     assert got.metrics["nll"] == chosen_nll(full).mean()
 
 
@@ -126,17 +130,21 @@ def test_ld_hinge_and_ipo_by_hand():
 
 
 def test_wpo_and_sft_on_sppo_hard_by_hand():
-    """DPO's WPO example (weights 0.5 and 1): a = (2, 0), b = (−2, 0), β=0.1 so targets ±5.
-    SPPO (a − 5)² + (b + 5)²: (9 + 9, 25 + 25) = (18, 50); weighted (9, 50); wpo_weight 0.75.
-    sft_weight 0.1: NLL −log πθ(yw)/|yw| = (10/2, 5/1) = (5, 5), so + 0.5 each: (9.5, 50.5)."""
+    """DPO's WPO example (weights 0.5 and 1.20464010): a = (2, 0), b = (−2, 0), β=0.1 so targets ±5.
+    SPPO (a − 5)² + (b + 5)²: (9 + 9, 25 + 25) = (18, 50); weighted (9, 60.23200476); wpo_weight 0.85232005.
+    sft_weight 0.1: NLL −log πθ(yw)/|yw| = (10/2, 5/1) = (5, 5), so + 0.5 each, weighted too:
+    (0.5·18.5, 1.20464010·50.5) = (9.25, 60.83432481). wpo_clip=1: (9.25, 50.5)."""
     inputs = LossInputs(**wpo_inputs())
     sppo = METHODS["sppo_hard"]
     out = sppo.loss_fn(inputs, dataclasses.replace(PARAMS["sppo_hard"], wpo_weighting=True))
-    assert out.losses.tolist() == pytest.approx([9.0, 50.0], abs=1e-8)
-    assert out.metrics["wpo_weight"].item() == pytest.approx(0.75, abs=TOL)
+    assert out.losses.tolist() == pytest.approx([9.0, 60.23200476], abs=1e-8)
+    assert out.metrics["wpo_weight"].item() == pytest.approx(0.85232005, abs=1e-8)
     assert out.chosen_rewards.tolist() == pytest.approx([0.2, 0.0], abs=TOL)
     both = sppo.loss_fn(inputs, dataclasses.replace(PARAMS["sppo_hard"], wpo_weighting=True, sft_weight=0.1))
-    assert both.losses.tolist() == pytest.approx([9.5, 50.5], abs=1e-8)
+    assert both.losses.tolist() == pytest.approx([9.25, 60.83432481], abs=1e-8)
+    capped = sppo.loss_fn(inputs, dataclasses.replace(PARAMS["sppo_hard"], wpo_weighting=True, sft_weight=0.1,
+                                                      wpo_clip=1.0))
+    assert capped.losses.tolist() == pytest.approx([9.25, 50.5], abs=1e-8)
     assert both.metrics["nll"].item() == pytest.approx(5.0, abs=TOL)
 
 
@@ -219,7 +227,8 @@ def test_every_row_checks_its_knobs(name):
     """Out of range on any row that takes the knob: refused naming the row's params and the key (each
     row's __post_init__ reaches knobs.check_knobs)."""
     owner = type(PARAMS[name]).__name__
-    bad = {"sft_weight": -0.1, "ld_alpha": 1.5, "wpo_weighting": 1, "label_smoothing": 0.5}
+    bad = {"sft_weight": -0.1, "ld_alpha": 1.5, "wpo_weighting": 1, "label_smoothing": 0.5,
+           "f_divergence_type": "kl"}
     for key in sorted(TAKES[name]):
         with pytest.raises(ValueError, match=rf"{owner}: {key}"):
             dataclasses.replace(base(name), **{key: bad[key]})

@@ -42,17 +42,17 @@ def test_quoted_constants():
 def test_cpo_by_hand():
     """β=0.1, α=1: r(yw) = 0.1·(−6) = −0.6, r(yl) = 0.1·(−12) = −1.2, z = 0.6; ℓ(0.6) = 0.43748795;
     NLL = 6/3 = 2; loss = 2.43748795. α=0: 0.43748795."""
-    out = cpo_loss(simpo_pair(), CPOParams(beta=0.1, alpha=1.0))
+    out = cpo_loss(simpo_pair(), CPOParams(beta=0.1, cpo_alpha=1.0))
     assert out.losses.item() == pytest.approx(2.43748795, abs=1e-8)
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-0.6, -1.2), abs=TOL)
     assert out.metrics["nll"].item() == pytest.approx(2.0, abs=TOL)
-    assert cpo_loss(simpo_pair(), CPOParams(alpha=0.0)).losses.item() == pytest.approx(0.43748795, abs=1e-8)
+    assert cpo_loss(simpo_pair(), CPOParams(cpo_alpha=0.0)).losses.item() == pytest.approx(0.43748795, abs=1e-8)
 
 
 def test_cpo_without_nll_is_dpo_against_a_uniform_reference():
     """L_prefer is DPO with log πref ≡ const: zero reference log-probs give the same numbers."""
     fields = random_fields(seed=30)
-    cpo = cpo_loss(inputs_for(METHODS["cpo"], fields), CPOParams(beta=0.1, alpha=0.0))
+    cpo = cpo_loss(inputs_for(METHODS["cpo"], fields), CPOParams(beta=0.1, cpo_alpha=0.0))
     zeros = torch.zeros(2, dtype=F64)
     dpo = dpo_loss(inputs_for(METHODS["dpo"], fields, ref_chosen_logps=zeros, ref_rejected_logps=zeros),
                    DPOParams(beta=0.1))
@@ -168,7 +168,7 @@ def test_simpo_params_round_trip_through_their_own_fields():
 
 
 @pytest.mark.parametrize("cls,kwargs,word", [
-    (CPOParams, {"beta": 0.0}, "beta"), (CPOParams, {"alpha": -1.0}, "alpha"),
+    (CPOParams, {"beta": 0.0}, "beta"), (CPOParams, {"cpo_alpha": -1.0}, "cpo_alpha"),
     (CPOParams, {"label_smoothing": 0.5}, "label_smoothing"), (ORPOParams, {"beta": 0.0}, "beta"),
     (DPOParams, {"sft_weight": -0.1}, "sft_weight"),
 ])
@@ -178,4 +178,4 @@ def test_params_refuse_bad_values(cls, kwargs, word):
 
 
 def test_defaults():
-    assert (CPOParams().beta, CPOParams().alpha, ORPOParams().beta, DPOParams().sft_weight) == (0.1, 1.0, 0.1, 0.0)
+    assert (CPOParams().beta, CPOParams().cpo_alpha, ORPOParams().beta, DPOParams().sft_weight) == (0.1, 1.0, 0.1, 0.0)

@@ -29,7 +29,8 @@ ROWS = [("hinge",), ("robust",), ("exo_pair",), ("nca_pair",), ("bco_pair",), ("
         ("aot_pair",), ("apo_zero",), ("apo_down",), ("discopop",), ("sigmoid_norm",), ("cpo",), ("orpo",),
         ("sft",), ("dpo", "method.sft_weight=0.5"), ("simpo", "method.gamma_beta_ratio=0.25"),
         (["dpo", "sft"], "method.weights=[1.0,0.1]"), ("dpo", "method.ld_alpha=0.5"), ("dpo", "method.wpo_weighting=true"),
-        ("nca_pair", "method.ld_alpha=0.5", "method.wpo_weighting=true")]
+        ("nca_pair", "method.ld_alpha=0.5", "method.wpo_weighting=true"), ("cpo_hinge",), ("cpo_ipo",),
+        ("alphapo",), ("aot_unpaired",), ("dpo", "method.f_divergence_type=js_divergence")]
 LD = "method.ld_alpha=0.5"
 
 

@@ -52,6 +52,10 @@ class DataConfig:
     truncation: str = "prompt_first"
     """prompt_first: cut the prompt from the left down to max_prompt_length, then the response from
     the right; response_only: only cut responses; error: refuse over-long pairs."""
+    eos_at_cut: bool = False
+    """A response cut to fit ends in eos all the same: its last kept token is overwritten with eos, as
+    SePO's authors' code does (cut, then the last token set to eos; issue 24's review), so SePO can still
+    select a cut response's end. False (default, TRL's way): a cut response has no eos."""
     on_bad_row: str = "error"
     """error: refuse the dataset at the first bad row; skip: skip it and report it in the run directory."""
     max_skip_fraction: float = 0.01
@@ -100,6 +104,12 @@ class ReferenceConfig:
     oracle: str | None = None
     """SePO: the oracle directory written by `sparsepo sepo train-oracle` (its oracle.json names the
     DPO-trained oracle and the oracle's reference; their token rewards select the trained tokens)."""
+    sync_alpha: float | None = None
+    """TR-DPO (arXiv 2404.09656): every sync_steps optimiser steps the reference moves towards the
+    policy, θ_ref ← α·θ + (1 − α)·θ_ref; 1 is the hard update (θ_ref ← θ), null (default) a frozen
+    reference. Inline mode only (`sparsepo.follow`); TRL's ref_model_mixup_alpha (its default 0.6)."""
+    sync_steps: int = 512
+    """TR-DPO's τ: optimiser steps between reference updates (TRL's ref_model_sync_steps, default 512)."""
 
 
 @dataclass(kw_only=True)

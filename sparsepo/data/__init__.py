@@ -27,7 +27,7 @@ Truncation, when len(prompt) + len(response) > max_length for either response:
                 responses are cut from the right to max_length - len(prompt);
   response_only only responses are cut from the right;
   error         DataError naming the row (whatever on_bad_row says).
-A cut response loses its eos. The number of truncated pairs is logged and in DataReport.truncated.
+A cut response loses its eos (with data.eos_at_cut its last kept token becomes eos). The number of truncated pairs is logged and in DataReport.truncated.
 
 Bad rows: missing/null/empty/whitespace-only field, wrong type, chosen == rejected (as given, or
 after tokenisation and truncation), undecodable text (lone surrogates, U+FFFD from a lossy decode,

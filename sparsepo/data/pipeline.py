@@ -82,7 +82,7 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
     raw, src = load_rows(cfg.path, cfg.format, split=cfg.split, cache_dir=cfg.cache_dir)
     _check_columns(raw, src.path, tokenizer)
     settings = rows.Settings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                             truncation=cfg.truncation)
+                             truncation=cfg.truncation, eos_at_cut=cfg.eos_at_cut)
     key = rows.settings_key(tokenizer, settings)
     # The source's bytes, not datasets' fingerprint: that one keys a local file on path + mtime.
     source_key = src.sha256 or raw._fingerprint

@@ -45,6 +45,7 @@ class Settings:
     max_length: int
     max_prompt_length: int
     truncation: str
+    eos_at_cut: bool = False
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -67,7 +68,10 @@ def tokenizer_digest(tokenizer) -> str:
 
 def settings_key(tokenizer, settings: Settings) -> dict:
     """Every input of the tokenisation besides the rows: the cache and `dataset_fingerprint` key on it."""
-    return {"version": PIPELINE_VERSION, "tokenizer": tokenizer_digest(tokenizer), **asdict(settings)}
+    key = asdict(settings)
+    if not key["eos_at_cut"]:  # keyed only when set, so datasets tokenised before the option keep their key
+        del key["eos_at_cut"]
+    return {"version": PIPELINE_VERSION, "tokenizer": tokenizer_digest(tokenizer), **key}
 
 
 def undecodable(text: str) -> str | None:
@@ -211,7 +215,7 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], *, 
     prompt_first: a prompt longer than max_prompt_length is cut from the LEFT to that length
     (keeping a leading bos_id, so the model still sees its start token), then responses are cut
     from the right to fit. response_only: only responses are cut. error: raises `Overlong`.
-    A cut response loses its eos. No room left for a response raises BadRow.
+    A cut response loses its eos (`_finish` puts one back with eos_at_cut). No room left for a response raises BadRow.
     """
     if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
         return prompt, chosen, rejected, False
@@ -240,6 +244,9 @@ def _finish(prompt, chosen, rejected, tokenizer, settings: Settings):
     out = truncate_pair(prompt, chosen, rejected, max_length=settings.max_length,
                         max_prompt_length=settings.max_prompt_length, mode=settings.truncation,
                         bos_id=tokenizer.bos_token_id)
+    if settings.eos_at_cut and out[3]:  # SePO's authors: a cut response ends in eos all the same
+        out = (out[0], *(cut[:-1] + [eos] if len(cut) < len(whole) else cut
+                         for cut, whole in ((out[1], chosen), (out[2], rejected))), out[3])
     if out[1] == out[2]:
         raise BadRow("rejected", "identical to chosen after tokenisation and truncation")
     return out

@@ -159,6 +159,26 @@ class PolicyEngine:
         finally:
             module.train(was_training)
 
+    # --- TR-DPO: a reference that follows the policy ---
+    @torch.no_grad()
+    def mix_into(self, target: torch.nn.Module, alpha: float) -> int:
+        """target ← α·policy + (1 − α)·target, parameter by parameter (`reference.follow.mix_named`).
+        Collective under ZeRO-3 (every rank must call it): each parameter is gathered on its own, so at
+        most one full parameter is held beyond the shards. Returns the number of parameters mixed."""
+        from sparsepo.follow import mix_named
+
+        zero3 = self._engine.zero_optimization_partition_weights()
+
+        def gathered():
+            for name, p in self.module.named_parameters():
+                if not zero3:
+                    yield name, p.data
+                    continue
+                with deepspeed.zero.GatheredParameters([p]):
+                    yield name, p.data
+
+        return mix_named(target, gathered(), alpha)
+
     @contextmanager
     def _zero3_hooks_lifted(self):
         """ZeRO-3's module hooks off for the body (parameters must already be gathered), then re-registered."""

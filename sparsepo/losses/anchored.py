@@ -143,8 +143,17 @@ def aot_pair_loss(inputs: LossInputs, params: AOTParams) -> LossOutput:
     `aot_unpaired` in TRL (#5038). Rewards β·a, β·b per pair (unsorted). Defaults β=0.1, ε=0.
     Batch-coupled like `aot_loss` (sorting within one micro-batch); with B=1 it is DPO too.
     """
-    a, b = pair_logratios(inputs, params, "aot_pair")
+    return _aot_unpaired(inputs, params, "aot_pair")
+
+
+def aot_unpaired_loss(inputs: LossInputs, params: AOTParams) -> LossOutput:
+    """`aot_pair` under TRL 1.16's name (`loss_type="aot_unpaired"`): the same loss, params and inputs."""
+    return _aot_unpaired(inputs, params, "aot_unpaired")
+
+
+def _aot_unpaired(inputs: LossInputs, params: AOTParams, method: str) -> LossOutput:
+    a, b = pair_logratios(inputs, params, method)
     a_sorted, _ = torch.sort(a)
     b_sorted, _ = torch.sort(b)
     losses = sigmoid_loss(params.beta * (a_sorted - b_sorted), params.label_smoothing)
-    return output_with_knobs(inputs, params, "aot_pair", losses, params.beta * a, params.beta * b)
+    return output_with_knobs(inputs, params, method, losses, params.beta * a, params.beta * b)

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable
 
 from sparsepo.losses.common import check, make_output
+from sparsepo.losses.knobs import FDivKnob
 from sparsepo.losses.types import LossInputs, LossOutput
 
 
@@ -51,6 +52,7 @@ def combined_params_cls(names: tuple[str, ...], params_classes: tuple[type, ...]
                    if not (f.name in shared_unset and values[f.name] is None)}
             parts.append((name, fn, cls(**own)))
         object.__setattr__(self, "parts", tuple(parts))
+        _check_f_divergence(owner, parts)
 
     def input_needs(self) -> dict[str, bool]:
         """The flags the components' knobs add (e.g. DPO's `ld_alpha` in [dpo, sft])."""
@@ -60,14 +62,35 @@ def combined_params_cls(names: tuple[str, ...], params_classes: tuple[type, ...]
                 needs[flag] = needs.get(flag, False) or on
         return needs
 
+    def absent_key_value(key: str, old: dict):
+        """What a key absent from an older checkpoint meant, as the first component that knows says."""
+        for cls in params_classes:
+            value = cls.absent_key_value(key, old) if hasattr(cls, "absent_key_value") else dataclasses.MISSING
+            if value is not dataclasses.MISSING:
+                return value
+        return dataclasses.MISSING
+
+    renamed = {old: new for cls in params_classes for old, new in getattr(cls, "renamed_keys", {}).items()}
     cls_name = "Plus".join(n.title().replace("_", "") for n in names) + "Params"
     cls = dataclasses.make_dataclass(cls_name, list(fields.values()), kw_only=True,
                                       namespace={"__post_init__": __post_init__, "input_needs": input_needs,
+                                                 "absent_key_value": staticmethod(absent_key_value),
+                                                 "renamed_keys": renamed,
                                                  "__doc__": f"Params of {' + '.join(names)}: each component's "
                                                             f"fields (a shared key is one value; None keeps each "
                                                             f"component's default) and `weights`."})
     cls.__module__ = __name__
     return cls
+
+
+def _check_f_divergence(owner: str, parts) -> None:
+    """f-DPO's divergence on a component beside one that cannot take it is refused, as TRL 1.16 refuses
+    `f_divergence_type` with any loss type outside its list (sft may sit beside it: no reward there)."""
+    bent = [name for name, _, own in parts if getattr(own, "f_divergence_type", "reverse_kl") != "reverse_kl"]
+    plain = [name for name, _, own in parts if not isinstance(own, FDivKnob) and name != "sft"]
+    check(not (bent and plain), owner, f"f_divergence_type applies to {bent} but {plain} take no f-divergence "
+          f"(their loss reads each reward on its own, where f-DPO's log Z(x) does not cancel); use reverse_kl, or "
+          f"combine {bent} only with rows that take it")
 
 
 def combined_loss(inputs: LossInputs, params) -> LossOutput:

@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from sparsepo.losses.common import check, sigmoid_loss
-from sparsepo.losses.knobs import CDPOKnob, PairKnobs, output_with_knobs, pair_logratios
+from sparsepo.losses.knobs import CDPOKnob, FDivKnob, PairKnobs, f_scores, output_with_knobs, pair_logratios
 from sparsepo.losses.types import LossInputs, LossOutput
 
 
 @dataclass(kw_only=True)
-class DPOParams(PairKnobs, CDPOKnob):
+class DPOParams(PairKnobs, CDPOKnob, FDivKnob):
     """β, and the knobs (`knobs.py`): label_smoothing (cDPO), sft_weight (RPO), ld_alpha (LD-DPO),
-    wpo_weighting (WPO); each is plain DPO at its default."""
+    wpo_weighting / wpo_clip (WPO), f_divergence_type / f_alpha_divergence_coef (f-DPO); each is plain
+    DPO at its default."""
 
     beta: float = 0.1
     """β: inverse strength of the implicit KL constraint to the reference (paper default 0.1)."""
@@ -32,10 +33,11 @@ def dpo_rewards(inputs: LossInputs, beta: float, method: str) -> tuple[Tensor, T
 
 
 def dpo_loss(inputs: LossInputs, params: DPOParams) -> LossOutput:
-    """DPO, with cDPO label smoothing, RPO's NLL term, LD-DPO's length desensitisation and WPO's weights.
+    """DPO, with cDPO label smoothing, RPO's NLL term, LD-DPO's length desensitisation, WPO's weights
+    and f-DPO's divergences.
 
-        r(y) = β·(log π̂θ(y) − log π̂ref(y))
-        loss = w·[−(1−ε)·log σ(r(yw) − r(yl)) − ε·log σ(r(yl) − r(yw))] + α·(−log πθ(yw)/|yw|)
+        r(y) = β·(log π̂θ(y) − log π̂ref(y));  z = β·(f'(u_w) − f'(u_l)), u = π̂θ/π̂ref (z = r(yw) − r(yl) for reverse KL)
+        loss = w·[−(1−ε)·log σ(z) − ε·log σ(−z) + α·(−log πθ(yw)/|yw|)]
 
     log π̂ is the plain sequence log-prob, or LD-DPO's Σ_{t≤l_p} + ld_alpha·Σ_{t>l_p} of the token
     log-probs when ld_alpha is set (`knobs.ld_sequence_logps`; the rewards are then the desensitised
@@ -45,10 +47,11 @@ def dpo_loss(inputs: LossInputs, params: DPOParams) -> LossOutput:
 
     Rafailov et al. 2023 (arXiv 2305.18290), Eq. 7; ε from Mitchell 2023, "A note on DPO with noisy
     preferences" (cDPO); α (sft_weight) from Pang et al. 2024, "Iterative Reasoning Preference
-    Optimization" (arXiv 2404.19733), the DPO+NLL loss (RPO; the paper weights DPO by α with α=1,
-    TRL's `rpo_alpha` weights the NLL, as here), the NLL averaged over each chosen response's
-    tokens. TRL averages over all chosen tokens of the batch instead, which weights long
-    responses more; the two agree when the responses have equal length. Defaults β=0.1, ε=0, α=0.
+    Optimization" (arXiv 2404.19733), the DPO+NLL loss (RPO, α=1 in the paper; TRL 1.16 writes it
+    `loss_type=[sigmoid, sft]`, `loss_weights=[1, α]`), the NLL averaged over each chosen response's
+    tokens. TRL's `sft` averages over all chosen tokens of the batch instead, which weights long
+    responses more; the two agree when the responses have equal length. f-DPO: Wang et al. 2023
+    (arXiv 2309.16240), TRL's `f_divergence_type`. Defaults β=0.1, ε=0, α=0, reverse KL.
 
     Reads: policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, all (B,)
     sequence log-probs (Σ over response tokens); chosen_mask (B,T) for |yw| when α > 0. With
@@ -57,6 +60,6 @@ def dpo_loss(inputs: LossInputs, params: DPOParams) -> LossOutput:
     batch mean of w) with wpo_weighting.
     """
     a, b = pair_logratios(inputs, params, "dpo")
-    chosen, rejected = params.beta * a, params.beta * b
-    losses = sigmoid_loss(chosen - rejected, params.label_smoothing)
-    return output_with_knobs(inputs, params, "dpo", losses, chosen, rejected)
+    sa, sb = f_scores(a, b, params)
+    losses = sigmoid_loss(params.beta * (sa - sb), params.label_smoothing)
+    return output_with_knobs(inputs, params, "dpo", losses, params.beta * a, params.beta * b)

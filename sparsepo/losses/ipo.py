@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsepo.losses.common import check, response_lengths
-from sparsepo.losses.knobs import PairKnobs, output_with_knobs, pair_logratios
+from sparsepo.losses.knobs import FDivKnob, PairKnobs, f_scores, output_with_knobs, pair_logratios
 from sparsepo.losses.types import LossInputs, LossOutput
 
 
@@ -14,8 +14,8 @@ H_READINGS = ("token_mean", "sequence")
 
 
 @dataclass(kw_only=True)
-class IPOParams(PairKnobs):
-    """β, h, and the knobs of `knobs.PairKnobs`: wpo_weighting and sft_weight with either h;
+class IPOParams(PairKnobs, FDivKnob):
+    """β, h, f-DPO's f_divergence_type, and the knobs of `knobs.PairKnobs`: wpo_weighting and sft_weight with either h;
     ld_alpha only with h="sequence". The token mean already takes the length out of each log-ratio,
     and LD-DPO (arXiv 2409.06411) is defined on sequence sums: discounting the excess tokens inside
     a mean that still counts them is a reading no paper gives, so h="token_mean" refuses ld_alpha."""
@@ -47,15 +47,15 @@ def ipo_loss(inputs: LossInputs, params: IPOParams) -> LossOutput:
     Default β=0.1. The logged rewards follow the same reading: per-token averaged by default (TRL's
     dashboards show summed ones), summed with `h="sequence"`. With h="sequence", ld_alpha replaces
     the sums by LD-DPO's (`knobs.pair_logratios`); wpo_weighting and sft_weight act on the loss
-    (`knobs.output_with_knobs`).
+    (`knobs.output_with_knobs`); f_divergence_type replaces each log-ratio by f-DPO's f'(u) before the
+    per-token average (`knobs.f_scores`, TRL's `ipo` with `f_divergence_type`).
 
     Reads: policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,);
     chosen_mask, rejected_mask (B,T) for |y|. Rewards: β·(log πθ(y) − log πref(y))/|y|, (B,).
     """
     a, b = pair_logratios(inputs, params, "ipo")
     mw, ml = inputs.require("ipo", "chosen_mask", "rejected_mask")
-    per_token = params.h == "token_mean"
-    chosen_ratio = a / response_lengths(mw) if per_token else a
-    rejected_ratio = b / response_lengths(ml) if per_token else b
-    losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * params.beta)) ** 2
-    return output_with_knobs(inputs, params, "ipo", losses, params.beta * chosen_ratio, params.beta * rejected_ratio)
+    lw, ll = (response_lengths(mw), response_lengths(ml)) if params.h == "token_mean" else (1.0, 1.0)
+    sa, sb = f_scores(a, b, params)
+    losses = (sa / lw - sb / ll - 1.0 / (2.0 * params.beta)) ** 2
+    return output_with_knobs(inputs, params, "ipo", losses, params.beta * a / lw, params.beta * b / ll)

@@ -9,9 +9,15 @@ whole output distribution is E_{y~πθ} Σ_t KL_t. Three ways to estimate KL_t, 
   so the bins see where the policy puts its mass even when the reference puts little there. A
   lower bound of KL_t (data-processing inequality), exact when the support holds all mass (K = V);
   a finer support (the union) can only raise it. Deterministic given h: no sampling variance at t.
-- "k1": log πθ(y_t|h) − log πref(y_t|h) on the sampled token; unbiased, can be negative per token.
-- "k3": (r − 1) − log r with r = πref(y_t|h)/πθ(y_t|h) (Schulman 2020); unbiased, ≥ 0 per token,
-  lower variance than k1 when the two are close.
+- "k1": log πθ(y_t|h) − log πref(y_t|h) on the sampled token; unbiased when y_t ~ πθ(·|h), can be
+  negative per token.
+- "k3": (r − 1) − log r with r = πref(y_t|h)/πθ(y_t|h) (Schulman 2020); unbiased when y_t ~ πθ(·|h),
+  ≥ 0 per token, lower variance than k1 when the two are close.
+
+k1 and k3 are unbiased only on fresh samples: a round drawn by an older policy π_old (SPO with
+`generation.staleness` ≥ 1 or `every_steps` > 1) would need the ratio πθ(y_t)/π_old(y_t) in the value
+and the gradient; SPO refuses that combination (`spo.stale_sample_problem`). topk_tail needs no sampled
+token and stays KL_t at each visited prefix.
 
 Gradients. For topk_tail, autograd at the fixed prefix is ∇KL_t exactly (up to the coarsening).
 For the sampled estimators the value depends on which token was drawn, so plain autograd is not

@@ -1,6 +1,7 @@
 """Knobs that apply across the rows built on the pair's sequence log-ratios (the issue #12 follow-up):
 RPO's NLL (`sft_weight`), LD-DPO's length desensitisation (`ld_alpha`), WPO's pair weights
-(`wpo_weighting`) and cDPO's label smoothing (`label_smoothing`, sigmoid rows only).
+(`wpo_weighting`, `wpo_clip`), cDPO's label smoothing (`label_smoothing`, sigmoid rows only) and
+f-DPO's divergence (`f_divergence_type`, `f_alpha_divergence_coef`, the rows TRL allows it on).
 
 Each knob is a dataclass mixin holding its field: a row takes a knob by inheriting its mixin, and a
 row that does not refuses the key as unknown (`method.<key>`). All of them are validated in one
@@ -14,9 +15,11 @@ pure functions of the per-token tensors (B,T) and masks (B,T) of `types.LossInpu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import MISSING, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparsepo.losses.common import check, chosen_nll, make_output, masked_mean, masked_sum
@@ -62,17 +65,30 @@ class LDKnob(Knobs):
     ld_alpha: float | None = None
     """α of LD-DPO (Liu et al. 2024, arXiv 2409.06411), in [0, 1]: each response's tokens past the
     pair's public length min(|yw|, |yl|) count α times in both the policy's and the reference's
-    sequence log-probs (`ld_sequence_logps`). None or 1 is the row without it and reads nothing
-    extra; any other value needs both sides' per-token log-probs (the reference serves `token_logps`).
-    The paper tunes α per model in [0, 1] (TRL's `ld_alpha`)."""
+    sequence log-probs (`ld_sequence_logps`), as in TRL 1.16's `ld_alpha`. None or 1 is the row without
+    it and reads nothing extra; any other value needs both sides' per-token log-probs (the reference
+    serves `token_logps`). The paper tunes α per model in [0, 1]."""
 
 
 @dataclass(kw_only=True)
 class WPOKnob(Knobs):
     wpo_weighting: bool = False
-    """WPO (Zhou et al. 2024, arXiv 2406.11827): weigh each pair's preference term by the detached
-    w(x,yw)·w(x,yl) ≤ 1 of `wpo_weights` (TRL's `use_weighting`); needs the policy's per-token
-    log Σ_v πθ(v)², computed in the policy forward only when this is on. False is the row without it."""
+    """WPO (Zhou et al. 2024, arXiv 2406.11827): weigh each pair's loss by the detached w(x,yw)·w(x,yl)
+    of `wpo_weights` (TRL's `use_weighting`); needs the policy's per-token log Σ_v πθ(v)², computed in
+    the policy forward only when this is on. False is the row without it."""
+    wpo_clip: float | None = None
+    """Upper bound on WPO's pair weight: None (default) leaves it uncapped, as the paper and TRL 1.16
+    do; 1.0 is what sparsepo did before this knob existed (a checkpoint written then with
+    wpo_weighting on resumes only with wpo_clip=1.0, `absent_key_value`)."""
+
+    @staticmethod
+    def absent_key_value(key: str, old: dict):
+        """What `key`, absent from an older checkpoint's `method` section `old`, meant there: that
+        sparsepo capped WPO's weight at 1, so a WPO run written then had wpo_clip=1.0. Anything else:
+        `MISSING` (the key's default)."""
+        if key == "wpo_clip" and old.get("wpo_weighting"):
+            return 1.0
+        return MISSING
 
 
 @dataclass(kw_only=True)
@@ -80,6 +96,24 @@ class CDPOKnob(Knobs):
     label_smoothing: float = 0.0
     """ε of conservative DPO (cDPO, Mitchell 2023): the probability that a preference label is flipped,
     in [0, 0.5), on a row's logistic term: −(1−ε)·log σ(z) − ε·log σ(−z). 0 is no smoothing."""
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+@dataclass(kw_only=True)
+class FDivKnob(Knobs):
+    f_divergence_type: str = "reverse_kl"
+    """f-DPO (Wang et al. 2023, arXiv 2309.16240): the divergence from the reference that the implicit
+    reward inverts, one of reverse_kl (DPO; default), forward_kl, js_divergence, alpha_divergence
+    (TRL 1.16's `f_divergence_type`; `f_scores`). Taken by the rows whose loss is a function of the
+    chosen-minus-rejected reward difference, as in TRL: dpo, ipo, hinge, robust, exo_pair, discopop,
+    sigmoid_norm; the others (nca_pair, bco_pair, apo_*, sppo_hard, aot*) read each reward on its own,
+    where f-DPO's β·log Z(x) does not cancel, and refuse the key as unknown."""
+    f_alpha_divergence_coef: float = 0.5
+    """TRL's α of alpha_divergence (default 0.5): the score is (u^{α−1} − 1)/(α − 1) of u = πθ/πref,
+    i.e. the paper's α-divergence with its α equal to 1 − this value (they agree at 0.5); 1 is reverse_kl,
+    0 is forward_kl. Read only with f_divergence_type=alpha_divergence."""
 
 
 @dataclass(kw_only=True)
@@ -104,6 +138,14 @@ def check_knobs(params) -> None:
     if isinstance(params, WPOKnob):
         check(isinstance(params.wpo_weighting, bool), owner,
               f"wpo_weighting must be true or false (got {params.wpo_weighting!r})")
+    if isinstance(params, WPOKnob):
+        check(params.wpo_clip is None or (_number(params.wpo_clip) and params.wpo_clip > 0), owner,
+              f"wpo_clip must be null (no cap, TRL 1.16) or > 0 (got {params.wpo_clip!r})")
+    if isinstance(params, FDivKnob):
+        check(params.f_divergence_type in F_DIVERGENCES, owner,
+              f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)} (got {params.f_divergence_type!r})")
+        check(_number(params.f_alpha_divergence_coef) and math.isfinite(params.f_alpha_divergence_coef), owner,
+              f"f_alpha_divergence_coef must be a finite number (got {params.f_alpha_divergence_coef!r})")
     if isinstance(params, CDPOKnob):  # robust and exo_pair own an ε of their own
         check(_number(params.label_smoothing) and 0.0 <= params.label_smoothing < 0.5, owner,
               f"label_smoothing must be in [0, 0.5) (got {params.label_smoothing!r}); 0 is no smoothing")
@@ -133,8 +175,8 @@ def ld_sequence_logps(inputs: LossInputs, alpha: float, method: str) -> tuple[Te
     likelihood of each response split at the pair's public length, the excess tokens' part raised
     to the power α, in both the policy's and the reference's likelihood. Computed in the second
     form, so α = 1 returns the sequence log-probs bit for bit, and on a pair of equal lengths every
-    α does. (TRL's `ld_alpha` desensitises the policy's log-probs only; here both sides are, as in
-    the paper's objective.)
+    α does. TRL 1.16's `ld_alpha` desensitises both sides alike (its reference forward reuses the
+    policy's shared/tail masks), as here.
 
     Reads the four sequence log-probs (B,), the policy's and the reference's token log-probs (B,T)
     and the masks (B,T)."""
@@ -145,24 +187,53 @@ def ld_sequence_logps(inputs: LossInputs, alpha: float, method: str) -> tuple[Te
             rw - cut * masked_sum(rtw, ew), rl - cut * masked_sum(rtl, el))
 
 
-def wpo_weights(inputs: LossInputs, method: str) -> Tensor:
-    """WPO's per-pair weight (B,), detached: w(x, yw) · w(x, yl), clamped at 1, with
+def wpo_weights(inputs: LossInputs, method: str, clip: float | None = None) -> Tensor:
+    """WPO's per-pair weight (B,), detached: w(x, yw) · w(x, yl), capped at `clip` when it is set, with
 
         w(x, y) = exp( (1/|y|) Σ_t log[ πθ(y_t | x, y_<t) / Σ_{v∈V} πθ(v | x, y_<t)² ] )
 
     Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization" (arXiv
-    2406.11827), §3 (Eq. 2 for the alignment, as TRL cites it): the length-normalised probability of the response under the current policy,
-    with the paper's sampled weight alignment (each token's probability divided by Σ_v πθ(v)², the
-    probability the policy gives a token sampled from itself, so on-policy outputs weigh about 1).
-    The loss is w·ℓ with w under stop-gradient. The clamp at 1 is TRL's (`use_weighting`): it
-    keeps the reweighting from ever enlarging a pair's step. Both terms of a token come from the same
-    predicting distribution (position t's log Σ_v πθ(v)² is `policy_*_log_sq_mass[t]`).
+    2406.11827), §3, Eq. 2 (the sampled weight alignment, as TRL cites it): the length-normalised
+    probability of the response under the current policy, each token's probability divided by
+    Σ_v πθ(v)², the probability the policy gives a token sampled from itself, so on-policy outputs
+    weigh about 1. The loss is w·ℓ with w under stop-gradient. Neither the paper nor TRL 1.16
+    (`use_weighting`) caps w, so a pair whose responses the policy likes better than its own samples
+    weighs more than 1; `clip` (the row's `wpo_clip`) caps it. Both terms of a token come from the
+    same predicting distribution (position t's log Σ_v πθ(v)² is `policy_*_log_sq_mass[t]`).
 
     Reads the policy's token log-probs (B,T), its log Σ_v πθ(v)² per position (B,T) and the masks."""
     tw, tl, sw, sl, mw, ml = inputs.require(method, *WPO_FIELDS)
     with torch.no_grad():
         log_w = masked_mean(tw.detach() - sw.detach(), mw) + masked_mean(tl.detach() - sl.detach(), ml)
-        return torch.exp(log_w.clamp(max=0.0))
+        return torch.exp(log_w if clip is None else log_w.clamp(max=math.log(clip)))
+
+
+def f_scores(a: Tensor, b: Tensor, params) -> tuple[Tensor, Tensor]:
+    """f-DPO's scores (f'(u_w), f'(u_l)) of the log-ratios a = log u_w, b = log u_l (u = πθ/πref),
+    each (B,): the implicit reward of f-DPO is β·f'(u) + const, so the rows that take `FDivKnob` put
+    f'(u_w) − f'(u_l) where DPO puts a − b.
+
+        reverse_kl        f'(u) = log u                           (DPO; returns a, b themselves)
+        forward_kl        f'(u) = 1 − 1/u
+        js_divergence     f'(u) = log(2u/(1+u)) = log 2 + log σ(log u)
+        alpha_divergence  f'(u) = (u^{c−1} − 1)/(c − 1),  c = f_alpha_divergence_coef (c = 1: log u)
+
+    Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+    Divergence Constraints" (arXiv 2309.16240), Thm. 1 and Table 1 (the paper's α-divergence f'(u) =
+    (1 − u^{−α})/α is the last line with α = 1 − c). As TRL 1.16's DPOTrainer: c within 1e-6 of 1 is
+    reverse_kl, and (c − 1)·log u is capped at 80 before exp (TRL's cap for float32/bf16; TRL has no
+    float64 entry, here the cap holds for every dtype). Rows without the knob get (a, b) back."""
+    kind = getattr(params, "f_divergence_type", "reverse_kl")
+    if kind == "reverse_kl":
+        return a, b
+    if kind == "forward_kl":
+        return 1.0 - torch.exp(-a), 1.0 - torch.exp(-b)
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(a), math.log(2.0) + F.logsigmoid(b)
+    coef = params.f_alpha_divergence_coef
+    if abs(coef - 1.0) < 1e-6:
+        return a, b
+    return tuple(torch.expm1(((coef - 1.0) * x).clamp(max=80.0)) / (coef - 1.0) for x in (a, b))
 
 
 def sequence_logps(inputs: LossInputs, params: Knobs, method: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -184,16 +255,18 @@ def output_with_knobs(inputs: LossInputs, params: Knobs, method: str, losses: Te
                       rejected_rewards: Tensor, **metrics: Tensor) -> LossOutput:
     """The row's LossOutput from its per-pair preference losses (B,), with the knobs that act on the loss:
 
-        loss = w·ℓ + α·(−log πθ(yw)/|yw|)
+        loss = w·(ℓ + α·(−log πθ(yw)/|yw|))
 
-    w is WPO's detached pair weight when the row's wpo_weighting is on (`wpo_weights`; metric
-    "wpo_weight", its batch mean), else 1; α is the row's sft_weight (RPO; metric "nll" when α > 0),
-    on the plain sequence log-prob even under LD-DPO (the NLL is the response's, not a preference
-    term). Rewards and metrics are detached by `make_output`."""
-    if getattr(params, "wpo_weighting", False):
-        weights = wpo_weights(inputs, method)
-        losses, metrics["wpo_weight"] = weights * losses, weights.mean()
-    if getattr(params, "sft_weight", 0.0):
-        nll = chosen_nll(inputs)
+    w is WPO's detached pair weight when the row's wpo_weighting is on (`wpo_weights`, capped at the
+    row's wpo_clip; metric "wpo_weight", its batch mean), else 1; α is the row's sft_weight (RPO;
+    metric "nll" when α > 0), on the plain sequence log-prob even under LD-DPO (the NLL is the
+    response's, not a preference term). w multiplies the NLL too, as TRL 1.16 weighs every term of
+    `loss_type=[sigmoid, sft]` (its RPO): a row with sft_weight=α is `[row, sft]` with weights [1, α].
+    Rewards and metrics are detached by `make_output`."""
+    nll = chosen_nll(inputs) if getattr(params, "sft_weight", 0.0) else None
+    if nll is not None:
         losses, metrics["nll"] = losses + params.sft_weight * nll, nll.mean()
+    if getattr(params, "wpo_weighting", False):
+        weights = wpo_weights(inputs, method, params.wpo_clip)
+        losses, metrics["wpo_weight"] = weights * losses, weights.mean()
     return make_output(losses, chosen_rewards, rejected_rewards, **metrics)

@@ -6,9 +6,11 @@ and returns per-pair losses (B,) with rewards β·a, β·b (TRL's convention for
 Formulas match TRL's `DPOTrainer` loss types of the same name (trl/trainer/dpo_trainer.py).
 
 The knobs of `knobs.py` act on every row here through `knobs.pair_logratios` (LD-DPO's `ld_alpha`:
-a and b are then the desensitised log-ratios, rewards included) and `knobs.output_with_knobs`
-(WPO's `wpo_weighting`, RPO's `sft_weight`): each row's params inherit `PairKnobs`, except
-sigmoid_norm, which averages per token and so takes no `ld_alpha` (see its params).
+a and b are then the desensitised log-ratios, rewards included), `knobs.f_scores` (f-DPO's
+`f_divergence_type`: Δ becomes f'(u_w) − f'(u_l), on the rows whose loss reads only Δ, all here but
+nca_pair and sppo_hard, as in TRL; rewards stay β·a, β·b) and `knobs.output_with_knobs` (WPO's `wpo_weighting`, RPO's `sft_weight`): each row's params
+inherit `PairKnobs`, except sigmoid_norm, which averages per token and so takes no `ld_alpha` (see
+its params).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsepo.losses.common import check, response_lengths
-from sparsepo.losses.knobs import PairKnobs, SFTKnob, WPOKnob, output_with_knobs, pair_logratios
+from sparsepo.losses.knobs import FDivKnob, PairKnobs, SFTKnob, WPOKnob, f_scores, output_with_knobs, pair_logratios
 from sparsepo.losses.types import LossInputs, LossOutput
 
 
@@ -29,7 +31,7 @@ def _beta(owner: str, beta: float) -> None:
 
 
 @dataclass(kw_only=True)
-class HingeParams(PairKnobs):
+class HingeParams(PairKnobs, FDivKnob):
     beta: float = 0.1
     """β: the hinge is relu(1 − β·Δ), so 1/β is the log-ratio margin (SLiC's δ); TRL default 0.1."""
 
@@ -47,12 +49,13 @@ def hinge_loss(inputs: LossInputs, params: HingeParams) -> LossOutput:
     Zero gradient once β·Δ ≥ 1. Default β=0.1.
     """
     a, b = pair_logratios(inputs, params, "hinge")
-    return output_with_knobs(inputs, params, "hinge", torch.relu(1.0 - params.beta * (a - b)), params.beta * a,
+    sa, sb = f_scores(a, b, params)
+    return output_with_knobs(inputs, params, "hinge", torch.relu(1.0 - params.beta * (sa - sb)), params.beta * a,
                              params.beta * b)
 
 
 @dataclass(kw_only=True)
-class RobustParams(PairKnobs):
+class RobustParams(PairKnobs, FDivKnob):
     beta: float = 0.1
     """β of DPO."""
     label_smoothing: float = 0.1
@@ -76,18 +79,20 @@ def robust_loss(inputs: LossInputs, params: RobustParams) -> LossOutput:
     smoothing the flipped term is subtracted, so the loss can go negative. Defaults β=0.1, ε=0.1.
     """
     a, b = pair_logratios(inputs, params, "robust")
-    z, eps = params.beta * (a - b), params.label_smoothing
+    sa, sb = f_scores(a, b, params)
+    z, eps = params.beta * (sa - sb), params.label_smoothing
     losses = ((1.0 - eps) * -F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
     return output_with_knobs(inputs, params, "robust", losses, params.beta * a, params.beta * b)
 
 
 @dataclass(kw_only=True)
-class ExoParams(PairKnobs):
+class ExoParams(PairKnobs, FDivKnob):
     beta: float = 0.1
     """β_π: scale of the policy's log-ratio inside the softmax over {yw, yl}."""
     label_smoothing: float = 1e-3
     """ε: the target distribution over {yw, yl} is (1−ε, ε); must be in (0, 0.5) since log ε appears.
-    1e-3 as recommended by the paper (and TRL's fallback)."""
+    1e-3 as recommended by the paper (TRL 1.16 has no fallback: its exo_pair refuses label_smoothing=0
+    and names 1e-3)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,7 +111,8 @@ def exo_pair_loss(inputs: LossInputs, params: ExoParams) -> LossOutput:
     2402.00856), Eq. 16; TRL `exo_pair`. Minimum 0 at q = 1−ε. Defaults β=0.1, ε=1e-3.
     """
     a, b = pair_logratios(inputs, params, "exo_pair")
-    z, eps = params.beta * (a - b), params.label_smoothing
+    sa, sb = f_scores(a, b, params)
+    z, eps = params.beta * (sa - sb), params.label_smoothing
     losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
               + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
     return output_with_knobs(inputs, params, "exo_pair", losses, params.beta * a, params.beta * b)
@@ -163,7 +169,7 @@ def sppo_hard_loss(inputs: LossInputs, params: SPPOParams) -> LossOutput:
 
 
 @dataclass(kw_only=True)
-class DiscoPOPParams(PairKnobs):
+class DiscoPOPParams(PairKnobs, FDivKnob):
     beta: float = 0.1
     """β of DPO (TRL default 0.1)."""
     tau: float = 0.05
@@ -185,14 +191,15 @@ def discopop_loss(inputs: LossInputs, params: DiscoPOPParams) -> LossOutput:
     tests for where its slope turns positive. Defaults β=0.1, τ=0.05.
     """
     a, b = pair_logratios(inputs, params, "discopop")
-    z = params.beta * (a - b)
+    sa, sb = f_scores(a, b, params)
+    z = params.beta * (sa - sb)
     mix = torch.sigmoid(z / params.tau)
     losses = (1.0 - mix) * -F.logsigmoid(z) + mix * torch.exp(-z)
     return output_with_knobs(inputs, params, "discopop", losses, params.beta * a, params.beta * b)
 
 
 @dataclass(kw_only=True)
-class SigmoidNormParams(WPOKnob, SFTKnob):
+class SigmoidNormParams(WPOKnob, SFTKnob, FDivKnob):
     """β, wpo_weighting and sft_weight. No ld_alpha: the per-token average already takes the length
     out of each log-ratio, and LD-DPO (arXiv 2409.06411) is defined on sequence sums; discounting the
     excess tokens inside a mean that still counts them is a third reading no paper gives (the key is
@@ -218,5 +225,7 @@ def sigmoid_norm_loss(inputs: LossInputs, params: SigmoidNormParams) -> LossOutp
     """
     a, b = pair_logratios(inputs, params, "sigmoid_norm")
     mw, ml = inputs.require("sigmoid_norm", "chosen_mask", "rejected_mask")
-    chosen, rejected = params.beta * a / response_lengths(mw), params.beta * b / response_lengths(ml)
-    return output_with_knobs(inputs, params, "sigmoid_norm", -F.logsigmoid(chosen - rejected), chosen, rejected)
+    lw, ll = response_lengths(mw), response_lengths(ml)
+    sa, sb = f_scores(a, b, params)
+    losses = -F.logsigmoid(params.beta * (sa / lw - sb / ll))
+    return output_with_knobs(inputs, params, "sigmoid_norm", losses, params.beta * a / lw, params.beta * b / ll)

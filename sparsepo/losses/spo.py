@@ -21,7 +21,7 @@ class SPOParams:
     kl_estimator: str = "topk_tail"
     """How each per-token KL_t is estimated (sparsepo.losses.kl): "topk_tail" (default: the policy's
     top-K bins + a tail bin, a deterministic lower bound, exact at K = V), "k1" or "k3" (the sampled
-    token only: unbiased, noisier)."""
+    token only: unbiased only on fresh samples, y_t ~ πθ; refused with stale ones, `stale_sample_problem`)."""
     kl_support: str = "policy"
     """topk_tail's bins: "policy" (the policy's top-K at each sample position, K = reference.topk) or
     "union" (∪ the reference's top-K: a tighter bound, twice the gathered ids)."""
@@ -59,8 +59,17 @@ def spo_loss(inputs: LossInputs, params: SPOParams) -> LossOutput:
     (`kl_estimator`): the default "topk_tail" bins on the POLICY's top-K — the reference's top-K
     alone would miss exactly the mass the regulariser exists to penalise (policy mass where the
     reference has little) — and is a deterministic lower bound, exact at K = V; "k1"/"k3" are
-    unbiased sampled-token estimates with a score-function gradient. Prefixes are treated as data
-    (no gradient through the sampling of y<t).
+    unbiased sampled-token estimates with a score-function gradient — on fresh samples only. Prefixes
+    are treated as data (no gradient through the sampling of y<t).
+
+    Stale samples (`generation.staleness` s ≥ 1, or `generation.every_steps` > 1: a round drawn by
+    an older policy π_old regularises a later step). topk_tail is then still KL_t itself at each
+    visited prefix (it sums over the vocabulary's bins, no sampled token), but the prefixes come from
+    π_old, not πθ: the sequence-level KL is estimated on π_old's prefix distribution (bias of order
+    the policy's drift over s steps, no importance weight over prefixes). k1/k3 would in addition be
+    off-policy at the token: y_t ~ π_old, and neither the value nor the score-function term carries
+    πθ(y_t)/π_old(y_t); π_old's log-probs are not kept with a round, so that ratio cannot be formed
+    and the combination is refused before training (`stale_sample_problem`, the config's check).
 
     Reads: policy_chosen_logps, policy_rejected_logps (B,); sample_mask (S,T') on generated tokens;
     policy_/ref_sample_topk_logps (S,T',K) both sides' log-probs at the same support ids;
@@ -83,3 +92,18 @@ def spo_loss(inputs: LossInputs, params: SPOParams) -> LossOutput:
     losses = preference + params.beta * kl.to(preference.dtype)
     return make_output(losses, chosen, rejected, sample_kl=kl, kl_term=params.beta * kl,
                        preference_loss=preference.mean())
+
+
+def stale_sample_problem(params, *, staleness: int, every_steps: int) -> str | None:
+    """Why `params` (SPOParams, or a combination holding SPO's fields) cannot run on stale samples, in
+    words that name the settings and the fix; None when it can. k1/k3 estimate KL_t from the sampled
+    token, which is unbiased only when y_t ~ πθ; a stale round was drawn by an older policy and the
+    importance ratio πθ/π_old is not available (see `spo_loss`)."""
+    estimator = getattr(params, "kl_estimator", None)
+    if estimator not in ("k1", "k3") or (staleness < 1 and every_steps <= 1):
+        return None
+    return (f"method.kl_estimator={estimator} needs fresh samples (y_t ~ the current policy), but "
+            f"generation.staleness={staleness} and generation.every_steps={every_steps} regularise a step with "
+            f"samples an older policy drew, and the importance ratio πθ/π_old is not kept: use "
+            f"method.kl_estimator=topk_tail (exact at each visited prefix), or generation.staleness=0 and "
+            f"generation.every_steps=1")

@@ -18,12 +18,14 @@ from sparsepo.losses.anchored import (
     BCOParams,
     aot_loss,
     aot_pair_loss,
+    aot_unpaired_loss,
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
 )
 from sparsepo.losses.combined import combined_loss, combined_params_cls
-from sparsepo.losses.cpo import CPOParams, cpo_loss
+from sparsepo.losses.cpo import (AlphaPOParams, CPOMarginParams, CPOParams, alphapo_loss, cpo_hinge_loss,
+                                 cpo_ipo_loss, cpo_loss)
 from sparsepo.losses.dpo import DPOParams, dpo_loss
 from sparsepo.losses.fpo import FPOParams, fpo_loss
 from sparsepo.losses.ipo import IPOParams, ipo_loss
@@ -185,6 +187,9 @@ METHODS: dict[str, MethodSpec] = {
              "Optimal Transport, arXiv 2406.05882, §4 (paired AOT)", needs_reference=True),
         _row("aot_pair", aot_pair_loss, AOTParams, "Melnyk et al. 2024, Distributional Preference Alignment of LLMs "
              "via Optimal Transport, arXiv 2406.05882, §4 (unpaired AOT)", needs_reference=True),
+        _row("aot_unpaired", aot_unpaired_loss, AOTParams, "Melnyk et al. 2024, Distributional Preference Alignment of "
+             "LLMs via Optimal Transport, arXiv 2406.05882, §4 (unpaired AOT; TRL 1.16's name for aot_pair)",
+             needs_reference=True),
         _row("apo_zero", apo_zero_loss, APOParams, "D'Oosterlinck et al. 2024, Anchored Preference Optimization and "
              "Contrastive Revisions, arXiv 2408.06266, Eq. 7", needs_reference=True),
         _row("apo_down", apo_down_loss, APOParams, "D'Oosterlinck et al. 2024, Anchored Preference Optimization and "
@@ -198,6 +203,12 @@ METHODS: dict[str, MethodSpec] = {
         # reference-free
         _row("cpo", cpo_loss, CPOParams, "Xu et al. 2024, Contrastive Preference Optimization: Pushing the "
              "Boundaries of LLM Performance in Machine Translation, arXiv 2401.08417, §3 (L_prefer + L_NLL)"),
+        _row("cpo_hinge", cpo_hinge_loss, CPOMarginParams, "Xu et al. 2024, arXiv 2401.08417, §3 with SLiC-HF's "
+             "hinge (Zhao et al. 2023, arXiv 2305.10425) for L_prefer (TRL CPO loss_type=hinge)"),
+        _row("cpo_ipo", cpo_ipo_loss, CPOMarginParams, "Xu et al. 2024, arXiv 2401.08417, §3 with IPO's Eq. 17 (Azar "
+             "et al. 2023, arXiv 2310.12036) for L_prefer (TRL CPO loss_type=ipo)", length_normalised=True),
+        _row("alphapo", alphapo_loss, AlphaPOParams, "Gupta et al. 2025, AlphaPO: Reward Shape Matters for LLM "
+             "Alignment, arXiv 2501.03884, §3 (TRL CPO loss_type=alphapo)", length_normalised=True),
         _row("orpo", orpo_loss, ORPOParams, "Hong, Lee & Thorne 2024, ORPO: Monolithic Preference Optimization "
              "without Reference Model, arXiv 2403.07691, Eqs. 4-7", length_normalised=True),
         _row("sft", sft_loss, SFTParams, "NLL of the chosen response: Ouyang et al. 2022, arXiv 2203.02155, §3.5; "

@@ -32,6 +32,8 @@ def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
         settings["topk"] = cfg.reference.topk
     if features is not None:
         settings.update(sae=features.fingerprint, layer=features.layer, k=features.k)
+        if getattr(features, "pool", "response") != "response":  # keyed only when set: older caches stay valid
+            settings["pool"] = features.pool
     settings.update(scorer_for(cfg, outputs).fingerprints())  # SePO: both oracle models (checked first)
     return settings
 

@@ -91,6 +91,10 @@ class InlineSource:
             return None
         return score_batch(self.head, batch, self.outputs, topk=self.topk, features=self.features)
 
+    def follow(self, policy, alpha: float) -> None:
+        """TR-DPO: move the frozen reference towards the policy (`reference.follow`; collective under ZeRO-3)."""
+        policy.mix_into(self.model, alpha)
+
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
         """Inline: scored at once; the ticket is the result (see `LiveSource.request`)."""
         return self.score_samples(samples, request_ids, outputs)

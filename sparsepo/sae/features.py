@@ -32,6 +32,21 @@ def _masked_tokens(sae, hidden: torch.Tensor, mask: torch.Tensor | None) -> tupl
     return hidden[m], rows
 
 
+POOLS = ("response", "predicting_states")
+
+
+def pooling_mask(response_mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """Which positions' states FPO pools (N,T), from the response mask (N,T): "response" = the response
+    tokens' own states (this repository's default); "predicting_states" = the states that predict
+    them, position t−1 for each response token t (the official FPO code's `fm[:, :-1]` under the
+    shifted label mask). Same dtype as the response mask."""
+    if pool == "response":
+        return response_mask
+    if pool != "predicting_states":
+        raise ValueError(f"pool must be one of {', '.join(POOLS)} (got {pool!r})")
+    return torch.nn.functional.pad(response_mask[:, 1:], (0, 1))
+
+
 def pooled_features(sae, hidden: torch.Tensor, mask: torch.Tensor, *,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """(N,F) mean of `sae.encode` over the positions where mask (N,T) is 1; zeros for empty rows.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sparsepo.sae.features import pooled_features, reconstruction_stats, sparse_topk
+from sparsepo.sae.features import pooled_features, pooling_mask, reconstruction_stats, sparse_topk
 from sparsepo.sae.hooks import capture_residual, collect_activations
 from sparsepo.sae.io import check_sae_compatible, load_sae, sae_fingerprint, save_sae
 from sparsepo.sae.train import train_sae
@@ -25,12 +25,15 @@ log = logging.getLogger("sparsepo")
 
 
 class SAEFeatures:
-    """A frozen SAE reading decoder layer `layer`; k = FPO's top-k."""
+    """A frozen SAE reading decoder layer `layer`; k = FPO's top-k; `pool` which states are pooled
+    (`features.pooling_mask`); `dense`: the reference serves every pooled feature (ids 0..F−1), for
+    FPO's index_set=policy_topk, which reads the reference at the policy's top-k ids (inline only)."""
 
     outputs = ("feature_ids", "feature_values")
+    pool, dense = "response", False
 
-    def __init__(self, sae, *, layer: int, k: int):
-        self.sae, self.layer, self.k = sae, layer, k
+    def __init__(self, sae, *, layer: int, k: int, pool: str = "response", dense: bool = False):
+        self.sae, self.layer, self.k, self.pool, self.dense = sae, layer, k, pool, dense
         self.fingerprint = sae_fingerprint(sae)
 
     @contextmanager
@@ -40,8 +43,12 @@ class SAEFeatures:
 
     @torch.no_grad()
     def reference(self, cap, batch) -> dict[str, torch.Tensor]:
-        """The reference cache's FPO entries: pooled top-k (ids, values) per response, (2B,k)."""
-        pooled = pooled_features(self.sae, cap.take(), batch.response_mask)
+        """The reference's FPO entries: pooled top-k (ids, values) per response, (2B,k); with `dense`
+        all F pooled features, ids 0..F−1, (2B,F)."""
+        pooled = pooled_features(self.sae, cap.take(), pooling_mask(batch.response_mask, self.pool))
+        if self.dense:
+            ids = torch.arange(pooled.shape[-1], device=pooled.device).expand(pooled.shape[0], -1)
+            return {"feature_ids": ids, "feature_values": pooled}
         ids, values = sparse_topk(pooled, min(self.k, pooled.shape[-1]))
         return {"feature_ids": ids, "feature_values": values}
 
@@ -51,7 +58,7 @@ class SAEFeatures:
         the policy). The statistics cost a second encode + decode, so the trainer asks for them on log
         steps only (`MetricsLogger.due`); when asked, they mean what they always did."""
         hidden = cap.take()
-        pooled = pooled_features(self.sae, hidden, batch.response_mask)
+        pooled = pooled_features(self.sae, hidden, pooling_mask(batch.response_mask, self.pool))
         if not stats:
             return pooled, {}
         with torch.no_grad():
@@ -74,7 +81,9 @@ def load_for_run(cfg, *, model_fingerprint: str | None = None) -> SAEFeatures:
     d_model, num_layers = model_shape(cfg.model.path)
     check_sae_compatible(sae, d_model=d_model, layer=cfg.sae.layer, num_layers=num_layers,
                          model_fingerprint=model_fingerprint)
-    return SAEFeatures(sae, layer=cfg.sae.layer, k=cfg.method.params.k)
+    params = cfg.method.params
+    return SAEFeatures(sae, layer=cfg.sae.layer, k=params.k, pool=getattr(params, "pool", "response"),
+                       dense=getattr(params, "index_set", "union") == "policy_topk")
 
 
 def train_for_run(cfg, out_dir: str | Path, *, d_sae: int | None = None, k: int = 32, steps: int = 2000,
