@@ -21,6 +21,10 @@ class ModelConfig:
     """Tokenizer directory; defaults to `path`."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of the policy and every reference model: sdpa (torch's scaled-dot-product
+    attention: flash/memory-efficient kernels on CUDA, the default), flash_attention_2 (needs the
+    flash-attn package and a CUDA device; refused otherwise) or eager (the plain matmul path)."""
     logits_chunk: int = 128
     """Lean log-probs (`sparsepo.logprobs`): the policy forward and every reference path (inline,
     precompute, the live pipeline's last stage, SePO's oracle) run the LM head on this many response
@@ -131,6 +135,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     """Gradient-norm clipping; 0 disables."""
+    implementation: str = "auto"
+    """AdamW kernel: auto (torch_fused on CUDA, torch on CPU), torch (torch.optim.AdamW, per-tensor
+    loops), torch_fused (torch.optim.AdamW(fused=True): one kernel for all tensors, CUDA only) or
+    deepspeed_fused (DeepSpeed's FusedAdam: CUDA only, JIT-compiled on first use, needs nvcc)."""
 
 
 @dataclass(kw_only=True)
@@ -145,7 +153,8 @@ class TrainConfig:
     """Stop after this many optimiser steps (default: the epochs' worth)."""
     seed: int = 0
     precision: str = "fp32"
-    """fp32 | bf16 (fp16 is not supported on CPU)."""
+    """fp32 | bf16 | fp16. fp16 runs on CUDA only (DeepSpeed's dynamic loss scaling; refused on CPU,
+    whose kernels lack half-precision matmuls and DeepSpeed's CPU accelerator has no fp16 support)."""
 
 
 @dataclass(kw_only=True)
@@ -159,6 +168,9 @@ class DeepSpeedSection:
 class CheckpointConfig:
     every_steps: int = 0
     """Save a sharded checkpoint every N optimiser steps (0: only at the end)."""
+    at_end: bool = True
+    """Save a sharded checkpoint after the last step (fp32 master weights + Adam moments: ~12-16
+    bytes per parameter, ~15 GB at 0.94 B). Benchmarks set false; the final model is written either way."""
     keep_last: int = 2
     resume: str | None = None
     """None | auto (latest valid checkpoint in the run directory) | a checkpoint path."""
@@ -198,6 +210,8 @@ _CHOICES = {
     ("reference", "mode"): ("cache", "live", "precompute", "inline"),
     ("topology", "placement"): ("last", "interleaved"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
-    ("train", "precision"): ("fp32", "bf16"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("model", "attn_implementation"): ("sdpa", "flash_attention_2", "eager"),
+    ("optim", "implementation"): ("auto", "torch", "torch_fused", "deepspeed_fused"),
     ("generation", "params"): PARAM_PATHS,
 }

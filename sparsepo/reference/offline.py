@@ -51,7 +51,8 @@ def load_scorer(cfg, outputs: tuple[str, ...], device):
                                chunk=cfg.model.logits_chunk)
     from sparsepo.models import load_frozen_model
 
-    return load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision)
+    return load_frozen_model(reference_path(cfg), device=device, precision=cfg.train.precision,
+                             attn_implementation=cfg.model.attn_implementation)
 
 
 def local_components(cfg, data_fingerprint: str, outputs: tuple[str, ...], features=None) -> dict:

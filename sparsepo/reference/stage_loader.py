@@ -27,7 +27,7 @@ from sparsepo.reference.stages import StageBlock, check_feature_layer, get_modul
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StageLoader:
