@@ -112,7 +112,9 @@ def setup(cfg: RunConfig, live=None) -> Run:
 
 def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:
     """One micro-batch: forward, loss, backward. Returns (metrics, seconds waiting for the reference, tokens)."""
-    batch = run.data.batch(rows).to(run.ctx.device)
+    batch = run.data.batch(rows)
+    tokens = sum(batch.attention_mask.sum(-1).tolist())  # on the host, before the copy: no device read-back
+    batch = batch.to(run.ctx.device)
     t_ref = time.perf_counter()
     ref = run.source.get(batch)
     wait = time.perf_counter() - t_ref
@@ -132,7 +134,7 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
     run.policy.step()
     metrics = {"loss": loss.detach(), **out.metrics, **feature_metrics, **sample_metrics,
                "rewards_chosen": out.chosen_rewards.mean(), "rewards_rejected": out.rejected_rewards.mean()}
-    return metrics, wait, int(batch.attention_mask.sum())
+    return metrics, wait, tokens
 
 
 def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> dict:
@@ -146,11 +148,13 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
         for slot in slots:
             metrics, w, n = micro_step(run, slot.rows, step, slot.micro)
             wait, tokens = wait + w, tokens + n
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
+            for k, v in metrics.items():  # device tensors: read back on log steps only (each read waits for the GPU)
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach() / accum
         step_time = time.perf_counter() - t_step
-        last = reduce_mean({**sums, "step_time": step_time, "ref_wait": wait, "tokens_per_s": tokens * dp / step_time})
-        last.update(lr=lr, grad_norm=run.policy.grad_norm())
+        full = run.metrics.due(step + 1) or step + 1 == run.total
+        host = {"step_time": step_time, "ref_wait": wait, "tokens_per_s": tokens * dp / step_time}
+        last = reduce_mean({**({k: float(v) for k, v in sums.items()} if full else {}), **host})
+        last.update(lr=lr, **({"grad_norm": run.policy.grad_norm()} if full else {}))
         run.metrics.log(step + 1, last)
         stop = preempt.any_rank()
         if stop or ckpt.due(cfg, step + 1, run.total):

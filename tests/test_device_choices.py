@@ -10,10 +10,11 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("impl, cuda, offload, want", [
-    ("auto", True, False, {"torch_adam": True, "fused": True}),   # one fused kernel on GPUs
-    ("auto", False, False, {"torch_adam": True}),                 # no 50 s JIT build of FusedAdam on CPU
-    ("auto", True, True, {"torch_adam": True}),                   # optimiser state in CPU memory
+    ("auto", True, False, {"torch_adam": True, "fused": True}),   # one fused kernel on GPUs...
+    ("auto", False, False, {"torch_adam": True, "fused": True}),  # ...and on CPU (10x the loop), no JIT build
+    ("auto", True, True, {"torch_adam": True}),                   # optimiser state offloaded: as before
     ("torch", True, False, {"torch_adam": True}),
+    ("torch_fused", False, False, {"torch_adam": True, "fused": True}),
     ("deepspeed_fused", True, False, {"torch_adam": False}),      # DeepSpeed's FusedAdam
 ])
 def test_optimizer_kernel_follows_the_device(impl, cuda, offload, want):
@@ -21,8 +22,8 @@ def test_optimizer_kernel_follows_the_device(impl, cuda, offload, want):
 
 
 @pytest.mark.parametrize("impl, cuda, offload, needle", [
-    ("torch_fused", False, False, "needs a CUDA device"), ("deepspeed_fused", False, False, "needs a CUDA device"),
-    ("torch_fused", True, True, "offloads the optimiser state")])
+    ("deepspeed_fused", False, False, "needs a CUDA device"),
+    ("torch_fused", True, True, "offloads the optimiser state"), ("deepspeed_fused", True, True, "offloads")])
 def test_fused_kernels_are_refused_where_they_cannot_run(impl, cuda, offload, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         optimizer_kernel(impl, cuda=cuda, offload=offload)
@@ -38,7 +39,7 @@ def test_deepspeed_json_carries_the_kernel_and_fp16_only_on_cuda():
         build_deepspeed_config(cfg, dp_size=1, cuda=False)
     cpu = build_deepspeed_config(load_config(None, ["train.precision=bf16"]), dp_size=1, cuda=False)
     assert cpu["optimizer"]["params"] == {"lr": 5e-6, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-                                          "torch_adam": True}
+                                          "torch_adam": True, "fused": True}
     assert cpu["bf16"] == {"enabled": True} and cpu["fp16"] == {"enabled": False}
     offload = build_deepspeed_config(load_config(None, ["deepspeed.stage_file=zero3_offload.json"]), dp_size=1,
                                      cuda=True)

@@ -15,16 +15,18 @@ HALF_PRECISIONS = ("bf16", "fp16")
 def optimizer_kernel(implementation: str, *, cuda: bool, offload: bool = False) -> dict:
     """The DeepSpeed optimizer params that select the AdamW kernel.
 
-    auto: torch's fused AdamW on CUDA (one kernel for every tensor, no JIT build, same maths as
-    DeepSpeed's FusedAdam), the plain torch loop on CPU (DeepSpeed's FusedAdam would JIT-compile a
-    CPU op for ~50 s, FIELD_NOTES) and whenever the optimiser state is offloaded to CPU memory."""
+    auto: torch's fused AdamW (`torch_adam` + `fused`: one kernel over every tensor, no JIT build) on
+    CUDA and on CPU alike: on one CPU thread it stepped a 7.3 M-element partition in 15.6 ms against
+    160 ms for torch's default per-tensor loop (71 ms foreach; docs/profile.md). With the optimiser
+    state offloaded to CPU (ZeRO-Offload) the plain torch loop, as before. deepspeed_fused (DeepSpeed's
+    FusedAdam) JIT-compiles for ~50 s on first use and needs CUDA here."""
     if implementation == "auto":
-        implementation = "torch_fused" if cuda and not offload else "torch"
-    if implementation in ("torch_fused", "deepspeed_fused") and not cuda:
-        raise ConfigError(f"optim.implementation={implementation} needs a CUDA device and this machine has none: "
-                          f"set optim.implementation=torch (or auto)")
+        implementation = "torch" if offload else "torch_fused"
+    if implementation == "deepspeed_fused" and not cuda:
+        raise ConfigError("optim.implementation=deepspeed_fused needs a CUDA device and this machine has none: "
+                          "set optim.implementation=torch_fused (or auto)")
     if implementation in ("torch_fused", "deepspeed_fused") and offload:
-        raise ConfigError(f"optim.implementation={implementation} runs on the GPU but the stage file offloads the "
+        raise ConfigError(f"optim.implementation={implementation} is not used with a stage file that offloads the "
                           f"optimiser state to CPU memory: set optim.implementation=torch (or auto), or drop "
                           f"offload_optimizer from the stage file")
     if implementation == "torch":

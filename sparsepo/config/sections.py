@@ -110,6 +110,10 @@ class TopologyConfig:
     placement: str = "last"
     """last: reference ranks are the highest global ranks (e.g. the last nodes); interleaved:
     spread evenly among the policy ranks."""
+    device_map: str | None = None
+    """Live mode: the GPU index of each local rank on a node, comma-separated ("0,0": policy and
+    reference on GPU 0 of a one-GPU workstation; "0,1,1": a policy on GPU 0, a 2-stage reference on
+    GPU 1). Default: GPU = LOCAL_RANK. A world whose processes share a GPU runs gloo, else NCCL."""
 
 
 @dataclass(kw_only=True)
@@ -136,9 +140,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping; 0 disables."""
     implementation: str = "auto"
-    """AdamW kernel: auto (torch_fused on CUDA, torch on CPU), torch (torch.optim.AdamW, per-tensor
-    loops), torch_fused (torch.optim.AdamW(fused=True): one kernel for all tensors, CUDA only) or
-    deepspeed_fused (DeepSpeed's FusedAdam: CUDA only, JIT-compiled on first use, needs nvcc)."""
+    """AdamW kernel: auto (torch_fused; torch with ZeRO-Offload), torch (torch.optim.AdamW's
+    per-tensor loop), torch_fused (torch.optim.AdamW(fused=True): one kernel, CPU and CUDA; ~10x
+    faster on one CPU thread) or deepspeed_fused (DeepSpeed's FusedAdam: CUDA only, JIT-compiled on
+    first use, needs nvcc)."""
 
 
 @dataclass(kw_only=True)
@@ -181,6 +186,9 @@ class LoggingConfig:
     output_dir: str = "runs/demo/run"
     """Run directory: resolved config, TensorBoard events, checkpoints, final model."""
     log_every: int = 10
+    """Log step (the first, every N-th, the last): the loss and every other device-side metric and the
+    grad norm are read back (a host sync each) and written only then; step time, reference wait,
+    tokens/s and lr go to TensorBoard every step. 1: everything every step (the tests, benchmarks)."""
     tensorboard: bool = True
     progress: bool = True
     overwrite: bool = False
