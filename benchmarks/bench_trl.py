@@ -48,9 +48,10 @@ import bench_methods as bm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, RESPONSE, BATCH, LR, BETA, CLIP, VOCAB = 16, 48, 4, 5e-4, 0.1, 1.0, 1000
+STAGE_FILE = ["zero3.json"]  # --stage-file (one_gpu.json: ZeRO-2 without overlap, the file for one process)
 ATTN = "sdpa"  # both sides: sparsepo's model.attn_implementation and TRL's from_pretrained
 SPARSEPO_SETTINGS = {"gradient_checkpointing": False, "bf16": False, "dtype": "torch.float32", "attn_implementation": ATTN,
-                     "optim": "torch AdamW through DeepSpeed ZeRO-3 (1 rank)", "torch_threads": 1,
+                     "optim": "torch AdamW (fused, optim.implementation=auto) through DeepSpeed (1 rank)", "torch_threads": 1,
                      "step_timer": "train/step_time: collate + reference (cache read or inline forward) + forward + "
                                    "loss + backward + clip + AdamW step (metrics logging not timed)"}
 SYSTEMS = ("trl-inline", "trl-precompute", "sparsepo-inline", "sparsepo-cache")
@@ -108,7 +109,8 @@ def sparsepo_overrides(inputs: dict, run_dir: Path, mode: str, steps: int) -> li
             "model.gradient_checkpointing=false", "checkpoint.at_end=false", "optim.weight_decay=0.0", f"optim.grad_clip={CLIP}",
             f"train.micro_batch_size={BATCH}", f"train.max_steps={steps}", "train.seed=0",
             f"reference.mode={mode}", f"reference.cache_dir={run_dir.parent / 'sparsepo-cache'}",
-            f"logging.output_dir={run_dir}", "logging.log_every=1", "logging.overwrite=true", "logging.progress=false"]
+            f"logging.output_dir={run_dir}", "logging.log_every=1", "logging.overwrite=true", "logging.progress=false",
+            f"deepspeed.stage_file={STAGE_FILE[0]}"]
 
 
 def trl_args(a, config_cls) -> dict:
@@ -344,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--short-steps", type=int, default=10, help="length of the run subtracted for CPU/step")
     p.add_argument("--profile-steps", type=int, default=30, help="0: no profile")
     p.add_argument("--json", default=str(REPO / "docs" / "bench_trl.json"))
+    p.add_argument("--stage-file", default="zero3.json", help="sparsepo's deepspeed.stage_file")
     a = p.parse_args(argv)
+    STAGE_FILE[0] = a.stage_file
     if a.worker:
         return trl_worker(a)
     if a.profile_worker:
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
            "command": ("python benchmarks/bench_trl.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
            "steps": a.steps, "rounds": a.rounds, "trl_version": trl_version, "inputs": inputs,
            "lengths": {"sparsepo": sparsepo_lengths(inputs), "trl": trl_len}, "systems": systems, "runs": runs,
-           "settings": {"sparsepo": SPARSEPO_SETTINGS, **trl_set},
+           "settings": {"sparsepo": {**SPARSEPO_SETTINGS, "stage_file": STAGE_FILE[0]}, **trl_set},
            "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     res["targets"] = targets(systems, runs)
     if a.profile_steps:
