@@ -64,3 +64,12 @@ def test_flash_attention_2_trains(tmp_path, tiny):
     w, built = tiny
     run(tmp_path, w, built, 1, "reference.mode=inline", "train.precision=bf16",
         "model.attn_implementation=flash_attention_2")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_policy_ranks_over_nccl_with_host_collectives(tmp_path, tiny):
+    """Two policy ranks, ZeRO-3 over NCCL; the loop's CPU-tensor all-reduces (metrics, preemption flag)
+    ride the gloo half of the "cpu:gloo,cuda:nccl" group (an NCCL-only group refuses CPU tensors)."""
+    w, built = tiny
+    mem = run(tmp_path, w, built, 2, "reference.mode=inline", "train.precision=bf16")
+    assert sorted(m["local_rank"] for m in mem) == [0, 1]

@@ -9,6 +9,13 @@ from sparsepo.launch.process import plan
 from sparsepo.launch.topology import Topology, TopologyError
 
 pytestmark = pytest.mark.unit
+NCCL = "cpu:gloo,cuda:nccl"  # NCCL for CUDA tensors, gloo for the loop's CPU-tensor collectives
+
+
+def test_the_nccl_backend_string_parses_into_both_devices():
+    import torch.distributed as dist
+
+    assert dist.BackendConfig(dist.Backend(NCCL)).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
 
 
 def torchrun(rank: int, world: int, local_world: int | None = None) -> dict:
@@ -26,7 +33,7 @@ def test_one_gpu_workstation_policy_and_reference_on_gpu0_each_world_on_nccl():
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "0"]
     assert [e["SPARSEPO_GLOBAL_LOCAL_RANK"] for e in envs] == ["0", "1"]  # the launch's own, kept
     assert [e["SPARSEPO_DEVICE_SHARED"] for e in envs] == ["0", "0"]
-    assert [backend_for(cuda=True, shared=e["SPARSEPO_DEVICE_SHARED"] == "1") for e in envs] == ["nccl", "nccl"]
+    assert [backend_for(cuda=True, shared=e["SPARSEPO_DEVICE_SHARED"] == "1") for e in envs] == [NCCL, NCCL]
     # replanning from the rewritten environment gives the same answer (the launcher may plan twice)
     assert [plan(c, e, num_layers=2).env for e in envs] == envs
 
@@ -45,7 +52,7 @@ def test_a_world_with_two_processes_on_one_gpu_runs_gloo():
     plans = [device_plan(topo, g, 3, dmap) for g in range(3)]
     assert [p.device for p in plans] == [0, 1, 1]
     assert [p.shared for p in plans] == [False, True, True]
-    assert [backend_for(cuda=True, shared=p.shared) for p in plans] == ["nccl", "gloo", "gloo"]
+    assert [backend_for(cuda=True, shared=p.shared) for p in plans] == [NCCL, "gloo", "gloo"]
     assert backend_for(cuda=False, shared=False) == "gloo"
 
 

@@ -57,8 +57,10 @@ def device_plan(topo: Topology, global_rank: int, local_world_size: int,
 
 
 def backend_for(*, cuda: bool, shared: bool) -> str:
-    """NCCL where each process of the world owns its GPU, gloo otherwise (CPU, or a shared GPU)."""
-    return "nccl" if cuda and not shared else "gloo"
+    """NCCL for CUDA tensors where each process of the world owns its GPU, with gloo beside it for the
+    host-side collectives the loop makes on CPU tensors (metrics' all-reduce, the preemption flag: an
+    NCCL-only group refuses CPU tensors once a world has 2+ ranks); gloo alone on CPU or a shared GPU."""
+    return "cpu:gloo,cuda:nccl" if cuda and not shared else "gloo"
 
 
 def check_device_index(device: int, gpu_count: int, local_rank: int) -> None:
