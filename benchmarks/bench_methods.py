@@ -131,7 +131,7 @@ def run_process(cmd: list[str], log_path: Path, *, launcher: bool = False) -> di
 
 
 def train_cmd(nproc: int, overrides: list[str]) -> list[str]:
-    args = ["--config", str(RECIPE), *overrides]
+    args = ["--config", str(RECIPE), "checkpoint.at_end=false", *overrides]  # benchmarks: no checkpoint unless asked
     if nproc == 1:
         return [sys.executable, "-m", "sparsepo.train", *args]
     port = 29500 + os.getpid() % 1000

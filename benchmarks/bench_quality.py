@@ -136,7 +136,7 @@ def train_cmd(world, work: Path, label: str, method: str, ovs: list[str], seed: 
     cmd = [sys.executable, "-m", "sparsepo.train", "--config", str(recipe), f"model.path={world.sft_dir}",
            f"data.path={world.train_path}", f"logging.output_dir={run_dir}", "logging.overwrite=true",
            "logging.progress=false", f"train.max_steps={steps}", f"train.seed={seed}",
-           f"reference.cache_dir={work / 'cache' / method}", *ovs]
+           f"reference.cache_dir={work / 'cache' / method}", "checkpoint.at_end=false", *ovs]  # no checkpoint unless asked
     return run_dir, cmd, f"train-{slug}-s{seed}.log"
 
 

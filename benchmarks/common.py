@@ -20,7 +20,7 @@ def command(world, run_dir: Path, overrides: list[str], nproc: int, *, pin: bool
     (1 process: `taskset -c 0`; more: the deepspeed launcher's --bind_cores_to_rank, numactl)."""
     cmd = train_command(RECIPE, [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
                                  f"logging.output_dir={run_dir}", "logging.progress=false", "logging.overwrite=true",
-                                 *overrides], nproc=nproc)
+                                 "checkpoint.at_end=false", *overrides], nproc=nproc)  # no checkpoint unless asked
     if not pin:
         return cmd
     return ["taskset", "-c", "0", *cmd] if nproc <= 1 else [*cmd[:3], "--bind_cores_to_rank", *cmd[3:]]

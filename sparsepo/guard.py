@@ -32,18 +32,22 @@ class NonFiniteGuard:
     count: int = 0  # non-finite steps so far (seeded with DeepSpeed's restored skip count on resume)
     skipped: int = 0  # DeepSpeed's skip counter as last seen
     steps: list[int] = field(default_factory=list)  # the counted steps of this process (for the message)
+    count_skips: bool = True  # False under fp16: its dynamic loss scaler skips steps by design while it calibrates
 
     @classmethod
-    def for_engine(cls, limit: int, policy) -> "NonFiniteGuard":
+    def for_engine(cls, limit: int, policy, precision: str = "fp32") -> "NonFiniteGuard":
         skipped = policy.skipped_steps()
-        return cls(limit=limit, count=skipped, skipped=skipped)
+        fp16 = precision == "fp16"
+        return cls(limit=limit, count=0 if fp16 else skipped, skipped=skipped, count_skips=not fp16)
 
     def step(self, step: int, metrics: dict, policy) -> None:
-        """After optimiser step `step` (1-based) with its rank-averaged metrics; raises NonFiniteError."""
+        """After optimiser step `step` (1-based) with its rank-averaged metrics; raises NonFiniteError.
+        The loss and grad norm are read where `metrics` has them (the log steps: no host sync between
+        them); DeepSpeed's skip count, a host integer, every step (not under fp16, see `count_skips`)."""
         skipped = policy.skipped_steps()
         reasons = [f"{key} {metrics[key]}" for key in ("loss", "grad_norm")
                    if key in metrics and not math.isfinite(metrics[key])]
-        if skipped > self.skipped:
+        if skipped > self.skipped and self.count_skips:
             reasons.append("DeepSpeed skipped the optimiser step (overflow)")
         self.skipped = skipped
         metrics["nonfinite_steps"] = self.count + bool(reasons)

@@ -61,7 +61,8 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{name}", value, step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", acc=f"{scalars.get('accuracy', 0):.2f}")
+            if "loss" in scalars:  # log steps only (trainer.train reads device values back then)
+                self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", acc=f"{scalars.get('accuracy', 0):.2f}")
         if self.due(step):
             shown = ("loss", "accuracy", "margin", "lr", "grad_norm", "step_time", "ref_wait")
             text = " ".join(f"{k}={scalars[k]:.4g}" for k in shown if k in scalars)

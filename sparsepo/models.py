@@ -73,12 +73,13 @@ def check_same_tokens(role: str, path: str, run_tokenizer: str, run_model: str, 
                     f"{policy_vocab}; it must share the policy's vocabulary")
 
 
-def load_frozen_model(path: str, *, device: torch.device | str = "cpu", precision: str = "fp32"):
+def load_frozen_model(path: str, *, device: torch.device | str = "cpu", precision: str = "fp32",
+                      attn_implementation: str = "sdpa"):
     """A model for scoring only: eval mode, no gradients."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -22,6 +22,7 @@ from typing import Any
 
 from sparsepo import checkpoint as ckpt
 from sparsepo.config import ConfigError, RunConfig, build_deepspeed_config, check_batch_size
+from sparsepo.config.device import check_device
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class Preflight:
 
 
 def preflight(cfg: RunConfig, spec, ctx, *, training: bool = True) -> Preflight:
-    ds_config = build_deepspeed_config(cfg, dp_size=ctx.world_size)  # reads and checks the stage file
+    facts = check_device(cfg)  # fp16 / flash-attention where the machine allows them
+    ds_config = build_deepspeed_config(cfg, dp_size=ctx.world_size, cuda=facts["cuda"])  # reads the stage file
     if training:
         check_batch_size(cfg, ctx.world_size)
     if spec.needs_oracle_scores:  # SePO: oracle.json there, naming two distinct local models (no tokenising yet)

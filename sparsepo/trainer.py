@@ -79,7 +79,8 @@ def setup(cfg: RunConfig, live=None) -> Run:
     if ctx.is_main:
         (data.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     policy = PolicyEngine.build(cfg.model.path, ds_config, schedule=lr_schedule(cfg, total),
-                                precision=cfg.train.precision, gradient_checkpointing=cfg.model.gradient_checkpointing)
+                                precision=cfg.train.precision, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                attn_implementation=cfg.model.attn_implementation)
     head = Head.for_model(policy, head_chunk(cfg))
     start = 0 if resume is None else ckpt.restore(policy, resume, cfg, data_fingerprint=data.fingerprint, ctx=ctx)
     handshake = br.Handshake(start_step=start, total_steps=total, outputs=spec.reference_outputs,
@@ -117,7 +118,9 @@ def setup(cfg: RunConfig, live=None) -> Run:
 
 def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:
     """One micro-batch: forward, loss, backward. Returns (metrics, seconds waiting for the reference, tokens)."""
-    batch = run.data.batch(rows).to(run.ctx.device)
+    batch = run.data.batch(rows)
+    tokens = sum(batch.attention_mask.sum(-1).tolist())  # on the host, before the copy: no device read-back
+    batch = batch.to(run.ctx.device)
     t_ref = time.perf_counter()
     ref = run.source.get(batch)
     wait = time.perf_counter() - t_ref
@@ -141,7 +144,7 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
     run.policy.step()
     metrics = {"loss": loss.detach(), **out.metrics, **feature_metrics, **sample_metrics,
                "rewards_chosen": out.chosen_rewards.mean(), "rewards_rejected": out.rejected_rewards.mean()}
-    return metrics, wait, int(batch.attention_mask.sum())
+    return metrics, wait, tokens
 
 
 def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> dict:
@@ -149,19 +152,21 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     run = setup(cfg, live)
     preempt = preempt or PreemptionFlag()
     accum, dp, last = cfg.train.grad_accum, run.ctx.world_size, {}
-    guard = NonFiniteGuard.for_engine(cfg.train.max_nonfinite_steps, run.policy)  # no NaN model published
+    guard = NonFiniteGuard.for_engine(cfg.train.max_nonfinite_steps, run.policy, cfg.train.precision)  # no NaN model published
     for step, slots in run.schedule.steps(run.start, run.total, run.ctx.rank):
         t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
         lr = run.policy.lr()  # the rate this step uses
         for slot in slots:
             metrics, w, n = micro_step(run, slot.rows, step, slot.micro)
             wait, tokens = wait + w, tokens + n
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
+            for k, v in metrics.items():  # device tensors: read back on log steps only (each read waits for the GPU)
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach() / accum
         step_time = time.perf_counter() - t_step
-        last = reduce_mean({**sums, "step_time": step_time, "ref_wait": wait, "tokens_per_s": tokens * dp / step_time})
-        last.update(lr=lr, grad_norm=run.policy.grad_norm())
-        guard.step(step + 1, last, run.policy)
+        full = run.metrics.due(step + 1) or step + 1 == run.total
+        host = {"step_time": step_time, "ref_wait": wait, "tokens_per_s": tokens * dp / step_time}
+        last = reduce_mean({**({k: float(v) for k, v in sums.items()} if full else {}), **host})
+        last.update(lr=lr, **({"grad_norm": run.policy.grad_norm()} if full else {}))
+        guard.step(step + 1, last, run.policy)  # loss / grad norm on log steps; DeepSpeed's skip count every step
         run.metrics.log(step + 1, last)
         if follow.due(cfg, step + 1):  # TR-DPO: the reference follows the policy (inline; collective)
             run.source.follow(run.policy, cfg.reference.sync_alpha)

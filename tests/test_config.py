@@ -70,7 +70,7 @@ def test_round_trip_through_resolved_file(tmp_path):
     ({"logging": {"tensorboard": "yes"}}, [], ["'logging.tensorboard'", "must be bool"]),
     ({"optim": {"betas": [0.9]}}, [], ["'optim.betas'", "list of 2"]),
     ({"reference": {"mode": "lvie"}}, [], ["'reference.mode'", "choose one of", "Did you mean 'live'"]),
-    ({"train": {"precision": "fp16"}}, [], ["'train.precision'", "fp32, bf16"]),
+    ({"train": {"precision": "fp8"}}, [], ["'train.precision'", "fp32, bf16, fp16"]),
     ({"method": {"name": "dpo", "beta": -1.0}}, [], ["method", "beta"]),
     ({"data": {"max_length": 64, "max_prompt_length": 64}}, [], ["max_prompt_length=64", "max_length=64"]),
     ({"reference": {"mode": "live"}}, [], ["reference.mode=live", "topology.reference_ranks"]),
@@ -151,6 +151,8 @@ def test_every_shipped_stage_file_builds():
     for f in files:
         ds = build_deepspeed_config(load_config(None, [f"deepspeed.stage_file={f.name}"]), dp_size=1)
         assert ds["zero_optimization"]["stage"] in (2, 3)
+    assert build_deepspeed_config(load_config(None, ["deepspeed.stage_file=one_gpu.json"]), dp_size=1)[
+        "zero_optimization"]["overlap_comm"] is False
 
 
 @pytest.mark.unit

@@ -13,7 +13,10 @@ from conftest import run_training
 pytestmark = pytest.mark.integration
 
 
-def test_checkpoint_on_a_full_disk_is_refused_clearly_and_left_unsealed(tiny_world, tmp_path):
+@pytest.mark.parametrize("stage_file", ["zero3.json", "zero2.json"])
+def test_checkpoint_on_a_full_disk_is_refused_clearly_and_left_unsealed(tiny_world, tmp_path, stage_file):
+    """ZeRO-2 writes its optimiser state in other files than ZeRO-3 (GPU issue 19: ZeRO-2 died with
+    the raw "unexpected pos" where ZeRO-3 gave this message)."""
     disk = tmp_path / "small"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
@@ -21,7 +24,8 @@ def test_checkpoint_on_a_full_disk_is_refused_clearly_and_left_unsealed(tiny_wor
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         proc = run_training(tiny_world, disk / "run", "method.name=simpo", "train.max_steps=2",
-                            "checkpoint.every_steps=1", f"data.cache_dir={tmp_path / 'datacache'}", check=False)
+                            "checkpoint.every_steps=1", f"data.cache_dir={tmp_path / 'datacache'}",
+                            f"deepspeed.stage_file={stage_file}", check=False)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 1, out[-3000:]
         assert "could not be written: the disk is full" in out and "bytes free" in out, out[-3000:]

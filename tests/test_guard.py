@@ -87,6 +87,25 @@ def test_guard_resumes_with_deepspeeds_restored_skip_count():
         guard.step(8, {"loss": math.nan, "grad_norm": math.nan}, policy)
 
 
+def test_guard_between_log_steps_counts_deepspeeds_skip_and_fp16_calibration_is_not_counted():
+    """Between log steps the loop hands no loss or norm (no host sync): DeepSpeed's skip still counts.
+    Under fp16 the dynamic loss scaler skips steps by design while it calibrates: those are not counted,
+    a non-finite loss on a log step still is."""
+    policy = FakePolicy()
+    guard = NonFiniteGuard.for_engine(0, policy)
+    guard.step(1, {}, policy)
+    policy.skipped = 1
+    with pytest.raises(NonFiniteError, match="1 non-finite"):
+        guard.step(2, {}, policy)
+    policy = FakePolicy()
+    guard = NonFiniteGuard.for_engine(0, policy, "fp16")
+    policy.skipped = 3
+    guard.step(1, {}, policy)
+    assert guard.count == 0
+    with pytest.raises(NonFiniteError, match="1 non-finite"):
+        guard.step(2, {"loss": math.nan}, policy)
+
+
 def test_guard_fails_at_once_on_a_non_finite_weight():
     policy = FakePolicy()
     guard = NonFiniteGuard.for_engine(100, policy)

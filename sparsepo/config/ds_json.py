@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sparsepo.config.device import check_precision, optimizer_kernel, precision_entries
 from sparsepo.config.sections import ConfigError, RunConfig
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -64,21 +65,33 @@ def load_stage_file(name: str) -> tuple[dict, Path]:
     return stage, path
 
 
-def build_deepspeed_config(cfg: RunConfig, *, dp_size: int) -> dict:
+def offloads_optimizer(stage: dict) -> bool:
+    device = ((stage.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def build_deepspeed_config(cfg: RunConfig, *, dp_size: int, cuda: bool | None = None) -> dict:
     """The JSON handed to deepspeed.initialize for the policy engine. The LR schedule is not in it:
-    the engine gets a transformers schedule object (see lr_schedule), which DeepSpeed checkpoints."""
+    the engine gets a transformers schedule object (see lr_schedule), which DeepSpeed checkpoints.
+    `cuda`: whether the policy runs on a GPU (default: torch says); it picks the AdamW kernel and
+    allows fp16 (sparsepo.config.device)."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
     stage, _ = load_stage_file(cfg.deepspeed.stage_file)
     o, t = cfg.optim, cfg.train
+    check_precision(t.precision, cuda=cuda)
+    kernel = optimizer_kernel(o.implementation, cuda=cuda, offload=offloads_optimizer(stage))
     ds = dict(stage)
     ds.update({
         "train_batch_size": check_batch_size(cfg, dp_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": o.grad_clip,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": False},
+        **precision_entries(t.precision),
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
-                                                  "weight_decay": o.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": o.weight_decay, **kernel}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     })

@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
+from sparsepo.launch.devices import SHARED_VAR, backend_for, check_device_index  # noqa: E402
 from sparsepo.launch.environ import torch_dist_env  # noqa: E402
 
 
@@ -53,13 +54,18 @@ def set_group_timeout(seconds: float) -> None:
 
 
 def init_distributed(timeout_s: float | None = None) -> DistContext:
-    """Start (or join) the torch.distributed world: gloo on CPU, NCCL on GPUs. A plain `python`
+    """Start (or join) the torch.distributed world: gloo on CPU, NCCL on GPUs (gloo where two of its
+    processes share a GPU: `sparsepo.launch.devices.backend_for`). A plain `python`
     run becomes a world of one, so every code path is the distributed one."""
     timeout_s = _TIMEOUT_S if timeout_s is None else timeout_s
     # whatever launched us (deepspeed, torchrun, srun, mpirun, plain python): the one parser
     os.environ.update(torch_dist_env(os.environ))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # the device index (sparsepo.launch.devices)
+    if torch.cuda.is_available():
+        check_device_index(local_rank, torch.cuda.device_count(),
+                           int(os.environ.get("SPARSEPO_GLOBAL_LOCAL_RANK", local_rank)))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(cuda=torch.cuda.is_available(), shared=os.environ.get(SHARED_VAR) == "1")
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     global _SHM_BUFFER
@@ -73,7 +79,6 @@ def init_distributed(timeout_s: float | None = None) -> DistContext:
         if dist.get_world_size() > 1:
             dist.barrier()
         _SHM_BUFFER.unlink(missing_ok=True)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -49,7 +49,7 @@ def import_muon_eagerly() -> None:
 
 
 def _dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 class PolicyEngine:
@@ -60,14 +60,15 @@ class PolicyEngine:
 
     @classmethod
     def build(cls, model_path: str, ds_config: dict, *, schedule: tuple[str, dict], precision: str = "fp32",
-              gradient_checkpointing: bool = False) -> "PolicyEngine":
+              gradient_checkpointing: bool = False, attn_implementation: str = "sdpa") -> "PolicyEngine":
         """With ZeRO-3 the weights are loaded straight into partitions; `schedule` = (transformers
         scheduler name, its kwargs), handed to DeepSpeed so it is checkpointed with the engine."""
         from transformers import AutoModelForCausalLM, get_scheduler
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must live while the model is built)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(precision))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(precision),
+                                                     attn_implementation=attn_implementation)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False

@@ -9,8 +9,10 @@ each role gets its own:
 * policy: RANK = policy index (0..P-1, in global-rank order), WORLD_SIZE = P.
 * reference: WORLD_SIZE = R*S and RANK = stage * R + replica (DeepSpeed's pipe-major order, see
   `sparsepo.launch.topology`).
-* LOCAL_RANK and LOCAL_WORLD_SIZE stay the *physical* ones of the launch: LOCAL_RANK is the device
-  index (DeepSpeed's CPU accelerator also reads LOCAL_SIZE, which is left alone).
+* LOCAL_WORLD_SIZE stays the launch's; LOCAL_RANK is the device index: the launch's local rank, or
+  ``topology.device_map[local rank]`` in live mode (roles sharing a GPU, `sparsepo.launch.devices`),
+  with SPARSEPO_DEVICE_SHARED=1 when two processes of the same world share one (gloo there).
+  DeepSpeed's CPU accelerator also reads LOCAL_SIZE, which is left alone.
 * MASTER_ADDR is the host of the role's rank 0 (the launch's MASTER_ADDR for the policy, whose rank
   0 is global rank 0; for the reference: ``hosts[node_of(first reference rank)]``).
 * MASTER_PORT: the policy, reference and bridge ports of `sparsepo.launch.ports.role_ports`; under
@@ -33,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from sparsepo.launch.environ import GLOBAL_PREFIX, HOSTS_VAR, LaunchEnv, global_launch_env
 from sparsepo.launch.ports import role_ports
-from sparsepo.launch.topology import Role, Topology, TopologyError
+from sparsepo.launch.devices import SHARED_VAR, device_plan, parse_device_map
+from sparsepo.launch.topology import Role, Topology, TopologyError, _cfg_value
 
 if TYPE_CHECKING:  # pragma: no cover - type hints only
     from sparsepo.config import TopologyConfig
@@ -153,5 +156,9 @@ def plan(cfg: "TopologyConfig | Any", env: Mapping[str, str] | None = None, *,
     launch = global_launch_env(env)
     topo = Topology.from_launch(cfg, launch, num_layers=num_layers)
     new_env = process_env(topo, launch.rank, launch, env, master_addr=master_addr)
+    if topo.live:  # LOCAL_RANK becomes this process's GPU (topology.device_map; DeepSpeed reads LOCAL_RANK)
+        dev = device_plan(topo, launch.rank, launch.local_world_size,
+                          parse_device_map(_cfg_value(cfg, "device_map", None), launch.local_world_size))
+        new_env.update({"LOCAL_RANK": str(dev.device), SHARED_VAR: "1" if dev.shared else "0"})
     return ProcessPlan(launch=launch, topology=topo, role=topo.role_of(launch.rank), env=new_env,
                        bridge=bridge_address(topo, launch))

@@ -33,7 +33,8 @@ def _natural(key: str) -> list:
     """Sort key that orders the numbers inside a name by value (experts.2 before experts.10)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StageLoader:

@@ -44,7 +44,8 @@ class ReferenceScorer:
     def load(self, device) -> Head:
         from sparsepo.models import load_frozen_model
 
-        model = load_frozen_model(self.path, device=device, precision=self.cfg.train.precision)
+        model = load_frozen_model(self.path, device=device, precision=self.cfg.train.precision,
+                                  attn_implementation=self.cfg.model.attn_implementation)
         return Head.for_model(model, head_chunk(self.cfg))
 
     def pipelines(self, *, num_stages: int, topk: int | None, feature_layer: int | None, load_features):
