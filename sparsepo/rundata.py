@@ -36,6 +36,9 @@ class RunData:
     dataset: Any
     report: Any
     fingerprint: str
+    eval_dataset: Any = None
+    """Held-out pairs (eval.path, or eval.fraction of the training pairs), or None."""
+    eval_fingerprint: str | None = None
 
     def collate(self, rows: list[dict]):
         """Dataset rows (dicts) -> one PairBatch."""
@@ -44,6 +47,10 @@ class RunData:
     def batch(self, indices) -> Any:
         """The PairBatch of these dataset rows, in this order."""
         return self.collate(pdata.gather_rows(self.dataset, list(indices)))
+
+    def eval_batch(self, indices) -> Any:
+        """The PairBatch of these held-out rows."""
+        return self.collate(pdata.gather_rows(self.eval_dataset, list(indices)))
 
 
 def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
@@ -54,9 +61,22 @@ def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
         dist.barrier()
     dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None,
                                                     pair_filter=pair_filter_for(cfg))
+    held = load_eval_pairs(cfg, tokenizer) if cfg.eval.path else None
     if ctx.is_main:
         dist.barrier()
-    return RunData(run_dir, tokenizer, dataset, report, pdata.dataset_fingerprint(dataset))
+    if cfg.eval.fraction:  # every role splits alike: the training fingerprint (cache key) is the split's
+        dataset, held = pdata.holdout_split(dataset, cfg.eval.fraction, cfg.train.seed)
+    return RunData(run_dir, tokenizer, dataset, report, pdata.dataset_fingerprint(dataset), eval_dataset=held,
+                   eval_fingerprint=None if held is None else pdata.dataset_fingerprint(held))
+
+
+def load_eval_pairs(cfg: RunConfig, tokenizer):
+    """eval.path, read and tokenised like data.path (its skipped rows are logged, not reported to a file)."""
+    from dataclasses import replace
+
+    held, _ = pdata.load_preference_dataset(replace(cfg.data, path=cfg.eval.path), tokenizer,
+                                            pair_filter=pair_filter_for(cfg))
+    return held
 
 
 def load_features(cfg: RunConfig, spec):

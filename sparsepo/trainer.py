@@ -15,7 +15,6 @@ import json
 import logging
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,13 +27,14 @@ from sparsepo.engine.collectives import gather
 from sparsepo.engine.dist import DistContext, init_distributed
 from sparsepo.engine.policy import PolicyEngine
 from sparsepo.losses import MethodSpec, get_method
-from sparsepo.losses.inputs import build_loss_inputs, eos_positions
-from sparsepo.metrics import MetricsLogger, reduce_mean
-from sparsepo.models import pair_forward
+from sparsepo.config.load import to_dict
+from sparsepo.evaluation import Evaluator
+from sparsepo.metrics import MetricsLogger, MetricWindow, mean_logits, pair_values, reduce_mean
+from sparsepo.pair_loss import forward_loss
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.preflight import preflight, resume_point
-from sparsepo.reference.sources import open_source
+from sparsepo.reference.sources import open_eval_source, open_source
 from sparsepo.rundata import RunData, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
 from sparsepo.schedule import Schedule
@@ -57,6 +57,8 @@ class Run:
     start: int
     total: int
     logits_chunk: int = 0  # model.logits_chunk (0: the plain path)
+    evaluator: Evaluator | None = None  # held-out pairs (eval.path / eval.fraction), or None
+    num_tokens: float = 0.0  # tokens seen by all ranks since this process's first step (TRL's num_tokens)
 
 
 def setup(cfg: RunConfig, live=None) -> Run:
@@ -82,76 +84,94 @@ def setup(cfg: RunConfig, live=None) -> Run:
                              config_fingerprint=config_fingerprint(cfg)) if live else None
     source = open_source(cfg, spec, ctx=ctx, dataset=data.dataset, collate=data.collate,
                          data_fingerprint=data.fingerprint, features=features, live=live, handshake=handshake)
-    samples = None
-    if spec.needs_policy_samples:
-        tok = data.tokenizer
-        prompts = load_run_prompts(cfg, ctx, tok)
-        samples = PolicySamples(cfg.generation, source=source, topk=cfg.reference.topk,
-                                support=cfg.method.params.kl_support, seed=cfg.train.seed,
-                                pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
-                                rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
-                                staleness=cfg.generation.staleness, chunk=cfg.model.logits_chunk)
-        state = None if resume is None else ckpt.load_rank_state(resume, "samples", rank=ctx.rank,
-                                                                  world_size=ctx.world_size)
-        if state is not None and not samples.load_state_dict(state, device=ctx.device):
-            state = None
-        if ctx.is_main:
-            log.info("SPO: %s reference, staleness %d step(s)%s", cfg.reference.mode, cfg.generation.staleness,
-                     "" if state is None else "; SPO sample state restored from the checkpoint")
+    samples = open_samples(cfg, ctx, data, source, resume) if spec.needs_policy_samples else None
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                            log_every=cfg.logging.log_every)
+                            log_every=cfg.logging.log_every, config=to_dict(cfg))
+    evaluator = None if data.eval_dataset is None else Evaluator(
+        batch=data.eval_batch, num_rows=len(data.eval_dataset), batch_size=cfg.eval.batch_size,
+        every_steps=cfg.eval.every_steps, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+        source=open_eval_source(cfg, spec, source, ctx=ctx, dataset=data.eval_dataset, collate=data.collate,
+                                data_fingerprint=data.eval_fingerprint, features=features))
     if ctx.is_main:
         log.info("training %s on %d pairs: %d steps of %d pairs over %d rank(s)", spec.name, len(data.dataset),
                  total, schedule.global_batch, ctx.world_size)
     return Run(cfg=cfg, ctx=ctx, spec=spec, data=data, schedule=schedule, policy=policy, source=source,
                features=features, samples=samples, metrics=metrics, start=start, total=total,
-               logits_chunk=cfg.model.logits_chunk)
+               logits_chunk=cfg.model.logits_chunk, evaluator=evaluator)
 
 
-def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:
-    """One micro-batch: forward, loss, backward. Returns (metrics, seconds waiting for the reference, tokens)."""
+def open_samples(cfg: RunConfig, ctx: DistContext, data: RunData, source, resume) -> PolicySamples:
+    """SPO's policy samples, with their state from the checkpoint when resuming."""
+    tok = data.tokenizer
+    prompts = load_run_prompts(cfg, ctx, tok)
+    samples = PolicySamples(cfg.generation, source=source, topk=cfg.reference.topk,
+                            support=cfg.method.params.kl_support, seed=cfg.train.seed,
+                            pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
+                            rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
+                            staleness=cfg.generation.staleness, chunk=cfg.model.logits_chunk)
+    state = None if resume is None else ckpt.load_rank_state(resume, "samples", rank=ctx.rank,
+                                                              world_size=ctx.world_size)
+    if state is not None and not samples.load_state_dict(state, device=ctx.device):
+        state = None
+    if ctx.is_main:
+        log.info("SPO: %s reference, staleness %d step(s)%s", cfg.reference.mode, cfg.generation.staleness,
+                 "" if state is None else "; SPO sample state restored from the checkpoint")
+    return samples
+
+
+def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float]:
+    """One micro-batch: forward, loss, backward. Returns (metrics as 0-dim device tensors, seconds
+    waiting for the reference); nothing here waits for the device."""
     batch = run.data.batch(rows).to(run.ctx.device)
     t_ref = time.perf_counter()
     ref = run.source.get(batch)
     wait = time.perf_counter() - t_ref
     sample_fields, sample_metrics = run.samples.fields(run.policy, batch, step=step, micro=micro) \
         if run.samples is not None else (None, {})
-    features = run.features
-    with features.capture(run.policy) if features is not None else nullcontext() as cap:
-        fwd = pair_forward(run.policy, batch, chunk=run.logits_chunk, sq_mass=run.spec.needs_sq_mass,
-                           ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None)
     logged = run.metrics.due(step + 1) or step + 1 == run.total  # the SAE statistics: log steps and the last
-    pooled, feature_metrics = features.policy(cap, batch, stats=logged) if features is not None else (None, {})
-    eos = eos_positions(batch.input_ids, batch.response_mask, run.data.tokenizer.eos_token_id)
-    out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields, eos),
-                           run.cfg.method.params)
+    out, fwd, feature_metrics = forward_loss(run.policy, batch, ref, run.spec, run.cfg.method.params,
+                                             eos_id=run.data.tokenizer.eos_token_id, features=run.features,
+                                             chunk=run.logits_chunk, sample_fields=sample_fields, stats=logged)
     loss = out.losses.mean()
     run.policy.backward(loss)
     run.policy.step()
-    metrics = {"loss": loss.detach(), **out.metrics, **feature_metrics, **sample_metrics,
-               "rewards_chosen": out.chosen_rewards.mean(), "rewards_rejected": out.rejected_rewards.mean()}
-    return metrics, wait, int(batch.attention_mask.sum())
+    return {**step_metrics(out, fwd, batch.response_mask), **feature_metrics, **sample_metrics,
+            "tokens": batch.attention_mask.sum()}, wait
+
+
+def step_metrics(out, fwd, mask) -> dict[str, torch.Tensor]:
+    """A micro-batch's means: the method's own metrics and TRL's names (`metrics.pair_values`), and
+    `logits/chosen|rejected` where the forward kept its logits (model.logits_chunk=0)."""
+    b = mask.shape[0] // 2
+    values = {k: v.mean() for k, v in pair_values(out.losses, out.chosen_rewards, out.rejected_rewards,
+                                                  fwd.seq_logps[:b], fwd.seq_logps[b:]).items()}
+    if fwd.logits is not None:
+        values.update({"logits/chosen": mean_logits(fwd.logits[:b], mask[:b]),
+                       "logits/rejected": mean_logits(fwd.logits[b:], mask[b:])})
+    return {**out.metrics, **values}
 
 
 def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> dict:
     """Train the policy described by `cfg`; returns the run summary (rank 0 writes it)."""
     run = setup(cfg, live)
     preempt = preempt or PreemptionFlag()
-    accum, dp, last = cfg.train.grad_accum, run.ctx.world_size, {}
+    accum, last, window, evals = cfg.train.grad_accum, {}, MetricWindow(), {}
     for step, slots in run.schedule.steps(run.start, run.total, run.ctx.rank):
-        t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
+        t_step, wait, sums = time.perf_counter(), 0.0, {}
         lr = run.policy.lr()  # the rate this step uses
         for slot in slots:
-            metrics, w, n = micro_step(run, slot.rows, step, slot.micro)
-            wait, tokens = wait + w, tokens + n
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
-        step_time = time.perf_counter() - t_step
-        last = reduce_mean({**sums, "step_time": step_time, "ref_wait": wait, "tokens_per_s": tokens * dp / step_time})
-        last.update(lr=lr, grad_norm=run.policy.grad_norm())
-        run.metrics.log(step + 1, last)
+            metrics, w = micro_step(run, slot.rows, step, slot.micro)
+            wait += w
+            for k, v in metrics.items():  # device tensors: summed where they are
+                sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v / accum)
+        window.add({**sums, "step_time": time.perf_counter() - t_step, "ref_wait": wait})
+        run.metrics.advance()
         stop = preempt.any_rank()
+        if run.metrics.due(step + 1) or step + 1 == run.total or stop:
+            last = log_window(run, window, step + 1, lr)
+        if run.evaluator is not None and run.evaluator.due(step + 1, run.total):
+            evals = run_eval(run, step + 1)
         if stop or ckpt.due(cfg, step + 1, run.total):
             ckpt.save(run.policy, cfg, run.data.run_dir, step=step + 1, samples=(step + 1) * run.schedule.global_batch,
                       data_fingerprint=run.data.fingerprint, ctx=run.ctx,
@@ -161,10 +181,34 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
             raise Preempted(f"preempted at step {step + 1}: checkpoint written; resume with --resume auto")
     run.metrics.close()
     run.source.finish()  # live: the reference group has finished its write-through
-    return finish(run, last)
+    return finish(run, last, evals)
 
 
-def finish(run: Run, last: dict) -> dict:
+def log_window(run: Run, window: MetricWindow, step: int, lr: float) -> dict[str, float]:
+    """The log step: the window's means over steps and ranks (one host transfer, one all-reduce),
+    with TRL's `learning_rate`, `grad_norm` (of this step), `epoch` and `num_tokens` (all ranks,
+    counted from this process's first step)."""
+    n = window.counts.get("step_time", 1)
+    scalars = reduce_mean(window.flush())
+    tokens = scalars.pop("tokens") * run.ctx.world_size  # per step, all ranks
+    run.num_tokens += tokens * n
+    scalars.update(tokens_per_s=tokens / scalars["step_time"], lr=lr, learning_rate=lr,
+                   grad_norm=run.policy.grad_norm(), epoch=step / run.schedule.steps_per_epoch,
+                   num_tokens=run.num_tokens)
+    run.metrics.log(step, scalars)
+    return scalars
+
+
+def run_eval(run: Run, step: int) -> dict[str, float]:
+    """The held-out pairs scored by the policy as it is now, with the same loss (`forward_loss`)."""
+    scalars = run.evaluator.run(lambda batch, ref: forward_loss(
+        run.policy, batch, ref, run.spec, run.cfg.method.params, eos_id=run.data.tokenizer.eos_token_id,
+        features=run.features, chunk=run.logits_chunk)[:2], run.policy.module)
+    run.metrics.log(step, scalars, prefix="eval")
+    return scalars
+
+
+def finish(run: Run, last: dict, evals: dict | None = None) -> dict:
     """Gather the final model, write summary.json (rank 0)."""
     ctx, run_dir = run.ctx, run.data.run_dir
     run.policy.save_hf(run.data.tokenizer, run_dir / "final", is_main=ctx.is_main)
@@ -172,7 +216,7 @@ def finish(run: Run, last: dict) -> dict:
     shards = gather((*run.policy.parameter_counts(), peak_rss_mib))
     report = run.data.report
     summary = {"method": run.spec.name, "steps": run.total, "final": last, "config_fingerprint": config_fingerprint(run.cfg),
-               "world_size": ctx.world_size, "parameters_per_rank": [s[0] for s in shards],
+               "eval": evals or {}, "world_size": ctx.world_size, "parameters_per_rank": [s[0] for s in shards],
                "parameters_total": shards[0][1], "peak_rss_mib_per_rank": [round(s[2], 1) for s in shards],
                "data": asdict(report) if hasattr(report, "__dataclass_fields__") else str(report)}
     if ctx.is_main:

@@ -249,8 +249,34 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
+    check_eval(cfg, spec, source)
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
+
+
+def check_eval(cfg: RunConfig, spec, source: str) -> None:
+    """The eval section: one source of held-out pairs, and a mode and method that can score them."""
+    e = cfg.eval
+    if e.path and e.fraction:
+        raise ConfigError(f"eval.path and eval.fraction are both set ({source}): held-out pairs come from "
+                          f"one of them; set the other to null / 0")
+    if not 0.0 <= e.fraction < 1.0:
+        raise ConfigError(f"eval.fraction={e.fraction} in {source} must be in [0, 1)")
+    if e.batch_size < 1 or e.every_steps < 0:
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be >= 1 and eval.every_steps={e.every_steps} "
+                          f">= 0 ({source})")
+    if not (e.path or e.fraction):
+        if e.every_steps:
+            raise ConfigError(f"eval.every_steps={e.every_steps} but no eval pairs ({source}): set eval.path or "
+                              f"eval.fraction")
+        return
+    if cfg.reference.mode == "live":
+        raise ConfigError(f"evaluation (eval.path / eval.fraction) is not served in reference.mode=live "
+                          f"({source}): the reference group walks the training schedule only. Evaluate with "
+                          f"reference.mode=cache or inline, or unset eval.path / eval.fraction")
+    if spec.needs_policy_samples:
+        raise ConfigError(f"method '{spec.name}' ({source}) has a KL term on samples the policy draws while "
+                          f"training, which held-out pairs do not define; unset eval.path / eval.fraction")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -54,7 +54,7 @@ def check_local_inputs(cfg: RunConfig) -> None:
 
 
 LOCAL_PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("reference", "path"), ("reference", "oracle"),
-                   ("sae", "path"), ("data", "path"))
+                   ("sae", "path"), ("data", "path"), ("eval", "path"))
 """Keys naming local inputs; made absolute at load time when they exist (a hub-style sae.path or
 data.path that does not exist locally is left as written)."""
 

@@ -176,6 +176,21 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    path: str | None = None
+    """Held-out preference pairs, any shape and format `data.path` takes (read with data.format when
+    it is not auto, data.split, data.max_length, ...); or null."""
+    fraction: float = 0.0
+    """Instead of `path`: hold out this fraction of the training pairs (at least one pair), drawn
+    with train.seed; the model never trains on them. 0: no held-out split."""
+    every_steps: int = 0
+    """Evaluate after every N optimiser steps (0: only after the last step); with neither path nor
+    fraction set, no evaluation."""
+    batch_size: int = 8
+    """Pairs per rank per eval forward."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -188,6 +203,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 

@@ -62,10 +62,10 @@ from sparsepo.data.batching import (
 )
 from sparsepo.data.errors import DataError, SkippedRow
 
-_LAZY = {"load_preference_dataset", "dataset_fingerprint", "write_skip_report", "DataReport"}
+_LAZY = {"load_preference_dataset", "dataset_fingerprint", "write_skip_report", "DataReport", "holdout_split"}
 
 __all__ = ["DataError", "DataReport", "PairBatch", "SkippedRow", "collate_pairs",
-           "dataset_fingerprint", "epoch_order", "gather_rows", "load_preference_dataset",
+           "dataset_fingerprint", "epoch_order", "gather_rows", "holdout_split", "load_preference_dataset",
            "micro_batch_indices", "steps_per_epoch", "write_skip_report"]
 
 

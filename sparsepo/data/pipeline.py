@@ -156,6 +156,20 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
     return ds, report
 
 
+def holdout_split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held out): round(fraction·N) pairs (at least 1, at most N − 1) drawn with `seed`, both
+    parts in source order; each keeps the tokenisation settings, so each has its own fingerprint."""
+    n = len(ds)
+    if n < 2:
+        raise DataError(f"eval.fraction={fraction}: {n} pair(s) cannot be split into training and held-out pairs")
+    k = min(max(1, round(fraction * n)), n - 1)
+    import numpy as np
+
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(seed).permutation(n)[:k]] = True
+    return ds.select(np.flatnonzero(~held), keep_in_memory=True), ds.select(np.flatnonzero(held), keep_in_memory=True)
+
+
 def dataset_fingerprint(ds: datasets.Dataset) -> str:
     """sha256 over the tokenisation settings and the ordered example ids: the reference cache key."""
     desc = ds.info.description or ""
