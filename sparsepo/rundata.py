@@ -53,10 +53,32 @@ class RunData:
         return self.collate(pdata.gather_rows(self.eval_dataset, list(indices)))
 
 
+def run_tokenizer(cfg: RunConfig):
+    """The tokenizer every role of a run tokenises the pairs with: model.tokenizer (else model.path),
+    with data.chat_template in place of its own template when set."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    if cfg.data.chat_template:
+        tokenizer.chat_template = read_chat_template(cfg.data.chat_template)
+    return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """data.chat_template: the text of the file it names, or the template itself."""
+    from sparsepo.config import ConfigError
+
+    path = Path(value).expanduser()
+    if "{" not in value and "\n" not in value:
+        if not path.is_file():
+            raise ConfigError(f"data.chat_template {value}: no such file (give a Jinja template file, or the "
+                              f"template text itself)")
+        return path.read_text()
+    return value
+
+
 def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
     run_dir = prepare_run_dir(cfg, is_main=ctx.is_main)
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = run_tokenizer(cfg)
     if not ctx.is_main:  # rank 0 tokenises and fills the datasets cache; the others then hit it
         dist.barrier()
     dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None,

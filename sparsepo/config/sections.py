@@ -55,6 +55,9 @@ class DataConfig:
     """Processes for tokenisation (datasets.map)."""
     cache_dir: str | None = None
     """Where `datasets` keeps its Arrow/tokenisation cache; default: its own (~/.cache/huggingface)."""
+    chat_template: str | None = None
+    """A Jinja chat template for conversational pairs, replacing the tokenizer's: a file (.jinja, or any
+    existing path) or the template itself; null: the tokenizer's own."""
 
 
 @dataclass(kw_only=True)

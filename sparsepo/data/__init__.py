@@ -7,9 +7,12 @@ Rooms: sources.py (files, save_to_disk dirs, hub → Arrow), rows.py (one row �
 ids; pure), pipeline.py (map + cache, bad rows, duplicates, report), batching.py (PairBatch and the
 distributed order; pure torch — importing it does not import `datasets`).
 
-Shapes. Either `prompt`/`chosen`/`rejected` strings (chosen/rejected are responses only), or lists
-of {role, content} messages (TRL's conversational shape), or only `chosen`/`rejected` full
-conversations whose shared leading messages are the prompt (implicit prompt).
+Shapes (TRL's four). Either `prompt`/`chosen`/`rejected` strings (chosen/rejected are responses
+only), or lists of {role, content} messages (TRL's conversational shape; a content may be a list of
+{"type": "text", "text"} parts, joined), or only `chosen`/`rejected`, full conversations whose shared
+leading messages are the prompt, or full strings whose longest common prefix is (TRL's
+`extract_prompt`: a trailing space stays with the responses). `data.chat_template` replaces the
+tokenizer's template (`rundata.run_tokenizer`).
 
 Tokenisation convention (the reference scorer and trainer read the ids; they never re-tokenise):
   strings: prompt_ids = tokenizer(prompt)["input_ids"]            (add_special_tokens=True: bos)

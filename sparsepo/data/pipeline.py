@@ -209,14 +209,13 @@ def _check_columns(raw: datasets.Dataset, path: str, tokenizer) -> None:
     cols = raw.column_names
     chatty = {c for c in ("prompt", "chosen", "rejected") if c in cols
               and isinstance(raw.features[c], (datasets.List, datasets.LargeList, datasets.Json))}
-    needed = ["chosen", "rejected"] + ([] if "chosen" in chatty else ["prompt"])
-    missing = [c for c in needed if c not in cols]
+    missing = [c for c in ("chosen", "rejected") if c not in cols]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found columns {cols}; expected "
                         f"'prompt', 'chosen', 'rejected' (strings, or lists of {{role, content}} "
-                        f"messages), or 'chosen' and 'rejected' conversations sharing their prompt")
+                        f"messages), or 'chosen' and 'rejected' alone, sharing their prompt (TRL's implicit prompt)")
     if any(isinstance(raw.features[c], (datasets.List, datasets.LargeList)) for c in chatty) \
             and not tokenizer.chat_template:
         raise DataError(f"{path}: the pairs are chat messages, but the tokenizer has no chat "
-                        f"template; set tokenizer.chat_template (or use a tokenizer that has one), "
-                        f"or give prompt/chosen/rejected as strings")
+                        f"template; set data.chat_template (a Jinja file or string), use a tokenizer "
+                        f"that has one, or give prompt/chosen/rejected as strings")

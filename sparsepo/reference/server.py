@@ -34,7 +34,7 @@ from sparsepo.config import config_fingerprint
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
-from sparsepo.models import load_tokenizer
+from sparsepo.rundata import run_tokenizer
 from sparsepo.reference import offline
 from sparsepo.reference.cache import INDEX, write_index, write_shard
 from sparsepo.schedule import Schedule
@@ -132,7 +132,7 @@ def serve(cfg, plan, bridge) -> None:
     hs = br.broadcast(bridge, None, src=topo.policy_ranks()[0])
     check_handshake(hs, cfg, outputs)
     ref_path = offline.reference_path(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or ref_path)
+    tokenizer = run_tokenizer(cfg)  # the policy's rule: both roles must tokenise the pairs alike
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
     features = uses_features(outputs)
     model_fp = offline.model_fingerprint(cfg) if features else None
