@@ -220,6 +220,9 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(f"data.max_skip_fraction={d.max_skip_fraction} in {source} must be in [0, 1]")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} in {source} must be > 0")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0 or (cfg.optim.warmup_ratio and cfg.optim.warmup_steps):
+        raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} in {source} must be in [0, 1) and "
+                          f"optim.warmup_steps={cfg.optim.warmup_steps} 0 when it is set: warm up by one of them")
     if r.mode == "live" and cfg.topology.reference_ranks == 0:
         raise ConfigError(
             f"reference.mode=live needs a reference group ({source}): set topology.reference_ranks "

@@ -128,6 +128,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Instead of warmup_steps: warm up over ceil(warmup_ratio × total steps) (TRL's / transformers'
+    `warmup_ratio`); set one of the two."""
     schedule: str = "cosine"
     """constant | linear | cosine: transformers' schedules, after `warmup_steps` of linear warmup
     (linear decays to 0, cosine to min_lr_ratio × lr)."""
