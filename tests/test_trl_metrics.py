@@ -84,3 +84,29 @@ def test_eval_section_refusals_name_the_keys(overrides, needle):
 def test_eval_section_defaults_to_no_evaluation():
     cfg = load_config(None, ["eval.fraction=0.2", "eval.every_steps=10"])
     assert (cfg.eval.fraction, cfg.eval.every_steps, cfg.eval.batch_size, cfg.eval.path) == (0.2, 10, 8, None)
+
+
+def recipe(tmp_path, method):
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"method": method}))
+    return path
+
+
+def test_overriding_method_name_drops_the_files_keys_the_new_method_does_not_take(tmp_path, caplog):
+    path = recipe(tmp_path, {"name": "dpo", "beta": 0.2, "label_smoothing": 0.1, "ld_alpha": 0.5})
+    with caplog.at_level("WARNING", logger="sparsepo"):
+        cfg = load_config(path, ["method.name=simpo", "method.gamma=1.0"])
+    assert cfg.method.name == "simpo" and (cfg.method.params.beta, cfg.method.params.gamma) == (0.2, 1.0)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "method.label_smoothing, method.ld_alpha" in warned[0], warned
+    with pytest.raises(ConfigError, match="unknown key 'method.label_smoothing'"):  # no override: refused
+        load_config(path.parent / recipe(tmp_path, {"name": "simpo", "label_smoothing": 0.1}).name)
+
+
+def test_a_typo_is_still_refused_and_the_overrides_own_keys_are_kept(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'method.bta'.*Did you mean 'beta'"):
+        load_config(recipe(tmp_path, {"name": "dpo", "bta": 0.2}), ["method.name=simpo"])
+    with pytest.raises(ConfigError, match="unknown key 'method.label_smoothing'"):
+        load_config(recipe(tmp_path, {"name": "dpo"}), ["method.name=simpo", "method.label_smoothing=0.1"])

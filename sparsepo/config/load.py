@@ -118,6 +118,33 @@ def _build_method(raw: dict, sources: dict[str, str]) -> MethodConfig:
     return MethodConfig(name=names if isinstance(name, (list, tuple)) else name, params=params)
 
 
+def _drop_keys_of_the_replaced_method(raw: dict, sources: dict[str, str], file_method, source: str) -> None:
+    """An override of method.name (`method.name=simpo` on a DPO recipe): the file's method keys that
+    the file's method takes but the new one does not are dropped, with one warning naming them. A key
+    neither method takes (a typo) is left for `_build` to refuse; the override's own keys are kept."""
+    import logging
+    import os
+
+    from sparsepo.losses import get_method
+
+    body = raw.get("method")
+    if not isinstance(body, dict) or not sources.get("method.name", "").startswith("command-line"):
+        return
+    try:
+        old, new = (set(f.name for f in dataclasses.fields(get_method(m).params_cls))
+                    for m in (file_method, body.get("name")))
+    except (ValueError, TypeError, KeyError):
+        return  # an unknown name: _build_method refuses it, naming it
+    dropped = [k for k in body if k != "name" and k in old and k not in new
+               and not sources.get(f"method.{k}", "").startswith("command-line")]
+    for k in dropped:
+        del body[k]
+    if dropped and os.environ.get("RANK", "0") == "0":  # one warning per launch, not one per rank
+        logging.getLogger("sparsepo").warning(
+            "method.name=%s (command line) takes no %s: dropped from %s's %s settings",
+            body.get("name"), ", ".join(f"method.{k}" for k in dropped), source, file_method)
+
+
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = raw
@@ -156,11 +183,13 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", overrides: typing.Seq
         if isinstance(body, dict):
             for key in body:
                 sources[f"{section}.{key}"] = source
+    file_method = raw.get("method", {}).get("name", "dpo") if isinstance(raw.get("method"), dict) else "dpo"
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
         sources[key] = f"command-line override '{text}'"
         sources.setdefault(key.partition(".")[0], sources[key])  # a section only the override names
+    _drop_keys_of_the_replaced_method(raw, sources, file_method, source)
     classes = _section_classes()
     kwargs = {}
     for section, body in raw.items():
