@@ -86,14 +86,19 @@ class MetricsLogger:
     prints a log line; `config` (the resolved config as a nested dict) goes in as text and hparams."""
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool,
-                 tensorboard: bool = True, progress: bool = True, log_every: int = 10, config: dict | None = None):
+                 tensorboard: bool = True, progress: bool = True, log_every: int = 10, config: dict | None = None,
+                 report_to: tuple[str, ...] = ("tensorboard",)):
         self.enabled = enabled
         self.log_every = max(1, log_every)
         self.writer = None
         self.bar = None
+        self.trackers: list = []
         if not enabled:
             return
-        if tensorboard:
+        from sparsepo.trackers import open_trackers
+
+        self.trackers = open_trackers(report_to, run_dir, config=config)  # wandb, mlflow (accelerate's)
+        if tensorboard and "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed run hides the steps the interrupted one logged after its last checkpoint
@@ -133,6 +138,8 @@ class MetricsLogger:
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        for tracker in self.trackers:
+            tracker.log({f"{prefix}/{name}": value for name, value in scalars.items()}, step=step)
         shown = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "lr", "grad_norm", "step_time",
                  "ref_wait")
         if self.bar is not None and prefix == "train":
@@ -145,6 +152,10 @@ class MetricsLogger:
             log.info(msg)
 
     def close(self) -> None:
+        from sparsepo.trackers import close_trackers
+
+        close_trackers(self.trackers)
+        self.trackers = []
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

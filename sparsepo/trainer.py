@@ -87,7 +87,8 @@ def setup(cfg: RunConfig, live=None) -> Run:
     samples = open_samples(cfg, ctx, data, source, resume) if spec.needs_policy_samples else None
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                            log_every=cfg.logging.log_every, config=to_dict(cfg))
+                            log_every=cfg.logging.log_every, config=to_dict(cfg),
+                            report_to=tuple(cfg.logging.report_to))
     evaluator = None if data.eval_dataset is None else Evaluator(
         batch=data.eval_batch, num_rows=len(data.eval_dataset), batch_size=cfg.eval.batch_size,
         every_steps=cfg.eval.every_steps, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,

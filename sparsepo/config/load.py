@@ -53,6 +53,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"'{key}' in {source} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if origin is list:  # a list of choices; one value alone is a list of one (logging.report_to=wandb)
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' in {source} must be a list, got {value!r}")
+        return [_coerce(v, typing.get_args(tp)[0], key, source) for v in value]
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -282,6 +287,9 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
     check_eval(cfg, spec, source)
+    unknown = [t for t in cfg.logging.report_to if t not in ("tensorboard", "wandb", "mlflow")]
+    if unknown:
+        raise ConfigError(f"logging.report_to in {source} lists {unknown}; choose from tensorboard, wandb, mlflow")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
 

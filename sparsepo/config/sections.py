@@ -176,6 +176,9 @@ class LoggingConfig:
     """Run directory: resolved config, TensorBoard events, checkpoints, final model."""
     log_every: int = 10
     tensorboard: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides the log line: any of tensorboard, wandb, mlflow (accelerate's trackers;
+    WANDB_MODE=offline without a network). TensorBoard also needs logging.tensorboard=true."""
     progress: bool = True
     overwrite: bool = False
     """Allow training into a run directory that already holds a finished run."""
