@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sparsepo.trackers import close_trackers, flat_config, open_trackers
+
 log = logging.getLogger("sparsepo")
 
 
@@ -72,15 +74,6 @@ class MetricWindow:
         return out
 
 
-def flat_config(raw: dict) -> dict[str, object]:
-    """The nested config dict as TensorBoard hparams: `section.key` -> bool/int/float/str."""
-    flat = {}
-    for section, body in raw.items():
-        for key, value in (body.items() if isinstance(body, dict) else [("", body)]):
-            flat[f"{section}.{key}".rstrip(".")] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
-
-
 class MetricsLogger:
     """Writes `train/<name>` and `eval/<name>` scalars to TensorBoard, drives the progress bar,
     prints a log line; `config` (the resolved config as a nested dict) goes in as text and hparams."""
@@ -95,8 +88,6 @@ class MetricsLogger:
         self.trackers: list = []
         if not enabled:
             return
-        from sparsepo.trackers import open_trackers
-
         self.trackers = open_trackers(report_to, run_dir, config=config)  # wandb, mlflow (accelerate's)
         if tensorboard and "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
@@ -152,8 +143,6 @@ class MetricsLogger:
             log.info(msg)
 
     def close(self) -> None:
-        from sparsepo.trackers import close_trackers
-
         close_trackers(self.trackers)
         self.trackers = []
         if self.bar is not None:

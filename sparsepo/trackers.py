@@ -21,6 +21,15 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow")
 """logging.report_to's choices; TensorBoard is written by `metrics.MetricsLogger` itself."""
 
 
+def flat_config(raw: dict) -> dict[str, object]:
+    """The nested config dict as TensorBoard hparams: `section.key` -> bool/int/float/str."""
+    flat = {}
+    for section, body in raw.items():
+        for key, value in (body.items() if isinstance(body, dict) else [("", body)]):
+            flat[f"{section}.{key}".rstrip(".")] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
 class WandbSink:
     def __init__(self, run_dir: Path, config: dict):
         import wandb
@@ -56,8 +65,6 @@ SINKS = {"wandb": WandbSink, "mlflow": MlflowSink}
 def open_trackers(names, run_dir: str | Path, *, config: dict | None = None) -> list:
     """The started trackers for `names` (tensorboard excluded), with the resolved config (flattened to
     `section.key`) as their hyper-parameters. A tracker whose package is missing is refused naming it."""
-    from sparsepo.metrics import flat_config
-
     trackers = []
     for name in names:
         if name == "tensorboard":
