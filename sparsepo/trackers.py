@@ -41,7 +41,10 @@ class WandbSink:
         self.run.log(values, step=step)
 
     def finish(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # waits for wandb's service to write the run: a run ends with os._exit, no atexit
 
 
 class MlflowSink:
