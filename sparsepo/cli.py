@@ -229,6 +229,10 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(f"sparsepo export: {e}", file=sys.stderr)
         return 1
     print(f"{done.describe()}: {done.checkpoint} -> {done.out} (load with AutoModelForCausalLM.from_pretrained)")
+    if a.push_to_hub:
+        from sparsepo.model_card import push_to_hub
+
+        return push_to_hub(done.out, a.push_to_hub)
     return 0
 
 
@@ -336,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="checkpoint -> Hugging Face model directory")
     x.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest valid checkpoint)")
     x.add_argument("out", help="the Hugging Face model directory to write")
+    x.add_argument("--push-to-hub", metavar="REPO", help="also upload OUT (with its model card) to this Hub repo")
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("config", help="inspect the configuration: every key, or the resolved config of a command line")
