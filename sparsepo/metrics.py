@@ -68,7 +68,9 @@ class MetricWindow:
     def flush(self) -> dict[str, float]:
         keys = sorted(self.sums)
         dev = [k for k in keys if torch.is_tensor(self.sums[k])]
-        host = dict(zip(dev, torch.stack([self.sums[k].reshape(()) for k in dev]).cpu().tolist())) if dev else {}
+        where = self.sums[dev[0]].device if dev else None  # one transfer (a stray CPU statistic joins it)
+        host = dict(zip(dev, torch.stack([self.sums[k].reshape(()).to(where) for k in dev]).cpu().tolist())) \
+            if dev else {}
         out = {k: host.get(k, self.sums[k]) / self.counts[k] for k in keys}
         self.sums, self.counts = {}, {}
         return out
