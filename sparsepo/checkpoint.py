@@ -23,9 +23,11 @@ What may change between the interrupted run and its resume: the logging and chec
 the run length (train.max_steps / train.epochs), where the data and the reference cache live
 (the data itself is checked by fingerprint), and how the global batch is split
 (micro_batch_size x grad_accum x ranks), as long as the global batch stays the same. Changing the
-run length with a non-constant LR schedule is allowed but not exact: the scheduler's position is
-restored (transformers' LambdaLR keeps no closure state), its curve is the new total's from the
-resume step on (a warning says so). Constant (with warmup) does not depend on the total.
+run length with a non-constant LR schedule (or optim.warmup_ratio) is allowed but not exact: the
+scheduler's position is restored (transformers' LambdaLR keeps no closure state), and its curve is
+the new total's from the first resumed step on (`PolicyEngine.apply_schedule` resets the rate the
+optimiser state carried over; one warning says so). Constant with warmup_steps does not depend on
+the total.
 """
 
 from __future__ import annotations
