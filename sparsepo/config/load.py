@@ -254,9 +254,6 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(f"data.max_skip_fraction={d.max_skip_fraction} in {source} must be in [0, 1]")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} in {source} must be > 0")
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0 or (cfg.optim.warmup_ratio and cfg.optim.warmup_steps):
-        raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} in {source} must be in [0, 1) and "
-                          f"optim.warmup_steps={cfg.optim.warmup_steps} 0 when it is set: warm up by one of them")
     if r.mode == "live" and cfg.topology.reference_ranks == 0:
         raise ConfigError(
             f"reference.mode=live needs a reference group ({source}): set topology.reference_ranks "
@@ -286,16 +283,20 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
-    check_eval(cfg, spec, source)
-    unknown = [t for t in cfg.logging.report_to if t not in ("tensorboard", "wandb", "mlflow")]
-    if unknown:
-        raise ConfigError(f"logging.report_to in {source} lists {unknown}; choose from tensorboard, wandb, mlflow")
+    check_trl_options(cfg, spec, source)
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
 
 
-def check_eval(cfg: RunConfig, spec, source: str) -> None:
-    """The eval section: one source of held-out pairs, and a mode and method that can score them."""
+def check_trl_options(cfg: RunConfig, spec, source: str) -> None:
+    """What TRL users set: optim.warmup_ratio, logging.report_to, and the eval section (one source of
+    held-out pairs, and a mode and method that can score them)."""
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0 or (cfg.optim.warmup_ratio and cfg.optim.warmup_steps):
+        raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} in {source} must be in [0, 1) and "
+                          f"optim.warmup_steps={cfg.optim.warmup_steps} 0 when it is set: warm up by one of them")
+    unknown = [t for t in cfg.logging.report_to if t not in ("tensorboard", "wandb", "mlflow")]
+    if unknown:
+        raise ConfigError(f"logging.report_to in {source} lists {unknown}; choose from tensorboard, wandb, mlflow")
     e = cfg.eval
     if e.path and e.fraction:
         raise ConfigError(f"eval.path and eval.fraction are both set ({source}): held-out pairs come from "
