@@ -1,4 +1,4 @@
-"""Every `--config my_run.yaml` / `run.yaml` command in the README's code blocks resolves to a valid
+"""Every `--config my_run.yaml` / `run.yaml` command (and sbatch line) in the README's code blocks resolves to a valid
 config with the README's own my_run.yaml (`load_config`, the check every launch starts with): the
 README's SePO line used to be refused (`unknown key 'method.beta'`). Training itself is covered
 elsewhere; this catches a README command that cannot start as written."""
@@ -25,7 +25,8 @@ def config_commands() -> list[str]:
     for block in blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
-            if re.search(r"sparsepo(\.train)?\b.*--config (my_run|run)\.yaml", line) and "demo" not in line:
+            if re.search(r"sparsepo(\.train)?\b.*--config (my_run|run)\.yaml", line) and "demo" not in line \
+                    or re.search(r"sbatch .*\.sbatch (my_run|run)\.yaml", line):
                 lines.append(line)
     return lines
 
@@ -35,6 +36,8 @@ def overrides_of(line: str) -> list[str]:
     extra = []
     if "sae" in words and "train" in words and "--out" in words:  # `sparsepo sae train --out D` sets sae.path=D
         extra.append(f"sae.path={words[words.index('--out') + 1]}")
+    if words[0].startswith("REFERENCE_NODES="):  # slurm/train_multinode.sbatch sets the reference ranks from it
+        extra.append(f"topology.reference_ranks={words[0].split('=')[1]}")
     return extra + [w for w in words if re.match(r"^[a-z_]+\.[a-z_]+=", w)]
 
 
