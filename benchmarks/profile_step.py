@@ -31,7 +31,7 @@ from workload import PRESETS, build, preset, sparsepo_overrides  # noqa: E402
 
 PARTS = {  # label -> (module, attribute path) wrapped in record_function; missing ones are skipped
     "data: collate": ("sparsepo.rundata", "RunData.batch"),
-    "reference: source.get": ("sparsepo.reference.sources", "*.get"),
+    "reference: source.get": ("sparsepo.reference_role.sources", "*.get"),
     "policy: body forward": ("sparsepo.models", "hidden_forward"),
     "policy: log-prob head": ("sparsepo.models", "chunked_logps"),
     "loss: inputs": ("sparsepo.trainer", "build_loss_inputs"),

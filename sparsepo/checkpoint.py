@@ -23,9 +23,11 @@ What may change between the interrupted run and its resume: the logging and chec
 the run length (train.max_steps / train.epochs), where the data and the reference cache live
 (the data itself is checked by fingerprint), and how the global batch is split
 (micro_batch_size x grad_accum x ranks), as long as the global batch stays the same. Changing the
-run length with a non-constant LR schedule is allowed but not exact: the scheduler's position is
-restored (transformers' LambdaLR keeps no closure state), its curve is the new total's from the
-resume step on (a warning says so). Constant (with warmup) does not depend on the total.
+run length with a non-constant LR schedule (or optim.warmup_ratio) is allowed but not exact: the
+scheduler's position is restored (transformers' LambdaLR keeps no closure state), and its curve is
+the new total's from the first resumed step on (`PolicyEngine.apply_schedule` resets the rate the
+optimiser state carried over; one warning says so). Constant with warmup_steps does not depend on
+the total.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from sparsepo.atomic import FULL, atomic_write
 from sparsepo.checkpoint_integrity import META, is_valid, owner, seal, verify  # noqa: F401  (is_valid: API)
 from sparsepo.hashing import sha256_file
 from sparsepo.config import RunConfig, to_dict
+from sparsepo.config.ds_json import schedule_depends_on_length
 
 log = logging.getLogger("sparsepo")
 UNIVERSAL_SOURCE = "sparsepo-universal-source.json"
@@ -62,7 +65,9 @@ _MAY_DIFFER_KEYS = {("train", "max_steps"), ("train", "epochs"), ("reference", "
                     # a resume may raise the tolerance of the non-finite guard (sparsepo.guard)
                     ("train", "max_nonfinite_steps"),
                     # kernels, not maths: the same update up to float rounding
-                    ("model", "attn_implementation"), ("optim", "implementation")}
+                    ("model", "attn_implementation"), ("optim", "implementation"),
+                    # evaluation reads the policy, never changes it (eval.fraction changes the data: fingerprint)
+                    ("eval", "path"), ("eval", "every_steps"), ("eval", "batch_size")}
 
 
 
@@ -353,13 +358,6 @@ def check_compatible(tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, wo
             f"checkpoint {tag_dir} stopped after {meta['samples']} samples, not a whole number of global "
             f"batches of {global_batch} on {world_size} rank(s); choose micro_batch_size x grad_accum x "
             f"ranks dividing {meta['samples']}.")
-    if cfg.optim.schedule != "constant" and ((old_train.get("max_steps"), old_train.get("epochs"))
-                                             != (cfg.train.max_steps, cfg.train.epochs)):
-        log.warning("checkpoint %s was written by a run of train.max_steps=%s / epochs=%s, this one has %s / %s: "
-                    "the %s LR schedule is recomputed for the new length: from step %d on it follows the new "
-                    "length's curve, the steps before followed the old one's (an uninterrupted run of either "
-                    "length differs)", tag_dir, old_train.get("max_steps"), old_train.get("epochs"),
-                    cfg.train.max_steps, cfg.train.epochs, cfg.optim.schedule, meta["samples"] // global_batch)
     return meta
 
 
@@ -385,6 +383,16 @@ def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx
     step = meta["samples"] // global_batch
     if ctx.is_main:
         log.info("resumed from %s: %d samples seen, continuing at step %d", tag_dir, meta["samples"], step)
+    old_train = meta["config"]["train"]
+    if schedule_depends_on_length(cfg) and ((old_train.get("max_steps"), old_train.get("epochs"))
+                                            != (cfg.train.max_steps, cfg.train.epochs)):
+        engine.apply_schedule()  # the saved rate followed the old length's curve
+        if ctx.is_main:
+            log.warning("checkpoint %s was written by a run of train.max_steps=%s / epochs=%s, this one has %s / "
+                        "%s: the %s LR schedule is recomputed for the new length and followed from step %d on "
+                        "(lr %.3g); the steps before followed the old one's (an uninterrupted run of either length "
+                        "differs)", tag_dir, old_train.get("max_steps"), old_train.get("epochs"), cfg.train.max_steps,
+                        cfg.train.epochs, cfg.optim.schedule, step + 1, engine.lr())
     return step
 
 

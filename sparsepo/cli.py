@@ -29,6 +29,10 @@ from pathlib import Path
 from sparsepo.launch.ports import free_port
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
+DEMO_METHODS = ("dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo", "sepo", "spo", "hinge", "robust", "exo_pair", "nca_pair",
+                "bco_pair", "sppo_hard", "aot", "aot_pair", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "cpo",
+                "orpo", "sft")
+"""`sparsepo.losses.METHODS`' names, without importing torch for `--help` (tests/test_cli.py keeps them equal)."""
 
 
 def _env() -> dict[str, str]:
@@ -89,7 +93,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _print_eval(result: dict, label: str) -> None:
-    print(f"\n{label}: win rate vs reference {result['win_rate']:.1%} | KL(policy||ref) {result['kl']:.3f} | "
+    print(f"\nrewards scored by {result.get('reward', 'the demo lexicon')}")
+    print(f"{label}: win rate vs reference {result['win_rate']:.1%} | KL(policy||ref) {result['kl']:.3f} | "
           f"reward {result['policy_reward']:.3f} (reference {result['reference_reward']:.3f}) | "
           f"length {result['policy_length']:.1f} (reference {result['reference_length']:.1f}) | "
           f"ended {result['policy_ended_fraction']:.1%} (reference {result['reference_ended_fraction']:.1%}) | "
@@ -141,13 +146,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from sparsepo.recipe import write_for_method
 
     world = prepare_world(Path(a.workdir) / "world", size=a.size, seed=a.seed, force=a.force)
-    run_dir = Path(a.workdir) / f"run-{a.method}"
+    run_dir = Path(_last(a.overrides, "logging.output_dir") or Path(a.workdir) / f"run-{a.method}")
+    # the evaluation compares the policy with the model it started from, whatever the command line chose
+    reference = _last(a.overrides, "reference.path") or _last(a.overrides, "model.path") or world.sft_dir
     spec = get_method(a.method)
     samples, nproc = demo_reference(spec.needs_policy_samples, a.nproc, a.overrides)
     overrides = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", f"method.name={a.method}",
                  f"logging.output_dir={run_dir}", "logging.overwrite=true", *samples, *a.overrides]
     if spec.needs_sae_features and not any(o.startswith("sae.path=") for o in a.overrides):
-        overrides.append(f"sae.path={demo_sae(world, [f'method.name={a.method}', *a.overrides], force=a.force)}")
+        sae = demo_sae(world, [f"method.name={a.method}", *a.overrides], force=a.force, steps=a.sae_steps)
+        overrides.append(f"sae.path={sae}")
     if spec.needs_oracle_scores and not any(o.startswith("reference.oracle=") for o in a.overrides):
         overrides.append(f"reference.oracle={demo_oracle(world, a)}")
     # the demo recipe is written for DPO: pass the method only the keys its params have
@@ -156,7 +164,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if code != 0:
         print(f"sparsepo demo: training failed (exit {code})", file=sys.stderr)
         return code
-    result = evaluate_policy(run_dir / "final", world.sft_dir, world.eval_prompts_path, seed=a.seed)
+    result = evaluate_policy(run_dir / "final", reference, world.eval_prompts_path, seed=a.seed)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     _print_eval(result, f"{a.method} on the demo")
     print("(one training seed: these figures move with train.seed; `python benchmarks/bench_quality.py` gives "
@@ -177,14 +185,15 @@ def _eval_refusal(a: argparse.Namespace) -> str | None:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     """Every refusal is one line on stderr and exit 2 (a traceback only with SPARSEPO_DEBUG)."""
+    from sparsepo.config import ConfigError
     from sparsepo.demo import evaluate_policy
 
-    problem = _eval_refusal(a)
+    problem = _eval_refusal(a)  # a missing directory is reported as missing, before a loader takes it for a hub id
     if problem is None:
         try:
             result = evaluate_policy(a.policy, a.reference, a.prompts, samples_per_prompt=a.samples_per_prompt,
-                                     seed=a.seed)
-        except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
+                                     seed=a.seed, reward=a.reward)
+        except (ConfigError, ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
             if os.environ.get("SPARSEPO_DEBUG"):
                 raise
             problem = " ".join(str(e).split()) or type(e).__name__
@@ -222,40 +231,19 @@ def cmd_sae_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def demo_sae(world, method_overrides: list[str], *, force: bool) -> Path:
-    """The demo's SAE (trained once on the SFT model's middle layer, cached beside the world)."""
-    from sparsepo.config import load_config
-    from sparsepo.sae.runtime import train_for_run
-    from sparsepo.sae import SIDECAR
+def demo_sae(world, method_overrides: list[str], *, force: bool, steps: int = 300) -> Path:
+    """The demo's SAE, cached beside the world with the settings it was trained with (`demo.cached`)."""
+    from sparsepo.demo.cached import demo_sae as cached_sae
 
-    out = Path(world.root) / "sae"
-    if force or not (out / SIDECAR).is_file():
-        cfg = load_config(RECIPES / "demo.yaml", [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
-                                                  f"sae.path={out}", *method_overrides])
-        train_for_run(cfg, out, steps=300)  # 0.997 explained variance on the default world (2000: ~14 min on CPU)
-    return out
+    return cached_sae(world, method_overrides, steps=steps, force=force, recipe=RECIPES / "demo.yaml")
 
 
 def demo_oracle(world, a: argparse.Namespace) -> Path:
-    """The demo's SePO oracle: DPO on a seeded half of the pairs (the other half measures its held-out
-    accuracy), from a small SFT model (`demo.small`, ~8x fewer parameters than the policy: SePO's
-    weak-to-strong setting; --oracle small, the default) or from the policy's own SFT model (--oracle
-    policy); trained once, cached beside the world."""
-    from sparsepo.oracle_train import train_oracle
+    """The demo's SePO oracle (`demo.cached.demo_oracle`): retrained when the run asks for other settings."""
+    from sparsepo.demo.cached import demo_oracle as cached_oracle
 
-    out = Path(world.root) / ("oracle-small" if a.oracle == "small" else "oracle")
-    if a.force or not (out / "oracle.json").is_file():
-        if a.oracle == "small":
-            from sparsepo.demo.small import prepare_small_sft
-
-            start = prepare_small_sft(world, force=a.force)
-        else:
-            start = world.sft_dir
-        keep = [o for o in a.overrides if not o.startswith(("method.", "reference."))]
-        train_oracle(str(RECIPES / "demo.yaml"), out, launch=launch_train, fraction=0.5, nproc=a.nproc,
-                     seed=a.seed, model=str(start), overrides=[f"data.path={world.train_path}",
-                                                               "logging.overwrite=true", *keep])
-    return out
+    return cached_oracle(world, oracle=a.oracle, seed=a.seed, nproc=a.nproc, overrides=a.overrides, force=a.force,
+                         recipe=RECIPES / "demo.yaml", launch=launch_train)
 
 
 def cmd_sepo_train_oracle(a: argparse.Namespace) -> int:
@@ -284,6 +272,10 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(f"sparsepo export: {e}", file=sys.stderr)
         return 1
     print(f"{done.describe()}: {done.checkpoint} -> {done.out} (load with AutoModelForCausalLM.from_pretrained)")
+    if a.push_to_hub:
+        from sparsepo.model_card import push_to_hub
+
+        return push_to_hub(done.out, a.push_to_hub)
     return 0
 
 
@@ -335,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline demo: prepare world -> train -> eval (or `demo prepare`)")
     d.add_argument("action", nargs="?", help="run (default) | prepare (only build the demo world)")
-    d.add_argument("--method", default="dpo", help="loss to train with (a row of the loss table), default dpo")
+    d.add_argument("--method", default="dpo", choices=DEMO_METHODS, metavar="METHOD",
+                   help=f"loss to train with, a row of the loss table: {', '.join(DEMO_METHODS)} (default dpo)")
+    d.add_argument("--sae-steps", type=int, default=300, help="FPO: optimiser steps of the demo's SAE (default 300; "
+                                                              "cached, trained again when this changes)")
     d.add_argument("--size", default="default", choices=["default", "tiny"], help="demo world size")
     d.add_argument("--workdir", default="runs/demo", help="where the world and the run directories go")
     d.add_argument("--nproc", type=int, default=1, help="policy processes (deepspeed launcher when > 1; SPO's live "
@@ -347,12 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="config overrides for training, e.g. train.max_steps=20")
     d.set_defaults(fn=cmd_demo)
 
-    e = sub.add_parser("eval", help="win rate and KL of a policy against a reference on the demo reward")
+    e = sub.add_parser("eval", help="win rate and KL of a policy against a reference, on the demo reward or yours")
     e.add_argument("--policy", required=True, help="policy model directory (e.g. <run>/final)")
     e.add_argument("--reference", required=True, help="reference model directory (e.g. the SFT model)")
-    e.add_argument("--prompts", required=True, help="jsonl file of {\"prompt\"} rows")
+    e.add_argument("--prompts", required=True, help="jsonl file of {\"prompt\"} rows: strings or lists of "
+                                                     "{role, content} messages (chat template applied)")
     e.add_argument("--samples-per-prompt", type=int, default=1, help="responses sampled per prompt and model")
     e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--reward", help="what scores the samples: a reward-model directory (sequence classification, "
+                                    "one output) or module:callable, a Python reward(prompt, response) -> float; "
+                                    "default: the demo's sentiment lexicon (meaningful on the demo world only)")
     e.add_argument("--out", help="also write the result as JSON to this file")
     e.set_defaults(fn=cmd_eval)
 
@@ -386,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="the Hugging Face model directory to write")
     x.add_argument("--fp32-master", action="store_true", help="write the fp32 master weights (default: the "
                    "training precision, so a bf16 run exports bf16 weights equal to its final/)")
+    x.add_argument("--push-to-hub", metavar="REPO", help="also upload OUT (with its model card) to this Hub repo")
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("config", help="inspect the configuration: every key, or the resolved config of a command line")

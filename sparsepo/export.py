@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sparsepo.atomic import atomic_write
 from sparsepo.checkpoint import META, CheckpointError, is_valid, list_tags, resolve, step_of
+from sparsepo.model_card import write_model_card
 
 log = logging.getLogger("sparsepo")
 
@@ -136,5 +137,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fp32_master: b
         {"checkpoint": str(tag_dir.resolve()), "step": meta["step"], "samples": meta["samples"], "dtype": result.dtype,
          "skipped_newer": [{"step": s, "reason": why} for s, why in skipped],
          "method": meta["config"].get("method", {}).get("name"), "source_model": source}, indent=1))
+    write_model_card(out, tag_dir, meta, source)
     log.info("%s from %s to %s", result.describe(), tag_dir, out)
     return result

@@ -41,6 +41,9 @@ class RunData:
     fingerprint: str
     length: int | None = None
     """Every batch's fixed padded length (`sparsepo.padding.batch_length`), or None: the longest row."""
+    eval_dataset: Any = None
+    """Held-out pairs (eval.path, or eval.fraction of the training pairs), or None."""
+    eval_fingerprint: str | None = None
 
     def collate(self, rows: list[dict]):
         """Dataset rows (dicts) -> one PairBatch."""
@@ -50,19 +53,58 @@ class RunData:
         """The PairBatch of these dataset rows, in this order."""
         return self.collate(pdata.gather_rows(self.dataset, list(indices)))
 
+    def eval_batch(self, indices) -> Any:
+        """The PairBatch of these held-out rows."""
+        return self.collate(pdata.gather_rows(self.eval_dataset, list(indices)))
+
+
+def load_run_tokenizer(cfg: RunConfig):
+    """The tokenizer every role of a run tokenises the pairs with (`config.paths.run_tokenizer`, the one
+    rule), with data.chat_template in place of its own template when set."""
+    tokenizer = load_tokenizer(run_tokenizer(cfg))
+    if cfg.data.chat_template:
+        tokenizer.chat_template = read_chat_template(cfg.data.chat_template)
+    return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """data.chat_template: the text of the file it names, or the template itself."""
+    from sparsepo.config import ConfigError
+
+    path = Path(value).expanduser()
+    if "{" not in value and "\n" not in value:
+        if not path.is_file():
+            raise ConfigError(f"data.chat_template {value}: no such file (give a Jinja template file, or the "
+                              f"template text itself)")
+        return path.read_text()
+    return value
+
 
 def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
     run_dir = prepare_run_dir(cfg, is_main=ctx.is_main)
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(run_tokenizer(cfg))
+    tokenizer = load_run_tokenizer(cfg)
     if not ctx.is_main:  # rank 0 tokenises and fills the datasets cache; the others then hit it
         dist.barrier()
     dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None,
                                                     pair_filter=pair_filter_for(cfg))
+    held = load_eval_pairs(cfg, tokenizer) if cfg.eval.path else None
     if ctx.is_main:
         dist.barrier()
+    if cfg.eval.fraction:  # every role splits alike: the training fingerprint (cache key) is the split's
+        dataset, held = pdata.holdout_split(dataset, cfg.eval.fraction, cfg.train.seed)
     return RunData(run_dir, tokenizer, dataset, report, with_prompts(cfg, pdata.dataset_fingerprint(dataset)),
-                   length=batch_length(cfg, announce=ctx.is_main))
+                   length=batch_length(cfg, announce=ctx.is_main), eval_dataset=held,
+                   eval_fingerprint=None if held is None else pdata.dataset_fingerprint(held))
+
+
+def load_eval_pairs(cfg: RunConfig, tokenizer):
+    """eval.path, read and tokenised like data.path (its skipped rows are logged, not reported to a file)."""
+    from dataclasses import replace
+
+    held, _ = pdata.load_preference_dataset(replace(cfg.data, path=cfg.eval.path), tokenizer,
+                                            pair_filter=pair_filter_for(cfg))
+    return held
 
 
 def with_prompts(cfg: RunConfig, fingerprint: str) -> str:

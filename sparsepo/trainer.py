@@ -15,7 +15,6 @@ import json
 import logging
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,14 +29,15 @@ from sparsepo.engine.policy import PolicyEngine
 from sparsepo.logprobs.head import Head, head_chunk
 from sparsepo.guard import NonFiniteGuard
 from sparsepo.losses import MethodSpec, get_method
-from sparsepo.losses.inputs import build_loss_inputs, eos_positions
-from sparsepo.metrics import MetricsLogger, reduce_mean
-from sparsepo.models import pair_forward
+from sparsepo.config.load import to_dict
+from sparsepo.evaluation import Evaluator
+from sparsepo.metrics import MetricsLogger, MetricWindow, pair_values, reduce_mean
+from sparsepo.pair_loss import forward_loss
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.preflight import preflight, resume_point
 from sparsepo import follow
-from sparsepo.reference_role.sources import ReferenceSource, open_source
+from sparsepo.reference_role.sources import ReferenceSource, open_eval_source, open_source
 from sparsepo.rundata import RunData, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
 from sparsepo.schedule import Schedule
@@ -60,6 +60,8 @@ class Run:
     start: int
     total: int
     head: Any = None  # the policy's log-prob Head (sparsepo.logprobs.head), bound where the engine is built
+    evaluator: Evaluator | None = None  # held-out pairs (eval.path / eval.fraction), or None
+    num_tokens: float = 0.0  # tokens seen by all ranks since this process's first step (TRL's num_tokens)
 
 
 def setup(cfg: RunConfig, live=None) -> Run:
@@ -89,88 +91,102 @@ def setup(cfg: RunConfig, live=None) -> Run:
                          data_fingerprint=data.fingerprint, features=features, live=live, handshake=handshake)
     if resume is not None and cfg.reference.sync_alpha is not None:
         restore_reference(source, resume, ctx)
-    samples = None
-    if spec.needs_policy_samples:
-        tok = data.tokenizer
-        prompts = load_run_prompts(cfg, ctx, tok)
-        samples = PolicySamples(cfg.generation, source=source, topk=cfg.reference.topk,
-                                support=cfg.method.params.kl_support, seed=cfg.train.seed,
-                                pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
-                                rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
-                                staleness=cfg.generation.staleness, head=head)
-        state = None if resume is None else ckpt.load_rank_state(resume, "samples", rank=ctx.rank,
-                                                                  world_size=ctx.world_size)
-        if state is not None and not samples.load_state_dict(state, device=ctx.device):
-            state = None
-        if ctx.is_main:
-            log.info("SPO: %s reference, staleness %d step(s)%s", cfg.reference.mode, cfg.generation.staleness,
-                     "" if state is None else "; SPO sample state restored from the checkpoint")
+    samples = open_samples(cfg, ctx, data, source, resume, head) if spec.needs_policy_samples else None
     metrics = MetricsLogger(data.run_dir, total_steps=total, start_step=start, enabled=ctx.is_main,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                            log_every=cfg.logging.log_every)
+                            log_every=cfg.logging.log_every, config=to_dict(cfg),
+                            report_to=tuple(cfg.logging.report_to))
+    evaluator = None if data.eval_dataset is None else Evaluator(
+        batch=data.eval_batch, num_rows=len(data.eval_dataset), batch_size=cfg.eval.batch_size,
+        every_steps=cfg.eval.every_steps, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+        source=open_eval_source(cfg, spec, source, ctx=ctx, dataset=data.eval_dataset, collate=data.collate,
+                                data_fingerprint=data.eval_fingerprint, features=features))
     if ctx.is_main:
         log.info("training %s on %d pairs: %d steps of %d pairs over %d rank(s)", spec.name, len(data.dataset),
                  total, schedule.global_batch, ctx.world_size)
     return Run(cfg=cfg, ctx=ctx, spec=spec, data=data, schedule=schedule, policy=policy, source=source,
                features=features, samples=samples, metrics=metrics, start=start, total=total,
-               head=head)
+               head=head, evaluator=evaluator)
 
 
-def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:
-    """One micro-batch: forward, loss, backward. Returns (metrics, seconds waiting for the reference, tokens)."""
-    batch = run.data.batch(rows)
-    tokens = sum(batch.attention_mask.sum(-1).tolist())  # on the host, before the copy: no device read-back
-    batch = batch.to(run.ctx.device)
+def open_samples(cfg: RunConfig, ctx: DistContext, data: RunData, source, resume, head) -> PolicySamples:
+    """SPO's policy samples, with their state from the checkpoint when resuming."""
+    tok = data.tokenizer
+    prompts = load_run_prompts(cfg, ctx, tok)
+    samples = PolicySamples(cfg.generation, source=source, topk=cfg.reference.topk,
+                            support=cfg.method.params.kl_support, seed=cfg.train.seed,
+                            pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, prompts=prompts,
+                            rank=ctx.rank, dp=ctx.world_size, grad_accum=cfg.train.grad_accum,
+                            staleness=cfg.generation.staleness, head=head)
+    state = None if resume is None else ckpt.load_rank_state(resume, "samples", rank=ctx.rank,
+                                                              world_size=ctx.world_size)
+    if state is not None and not samples.load_state_dict(state, device=ctx.device):
+        state = None
+    if ctx.is_main:
+        log.info("SPO: %s reference, staleness %d step(s)%s", cfg.reference.mode, cfg.generation.staleness,
+                 "" if state is None else "; SPO sample state restored from the checkpoint")
+    return samples
+
+
+def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str, torch.Tensor], float]:
+    """One micro-batch: forward, loss, backward. Returns (metrics as 0-dim device tensors, seconds
+    waiting for the reference); nothing here waits for the device."""
+    batch = run.data.batch(rows).to(run.ctx.device)
     t_ref = time.perf_counter()
     ref = run.source.get(batch)
     wait = time.perf_counter() - t_ref
     sample_fields, sample_metrics = run.samples.fields(run.policy, batch, step=step, micro=micro) \
         if run.samples is not None else (None, {})
-    features = run.features
-    with features.capture(run.policy) if features is not None else nullcontext() as cap:
-        fwd = pair_forward(run.head, batch, sq_mass=run.spec.needs_sq_mass,
-                           ids=ref.topk_ids if "topk_ids" in run.spec.reference_outputs else None,
-                           router_aux=run.cfg.model.router_aux_loss_coef > 0)
     logged = run.metrics.due(step + 1) or step + 1 == run.total  # the SAE statistics: log steps and the last
-    pooled, feature_metrics = features.policy(cap, batch, stats=logged) if features is not None else (None, {})
-    eos = eos_positions(batch.input_ids, batch.response_mask, run.data.tokenizer.eos_token_id)
-    out = run.spec.loss_fn(build_loss_inputs(run.spec, fwd, batch.response_mask, ref, pooled, sample_fields, eos),
-                           run.cfg.method.params)
+    out, fwd, feature_metrics = forward_loss(run.head, batch, ref, run.spec, run.cfg.method.params,
+                                             eos_id=run.data.tokenizer.eos_token_id, features=run.features,
+                                             sample_fields=sample_fields, stats=logged,
+                                             router_aux=run.cfg.model.router_aux_loss_coef > 0)
     loss = out.losses.mean()
     if fwd.aux_loss is not None:  # an MoE policy's router load-balancing loss (model.router_aux_loss_coef)
         loss = loss + run.cfg.model.router_aux_loss_coef * fwd.aux_loss
         sample_metrics = {**sample_metrics, "router_aux_loss": fwd.aux_loss.detach()}
     run.policy.backward(loss)
     run.policy.step()
-    metrics = {"loss": loss.detach(), **out.metrics, **feature_metrics, **sample_metrics,
-               "rewards_chosen": out.chosen_rewards.mean(), "rewards_rejected": out.rejected_rewards.mean()}
-    return metrics, wait, tokens
+    return {**step_metrics(out, fwd, batch.response_mask), **feature_metrics, **sample_metrics,
+            "tokens": batch.attention_mask.sum()}, wait
+
+
+def step_metrics(out, fwd, mask) -> dict[str, torch.Tensor]:
+    """A micro-batch's means: the method's own metrics and TRL's names (`metrics.pair_values`)."""
+    b = mask.shape[0] // 2
+    values = {k: v.mean() for k, v in pair_values(out.losses, out.chosen_rewards, out.rejected_rewards,
+                                                  fwd.seq_logps[:b], fwd.seq_logps[b:]).items()}
+    return {**out.metrics, **values}
 
 
 def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> dict:
     """Train the policy described by `cfg`; returns the run summary (rank 0 writes it)."""
     run = setup(cfg, live)
     preempt = preempt or PreemptionFlag()
-    accum, dp, last = cfg.train.grad_accum, run.ctx.world_size, {}
+    accum, last, window, evals = cfg.train.grad_accum, {}, MetricWindow(), {}
     guard = NonFiniteGuard.for_engine(cfg.train.max_nonfinite_steps, run.policy, cfg.train.precision)  # no NaN model published
     for step, slots in run.schedule.steps(run.start, run.total, run.ctx.rank):
-        t_step, wait, tokens, sums = time.perf_counter(), 0.0, 0, {}
+        t_step, wait, sums = time.perf_counter(), 0.0, {}
         lr = run.policy.lr()  # the rate this step uses
         for slot in slots:
-            metrics, w, n = micro_step(run, slot.rows, step, slot.micro)
-            wait, tokens = wait + w, tokens + n
-            for k, v in metrics.items():  # device tensors: read back on log steps only (each read waits for the GPU)
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach() / accum
-        step_time = time.perf_counter() - t_step
-        full = run.metrics.due(step + 1) or step + 1 == run.total
-        host = {"step_time": step_time, "ref_wait": wait, "tokens_per_s": tokens * dp / step_time}
-        last = reduce_mean({**({k: float(v) for k, v in sums.items()} if full else {}), **host})
-        last.update(lr=lr, **({"grad_norm": run.policy.grad_norm()} if full else {}))
-        guard.step(step + 1, last, run.policy)  # loss / grad norm on log steps; DeepSpeed's skip count every step
-        run.metrics.log(step + 1, last)
+            metrics, w = micro_step(run, slot.rows, step, slot.micro)
+            wait += w
+            for k, v in metrics.items():  # device tensors: summed where they are
+                sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v / accum)
+        window.add({**sums, "step_time": time.perf_counter() - t_step, "ref_wait": wait})
+        run.metrics.advance()
+        stop = preempt.any_rank()
+        logged = window_means(run, window, step + 1, lr) if run.metrics.due(step + 1) or step + 1 == run.total \
+            or stop else {}
+        guard.step(step + 1, logged, run.policy)  # loss / grad norm on log steps; DeepSpeed's skip count every step
+        if logged:
+            run.metrics.log(step + 1, logged)
+            last = logged
         if follow.due(cfg, step + 1):  # TR-DPO: the reference follows the policy (inline; collective)
             run.source.follow(run.policy, cfg.reference.sync_alpha)
-        stop = preempt.any_rank()
+        if run.evaluator is not None and run.evaluator.due(step + 1, run.total):
+            evals = run_eval(run, step + 1)
         if stop or ckpt.due(cfg, step + 1, run.total):
             guard.check_weights(run.policy, f"at step {step + 1}, before its checkpoint")
             ckpt.save(run.policy, cfg, run.data.run_dir, step=step + 1, samples=(step + 1) * run.schedule.global_batch,
@@ -181,7 +197,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     run.metrics.close()
     guard.check_weights(run.policy, "before the final model")
     run.source.finish()  # live: the reference group has finished its write-through
-    return finish(run, last)
+    return finish(run, last, evals)
 
 
 def rank_state(run: Run) -> dict:
@@ -203,7 +219,30 @@ def restore_reference(source, resume, ctx) -> None:
     source.model.load_state_dict(state)
 
 
-def finish(run: Run, last: dict) -> dict:
+def window_means(run: Run, window: MetricWindow, step: int, lr: float) -> dict[str, float]:
+    """The log step's scalars: the window's means over steps and ranks (one host transfer, one all-reduce),
+    with TRL's `learning_rate`, `grad_norm` (of this step), `epoch` and `num_tokens` (all ranks,
+    counted from this process's first step)."""
+    n = window.counts.get("step_time", 1)
+    scalars = reduce_mean(window.flush())
+    tokens = scalars.pop("tokens") * run.ctx.world_size  # per step, all ranks
+    run.num_tokens += tokens * n
+    scalars.update(tokens_per_s=tokens / scalars["step_time"], lr=lr, learning_rate=lr,
+                   grad_norm=run.policy.grad_norm(), epoch=step / run.schedule.steps_per_epoch,
+                   num_tokens=run.num_tokens)
+    return scalars
+
+
+def run_eval(run: Run, step: int) -> dict[str, float]:
+    """The held-out pairs scored by the policy as it is now, with the same loss (`forward_loss`)."""
+    scalars = run.evaluator.run(lambda batch, ref: forward_loss(
+        run.head, batch, ref, run.spec, run.cfg.method.params, eos_id=run.data.tokenizer.eos_token_id,
+        features=run.features)[:2], run.policy.module)
+    run.metrics.log(step, scalars, prefix="eval")
+    return scalars
+
+
+def finish(run: Run, last: dict, evals: dict | None = None) -> dict:
     """Gather the final model, write summary.json (rank 0)."""
     ctx, run_dir = run.ctx, run.data.run_dir
     run.policy.save_hf(run.data.tokenizer, run_dir / "final", is_main=ctx.is_main)
@@ -211,7 +250,7 @@ def finish(run: Run, last: dict) -> dict:
     shards = gather((*run.policy.parameter_counts(), peak_rss_mib))
     report = run.data.report
     summary = {"method": run.spec.name, "steps": run.total, "final": last, "config_fingerprint": config_fingerprint(run.cfg),
-               "world_size": ctx.world_size, "parameters_per_rank": [s[0] for s in shards],
+               "eval": evals or {}, "world_size": ctx.world_size, "parameters_per_rank": [s[0] for s in shards],
                "parameters_total": shards[0][1], "peak_rss_mib_per_rank": [round(s[2], 1) for s in shards],
                "data": asdict(report) if hasattr(report, "__dataclass_fields__") else str(report)}
     if ctx.is_main:

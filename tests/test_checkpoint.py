@@ -5,7 +5,7 @@ reproduce its per-step losses. All runs use a constant LR after a 3-step warmup:
 not depend on train.max_steps (so "stop at N/2 with max_steps=N/2, resume with max_steps=N" is
 exact), while resuming at step 2 or 6 with a scheduler that did not round-trip would show at once
 (its LR would restart from the warmup). With cosine/linear, changing max_steps on resume changes the
-rest of the schedule; checkpoint.check_compatible warns about it (tested in-process below).
+rest of the schedule; checkpoint.restore applies the new rate and warns (tests/test_resume_length.py).
 
 Launches (a 2-rank one is ~10 s on an idle 2-core box, 30-70 s on a loaded one): the reference;
 half + resume; 2 -> 1 ranks; SIGKILL -> resume + SIGUSR1 -> resume (one run directory); a corrupt
@@ -384,7 +384,7 @@ def ckpt_cfg(full):
                            cfg=lambda *o: load_config(full / "config.yaml", ["checkpoint.resume=auto", *o]))
 
 
-def test_compatibility_checks(ckpt_cfg, tmp_path, caplog):
+def test_compatibility_checks(ckpt_cfg, tmp_path):
     from sparsepo.checkpoint import CheckpointError, check_compatible
 
     c = ckpt_cfg
@@ -402,16 +402,14 @@ def test_compatibility_checks(ckpt_cfg, tmp_path, caplog):
         check_compatible(c.tag_dir, c.cfg(), data_fingerprint="0" * 16, world_size=2)
     with pytest.raises(CheckpointError, match=r"global batch of 4 .*micro_batch_size x train.grad_accum x ranks = 4"):
         check_compatible(c.tag_dir, c.cfg(), data_fingerprint=fp, world_size=1)
-    # a non-constant schedule with another run length resumes, with a warning that it is not exact
+    # a non-constant schedule with another run length is compatible (restore applies the new length's
+    # rate from the first resumed step and warns once: tests/test_resume_length.py)
     cosine = tmp_path / "cosine"
     cosine.mkdir()
     meta = json.loads(json.dumps(c.meta))
     meta["config"]["optim"]["schedule"] = "cosine"
     (cosine / "sparsepo.json").write_text(json.dumps(meta))
-    with caplog.at_level("WARNING", logger="sparsepo"):
-        check_compatible(cosine, c.cfg("optim.schedule=cosine", "train.max_steps=24"), data_fingerprint=fp,
-                         world_size=2)
-    assert "recomputed for the new length" in caplog.text
+    check_compatible(cosine, c.cfg("optim.schedule=cosine", "train.max_steps=24"), data_fingerprint=fp, world_size=2)
 
 
 def test_find_resume(ckpt_cfg, full, tmp_path, caplog):

@@ -382,9 +382,9 @@ def test_file_without_rows_is_refused_naming_it(tmp_path, tok, fname, raw):
 
 
 def test_missing_columns_list_found_and_expected(tmp_path, tok):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(DataError, match=r"m\.jsonl: missing column\(s\) \['prompt'\]; found columns "
-                                        r"\['question', 'chosen', 'rejected'\]; expected 'prompt'"):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "chosen": "a", "answer": "b"}])
+    with pytest.raises(DataError, match=r"m\.jsonl: missing column\(s\) \['rejected'\]; found columns "
+                                        r"\['question', 'chosen', 'answer'\]; expected 'prompt'"):
         load(path, tmp_path, tok)
 
 

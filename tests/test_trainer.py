@@ -49,11 +49,15 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tiny_world, dpo_two_ran
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in one:
         assert one[step] == pytest.approx(two[step], abs=2e-5), (step, one, two)
+    for tag in ("rewards/chosen", "logps/rejected", "num_tokens", "grad_norm"):  # means and sums over ranks
+        one, two = read_scalars(tmp_path, f"train/{tag}"), read_scalars(dpo_two_ranks, f"train/{tag}")
+        assert all(one[s] == pytest.approx(two[s], rel=1e-4, abs=1e-5) for s in one), (tag, one, two)
 
 
 def test_tensorboard_has_the_named_scalars(dpo_two_ranks):
-    for tag in ["loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected", "lr", "grad_norm",
-                "tokens_per_s", "step_time", "ref_wait"]:
+    for tag in ["loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "logps/chosen", "logps/rejected", "lr", "learning_rate", "grad_norm", "epoch",
+                "num_tokens", "tokens_per_s", "step_time", "ref_wait"]:
         values = read_scalars(dpo_two_ranks, f"train/{tag}")
         assert len(values) == STEPS, tag
 

@@ -14,11 +14,11 @@ schedule built from a RunConfig). Import from `sparsepo.config`.
 from sparsepo.config.ds_json import DS_CONFIG_DIR, build_deepspeed_config, check_batch_size, load_stage_file, lr_schedule
 from sparsepo.config.load import (config_fingerprint, config_from_dict, load_config, parse_override, save_resolved,
                                   to_dict, validate)
-from sparsepo.config.sections import (CheckpointConfig, ConfigError, DataConfig, DeepSpeedSection, LoggingConfig,
+from sparsepo.config.sections import (CheckpointConfig, ConfigError, DataConfig, DeepSpeedSection, EvalConfig, LoggingConfig,
                                       MethodConfig, ModelConfig, OptimConfig, ReferenceConfig, RunConfig, SAEConfig,
                                       TopologyConfig, TrainConfig)
 
-__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedSection", "LoggingConfig", "MethodConfig",
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedSection", "EvalConfig", "LoggingConfig", "MethodConfig",
            "ModelConfig", "OptimConfig", "ReferenceConfig", "RunConfig", "SAEConfig", "TopologyConfig", "TrainConfig",
            "DS_CONFIG_DIR", "build_deepspeed_config", "check_batch_size", "load_stage_file", "lr_schedule",
            "config_fingerprint", "config_from_dict", "load_config", "parse_override", "save_resolved", "to_dict",

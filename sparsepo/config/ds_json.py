@@ -98,10 +98,22 @@ def build_deepspeed_config(cfg: RunConfig, *, dp_size: int, cuda: bool | None = 
     return ds
 
 
+def warmup_steps(cfg: RunConfig, total_steps: int) -> int:
+    """optim.warmup_steps, or ceil(optim.warmup_ratio × total_steps) as transformers computes it."""
+    import math
+
+    return cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * total_steps)
+
+
+def schedule_depends_on_length(cfg: RunConfig) -> bool:
+    """Whether the LR at a given step changes with the run's total length."""
+    return cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio > 0
+
+
 def lr_schedule(cfg: RunConfig, total_steps: int) -> tuple[str, dict]:
     """(transformers scheduler name, kwargs) for `transformers.get_scheduler`."""
     o = cfg.optim
-    kwargs = {"num_warmup_steps": o.warmup_steps, "num_training_steps": total_steps}
+    kwargs = {"num_warmup_steps": warmup_steps(cfg, total_steps), "num_training_steps": total_steps}
     if o.schedule == "constant":
         return "constant_with_warmup", kwargs
     if o.schedule == "linear":

@@ -54,6 +54,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"'{key}' in {source} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if origin is list:  # a list of choices; one value alone is a list of one (logging.report_to=wandb)
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' in {source} must be a list, got {value!r}")
+        return [_coerce(v, typing.get_args(tp)[0], key, source) for v in value]
     if tp is Any:
         return value
     if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
@@ -127,6 +132,33 @@ def _build_method(raw: dict, sources: dict[str, str]) -> MethodConfig:
     return MethodConfig(name=names if isinstance(name, (list, tuple)) else name, params=params)
 
 
+def _drop_keys_of_the_replaced_method(raw: dict, sources: dict[str, str], file_method, source: str) -> None:
+    """An override of method.name (`method.name=simpo` on a DPO recipe): the file's method keys that
+    the file's method takes but the new one does not are dropped, with one warning naming them. A key
+    neither method takes (a typo) is left for `_build` to refuse; the override's own keys are kept."""
+    import logging
+    import os
+
+    from sparsepo.losses import get_method
+
+    body = raw.get("method")
+    if not isinstance(body, dict) or not sources.get("method.name", "").startswith("command-line"):
+        return
+    try:
+        old, new = (set(f.name for f in dataclasses.fields(get_method(m).params_cls))
+                    for m in (file_method, body.get("name")))
+    except (ValueError, TypeError, KeyError):
+        return  # an unknown name: _build_method refuses it, naming it
+    dropped = [k for k in body if k != "name" and k in old and k not in new
+               and not sources.get(f"method.{k}", "").startswith("command-line")]
+    for k in dropped:
+        del body[k]
+    if dropped and os.environ.get("RANK", "0") == "0":  # one warning per launch, not one per rank
+        logging.getLogger("sparsepo").warning(
+            "method.name=%s (command line) takes no %s: dropped from %s's %s settings",
+            body.get("name"), ", ".join(f"method.{k}" for k in dropped), source, file_method)
+
+
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = raw
@@ -165,11 +197,13 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", overrides: typing.Seq
         if isinstance(body, dict):
             for key in body:
                 sources[f"{section}.{key}"] = source
+    file_method = raw.get("method", {}).get("name", "dpo") if isinstance(raw.get("method"), dict) else "dpo"
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
         sources[key] = f"command-line override '{text}'"
         sources.setdefault(key.partition(".")[0], sources[key])  # a section only the override names
+    _drop_keys_of_the_replaced_method(raw, sources, file_method, source)
     classes = _section_classes()
     kwargs = {}
     for section, body in raw.items():
@@ -281,8 +315,41 @@ def validate(cfg: RunConfig, *, source: str = "<config>", sources: dict[str, str
         raise ConfigError(
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
+    check_trl_options(cfg, spec, source)
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {at('checkpoint.keep_last')} must be >= 1")
+
+
+def check_trl_options(cfg: RunConfig, spec, source: str) -> None:
+    """What TRL users set: optim.warmup_ratio, logging.report_to, and the eval section (one source of
+    held-out pairs, and a mode and method that can score them)."""
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0 or (cfg.optim.warmup_ratio and cfg.optim.warmup_steps):
+        raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} in {source} must be in [0, 1) and "
+                          f"optim.warmup_steps={cfg.optim.warmup_steps} 0 when it is set: warm up by one of them")
+    unknown = [t for t in cfg.logging.report_to if t not in ("tensorboard", "wandb", "mlflow")]
+    if unknown:
+        raise ConfigError(f"logging.report_to in {source} lists {unknown}; choose from tensorboard, wandb, mlflow")
+    e = cfg.eval
+    if e.path and e.fraction:
+        raise ConfigError(f"eval.path and eval.fraction are both set ({source}): held-out pairs come from "
+                          f"one of them; set the other to null / 0")
+    if not 0.0 <= e.fraction < 1.0:
+        raise ConfigError(f"eval.fraction={e.fraction} in {source} must be in [0, 1)")
+    if e.batch_size < 1 or e.every_steps < 0:
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be >= 1 and eval.every_steps={e.every_steps} "
+                          f">= 0 ({source})")
+    if not (e.path or e.fraction):
+        if e.every_steps:
+            raise ConfigError(f"eval.every_steps={e.every_steps} but no eval pairs ({source}): set eval.path or "
+                              f"eval.fraction")
+        return
+    if cfg.reference.mode == "live":
+        raise ConfigError(f"evaluation (eval.path / eval.fraction) is not served in reference.mode=live "
+                          f"({source}): the reference group walks the training schedule only. Evaluate with "
+                          f"reference.mode=cache or inline, or unset eval.path / eval.fraction")
+    if spec.needs_policy_samples:
+        raise ConfigError(f"method '{spec.name}' ({source}) has a KL term on samples the policy draws while "
+                          f"training, which held-out pairs do not define; unset eval.path / eval.fraction")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -68,6 +68,9 @@ class DataConfig:
     """Processes for tokenisation (datasets.map)."""
     cache_dir: str | None = None
     """Where `datasets` keeps its Arrow/tokenisation cache; default: its own (~/.cache/huggingface)."""
+    chat_template: str | None = None
+    """A Jinja chat template for conversational pairs, replacing the tokenizer's: a file (.jinja, or any
+    existing path) or the template itself; null: the tokenizer's own."""
 
 
 @dataclass(kw_only=True)
@@ -148,6 +151,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Instead of warmup_steps: warm up over ceil(warmup_ratio × total steps) (TRL's / transformers'
+    `warmup_ratio`); set one of the two."""
     schedule: str = "cosine"
     """constant | linear | cosine: transformers' schedules, after `warmup_steps` of linear warmup
     (linear decays to 0, cosine to min_lr_ratio × lr)."""
@@ -210,9 +216,27 @@ class LoggingConfig:
     grad norm are read back (a host sync each) and written only then; step time, reference wait,
     tokens/s and lr go to TensorBoard every step. 1: everything every step (the tests, benchmarks)."""
     tensorboard: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides the log line: any of tensorboard, wandb, mlflow (accelerate's trackers;
+    WANDB_MODE=offline without a network). TensorBoard also needs logging.tensorboard=true."""
     progress: bool = True
     overwrite: bool = False
     """Allow training into a run directory that already holds a finished run."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    path: str | None = None
+    """Held-out preference pairs, any shape and format `data.path` takes (read with data.format when
+    it is not auto, data.split, data.max_length, ...); or null."""
+    fraction: float = 0.0
+    """Instead of `path`: hold out this fraction of the training pairs (at least one pair), drawn
+    with train.seed; the model never trains on them. 0: no held-out split."""
+    every_steps: int = 0
+    """Evaluate after every N optimiser steps (0: only after the last step); with neither path nor
+    fraction set, no evaluation."""
+    batch_size: int = 8
+    """Pairs per rank per eval forward."""
 
 
 @dataclass(kw_only=True)
@@ -228,6 +252,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 

@@ -7,9 +7,12 @@ Rooms: sources.py (files, save_to_disk dirs, hub → Arrow), rows.py (one row �
 ids; pure), pipeline.py (map + cache, bad rows, duplicates, report), batching.py (PairBatch and the
 distributed order; pure torch — importing it does not import `datasets`).
 
-Shapes. Either `prompt`/`chosen`/`rejected` strings (chosen/rejected are responses only), or lists
-of {role, content} messages (TRL's conversational shape), or only `chosen`/`rejected` full
-conversations whose shared leading messages are the prompt (implicit prompt).
+Shapes (TRL's four). Either `prompt`/`chosen`/`rejected` strings (chosen/rejected are responses
+only), or lists of {role, content} messages (TRL's conversational shape; a content may be a list of
+{"type": "text", "text"} parts, joined), or only `chosen`/`rejected`, full conversations whose shared
+leading messages are the prompt, or full strings whose longest common prefix is (TRL's
+`extract_prompt`: a trailing space stays with the responses). `data.chat_template` replaces the
+tokenizer's template (`rundata.load_run_tokenizer`).
 
 Tokenisation convention (the reference scorer and trainer read the ids; they never re-tokenise):
   strings: prompt_ids = tokenizer(prompt)["input_ids"]            (add_special_tokens=True: bos)
@@ -62,10 +65,10 @@ from sparsepo.data.batching import (
 )
 from sparsepo.data.errors import DataError, SkippedRow
 
-_LAZY = {"load_preference_dataset", "dataset_fingerprint", "write_skip_report", "DataReport"}
+_LAZY = {"load_preference_dataset", "dataset_fingerprint", "write_skip_report", "DataReport", "holdout_split"}
 
 __all__ = ["DataError", "DataReport", "PairBatch", "SkippedRow", "collate_pairs",
-           "dataset_fingerprint", "epoch_order", "gather_rows", "load_preference_dataset",
+           "dataset_fingerprint", "epoch_order", "gather_rows", "holdout_split", "load_preference_dataset",
            "micro_batch_indices", "steps_per_epoch", "write_skip_report"]
 
 

@@ -156,6 +156,20 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
     return ds, report
 
 
+def holdout_split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held out): round(fraction·N) pairs (at least 1, at most N − 1) drawn with `seed`, both
+    parts in source order; each keeps the tokenisation settings, so each has its own fingerprint."""
+    n = len(ds)
+    if n < 2:
+        raise DataError(f"eval.fraction={fraction}: {n} pair(s) cannot be split into training and held-out pairs")
+    k = min(max(1, round(fraction * n)), n - 1)
+    import numpy as np
+
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(seed).permutation(n)[:k]] = True
+    return ds.select(np.flatnonzero(~held), keep_in_memory=True), ds.select(np.flatnonzero(held), keep_in_memory=True)
+
+
 def dataset_fingerprint(ds: datasets.Dataset) -> str:
     """sha256 over the tokenisation settings and the ordered example ids: the reference cache key."""
     desc = ds.info.description or ""
@@ -195,14 +209,13 @@ def _check_columns(raw: datasets.Dataset, path: str, tokenizer) -> None:
     cols = raw.column_names
     chatty = {c for c in ("prompt", "chosen", "rejected") if c in cols
               and isinstance(raw.features[c], (datasets.List, datasets.LargeList, datasets.Json))}
-    needed = ["chosen", "rejected"] + ([] if "chosen" in chatty else ["prompt"])
-    missing = [c for c in needed if c not in cols]
+    missing = [c for c in ("chosen", "rejected") if c not in cols]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found columns {cols}; expected "
                         f"'prompt', 'chosen', 'rejected' (strings, or lists of {{role, content}} "
-                        f"messages), or 'chosen' and 'rejected' conversations sharing their prompt")
+                        f"messages), or 'chosen' and 'rejected' alone, sharing their prompt (TRL's implicit prompt)")
     if any(isinstance(raw.features[c], (datasets.List, datasets.LargeList)) for c in chatty) \
             and not tokenizer.chat_template:
         raise DataError(f"{path}: the pairs are chat messages, but the tokenizer has no chat "
-                        f"template; set tokenizer.chat_template (or use a tokenizer that has one), "
-                        f"or give prompt/chosen/rejected as strings")
+                        f"template; set data.chat_template (a Jinja file or string), use a tokenizer "
+                        f"that has one, or give prompt/chosen/rejected as strings")

@@ -14,10 +14,11 @@ import re
 from dataclasses import asdict, dataclass
 
 
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 """Bump when the output of `tokenise_batch` changes for the same input: it busts every cache.
 2: chat roles are validated (a cached dataset may hold rows that are now refused).
-3: the lengths before truncation are kept (prompt_tokens, chosen_tokens, rejected_tokens)."""
+3: the lengths before truncation are kept (prompt_tokens, chosen_tokens, rejected_tokens).
+4: string pairs without a prompt (TRL's implicit prompt) and content-part messages are accepted."""
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 """Chat roles a message may have (the OpenAI / Hugging Face chat-template vocabulary)."""
@@ -118,6 +119,45 @@ def _check_text(field: str, value) -> None:
         raise BadRow(field, bad)
 
 
+def text_parts(field: str, value):
+    """Messages whose `content` is a list of parts (`[{"type": "text", "text": ...}]`, TRL's and
+    OpenAI's shape) with their text parts joined into one string; other messages unchanged. A part
+    that is not text (an image) is refused: the models here read text only."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for i, m in enumerate(value):
+        parts = m.get("content") if isinstance(m, dict) else None
+        if isinstance(parts, list):
+            texts = []
+            for j, part in enumerate(parts):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise BadRow(field, f"message {i}: content part {j} is {kind or type(part).__name__!r}, "
+                                        f"not {{'type': 'text', 'text': ...}}; only text parts are supported")
+                texts.append(part["text"])
+            m = {**m, "content": "".join(texts)}
+        out.append(m)
+    return out
+
+
+def implicit_string_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's `extract_prompt` for string pairs without a prompt: the longest common prefix is the
+    prompt, less a space it ends with (that space stays with both responses)."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    if k > 0 and chosen[k - 1] == " ":
+        k -= 1
+    if k == 0:
+        raise BadRow("prompt", "no prompt column, and chosen and rejected share no leading text to take as "
+                               "the prompt (TRL's implicit prompt); add a 'prompt' column")
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text[k:].strip():
+            raise BadRow(name, "nothing after the prompt it shares with the other response")
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
 def _check_messages(field: str, value) -> None:
     if value is None:
         raise BadRow(field, "missing or null")
@@ -174,6 +214,14 @@ def _render_chat(tokenizer, prompt: list, responses: tuple[list, list]) -> tuple
 
 def prepare(prompt, chosen, rejected, *, has_prompt: bool, tokenizer) -> tuple[str, bool, str, str, str]:
     """Validate one row: (example_id, templated, prompt_text, chosen_text, rejected_text)."""
+    if not has_prompt and isinstance(chosen, str):  # TRL's implicit prompt, string pairs
+        _check_text("chosen", chosen)
+        _check_text("rejected", rejected)
+        if chosen == rejected:
+            raise BadRow("rejected", "identical to chosen")
+        return example_id(None, chosen, rejected), False, *implicit_string_prompt(chosen, rejected)
+    prompt, chosen, rejected = (text_parts(f, v) for f, v in (("prompt", prompt), ("chosen", chosen),
+                                                               ("rejected", rejected)))
     if not has_prompt or isinstance(prompt, list):
         if has_prompt:
             _check_messages("prompt", prompt)

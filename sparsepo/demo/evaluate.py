@@ -45,6 +45,7 @@ import torch
 
 from sparsepo.demo.reward import reward_details
 from sparsepo.demo.sampling import Sample, hf_progress_bars, response_logps, sample_responses, torch_threads
+from sparsepo.demo.user_reward import check_prompt, encode_prompts, load_reward
 
 log = logging.getLogger("sparsepo.demo")
 
@@ -59,7 +60,8 @@ def win_rate(policy_rewards: Sequence[float], reference_rewards: Sequence[float]
     return score / len(policy_rewards)
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path) -> list:
+    """The `prompt` of each jsonl row: a string, or a list of {role, content} messages."""
     prompts = []
     with open(path) as fh:
         for i, line in enumerate(fh, 1):
@@ -68,9 +70,9 @@ def read_prompts(path: str | Path) -> list[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: not a JSON object ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                    raise ValueError(f"{path}:{i}: expected a non-empty string 'prompt'")
-                prompts.append(row["prompt"])
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{i}: expected a JSON object with a 'prompt'")
+                prompts.append(check_prompt(row.get("prompt"), f"{path}:{i}"))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
@@ -138,8 +140,11 @@ def evaluate_policy(policy_dir: str | Path, reference_dir: str | Path, prompts_p
                     samples_per_prompt: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
                     seed: int = 0, batch_size: int = 256, progress: bool = True,
                     tokenizer_dir: str | Path | None = None, num_threads: int | None = None,
-                    return_samples: bool = False) -> dict:
+                    return_samples: bool = False, reward: str | None = None) -> dict:
     """Win rate, KL and reward/length statistics of a policy vs its reference (module docstring).
+
+    reward: what scores the samples (`user_reward.load_reward`): None = the demo's lexicon, a reward-model
+    directory or `module:callable`; the result names it under "reward".
 
     tokenizer_dir: defaults to the policy directory, then the reference directory.
     return_samples: also return the per-sample records under "samples".
@@ -159,7 +164,7 @@ def evaluate_policy(policy_dir: str | Path, reference_dir: str | Path, prompts_p
         reference = policy if same else _load_model(reference_dir)
 
         expanded = [p for p in prompts for _ in range(samples_per_prompt)]
-        prompt_ids = tokenizer(expanded)["input_ids"]
+        prompt_ids = encode_prompts(tokenizer, expanded)
         common = dict(max_new_tokens=max_new_tokens, eos_id=eos, temperature=temperature, batch_size=batch_size,
                       progress=progress)
         pol: list[Sample] = sample_responses(policy, prompt_ids, generator=torch.Generator().manual_seed(seed),
@@ -176,8 +181,8 @@ def evaluate_policy(policy_dir: str | Path, reference_dir: str | Path, prompts_p
     ref_text = tokenizer.batch_decode([s.ids for s in ref], skip_special_tokens=True)
     pol_det = [reward_details(t) for t in pol_text]
     ref_det = [reward_details(t) for t in ref_text]
-    pol_r = [d.reward for d in pol_det]
-    ref_r = [d.reward for d in ref_det]
+    score, reward_name = load_reward(reward)
+    pol_r, ref_r = score(expanded, pol_text), score(expanded, ref_text)
     kls = [a - b for a, b in zip(logp_pol, logp_ref)]
     n = len(expanded)
     wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(pol_r, ref_r)]
@@ -192,8 +197,9 @@ def evaluate_policy(policy_dir: str | Path, reference_dir: str | Path, prompts_p
         "kl_se": kl_se,
         "policy_reward": sum(pol_r) / n,
         "reference_reward": sum(ref_r) / n,
-        "policy_reward_normalized": sum(d.normalized for d in pol_det) / n,
-        "reference_reward_normalized": sum(d.normalized for d in ref_det) / n,
+        "reward": reward_name,
+        "policy_reward_normalized": sum(r / max(1, d.n_words) for r, d in zip(pol_r, pol_det)) / n,
+        "reference_reward_normalized": sum(r / max(1, d.n_words) for r, d in zip(ref_r, ref_det)) / n,
         "policy_length": sum(len(s.ids) for s in pol) / n,
         "reference_length": sum(len(s.ids) for s in ref) / n,
         "policy_words": sum(d.n_words for d in pol_det) / n,

@@ -99,6 +99,16 @@ class PolicyEngine:
     def lr(self) -> float:
         return float(self._engine.get_lr()[0])
 
+    def apply_schedule(self) -> None:
+        """Set the rate to the LR schedule's value at its current step. After a resume with another run
+        length the optimiser holds the rate the old length's curve gave (0 at the end of a decay); the
+        restored scheduler's lambdas are this run's, so recompute from them (transformers' LambdaLR)."""
+        sched = self._engine.lr_scheduler
+        rates = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, rate in zip(sched.optimizer.param_groups, rates):
+            group["lr"] = rate
+        sched._last_lr = rates
+
     def grad_norm(self) -> float:
         """The global gradient norm of the last optimiser step (0.0 before the first)."""
         return float(self._engine.get_global_grad_norm() or 0.0)

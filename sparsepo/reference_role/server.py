@@ -31,16 +31,14 @@ import torch.distributed as dist
 from sparsepo import bridge as br
 from sparsepo import data as pdata
 from sparsepo.config import config_fingerprint
-from sparsepo.config.paths import run_tokenizer
 from sparsepo.data.filters import pair_filter_for
 from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
-from sparsepo.models import load_tokenizer
 from sparsepo.padding import batch_length
 from sparsepo.reference_role import offline
+from sparsepo.rundata import load_run_tokenizer, model_fingerprint
 from sparsepo.reference.cache import INDEX, write_index, write_shard
 from sparsepo.reference_role.scorers import scorer_for
-from sparsepo.rundata import model_fingerprint
 from sparsepo.schedule import Schedule
 
 log = logging.getLogger("sparsepo")
@@ -128,7 +126,7 @@ def serve(cfg, plan, bridge) -> None:
     # The policy resolves resume and total steps (and fills the datasets cache) first.
     hs = br.broadcast(bridge, None, src=topo.policy_ranks()[0])
     check_handshake(hs, cfg, outputs)
-    tokenizer = load_tokenizer(run_tokenizer(cfg))
+    tokenizer = load_run_tokenizer(cfg)  # the policy's rule: both roles must tokenise the pairs alike
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
     length = batch_length(cfg)  # the policy's own padding (sparsepo.padding)
     features = uses_features(outputs)

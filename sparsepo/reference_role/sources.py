@@ -91,8 +91,13 @@ class InlineSource:
             return None
         return score_batch(self.head, batch, self.outputs, topk=self.topk, features=self.features)
 
+    @property
+    def model(self):
+        """The frozen reference model behind the head (TR-DPO moves it; its checkpoints hold it)."""
+        return self.head.model
+
     def follow(self, policy, alpha: float) -> None:
-        """TR-DPO: move the frozen reference towards the policy (`reference.follow`; collective under ZeRO-3)."""
+        """TR-DPO: move the frozen reference towards the policy (`sparsepo.follow`; collective under ZeRO-3)."""
         policy.mix_into(self.model, alpha)
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
@@ -219,3 +224,24 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
     reader = offline.ensure_cache(cfg, outputs, dataset, collate, data_fingerprint=data_fingerprint, ctx=ctx,
                                   features=features)
     return CacheSource(reader, outputs, ctx.device)
+
+
+def open_eval_source(cfg, spec, train_source, *, ctx, dataset, collate, data_fingerprint: str, features=None):
+    """The reference outputs for the held-out pairs, from the training source's kind: the same object
+    when it scores any batch (inline, none); in cache mode an eval cache beside the training one
+    (`<cache dir>_eval`, keyed by the eval pairs' fingerprint, computed when missing). Live mode is
+    refused by the config check (`config.load.check_eval`)."""
+    from dataclasses import replace
+
+    from sparsepo.reference_role import offline
+
+    if isinstance(train_source, LiveSource):
+        raise ValueError("evaluation is not served in reference.mode=live (the reference group walks the training "
+                         "schedule only): use reference.mode=cache or inline")
+    if not isinstance(train_source, CacheSource):
+        return train_source
+    directory = offline.cache_dir(cfg)
+    eval_cfg = replace(cfg, reference=replace(cfg.reference, cache_dir=str(directory.with_name(directory.name + "_eval"))))
+    reader = offline.ensure_cache(eval_cfg, spec.reference_outputs, dataset, collate, data_fingerprint=data_fingerprint,
+                                  ctx=ctx, features=features)
+    return CacheSource(reader, spec.reference_outputs, ctx.device)

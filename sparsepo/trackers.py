@@ -1,0 +1,86 @@
+"""Experiment trackers beside TensorBoard (`logging.report_to`): wandb and mlflow through their own
+client APIs, behind one small interface (`log(values, step)`, `finish()`), on rank 0 only.
+
+    trackers = open_trackers(["wandb"], run_dir, config=to_dict(cfg))   # [] for tensorboard alone
+    for t in trackers: t.log({"train/loss": 0.69}, step=1)
+    close_trackers(trackers)
+
+Each reads its usual environment: WANDB_PROJECT (default "sparsepo"), WANDB_MODE=offline on a machine
+without a network (the run is written under <run_dir>/wandb; `wandb sync` uploads it later);
+MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME (default: ./mlruns, experiment "sparsepo").
+(accelerate's tracker classes were the first choice; their logging needs an accelerate `PartialState`,
+which would take over torch.distributed set-up inside a DeepSpeed job.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow")
+"""logging.report_to's choices; TensorBoard is written by `metrics.MetricsLogger` itself."""
+
+
+def flat_config(raw: dict) -> dict[str, object]:
+    """The nested config dict as TensorBoard hparams: `section.key` -> bool/int/float/str."""
+    flat = {}
+    for section, body in raw.items():
+        for key, value in (body.items() if isinstance(body, dict) else [("", body)]):
+            flat[f"{section}.{key}".rstrip(".")] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+class WandbSink:
+    def __init__(self, run_dir: Path, config: dict):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sparsepo"), name=run_dir.name,
+                              dir=str(run_dir), config=config)
+
+    def log(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
+
+    def finish(self) -> None:
+        import wandb
+
+        self.run.finish()
+        wandb.teardown()  # waits for wandb's service to write the run: a run ends with os._exit, no atexit
+
+
+class MlflowSink:
+    def __init__(self, run_dir: Path, config: dict):
+        import mlflow
+
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "sparsepo"))
+        self.mlflow, self.run = mlflow, mlflow.start_run(run_name=run_dir.name)
+        mlflow.log_params(config)
+
+    def log(self, values: dict, step: int) -> None:
+        self.mlflow.log_metrics(values, step=step)
+
+    def finish(self) -> None:
+        self.mlflow.end_run()
+
+
+SINKS = {"wandb": WandbSink, "mlflow": MlflowSink}
+
+
+def open_trackers(names, run_dir: str | Path, *, config: dict | None = None) -> list:
+    """The started trackers for `names` (tensorboard excluded), with the resolved config (flattened to
+    `section.key`) as their hyper-parameters. A tracker whose package is missing is refused naming it."""
+    trackers = []
+    for name in names:
+        if name == "tensorboard":
+            continue
+        try:
+            __import__(name)
+        except ImportError:
+            raise ValueError(f"logging.report_to lists {name!r}, but the {name} package is not installed: "
+                             f"pip install {name}, or leave it out of logging.report_to") from None
+        trackers.append(SINKS[name](Path(run_dir), flat_config(config or {})))
+    return trackers
+
+
+def close_trackers(trackers: list) -> None:
+    for tracker in trackers:
+        tracker.finish()

@@ -1,0 +1,112 @@
+"""TRL's metric names (`sparsepo.metrics`), the log window that keeps values on the device until a
+log step, the held-out split and the eval section's refusals."""
+
+import json
+
+import pytest
+import torch
+
+from sparsepo.config import ConfigError, load_config
+from sparsepo.metrics import MetricWindow, flat_config, mean_logits, pair_values
+
+
+def test_pair_values_are_trls_statistics_per_pair():
+    got = pair_values(torch.tensor([0.25, 0.75]), torch.tensor([1.0, -0.5]), torch.tensor([0.5, 0.5]),
+                      torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -9.0]))
+    want = {"loss": [0.25, 0.75], "rewards/chosen": [1.0, -0.5], "rewards/rejected": [0.5, 0.5],
+            "rewards/accuracies": [1.0, 0.0], "rewards/margins": [0.5, -1.0], "logps/chosen": [-10.0, -12.0],
+            "logps/rejected": [-11.0, -9.0]}
+    assert {k: v.tolist() for k, v in got.items()} == want
+
+
+def test_mean_logits_reads_the_positions_that_predict_response_tokens():
+    # response tokens at t = 1, 2 are predicted by logits[0] and logits[1]: mean(1, 3, 5, 7) = 4;
+    # the last position predicts nothing (its 100s must not count), nor does a masked-out row
+    logits = torch.tensor([[[1.0, 3.0], [5.0, 7.0], [100.0, 100.0]], [[-50.0, -50.0], [0.0, 0.0], [9.0, 9.0]]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    assert float(mean_logits(logits, mask)) == pytest.approx(4.0)
+
+
+def test_window_means_each_name_over_the_steps_that_reported_it_and_empties():
+    w = MetricWindow()
+    w.add({"loss": torch.tensor(1.0), "sae_ev": 0.5, "step_time": 2.0})
+    w.add({"loss": torch.tensor(3.0), "step_time": 4.0})
+    assert w.flush() == {"loss": 2.0, "sae_ev": 0.5, "step_time": 3.0}
+    w.add({"loss": torch.tensor(5.0)})
+    assert w.flush() == {"loss": 5.0}
+
+
+def test_flat_config_is_tensorboard_hparams():
+    flat = flat_config({"optim": {"lr": 1e-4, "betas": [0.9, 0.99]}, "method": {"name": "dpo", "beta": 0.1}})
+    assert flat == {"optim.lr": 1e-4, "optim.betas": "[0.9, 0.99]", "method.name": "dpo", "method.beta": 0.1}
+
+
+def tagged(n):
+    import datasets
+
+    from sparsepo.data.pipeline import _SETTINGS_TAG
+
+    ds = datasets.Dataset.from_dict({"example_id": [f"e{i}" for i in range(n)]})
+    ds.info.description = _SETTINGS_TAG + json.dumps({"max_length": 8})
+    return ds
+
+
+def test_holdout_split_is_disjoint_seeded_and_keyed_apart():
+    from sparsepo.data import DataError, dataset_fingerprint, holdout_split
+
+    train, held = holdout_split(tagged(10), 0.3, seed=0)
+    ids = lambda d: list(d["example_id"])  # noqa: E731
+    assert len(held) == 3 and len(train) == 7
+    assert sorted(ids(train) + ids(held), key=lambda s: int(s[1:])) == [f"e{i}" for i in range(10)]
+    assert ids(train) == sorted(ids(train), key=lambda s: int(s[1:]))  # source order kept
+    assert ids(holdout_split(tagged(10), 0.3, seed=0)[1]) == ids(held)
+    assert any(ids(holdout_split(tagged(10), 0.3, seed=s)[1]) != ids(held) for s in range(1, 4))
+    assert dataset_fingerprint(train) != dataset_fingerprint(tagged(10))  # the cache keys on what is trained
+    assert len(holdout_split(tagged(3), 0.01, seed=0)[1]) == 1  # at least one held-out pair
+    with pytest.raises(DataError, match="eval.fraction"):
+        holdout_split(tagged(1), 0.5, seed=0)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["eval.path=x.jsonl", "eval.fraction=0.1"], "both set"),
+    (["eval.fraction=1.0"], "must be in [0, 1)"),
+    (["eval.every_steps=5"], "no eval pairs"),
+    (["eval.fraction=0.1", "eval.batch_size=0"], "eval.batch_size=0"),
+    (["eval.fraction=0.1", "reference.mode=live", "topology.reference_ranks=1"], "reference.mode=live"),
+    (["eval.fraction=0.1", "method.name=spo", "reference.mode=inline"], "method 'spo'"),
+])
+def test_eval_section_refusals_name_the_keys(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
+
+
+def test_eval_section_defaults_to_no_evaluation():
+    cfg = load_config(None, ["eval.fraction=0.2", "eval.every_steps=10"])
+    assert (cfg.eval.fraction, cfg.eval.every_steps, cfg.eval.batch_size, cfg.eval.path) == (0.2, 10, 8, None)
+
+
+def recipe(tmp_path, method):
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"method": method}))
+    return path
+
+
+def test_overriding_method_name_drops_the_files_keys_the_new_method_does_not_take(tmp_path, caplog):
+    path = recipe(tmp_path, {"name": "dpo", "beta": 0.2, "label_smoothing": 0.1, "ld_alpha": 0.5})
+    with caplog.at_level("WARNING", logger="sparsepo"):
+        cfg = load_config(path, ["method.name=simpo", "method.gamma=1.0"])
+    assert cfg.method.name == "simpo" and (cfg.method.params.beta, cfg.method.params.gamma) == (0.2, 1.0)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "method.label_smoothing, method.ld_alpha" in warned[0], warned
+    with pytest.raises(ConfigError, match="unknown key 'method.label_smoothing'"):  # no override: refused
+        load_config(path.parent / recipe(tmp_path, {"name": "simpo", "label_smoothing": 0.1}).name)
+
+
+def test_a_typo_is_still_refused_and_the_overrides_own_keys_are_kept(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'method.bta'.*Did you mean 'beta'"):
+        load_config(recipe(tmp_path, {"name": "dpo", "bta": 0.2}), ["method.name=simpo"])
+    with pytest.raises(ConfigError, match="unknown key 'method.label_smoothing'"):
+        load_config(recipe(tmp_path, {"name": "dpo"}), ["method.name=simpo", "method.label_smoothing=0.1"])
