@@ -1,6 +1,6 @@
 """The live reference pipeline reproduces each supported family's own forward, exactly.
 
-For every entry of ``sparsepo.reference.families.FAMILIES`` (and Mistral / Phi-3 with and without
+For every entry of ``sparsepo.logprobs.families.FAMILIES`` (and Mistral / Phi-3 with and without
 ``sliding_window``) a tiny random model built from its transformers config class, seeded, with a
 sliding window of W = 4 where the family has one, scores batches whose sequences are longer than
 3W (right padding as ``collate_pairs`` makes it, and the same rows left-padded):

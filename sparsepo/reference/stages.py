@@ -13,7 +13,7 @@ head returns ``(logits, hidden_ℓ)``:
     HeadStage             (hidden, mask, pos, hidden_ℓ) -> (logits, hidden_ℓ)
 
 Only tensors cross stages. The items reuse the model's own modules (embedding, decoder layers,
-final norm, head, rotary) found through the family table (``sparsepo.reference.families``); each
+final norm, head, rotary) found through the family table (``sparsepo.logprobs.families``); each
 decoder item rebuilds its own layer's 4D mask (full or sliding-window causal, as the model's
 forward picks it) with transformers' own mask builders, so it matches the HF forward exactly
 whatever the attention implementation, and its rotary (cos, sin) from ``position_ids``; both are
@@ -105,9 +105,10 @@ class HeadStage(nn.Module):
     in the model dtype; (hidden, attention_mask, position_ids, hidden_ℓ) -> (logits, hidden_ℓ).
 
     ``softcap`` c: logits = tanh(logits / c) * c, in the order the Gemma 2/3 forward does it.
-    ``chunk`` > 0 (model.logits_chunk; the head an ``nn.Linear``): a ``logprobs.HeadInput`` in place of
-    the logits — the normed hidden state and the head, which ``scoring.score`` (the last stage's
-    ``ScoreFn``) runs ``chunk`` response positions at a time, so the last stage never holds (N,T,V)."""
+    ``chunk`` > 0 (model.logits_chunk; the head an ``nn.Linear``): a ``logprobs.lean.HeadInput`` in place
+    of the logits — the normed hidden state and the head, which ``scoring.score`` (the last stage's
+    ``ScoreFn``) runs ``chunk`` response positions at a time, so the last stage never holds (N,T,V).
+    Which of the two is the stage's ``head`` (``logprobs.head.StageHead``), chosen once by ``Head.for_layers``."""
 
     def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None, chunk: int = 0):
         super().__init__()
@@ -189,7 +190,7 @@ def pipeline_layers(model, feature_layer: int | None = None, chunk: int = 0) -> 
             modules[path] = get_module(model, path)
         except (AttributeError, IndexError):
             raise PipelineConfigError(f"pipeline reference: {type(model).__name__} has no `{path}`, where the "
-                                      f"{family.name} entry of sparsepo.reference.families expects it") from None
+                                      f"{family.name} entry of sparsepo.logprobs.families expects it") from None
     return make_items(modules, config, 0, num_layers + 2, modules.get(family.rotary), feature_layer, chunk)
 
 
