@@ -272,7 +272,8 @@ def validate(cfg: RunConfig, *, source: str = "<config>", sources: dict[str, str
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
     if cfg.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {at('checkpoint.keep_last')} must be >= 1")
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {at('checkpoint.keep_last')} "
+                          f"must be >= 1")
 
 
 def to_dict(cfg: RunConfig) -> dict:
