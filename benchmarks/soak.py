@@ -12,7 +12,8 @@ final save). Then `--resume auto` runs to the end. A trial's verdict:
 * identical: the resumed run finished and its loss at every step equals the uninterrupted run's
   (|diff| <= --tol), or the job had finished before the signal landed and its curve equals it;
 * refused: the resume exited non-zero naming why, publishing no final/;
-* DIFFERENT / FAILED: what the soak looks for: a curve that differs, or a resume that broke.
+* DIFFERENT / FAILED: what the soak looks for: a curve that differs, or a resume that broke;
+* missed: the job had ended before the drawn moment (nothing signalled; its curve still checked).
 
 The interrupted run's first ERROR line is recorded too (it must name the lost process).
 Needs psutil; builds the tiny demo world under --workdir unless --world points at one.
@@ -110,7 +111,7 @@ def wait_for_moment(moment: str, run: Path, log: Path, proc, rng: random.Random,
     while time.monotonic() < deadline and proc.poll() is None:
         steps = steps_logged(log)
         if moment == "random" and steps:
-            pause = rng.uniform(0.0, span)
+            pause = rng.uniform(0.0, 0.8 * span)  # inside the baseline's training time
             time.sleep(pause)
             return f"random ({pause:.1f}s after step {max(steps)})"
         if moment == "shard_write" and ckpts.is_dir():
@@ -166,7 +167,9 @@ def trial(k: int, world, base: dict, span: dict, workdir: Path, rng: random.Rand
     diff = max((abs(curve[s] - base[mode][s]) for s in base[mode] if s in curve), default=None)
     complete = sorted(curve) == sorted(base[mode])
     out["max_abs_diff"] = diff
-    if (finished or out.get("resume_rc") == 0) and complete and diff is not None and diff <= tol:
+    if pid is None:  # the job ended before the moment came: no interruption to judge
+        out["verdict"] = "missed" if finished and complete and diff is not None and diff <= tol else "FAILED"
+    elif (finished or out.get("resume_rc") == 0) and complete and diff is not None and diff <= tol:
         out["verdict"] = "identical"
     elif not finished and out.get("resume_rc") not in (0, None) and not (run / "final").exists():
         out["verdict"] = "refused"
@@ -208,7 +211,7 @@ def main(argv=None) -> None:
               "verdicts": counts, "wall_s": round(time.perf_counter() - t0, 1), "results": results}
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(counts))
-    sys.exit(0 if set(counts) <= {"identical", "refused"} else 1)
+    sys.exit(0 if set(counts) <= {"identical", "refused", "missed"} else 1)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ def test_a_second_precompute_into_one_cache_dir_is_refused(tiny_world, tmp_path)
     cache = tmp_path / "shared_cache"
     holder = subprocess.Popen(  # the first writer, mid-write: holds the cache directory's lock
         [sys.executable, "-c", "import sys, time; from sparsepo.rundir import acquire_run_lock; "
-                               f"acquire_run_lock({str(cache)!r}, setting='reference.cache_dir'); print('held', flush=True); "
-                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+                               f"acquire_run_lock({str(cache)!r}, setting='reference.cache_dir'); "
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         t0 = time.perf_counter()

@@ -81,7 +81,8 @@ def test_a_config_error_found_after_the_launch_exits_2(tiny_world, tmp_path):
 def test_the_first_error_line_of_a_live_failure_names_the_lost_peer(monkeypatch, caplog):
     from sparsepo import train as entry
 
-    lost = "lost policy rank 0 (global rank 0), which hosts the bridge store (DistStoreError: ...): stopped, hung or dead"
+    lost = ("lost policy rank 0 (global rank 0), which hosts the bridge store (DistStoreError: ...): stopped, "
+            "hung or dead")
     monkeypatch.setattr(entry, "_peer_cause", lambda: (1, lost, 0))
     with caplog.at_level("ERROR", logger="sparsepo"):
         code, message, blame = entry.report_failure(RuntimeError("[gloo] Connection closed by peer [10.0.0.2]:4711"))

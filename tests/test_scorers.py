@@ -60,3 +60,25 @@ def test_no_mode_tests_for_the_oracle_itself():
                    if isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.In)
                    and getattr(node.left, "value", None) == "oracle_scores")
     assert found == ["sparsepo.reference_role.scorers"]
+
+
+def test_only_sources_that_score_samples_serve_spo_and_a_pending_round_collects_once():
+    from sparsepo.config.generation import GenerationConfig
+    from sparsepo.policy_samples import PendingRound, PolicySamples
+    from sparsepo.reference_role.sources import CacheSource, InlineSource, NoReference, SampleSource
+
+    assert isinstance(InlineSource(None, (), topk=1), SampleSource)
+    for source in (CacheSource(None, (), "cpu"), NoReference()):
+        assert not isinstance(source, SampleSource)
+        with pytest.raises(ValueError, match="SPO needs reference.mode=inline or live"):
+            PolicySamples(GenerationConfig(), source=source, topk=1, support="policy", seed=0, pad_id=0, eos_id=2)
+
+    class Counting:
+        calls = 0
+
+        def collect(self, ticket):
+            self.calls += 1
+            return {"ticket": ticket}
+
+    source, entry = Counting(), PendingRound(step=3, samples=None, ids=None, ticket="t3")
+    assert entry.wait(source) == {"ticket": "t3"} and entry.wait(source) is entry.ref and source.calls == 1

@@ -317,7 +317,8 @@ def validate(cfg: RunConfig, *, source: str = "<config>", sources: dict[str, str
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
     check_trl_options(cfg, spec, source)
     if cfg.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {at('checkpoint.keep_last')} must be >= 1")
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {at('checkpoint.keep_last')} "
+                          f"must be >= 1")
 
 
 def check_trl_options(cfg: RunConfig, spec, source: str) -> None:

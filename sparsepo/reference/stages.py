@@ -109,9 +109,10 @@ class HeadStage(nn.Module):
     in the model dtype; (hidden, attention_mask, position_ids, hidden_ℓ) -> (logits, hidden_ℓ).
 
     ``softcap`` c: logits = tanh(logits / c) * c, in the order the Gemma 2/3 forward does it.
-    ``chunk`` > 0 (model.logits_chunk; the head an ``nn.Linear``): a ``logprobs.HeadInput`` in place of
-    the logits — the normed hidden state and the head, which ``scoring.score`` (the last stage's
-    ``ScoreFn``) runs ``chunk`` response positions at a time, so the last stage never holds (N,T,V)."""
+    ``chunk`` > 0 (model.logits_chunk; the head an ``nn.Linear``): a ``logprobs.lean.HeadInput`` in place
+    of the logits — the normed hidden state and the head, which ``scoring.score`` (the last stage's
+    ``ScoreFn``) runs ``chunk`` response positions at a time, so the last stage never holds (N,T,V).
+    Which of the two is the stage's ``head`` (``logprobs.head.StageHead``), chosen once by ``Head.for_layers``."""
 
     def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None, chunk: int = 0,
                  scale: float | None = None):

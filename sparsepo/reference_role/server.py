@@ -118,6 +118,21 @@ def check_handshake(hs, cfg, outputs: tuple[str, ...]) -> None:
                             f"{config_fingerprint(cfg)[:12]}); every rank must start from the same config")
 
 
+def build_pipelines(cfg, choice, num_stages: int, fields: tuple[str, ...], features: bool):
+    """The group's pipelines for the run's scorer (`scorers.scorer_for`). FPO: the last stages alone
+    load the SAE, checked against the reference weights' fingerprint."""
+    model_fp = model_fingerprint(cfg) if features else None
+
+    def load_features():  # called on the last stages only: the others never load the SAE
+        from sparsepo.sae.runtime import load_for_run
+
+        return load_for_run(cfg, model_fingerprint=model_fp)
+
+    return choice.pipelines(num_stages=num_stages, topk=cfg.reference.topk if "topk_ids" in fields else None,
+                            feature_layer=cfg.sae.layer if features else None,
+                            load_features=load_features if features else None)
+
+
 def serve(cfg, plan, bridge) -> None:
     """Run one reference process until the policy's last step has been served."""
     topo, role = plan.topology, plan.role
@@ -130,20 +145,10 @@ def serve(cfg, plan, bridge) -> None:
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
     length = batch_length(cfg)  # the policy's own padding (sparsepo.padding)
     features = uses_features(outputs)
-    model_fp = model_fingerprint(cfg) if features else None
-
-    def load_features():  # called on the last stages only: the others never load the SAE
-        from sparsepo.sae.runtime import load_for_run
-
-        return load_for_run(cfg, model_fingerprint=model_fp)
-
     samples = get_method(cfg.method.name).needs_policy_samples
     sample_outputs = sample_fields(cfg) if samples else ()
     choice = scorer_for(cfg, outputs, samples=samples)  # SePO: the oracle pair, checked before loading
-    scorer = choice.pipelines(num_stages=topo.num_stages,
-                              topk=cfg.reference.topk if "topk_ids" in outputs + sample_outputs else None,
-                              feature_layer=cfg.sae.layer if features else None,
-                              load_features=load_features if features else None)
+    scorer = build_pipelines(cfg, choice, topo.num_stages, outputs + sample_outputs, features)
     if scorer.replica_index != role.replica or scorer.stage_id != role.stage:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "
                            f"{scorer.replica_index}, topology says stage {role.stage} replica {role.replica}")
