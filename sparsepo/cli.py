@@ -31,8 +31,8 @@ from sparsepo.launch.ports import free_port
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEMO_METHODS = ("dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo", "sepo", "spo", "hinge", "robust", "exo_pair", "nca_pair",
-                "bco_pair", "sppo_hard", "aot", "aot_pair", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "cpo",
-                "orpo", "sft")
+                "bco_pair", "sppo_hard", "aot", "aot_pair", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                "sigmoid_norm", "cpo", "cpo_hinge", "cpo_ipo", "alphapo", "orpo", "sft")
 """`sparsepo.losses.METHODS`' names, without importing torch for `--help` (tests/test_cli.py keeps them equal)."""
 
 

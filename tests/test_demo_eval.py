@@ -70,7 +70,7 @@ def test_eval_reports_a_missing_policy_directory_as_missing(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--policy", "runs/demo/run-spo/final", "--reference", str(tmp_path), "--prompts", str(prompts)])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--policy runs/demo/run-spo/final: no such directory" in err
+    assert e.value.code == 2 and "--policy runs/demo/run-spo/final: no such model directory" in err
     assert "Repo id" not in err
 
 

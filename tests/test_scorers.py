@@ -44,10 +44,12 @@ def test_the_reference_scorer(dirs):
     assert scorer.wire(None, records, eos_id=2) is records  # sent as scored
 
 
-def test_the_oracle_scorer_owns_its_paths_key_and_check(dirs):
-    scorer = scorer_for(oracle_cfg(dirs, dirs["ref"]), ("oracle_scores",))
+def test_the_oracle_scorer_owns_its_paths_key_and_check(dirs, tmp_path):
+    trained = model_dir(tmp_path / "trained")  # another model than the oracle's reference (same tokenizer)
+    (trained / "model.safetensors").write_bytes(b"the oracle's weights")
+    scorer = scorer_for(oracle_cfg(dirs, trained), ("oracle_scores",))
     assert isinstance(scorer, OracleScorer) and str(dirs["oracle"]) in scorer.name
-    assert scorer.model_paths() == [str(dirs["ref"]), str(dirs["ref"])]
+    assert scorer.model_paths() == [str(trained), str(dirs["ref"])]
     assert set(scorer.fingerprints()) == {"oracle", "oracle_reference"}
     with pytest.raises(OracleError, match="the oracle tokenizer at"):
         scorer_for(oracle_cfg(dirs, dirs["odd"]), ("oracle_scores",)).check()
