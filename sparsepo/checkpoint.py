@@ -106,11 +106,13 @@ def _new_key_at_default(cfg: RunConfig, section: str, key: str, then: dict, now:
     """A key the checkpoint's config lacks (written by an older sparsepo, before the option existed)
     whose value now is the option's default: options are added so that their default is the old
     behaviour, so the run continues as it was trained."""
-    if section not in then or key in then[section] or key not in now.get(section, {}):
+    if key in then.get(section, {}) or key not in now.get(section, {}):  # a whole new section (lora) too
         return False
     body = getattr(cfg, section)
     fields = dataclasses.fields(body.params if section == "method" else body)
-    default = next((f.default for f in fields if f.name == key), dataclasses.MISSING)
+    found = next((f for f in fields if f.name == key), None)
+    default = dataclasses.MISSING if found is None else (
+        found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default)
     return default is not dataclasses.MISSING and json.loads(json.dumps(default, default=str)) == now[section][key]
 
 

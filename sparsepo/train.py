@@ -114,11 +114,14 @@ def main(argv: list[str] | None = None) -> None:
                         format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from sparsepo.config import ConfigError, load_config
     from sparsepo.config.paths import check_local_inputs
+    from sparsepo.lora import check_runnable as lora_check
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
         check_local_inputs(cfg)
+        if problem := lora_check(cfg):  # QLoRA on a machine without CUDA / bitsandbytes
+            raise ConfigError(problem)
     except ConfigError as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,6 +16,7 @@ import yaml
 
 from sparsepo.atomic import atomic_write
 from sparsepo.config.generation import check_generation
+from sparsepo.config.lora import check_lora
 from sparsepo.config.paths import absolute_local_paths
 from sparsepo.config.sections import _CHOICES, ConfigError, MethodConfig, RunConfig
 
@@ -53,6 +54,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"'{key}' in {source} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' in {source} must be a list (e.g. [a, b]), got {value!r}")
+        return [_coerce(v, typing.get_args(tp)[0], key, source) for v in value]
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -249,6 +254,8 @@ def validate(cfg: RunConfig, *, source: str = "<config>") -> None:
         raise ConfigError(
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
+    if problem := check_lora(cfg, source):
+        raise ConfigError(problem)
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {source} must be >= 1")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparsepo.config.generation import PARAM_PATHS, GenerationConfig
+from sparsepo.config.lora import LoraConfig
 
 
 class ConfigError(ValueError):
@@ -189,6 +190,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 _CHOICES = {

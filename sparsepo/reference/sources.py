@@ -167,9 +167,11 @@ class LiveSource:
 
 
 def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, features=None, live=None,
-                handshake: br.Handshake | None = None):
+                handshake: br.Handshake | None = None, policy=None):
     """The source this run's mode asks for. Cache mode precomputes the cache first when it is
-    missing; live mode sends the typed handshake (every bridge rank takes part)."""
+    missing; live mode sends the typed handshake (every bridge rank takes part). Inline mode with
+    LoRA scores with `policy.reference_view()` (the policy, adapters off) when the reference is the
+    base model."""
     from sparsepo.reference import offline
 
     outputs = spec.reference_outputs
@@ -186,8 +188,12 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
     if not outputs and not spec.needs_policy_samples:
         return NoReference()
     if cfg.reference.mode == "inline":
-        return InlineSource(offline.load_scorer(cfg, outputs, ctx.device), outputs, topk=cfg.reference.topk,
-                            features=features, chunk=cfg.model.logits_chunk)
+        view = policy.reference_view() if policy is not None and "oracle_scores" not in outputs \
+            and offline.reference_path(cfg) == cfg.model.path else None
+        if view is not None and ctx.is_main:
+            log.info("inline reference: the policy with its LoRA adapters switched off (no second copy)")
+        model = view if view is not None else offline.load_scorer(cfg, outputs, ctx.device)
+        return InlineSource(model, outputs, topk=cfg.reference.topk, features=features, chunk=cfg.model.logits_chunk)
     reader = offline.ensure_cache(cfg, outputs, dataset, collate, data_fingerprint=data_fingerprint, ctx=ctx,
                                   features=features)
     return CacheSource(reader, outputs, ctx.device)
