@@ -229,11 +229,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     from sparsepo.export import export_checkpoint
 
     try:
-        done = export_checkpoint(a.checkpoint, a.out)
+        done = export_checkpoint(a.checkpoint, a.out, adapter_only=a.adapter_only)
     except CheckpointError as e:
         print(f"sparsepo export: {e}", file=sys.stderr)
         return 1
-    print(f"{done.describe()}: {done.checkpoint} -> {done.out} (load with AutoModelForCausalLM.from_pretrained)")
+    how = "PeftModel.from_pretrained(base, OUT)" if a.adapter_only else "AutoModelForCausalLM.from_pretrained"
+    print(f"{done.describe()}: {done.checkpoint} -> {done.out} (load with {how})")
     return 0
 
 
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="checkpoint -> Hugging Face model directory")
     x.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest valid checkpoint)")
     x.add_argument("out", help="the Hugging Face model directory to write")
+    x.add_argument("--adapter-only", action="store_true",
+                   help="LoRA runs: write the PEFT adapter directory instead of merging the adapters into the base")
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("config", help="inspect the configuration: every key, or the resolved config of a command line")

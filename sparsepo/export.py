@@ -7,6 +7,10 @@ it started from; its architecture and tokenizer are reused, the weights come fro
 zero-to-fp32 consolidation of the shards (fp32 master weights, whatever the training precision).
 Runs on one process, no torch.distributed.
 
+A LoRA run's checkpoint holds only the adapters: they are merged into the base model it started
+from (peft's merge_and_unload: a plain Hugging Face model), or with `--adapter-only` written as the
+PEFT adapter directory (`PeftModel.from_pretrained(base, OUT)` loads it). See docs/lora.md.
+
 Checkpoints written before config loading made local paths absolute record model.path as it was
 typed (relative to the training run's working directory). That directory is recovered from where
 the run directory sits: logging.output_dir was recorded relative to the same working directory.
@@ -85,7 +89,22 @@ def recorded_path(recorded: str, tag_dir: Path, output_dir: str | None, key: str
                           f"started in, or copy the model directory there.")
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Exported:
+def _export_lora(lora: dict, tag_dir: Path, source: str, tokenizer: str, out: Path, adapter_only: bool) -> None:
+    """The adapters of a LoRA checkpoint (fp32 masters) merged into `source`, or as a PEFT adapter directory."""
+    from sparsepo import lora as lora_mod
+    from sparsepo.config.lora import LoraConfig
+    from sparsepo.engine.policy import fp32_state_dict_from_checkpoint
+    from sparsepo.models import load_tokenizer
+
+    state = fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name, exclude_frozen_parameters=True)
+    try:
+        lora_mod.save_merged(source, LoraConfig(**lora), state, out, tokenizer=load_tokenizer(tokenizer),
+                             adapter_subdir=None, merge=not adapter_only)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {tag_dir} does not match {source}: {e}") from e
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, adapter_only: bool = False) -> Exported:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsepo.engine.policy import fp32_state_dict_from_checkpoint
@@ -103,21 +122,29 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Exported:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot export {tag_dir}: the model it was trained from ({source}) is needed for "
                               f"its architecture and tokenizer and could not be loaded: {e}") from e
-    state = fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name)
-    model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "lm_head" not in k or not model.config.tie_word_embeddings]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {tag_dir} does not match {source}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(tokenizer).save_pretrained(out)
+    lora = meta["config"].get("lora") or {}
+    if adapter_only and not lora.get("r"):
+        raise CheckpointError(f"cannot export {tag_dir} with --adapter-only: it was trained without LoRA "
+                              f"(lora.r=0), so it holds no adapters; export the full model without --adapter-only")
+    if lora.get("r"):
+        _export_lora(lora, tag_dir, source, tokenizer, out, adapter_only)
+    else:
+        state = fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name)
+        model = AutoModelForCausalLM.from_config(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "lm_head" not in k or not model.config.tie_word_embeddings]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {tag_dir} does not match {source}: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.save_pretrained(out, safe_serialization=True)
+        load_tokenizer(tokenizer).save_pretrained(out)
     result = Exported(out=out, checkpoint=tag_dir, step=meta["step"], skipped=skipped, source_model=source,
                       newest_of_run=Path(checkpoint).resolve() != tag_dir.resolve())
     atomic_write(out / "sparsepo_export.json", json.dumps(
         {"checkpoint": str(tag_dir.resolve()), "step": meta["step"], "samples": meta["samples"],
          "skipped_newer": [{"step": s, "reason": why} for s, why in skipped],
-         "method": meta["config"].get("method", {}).get("name"), "source_model": source}, indent=1))
+         "method": meta["config"].get("method", {}).get("name"), "source_model": source,
+         "lora": ("adapter" if adapter_only else "merged") if lora.get("r") else None}, indent=1))
     log.info("%s from %s to %s", result.describe(), tag_dir, out)
     return result

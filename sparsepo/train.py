@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
-        check_local_inputs(cfg)
         if problem := lora_check(cfg):  # QLoRA on a machine without CUDA / bitsandbytes
             raise ConfigError(problem)
+        check_local_inputs(cfg)
     except ConfigError as e:
         print(f"sparsepo: config error: {e}", file=sys.stderr)
         sys.exit(2)

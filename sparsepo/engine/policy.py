@@ -226,8 +226,10 @@ class PolicyEngine:
         dist.barrier()
 
 
-def fp32_state_dict_from_checkpoint(ckpt_root: str | Path, tag: str) -> dict:
-    """Consolidate a ZeRO checkpoint's shards into one fp32 state dict (DeepSpeed's zero_to_fp32)."""
+def fp32_state_dict_from_checkpoint(ckpt_root: str | Path, tag: str, *, exclude_frozen_parameters: bool = False) -> dict:
+    """Consolidate a ZeRO checkpoint's shards into one fp32 state dict (DeepSpeed's zero_to_fp32);
+    `exclude_frozen_parameters`: the trained parameters only (a LoRA checkpoint holds no others)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag,
+                                                    exclude_frozen_parameters=exclude_frozen_parameters)
