@@ -204,3 +204,22 @@ def test_two_ranks_match_one_rank(tiny_world, tmp_path, stage):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     if stage == "zero3.json":  # the frozen base is partitioned: each rank holds about half
         assert all(local < 0.6 * summary["parameters_total"] for local in summary["parameters_per_rank"]), summary
+
+
+@pytest.mark.slow
+def test_resume_on_two_ranks_from_a_one_rank_lora_checkpoint(tiny_world, curves, tmp_path):
+    """2 steps on 1 rank, resumed on 2 ranks (DeepSpeed's universal checkpoint of the adapters and
+    their Adam state) to 3: the same curve and adapters as the uninterrupted 1-rank cache run."""
+    common = ("method.name=dpo", "optim.lr=1e-2", "reference.mode=cache", "checkpoint.every_steps=2",
+              *CONSTANT, *LORA)
+    run_training(tiny_world, tmp_path, *common, "train.micro_batch_size=4", "train.max_steps=2")
+    proc = run_training(tiny_world, tmp_path, *common, "train.micro_batch_size=2", "train.max_steps=3", nproc=2,
+                        resume="auto")
+    assert "step-00000002_universal" in proc.stdout + proc.stderr
+    got, want = read_scalars(tmp_path, "train/loss"), read_scalars(curves["cache"], "train/loss")
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=2e-5), (step, got, want)
+    a, b = adapter_params(tmp_path), adapter_params(curves["cache"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
