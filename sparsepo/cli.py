@@ -231,11 +231,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     from sparsepo.export import export_checkpoint
 
     try:
-        done = export_checkpoint(a.checkpoint, a.out, fp32_master=a.fp32_master)
+        done = export_checkpoint(a.checkpoint, a.out, fp32_master=a.fp32_master, adapter_only=a.adapter_only)
     except CheckpointError as e:
         print(f"sparsepo export: {e}", file=sys.stderr)
         return 1
-    print(f"{done.describe()}: {done.checkpoint} -> {done.out} (load with AutoModelForCausalLM.from_pretrained)")
+    how = "PeftModel.from_pretrained(base, OUT)" if a.adapter_only else "AutoModelForCausalLM.from_pretrained"
+    print(f"{done.describe()}: {done.checkpoint} -> {done.out} (load with {how})")
     if a.push_to_hub:
         from sparsepo.model_card import push_to_hub
 
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--fp32-master", action="store_true", help="write the fp32 master weights (default: the "
                    "training precision, so a bf16 run exports bf16 weights equal to its final/)")
     x.add_argument("--push-to-hub", metavar="REPO", help="also upload OUT (with its model card) to this Hub repo")
+    x.add_argument("--adapter-only", action="store_true",
+                   help="LoRA runs: write the PEFT adapter directory instead of merging the adapters into the base")
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("config", help="inspect the configuration: every key, or the resolved config of a command line")

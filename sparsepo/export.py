@@ -11,6 +11,10 @@ rounds them into the bf16 model, so they equal the run's `final/` bit for bit;
 differ from the bf16 model by up to half a bf16 ulp per parameter). Runs on one process, no
 torch.distributed.
 
+A LoRA run's checkpoint holds only the adapters: they are merged into the base model it started
+from (peft's merge_and_unload: a plain Hugging Face model), or with `--adapter-only` written as the
+PEFT adapter directory (`PeftModel.from_pretrained(base, OUT)` loads it). See docs/lora.md.
+
 Checkpoints written before config loading made local paths absolute record model.path as it was
 typed (relative to the training run's working directory). That directory is recovered from where
 the run directory sits: logging.output_dir was recorded relative to the same working directory.
@@ -101,7 +105,24 @@ def export_dtype(train_config: dict, fp32_master: bool):
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fp32_master: bool = False) -> Exported:
+def _export_lora(lora: dict, tag_dir: Path, source: str, tokenizer: str, out: Path, adapter_only: bool, dtype) -> None:
+    """The adapters of a LoRA checkpoint (fp32 masters) merged into `source` and written in `dtype`, or
+    as a PEFT adapter directory."""
+    from sparsepo import lora as lora_mod
+    from sparsepo.config.lora import LoraConfig
+    from sparsepo.engine.policy import fp32_state_dict_from_checkpoint
+    from sparsepo.models import load_tokenizer
+
+    state = fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name, exclude_frozen_parameters=True)
+    try:
+        lora_mod.save_merged(source, LoraConfig(**lora), state, out, tokenizer=load_tokenizer(tokenizer),
+                             adapter_subdir=None, merge=not adapter_only, dtype=dtype)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {tag_dir} does not match {source}: {e}") from e
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fp32_master: bool = False,
+                      adapter_only: bool = False) -> Exported:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsepo.engine.policy import fp32_state_dict_from_checkpoint
@@ -120,23 +141,31 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fp32_master: b
         raise CheckpointError(f"cannot export {tag_dir}: the model it was trained from ({source}) is needed for "
                               f"its architecture and tokenizer and could not be loaded: {e}") from e
     dtype = export_dtype(meta["config"].get("train", {}), fp32_master)
-    state = {k: v.to(dtype) if v.is_floating_point() else v
-             for k, v in fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name).items()}
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "lm_head" not in k or not model.config.tie_word_embeddings]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {tag_dir} does not match {source}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(tokenizer).save_pretrained(out)
+    lora = meta["config"].get("lora") or {}
+    if adapter_only and not lora.get("r"):
+        raise CheckpointError(f"cannot export {tag_dir} with --adapter-only: it was trained without LoRA "
+                              f"(lora.r=0), so it holds no adapters; export the full model without --adapter-only")
+    if lora.get("r"):
+        _export_lora(lora, tag_dir, source, tokenizer, out, adapter_only, dtype)
+    else:
+        state = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in fp32_state_dict_from_checkpoint(tag_dir.parent, tag_dir.name).items()}
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "lm_head" not in k or not model.config.tie_word_embeddings]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {tag_dir} does not match {source}: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.save_pretrained(out, safe_serialization=True)
+        load_tokenizer(tokenizer).save_pretrained(out)
     result = Exported(out=out, checkpoint=tag_dir, step=meta["step"], skipped=skipped, source_model=source,
                       newest_of_run=Path(checkpoint).resolve() != tag_dir.resolve(), dtype=str(dtype).split(".")[-1])
     atomic_write(out / "sparsepo_export.json", json.dumps(
         {"checkpoint": str(tag_dir.resolve()), "step": meta["step"], "samples": meta["samples"], "dtype": result.dtype,
          "skipped_newer": [{"step": s, "reason": why} for s, why in skipped],
-         "method": meta["config"].get("method", {}).get("name"), "source_model": source}, indent=1))
+         "method": meta["config"].get("method", {}).get("name"), "source_model": source,
+         "lora": ("adapter" if adapter_only else "merged") if lora.get("r") else None}, indent=1))
     write_model_card(out, tag_dir, meta, source)
     log.info("%s from %s to %s", result.describe(), tag_dir, out)
     return result

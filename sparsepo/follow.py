@@ -29,6 +29,9 @@ def sync_problem(cfg, spec) -> str | None:
         return f"reference.sync_alpha={r.sync_alpha!r} must be in (0, 1] (1 = hard update), or null (a frozen reference)"
     if not (isinstance(r.sync_steps, int) and r.sync_steps >= 1):
         return f"reference.sync_steps={r.sync_steps!r} must be an integer >= 1"
+    if getattr(cfg, "lora", None) is not None and cfg.lora.r > 0:
+        return ("reference.sync_alpha (TR-DPO) moves the reference, and with lora.r > 0 the inline reference is "
+                "the policy itself with its adapters off (no copy to move): set reference.sync_alpha=null or lora.r=0")
     if r.mode in ("cache", "precompute"):
         return (f"reference.sync_alpha (TR-DPO) moves the reference during training, and a reference.mode={r.mode} "
                 f"cache holds one fixed reference's outputs: use reference.mode=inline, or reference.sync_alpha=null")

@@ -60,6 +60,14 @@ def check_router_aux(cfg: RunConfig) -> None:
                               f"{cfg.model.path} is a {type(config).__name__} (no router): set it to 0")
 
 
+def check_qlora(cfg: RunConfig) -> None:
+    """QLoRA (lora.load_in_4bit) on a machine without CUDA or bitsandbytes: a config error with the reason."""
+    from sparsepo.lora import check_runnable
+
+    if problem := check_runnable(cfg):
+        raise ConfigError(problem)
+
+
 def check_run_tokenizer(cfg: RunConfig) -> None:
     """Every mode (cache, inline, live, precompute), before torch.distributed, DeepSpeed or any weights
     load: the models that will score the run's tokens share its tokenizer
@@ -75,6 +83,7 @@ def check_run(cfg: RunConfig, world_size: int | None, ranks_per_node: int | None
     """Raise one of CONFIG_ERRORS when `cfg` cannot run on `world_size` processes: the model and
     tokenizer directories, the scorers' tokenizers, the stage file, live mode's family and method, and — when `world_size`
     is known — the topology and the DeepSpeed JSON with its batch split over the policy ranks."""
+    check_qlora(cfg)
     check_local_inputs(cfg)
     check_run_tokenizer(cfg)
     check_router_aux(cfg)

@@ -82,13 +82,14 @@ def setup(cfg: RunConfig, live=None) -> Run:
         (data.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     policy = PolicyEngine.build(cfg.model.path, ds_config, schedule=lr_schedule(cfg, total),
                                 precision=cfg.train.precision, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                attn_implementation=cfg.model.attn_implementation)
+                                attn_implementation=cfg.model.attn_implementation, lora=cfg.lora)
     head = Head.for_model(policy, head_chunk(cfg))
     start = 0 if resume is None else ckpt.restore(policy, resume, cfg, data_fingerprint=data.fingerprint, ctx=ctx)
     handshake = br.Handshake(start_step=start, total_steps=total, outputs=spec.reference_outputs,
                              config_fingerprint=config_fingerprint(cfg)) if live else None
     source = open_source(cfg, spec, ctx=ctx, dataset=data.dataset, collate=data.collate,
-                         data_fingerprint=data.fingerprint, features=features, live=live, handshake=handshake)
+                         data_fingerprint=data.fingerprint, features=features, live=live, handshake=handshake,
+                         policy=policy)
     if resume is not None and cfg.reference.sync_alpha is not None:
         restore_reference(source, resume, ctx)
     samples = open_samples(cfg, ctx, data, source, resume, head) if spec.needs_policy_samples else None

@@ -17,6 +17,7 @@ import yaml
 
 from sparsepo.atomic import atomic_write
 from sparsepo.config.generation import check_generation
+from sparsepo.config.lora import check_lora
 from sparsepo.config.paths import absolute_local_paths
 from sparsepo.config.sections import _CHOICES, ConfigError, MethodConfig, RunConfig
 
@@ -56,8 +57,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
     if origin is list:  # a list of choices; one value alone is a list of one (logging.report_to=wandb)
         value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list):
-            raise ConfigError(f"'{key}' in {source} must be a list, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' in {source} must be a list (e.g. [a, b]), got {value!r}")
         return [_coerce(v, typing.get_args(tp)[0], key, source) for v in value]
     if tp is Any:
         return value
@@ -316,6 +317,8 @@ def validate(cfg: RunConfig, *, source: str = "<config>", sources: dict[str, str
             f"method '{spec.name}' needs token scores from a DPO-trained oracle pair ({source}): set "
             f"reference.oracle to a directory written by `sparsepo sepo train-oracle --config X --out DIR`.")
     check_trl_options(cfg, spec, source)
+    if problem := check_lora(cfg, source):
+        raise ConfigError(problem)
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} in {at('checkpoint.keep_last')} "
                           f"must be >= 1")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparsepo.config.generation import PARAM_PATHS, GenerationConfig
+from sparsepo.config.lora import LoraConfig
 
 
 class ConfigError(ValueError):
@@ -254,6 +255,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 _CHOICES = {

@@ -55,30 +55,46 @@ def _dtype(precision: str) -> torch.dtype:
 class PolicyEngine:
     """Wraps a `deepspeed.DeepSpeedEngine`; calling it runs the policy's forward."""
 
-    def __init__(self, engine: Any):
-        self._engine = engine
+    def __init__(self, engine: Any, *, peft_model: Any = None, lora: Any = None, base_path: str = ""):
+        """`peft_model`: the PeftModel around `engine.module` when LoRA is on (`sparsepo.lora`), else None."""
+        self._engine, self.peft_model, self.lora, self.base_path = engine, peft_model, lora, base_path
 
     @classmethod
     def build(cls, model_path: str, ds_config: dict, *, schedule: tuple[str, dict], precision: str = "fp32",
-              gradient_checkpointing: bool = False, attn_implementation: str = "sdpa") -> "PolicyEngine":
+              gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
+              lora: Any = None) -> "PolicyEngine":
         """With ZeRO-3 the weights are loaded straight into partitions; `schedule` = (transformers
-        scheduler name, its kwargs), handed to DeepSpeed so it is checkpointed with the engine."""
+        scheduler name, its kwargs), handed to DeepSpeed so it is checkpointed with the engine.
+        `lora` (the config's `lora:` section) with r > 0: peft adapters on a frozen base; DeepSpeed
+        wraps the HF model with the adapters injected (`sparsepo.lora`), only they reach the optimiser."""
         from transformers import AutoModelForCausalLM, get_scheduler
         from transformers.integrations import HfDeepSpeedConfig
 
+        from sparsepo import lora as lora_mod
+
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must live while the model is built)
+        quant = lora_mod.quantization_config(lora)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(precision),
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation,
+                                                     **({"quantization_config": quant} if quant else {}))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        peft_model = None
+        if lora_mod.enabled(lora):
+            peft_model = lora_mod.wrap(model, lora, gradient_checkpointing=gradient_checkpointing)
+            model = peft_model.get_base_model()
+            trainable, total = lora_mod.parameter_counts(model)
+            log.info("LoRA r=%d alpha=%g: %d trainable of %d parameters (%.3f%%)", lora.r, lora.alpha, trainable,
+                     total, 100.0 * trainable / max(total, 1))
         name, kwargs = schedule
         import_muon_eagerly()
         engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                          if p.requires_grad],
                                           config=ds_config,
                                           lr_scheduler=lambda optimizer: get_scheduler(name, optimizer, **kwargs))
-        return cls(engine)
+        return cls(engine, peft_model=peft_model, lora=lora if peft_model is not None else None,
+                   base_path=model_path)
 
     # --- the training step ---
     @property
@@ -132,6 +148,13 @@ class PolicyEngine:
             full += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
             local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
         return local, full
+
+    def reference_view(self):
+        """LoRA: this policy with its adapters switched off (`lora.AdaptersOff`), the inline reference
+        without a second copy of the base. Collective under ZeRO-3, like any forward. None without LoRA."""
+        from sparsepo.lora import AdaptersOff
+
+        return AdaptersOff(self.peft_model, self.module) if self.peft_model is not None else None
 
     # --- generation (SPO's samples) ---
     @torch.no_grad()
@@ -206,7 +229,9 @@ class PolicyEngine:
 
     # --- persistence ---
     def save(self, ckpt_root: str | Path, tag: str, client_state: dict) -> None:
-        self._engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+        # LoRA: the frozen base is the model directory's; only the adapters and their optimiser state are saved
+        self._engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False,
+                                     exclude_frozen_parameters=self.peft_model is not None)
 
     def load(self, ckpt_root: str | Path, tag: str, *, universal: bool = False) -> dict:
         """Engine, optimiser and LR-scheduler state; returns the client state saved with it."""
@@ -215,7 +240,8 @@ class PolicyEngine:
         self._engine._config.load_universal_checkpoint = universal
         try:
             _, client_state = self._engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
-                                                           load_lr_scheduler_states=True)
+                                                           load_lr_scheduler_states=True,
+                                                           load_module_strict=self.peft_model is None)
         finally:
             self._engine._config.load_universal_checkpoint = previous
         if client_state is None:
@@ -223,11 +249,19 @@ class PolicyEngine:
         return client_state
 
     def save_hf(self, tokenizer: Any, out_dir: str | Path, *, is_main: bool) -> None:
-        """Gather the ZeRO-3 shards into one state dict and write a Hugging Face model directory on rank 0."""
+        """Gather the ZeRO-3 shards into one state dict and write a Hugging Face model directory on rank 0.
+        LoRA: only the adapters are gathered; the directory holds the base with them merged (a plain HF
+        model) and, in adapter/, the PEFT adapter directory."""
         engine = self._engine
-        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights() \
-            else engine.module.state_dict()
-        if is_main:
+        lora = self.peft_model is not None
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora) \
+            if engine.zero_optimization_partition_weights() else engine.module.state_dict()
+        if is_main and lora:
+            from sparsepo.lora import save_merged
+
+            save_merged(self.base_path, self.lora, state, out_dir, tokenizer=tokenizer,
+                        dtype=next(engine.module.parameters()).dtype)
+        elif is_main:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
@@ -236,8 +270,10 @@ class PolicyEngine:
         dist.barrier()
 
 
-def fp32_state_dict_from_checkpoint(ckpt_root: str | Path, tag: str) -> dict:
-    """Consolidate a ZeRO checkpoint's shards into one fp32 state dict (DeepSpeed's zero_to_fp32)."""
+def fp32_state_dict_from_checkpoint(ckpt_root: str | Path, tag: str, *, exclude_frozen_parameters: bool = False) -> dict:
+    """Consolidate a ZeRO checkpoint's shards into one fp32 state dict (DeepSpeed's zero_to_fp32);
+    `exclude_frozen_parameters`: the trained parameters only (a LoRA checkpoint holds no others)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag,
+                                                    exclude_frozen_parameters=exclude_frozen_parameters)

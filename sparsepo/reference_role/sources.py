@@ -200,10 +200,14 @@ class LiveSource:
 
 
 def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, features=None, live=None,
-                handshake: br.Handshake | None = None) -> ReferenceSource:
+                handshake: br.Handshake | None = None, policy=None) -> ReferenceSource:
     """The source this run's mode asks for. Cache mode precomputes the cache first when it is
-    missing; live mode sends the typed handshake (every bridge rank takes part)."""
+    missing; live mode sends the typed handshake (every bridge rank takes part). Inline mode with
+    LoRA scores with `policy.reference_view()` (the policy, adapters off) when the reference is the
+    base model."""
+    from sparsepo.logprobs.head import Head, head_chunk
     from sparsepo.reference_role import offline
+    from sparsepo.reference_role.scorers import ReferenceScorer, scorer_for
 
     outputs = spec.reference_outputs
     if live is not None:
@@ -219,8 +223,13 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
     if not outputs and not spec.needs_policy_samples:
         return NoReference()
     if cfg.reference.mode == "inline":
-        return InlineSource(offline.load_scorer(cfg, outputs, ctx.device), outputs, topk=cfg.reference.topk,
-                            features=features)
+        scorer = scorer_for(cfg, outputs)
+        view = policy.reference_view() if policy is not None and isinstance(scorer, ReferenceScorer) \
+            and scorer.path == cfg.model.path else None
+        if view is not None and ctx.is_main:
+            log.info("inline reference: the policy with its LoRA adapters switched off (no second copy)")
+        head = Head.for_model(view, head_chunk(cfg)) if view is not None else offline.load_scorer(cfg, outputs, ctx.device)
+        return InlineSource(head, outputs, topk=cfg.reference.topk, features=features)
     reader = offline.ensure_cache(cfg, outputs, dataset, collate, data_fingerprint=data_fingerprint, ctx=ctx,
                                   features=features)
     return CacheSource(reader, outputs, ctx.device)

@@ -1,0 +1,171 @@
+"""LoRA / QLoRA adapters on the policy, built on `peft` (config: the `lora:` section, docs/lora.md).
+
+    peft_model = wrap(model, cfg.lora)        # peft.get_peft_model; only the adapters train
+    engine_module = peft_model.get_base_model()   # what DeepSpeed wraps: the HF model, adapters injected
+    with adapters_off(peft_model): ...        # the base model: the inline reference, no second copy
+    merged = merged_model(base_path, cfg.lora, adapter_state)   # peft's merge_and_unload
+
+DeepSpeed wraps the Hugging Face model with the adapter layers injected in place (not the
+`PeftModel` around it), so every path that reads the model's layout — the lean log-prob head, the
+SAE hooks, generation — sees the usual `*ForCausalLM`. Parameter names are then the HF model's own
+with peft's infixes (`...q_proj.lora_A.default.weight`, `...q_proj.base_layer.weight`), the same in
+a checkpoint and in a fresh `get_peft_model` of the base, which is how export rebuilds the model.
+
+No deepspeed import here (only `sparsepo.engine` imports it).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger("sparsepo")
+
+ADAPTER_INFIXES = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector",
+                   ".modules_to_save.")
+"""Substrings of the parameter names peft trains (the adapters and `modules_to_save` copies)."""
+
+
+class LoraUnavailable(RuntimeError):
+    """A LoRA setting this machine cannot run (4-bit without CUDA or bitsandbytes)."""
+
+
+def enabled(lcfg) -> bool:
+    return lcfg is not None and lcfg.r > 0
+
+
+def peft_config(lcfg):
+    """The `peft.LoraConfig` of a `lora:` section (empty target_modules: every linear layer but the head)."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias="none",
+                      target_modules=list(lcfg.target_modules) or "all-linear",
+                      modules_to_save=list(lcfg.modules_to_save) or None, task_type=TaskType.CAUSAL_LM)
+
+
+def check_runnable(cfg) -> str | None:
+    """Why this machine cannot run cfg.lora (QLoRA needs CUDA and bitsandbytes), or None. Called before
+    anything loads, so the refusal is a config error naming the key."""
+    lo = getattr(cfg, "lora", None)
+    if not enabled(lo) or not lo.load_in_4bit:
+        return None
+    import os
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
+        return ("lora.load_in_4bit=true needs a CUDA GPU: bitsandbytes' 4-bit (NF4) kernels do not run on CPU. "
+                "Set lora.load_in_4bit=false (plain LoRA over a bf16/fp32 base) on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return ("lora.load_in_4bit=true needs the bitsandbytes package: pip install bitsandbytes "
+                "(or set lora.load_in_4bit=false)")
+    return None
+
+
+def quantization_config(lcfg):
+    """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation, bf16 compute), or None."""
+    if not enabled(lcfg) or not lcfg.load_in_4bit:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise LoraUnavailable("lora.load_in_4bit=true needs bitsandbytes (pip install bitsandbytes) and a CUDA "
+                              "GPU; or set lora.load_in_4bit=false") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+
+
+def wrap(model, lcfg, *, gradient_checkpointing: bool = False):
+    """peft's `get_peft_model` around `model`: the base frozen, the adapters (and modules_to_save)
+    trainable. QLoRA first prepares the 4-bit base (peft's prepare_model_for_kbit_training)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if lcfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    try:
+        peft_model = get_peft_model(model, peft_config(lcfg))
+    except ValueError as e:  # peft names the target modules it could not find
+        raise ValueError(f"lora.target_modules / lora.modules_to_save do not fit {type(model).__name__}: {e}") from e
+    if gradient_checkpointing:  # the frozen embeddings give no input that requires grad: checkpointed blocks need one
+        peft_model.get_base_model().enable_input_require_grads()
+    return peft_model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) elements of the full model (ZeRO-3 partitions counted at their full size)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+@contextmanager
+def adapters_off(peft_model):
+    """The base model for the body: every adapter layer (and modules_to_save copy) bypassed, exactly
+    the base weights' forward (peft's `disable_adapter`); the adapters are back on after it."""
+    with peft_model.disable_adapter():
+        yield
+
+
+class AdaptersOff:
+    """The policy with its adapters switched off, as a frozen reference for scoring (inline mode):
+    calling it runs the engine's HF module under `adapters_off` and no_grad. `.module` is that HF
+    module, so scoring code that looks for the model's layout (lean head, SAE hooks) finds it."""
+
+    def __init__(self, peft_model, module):
+        self.peft_model, self.module = peft_model, module
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), adapters_off(self.peft_model):
+            return self.module(*args, **kwargs)
+
+
+def is_adapter_key(name: str) -> bool:
+    return any(infix in name for infix in ADAPTER_INFIXES)
+
+
+def peft_from_state(base_path: str, lcfg, state: dict, *, dtype: torch.dtype = torch.float32):
+    """A fresh PeftModel: the base loaded from `base_path`, wrapped as training wrapped it, the trained
+    adapter weights from `state` (names as the engine's module has them; base weights in `state`
+    are ignored: the base is frozen). Refuses a state that lacks an adapter or holds foreign ones."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    peft_model = wrap(base, lcfg)
+    inner = peft_model.get_base_model()
+    wanted = {n for n, p in inner.named_parameters() if p.requires_grad}
+    adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
+    missing, foreign = sorted(wanted - set(adapters)), sorted(set(adapters) - wanted)
+    if missing or foreign:
+        raise ValueError(f"the adapter weights do not match lora={lcfg} on {base_path}: missing {missing[:3]}, "
+                         f"unexpected {foreign[:3]}")
+    with torch.no_grad():
+        params = dict(inner.named_parameters())
+        for name, value in adapters.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return peft_model
+
+
+def save_merged(base_path: str, lcfg, state: dict, out_dir, *, tokenizer=None, dtype: torch.dtype = torch.float32,
+                adapter_subdir: str | None = "adapter", merge: bool = True) -> None:
+    """Write `out_dir`: the base with the adapters of `state` merged (peft's merge_and_unload), a plain
+    Hugging Face model, plus the PEFT adapter directory in `out_dir/adapter_subdir` (None: none);
+    `merge=False`: only the adapter directory, in `out_dir` itself (`PeftModel.from_pretrained` loads it)."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model = peft_from_state(base_path, lcfg, state, dtype=dtype)
+    if adapter_subdir is not None or not merge:
+        peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
+        peft_model.save_pretrained(str(out if not merge else out / adapter_subdir), safe_serialization=True)
+    if merge:
+        peft_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
