@@ -159,6 +159,29 @@ def trl_run(mode: str, w: Workload, a) -> dict:
     return json.loads(out.read_text())
 
 
+def run_mode(mode: str, w: Workload, built: dict, a, ngpu: int, trl_ok: bool):
+    """One row's run: (system, mode, result, policy processes, reference forward in the step), or
+    None when TRL is not importable."""
+    if mode in ("cache", "cache-zero3", "live") and not (Path(a.out) / "ref_cache").is_dir():
+        sparsepo_run("precompute", ngpu, ngpu, w, built, a, ["reference.mode=precompute"])
+    if mode in ("cache", "inline"):
+        return "sparsepo", mode, sparsepo_run(mode, ngpu, ngpu, w, built, a, [f"reference.mode={mode}"]), ngpu, \
+            mode == "inline"
+    if mode == "cache-zero3":  # what one GPU pays for ZeRO-3 (ds_configs/README.md)
+        extra = ["reference.mode=cache", "deepspeed.stage_file=zero3.json"]
+        return "sparsepo", mode, sparsepo_run(mode, ngpu, ngpu, w, built, a, extra), ngpu, False
+    if mode == "live":
+        nproc, ovs = live_layout(ngpu)
+        return "sparsepo", "live", sparsepo_run("live", nproc, nproc - 1, w, built, a,
+                                                ["reference.mode=live", *ovs]), nproc - 1, False
+    if mode in ("trl-precompute", "trl-inline"):
+        if not trl_ok:
+            return None
+        kind = mode.removeprefix("trl-")
+        return "trl", kind, trl_run(kind, w, a), 1, kind == "inline"
+    raise ValueError(f"unknown mode {mode!r}")
+
+
 def measure(a) -> dict:
     import torch
 
@@ -191,27 +214,13 @@ def measure(a) -> dict:
         (Path(a.out) / "gpu_bench.partial.json").write_text(json.dumps(res, indent=1))
         print(f"[gpu-bench] {system} {mode}: {res['rows'][-1]}", flush=True)
 
-    modes = a.modes.split(",")
-    for mode in modes:
+    for mode in a.modes.split(","):
         try:
-            if mode in ("cache", "live") and not (Path(a.out) / "ref_cache").is_dir():
-                sparsepo_run("precompute", ngpu, ngpu, w, built, a, ["reference.mode=precompute"])
-            if mode in ("cache", "inline"):
-                add("sparsepo", mode, sparsepo_run(mode, ngpu, ngpu, w, built, a, [f"reference.mode={mode}"]), ngpu,
-                    mode == "inline")
-            elif mode == "live":
-                nproc, ovs = live_layout(ngpu)
-                policy = nproc - 1
-                add("sparsepo", "live", sparsepo_run("live", nproc, policy, w, built, a, ["reference.mode=live", *ovs]),
-                    policy, False)
-            elif mode in ("trl-precompute", "trl-inline"):
-                if not trl_ok:
-                    res["failed"][mode] = f"trl is not importable by {a.trl_python}"
-                    continue
-                add("trl", mode.removeprefix("trl-"), trl_run(mode.removeprefix("trl-"), w, a), 1,
-                    mode == "trl-inline")
+            got = run_mode(mode, w, built, a, ngpu, trl_ok)
+            if got is None:
+                res["failed"][mode] = f"trl is not importable by {a.trl_python}"
             else:
-                raise ValueError(f"unknown mode {mode!r}")
+                add(*got)
         except (RuntimeError, subprocess.TimeoutExpired) as e:  # keep the other rows; say what failed
             res["failed"][mode] = str(e)[-1500:]
             print(f"[gpu-bench] {mode} FAILED: {str(e)[-1500:]}", flush=True)
@@ -224,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=0, help="override the preset's step count")
     p.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--attn", default="sdpa")
-    p.add_argument("--modes", default="cache,inline,live,trl-precompute,trl-inline")
+    p.add_argument("--modes", default="cache,inline,live,trl-precompute,trl-inline",
+                   help="also: cache-zero3 (the cached run under zero3.json)")
     p.add_argument("--trl-python", default=sys.executable, help="interpreter that imports trl ('none': skip TRL)")
     p.add_argument("--out", default="runs/gpu-bench")
     p.add_argument("--work", default=None, help="workload directory (default <out>/work)")

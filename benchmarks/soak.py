@@ -111,7 +111,7 @@ def wait_for_moment(moment: str, run: Path, log: Path, proc, rng: random.Random,
     while time.monotonic() < deadline and proc.poll() is None:
         steps = steps_logged(log)
         if moment == "random" and steps:
-            pause = rng.uniform(0.0, 0.8 * span)  # inside the baseline's training time
+            pause = rng.uniform(0.0, 0.5 * span)  # inside the training part of the baseline's span
             time.sleep(pause)
             return f"random ({pause:.1f}s after step {max(steps)})"
         if moment == "shard_write" and ckpts.is_dir():
