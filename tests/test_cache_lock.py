@@ -3,7 +3,6 @@ naming the holder and reference.cache_dir (the cache directory is locked while w
 
 import subprocess
 import sys
-import time
 
 from conftest import run_training
 
@@ -16,7 +15,6 @@ def test_a_second_precompute_into_one_cache_dir_is_refused(tiny_world, tmp_path)
                                "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        t0 = time.perf_counter()
         proc = run_training(tiny_world, tmp_path / "second", "reference.mode=precompute",
                             f"reference.cache_dir={cache}", check=False)
     finally:
@@ -26,6 +24,3 @@ def test_a_second_precompute_into_one_cache_dir_is_refused(tiny_world, tmp_path)
     assert f"{cache} is in use by another run (host" in proc.stderr and f"pid {holder.pid}" in proc.stderr
     assert "choose another reference.cache_dir" in proc.stderr
     assert not (cache / "index.json").exists() and not list(cache.glob("shard-*"))
-    # once the first writer has gone, the same command fills the cache
-    run_training(tiny_world, tmp_path / "third", "reference.mode=precompute", f"reference.cache_dir={cache}")
-    assert list(cache.glob("shard-*")), time.perf_counter() - t0
