@@ -178,10 +178,10 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
         window.add({**sums, "step_time": time.perf_counter() - t_step, "ref_wait": wait})
         run.metrics.advance()
         stop = preempt.any_rank()
-        logged = window_means(run, window, step + 1, lr) if run.metrics.due(step + 1) or step + 1 == run.total \
-            or stop else {}
+        log_step = run.metrics.due(step + 1) or step + 1 == run.total or stop
+        logged = window_means(run, window, step + 1, lr) if log_step else {}
         guard.step(step + 1, logged, run.policy)  # loss / grad norm on log steps; DeepSpeed's skip count every step
-        if logged:
+        if log_step:
             run.metrics.log(step + 1, logged)
             last = logged
         if follow.due(cfg, step + 1):  # TR-DPO: the reference follows the policy (inline; collective)
