@@ -28,14 +28,12 @@ def pair_values(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected
             "logps/chosen": chosen_logps.detach(), "logps/rejected": rejected_logps.detach()}
 
 
-def mean_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_logits(logit_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """TRL's `logits/chosen` / `logits/rejected`: the mean logit over every vocabulary entry at the
-    response positions, logits (N,T,V) and mask (N,T) -> (). Arithmetic masking, no boolean indexing
-    (which would wait for the device). Position t's logits predict x_{t+1}; TRL pairs them with its
-    shifted loss mask, so the mask is shifted left by one here too."""
-    m = mask[:, 1:].to(logits.dtype)
-    per_pos = logits.detach()[:, :-1].sum(-1)
-    return (per_pos * m).sum() / (m.sum().clamp(min=1) * logits.shape[-1])
+    positions that predict response tokens, from the head's `logit_mean` (N,T) (position t: the mean of
+    the logits that predict x_t, `logprobs.plain.Logits.fields`) and the response mask (N,T) -> ().
+    Arithmetic masking, no boolean indexing (which would wait for the device)."""
+    return (logit_mean * mask).sum() / mask.sum().clamp(min=1)
 
 
 def reduce_mean(values: dict[str, float]) -> dict[str, float]:

@@ -20,7 +20,7 @@ def forward_loss(head, batch, ref, spec, params, *, eos_id: int, features=None, 
     `features`: the SAE features object (FPO) or None, `stats`: also its reconstruction statistics;
     `sample_fields`: SPO's sample fields. Returns (LossOutput, PairForward, SAE metrics)."""
     with features.capture(head.model) if features is not None else nullcontext() as cap:
-        fwd = pair_forward(head, batch, sq_mass=spec.needs_sq_mass, router_aux=router_aux,
+        fwd = pair_forward(head, batch, sq_mass=spec.needs_sq_mass, router_aux=router_aux, logit_mean=True,
                            ids=ref.topk_ids if "topk_ids" in spec.reference_outputs else None)
     pooled, feature_metrics = features.policy(cap, batch, stats=stats) if features is not None else (None, {})
     eos = eos_positions(batch.input_ids, batch.response_mask, eos_id)

@@ -31,7 +31,7 @@ from sparsepo.guard import NonFiniteGuard
 from sparsepo.losses import MethodSpec, get_method
 from sparsepo.config.load import to_dict
 from sparsepo.evaluation import Evaluator
-from sparsepo.metrics import MetricsLogger, MetricWindow, pair_values, reduce_mean
+from sparsepo.metrics import MetricsLogger, MetricWindow, mean_logits, pair_values, reduce_mean
 from sparsepo.pair_loss import forward_loss
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
@@ -154,10 +154,14 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
 
 
 def step_metrics(out, fwd, mask) -> dict[str, torch.Tensor]:
-    """A micro-batch's means: the method's own metrics and TRL's names (`metrics.pair_values`)."""
+    """A micro-batch's means: the method's own metrics and TRL's names (`metrics.pair_values`), and
+    `logits/chosen|rejected` where the forward held full logits (model.logits_chunk=0)."""
     b = mask.shape[0] // 2
     values = {k: v.mean() for k, v in pair_values(out.losses, out.chosen_rewards, out.rejected_rewards,
                                                   fwd.seq_logps[:b], fwd.seq_logps[b:]).items()}
+    if fwd.logit_mean is not None:
+        values.update({"logits/chosen": mean_logits(fwd.logit_mean[:b], mask[:b]),
+                       "logits/rejected": mean_logits(fwd.logit_mean[b:], mask[b:])})
     return {**out.metrics, **values}
 
 

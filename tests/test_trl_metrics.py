@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sparsepo.config import ConfigError, load_config
+from sparsepo.logprobs.plain import Logits
 from sparsepo.metrics import MetricWindow, flat_config, mean_logits, pair_values
 
 
@@ -24,7 +25,8 @@ def test_mean_logits_reads_the_positions_that_predict_response_tokens():
     # the last position predicts nothing (its 100s must not count), nor does a masked-out row
     logits = torch.tensor([[[1.0, 3.0], [5.0, 7.0], [100.0, 100.0]], [[-50.0, -50.0], [0.0, 0.0], [9.0, 9.0]]])
     mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
-    assert float(mean_logits(logits, mask)) == pytest.approx(4.0)
+    logit_mean = Logits(logits).fields(torch.zeros(2, 3, dtype=torch.long), mask, logit_mean=True)["logit_mean"]
+    assert float(mean_logits(logit_mean, mask)) == pytest.approx(4.0)
 
 
 def test_window_means_each_name_over_the_steps_that_reported_it_and_empties():

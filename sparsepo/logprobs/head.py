@@ -23,7 +23,7 @@ from sparsepo.logprobs.lean import HeadInput, LeanHead, hidden_forward, lean_hea
 from sparsepo.logprobs.plain import Logits
 
 FIELDS = ("token_logps", "seq_logps", "topk_logps", "topk_ids", "logps_at", "entropy", "log_sq_mass")
-"""Every key a head can return (``fields``' flags say which)."""
+"""Every key a head returns on both paths (``fields``' flags say which); the plain path adds ``logit_mean``."""
 
 
 def head_chunk(cfg) -> int:
@@ -38,9 +38,12 @@ def as_output(out: Tensor | HeadInput | Logits) -> HeadInput | Logits:
 
 
 def fields(out: Tensor | HeadInput | Logits, input_ids: Tensor, mask: Tensor, *, topk: int = 0,
-           ids: Tensor | None = None, entropy: bool = False, sq_mass: bool = False) -> dict[str, Tensor]:
-    """The asked fields (``FIELDS``) of one forward's output, zero outside ``mask``."""
-    return as_output(out).fields(input_ids, mask, topk=topk, ids=ids, entropy=entropy, sq_mass=sq_mass)
+           ids: Tensor | None = None, entropy: bool = False, sq_mass: bool = False,
+           logit_mean: bool = False) -> dict[str, Tensor]:
+    """The asked fields (``FIELDS``) of one forward's output, zero outside ``mask`` (``logit_mean``: the
+    plain path only)."""
+    return as_output(out).fields(input_ids, mask, topk=topk, ids=ids, entropy=entropy, sq_mass=sq_mass,
+                                 logit_mean=logit_mean)
 
 
 class Head:

@@ -57,8 +57,9 @@ class HeadInput:
     chunk: int = DEFAULT_CHUNK
 
     def fields(self, input_ids: Tensor, mask: Tensor, *, topk: int = 0, ids: Tensor | None = None,
-               entropy: bool = False, sq_mass: bool = False) -> dict[str, Tensor]:
-        """``chunked_logps`` on this input: the keys of ``plain.Logits.fields``."""
+               entropy: bool = False, sq_mass: bool = False, logit_mean: bool = False) -> dict[str, Tensor]:
+        """``chunked_logps`` on this input: the keys of ``plain.Logits.fields`` (not ``logit_mean``: the
+        lean path never holds the full logits, so TRL's ``logits/*`` metrics are plain-path only)."""
         return chunked_logps(self, input_ids, mask, topk=topk, ids=ids, entropy=entropy, sq_mass=sq_mass)
 
 

@@ -106,11 +106,13 @@ class Logits:
     logits: Tensor
 
     def fields(self, input_ids: Tensor, mask: Tensor, *, topk: int = 0, ids: Tensor | None = None,
-               entropy: bool = False, sq_mass: bool = False) -> dict[str, Tensor]:
+               entropy: bool = False, sq_mass: bool = False, logit_mean: bool = False) -> dict[str, Tensor]:
         """The keys of ``lean.chunked_logps``: token_logps (N,T) and seq_logps (N,) (with gradients when
         the logits have them), with ``topk`` topk_logps / topk_ids (N,T,K) (no gradient on the ids),
         with ``ids`` (N,T,K') logps_at (N,T,K'), with ``entropy`` entropy (N,T), with ``sq_mass``
-        log_sq_mass (N,T) (both without gradient); all zero outside ``mask``."""
+        log_sq_mass (N,T) (both without gradient); all zero outside ``mask``. Only here, where the full
+        logits exist: with ``logit_mean`` logit_mean (N,T), the mean logit over the vocabulary that
+        predicts position t (TRL's ``logits/*`` metrics), no gradient, zero outside ``mask``."""
         logits = self.logits.float()
         token_logps, seq_logps = response_logps(logits, input_ids, mask)
         out = {"token_logps": token_logps, "seq_logps": seq_logps}
@@ -122,4 +124,6 @@ class Logits:
             out["entropy"] = entropy_at_response(logits, mask)
         if sq_mass:
             out["log_sq_mass"] = sq_mass_at_response(logits, mask)
+        if logit_mean:
+            out["logit_mean"] = F.pad(logits.detach()[:, :-1].mean(-1), (1, 0)) * mask
         return out
