@@ -21,7 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import REPO, scalars, summary, train
+from common import REPO, scalars, summary, train, world_at
 
 SETTINGS = {"full": [], "lora r=8": ["lora.r=8", "lora.alpha=16"], "lora r=16": ["lora.r=16", "lora.alpha=32"]}
 
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--out", default=str(REPO / "docs" / "bench_lora.json"))
     a = p.parse_args(argv)
-    from types import SimpleNamespace
-
-    world_dir = Path(a.world)
-    world = SimpleNamespace(sft_dir=world_dir / "sft", train_path=world_dir / "data" / "train.jsonl")
+    world = world_at(a.world)
     work = Path(tempfile.mkdtemp(prefix="sparsepo-bench-lora-"))
     common = ["method.name=dpo", "reference.mode=inline", "train.micro_batch_size=8", f"train.max_steps={a.steps}",
               "optim.schedule=constant", "optim.warmup_steps=0", "checkpoint.keep_last=1"]

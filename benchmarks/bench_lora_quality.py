@@ -19,9 +19,8 @@ import math
 import statistics
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
-from common import REPO, train
+from common import REPO, train, world_at
 
 RECIPE_LR = 5e-4  # sparsepo/recipes/demo.yaml's optim.lr
 
@@ -47,9 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     from sparsepo.demo import evaluate_policy
 
-    world_dir = Path(a.world)
-    world = SimpleNamespace(sft_dir=world_dir / "sft", train_path=world_dir / "data" / "train.jsonl")
-    prompts = world_dir / "data" / "eval_prompts.jsonl"
+    world = world_at(a.world)
+    prompts = world.eval_prompts_path
     work = Path(tempfile.mkdtemp(prefix="sparsepo-bench-lora-q-"))
     runs = settings(a.lora_lr_scale)
     got = {s: {"win_rate": [], "kl": []} for s in runs}

@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 
 
+def world_at(path: str | Path):
+    """The paths of a prepared demo world directory (`sparsepo demo prepare`), without loading anything."""
+    from types import SimpleNamespace
+
+    root = Path(path)
+    return SimpleNamespace(root=root, sft_dir=root / "sft", train_path=root / "data" / "train.jsonl",
+                           eval_prompts_path=root / "data" / "eval_prompts.jsonl")
+
+
 def command(world, run_dir: Path, overrides: list[str], nproc: int, *, pin: bool = False) -> list[str]:
     """The command line of one training job on the demo world. `pin`: one core per process
     (1 process: `taskset -c 0`; more: the deepspeed launcher's --bind_cores_to_rank, numactl)."""
