@@ -36,7 +36,7 @@ class Evaluator:
     """Eval dataset rows -> a PairBatch (`RunData.batch` of the eval data)."""
     num_rows: int
     source: Any
-    """The reference source for the eval rows (`reference.sources.open_eval_source`)."""
+    """The reference source for the eval rows (`reference_role.sources.open_eval_source`)."""
     batch_size: int
     every_steps: int
     rank: int = 0
