@@ -32,9 +32,9 @@ from workload import PRESETS, build, preset, sparsepo_overrides  # noqa: E402
 PARTS = {  # label -> (module, attribute path) wrapped in record_function; missing ones are skipped
     "data: collate": ("sparsepo.rundata", "RunData.batch"),
     "reference: source.get": ("sparsepo.reference_role.sources", "*.get"),
-    "policy: body forward": ("sparsepo.models", "hidden_forward"),
-    "policy: log-prob head": ("sparsepo.models", "chunked_logps"),
-    "loss: inputs": ("sparsepo.trainer", "build_loss_inputs"),
+    "policy: body forward": ("sparsepo.logprobs.head", "hidden_forward"),
+    "policy: log-prob head": ("sparsepo.logprobs.lean", "chunked_logps"),
+    "loss: inputs": ("sparsepo.pair_loss", "build_loss_inputs"),
     "engine: backward": ("sparsepo.engine.policy", "PolicyEngine.backward"),
     "engine: step (clip + AdamW + ZeRO)": ("sparsepo.engine.policy", "PolicyEngine.step"),
     "metrics: reduce + log (host syncs)": ("sparsepo.trainer", "reduce_mean"),

@@ -74,12 +74,14 @@ def check_same_tokens(role: str, path: str, run_tokenizer: str, run_model: str, 
 
 
 def load_frozen_model(path: str, *, device: torch.device | str = "cpu", precision: str = "fp32",
-                      attn_implementation: str = "sdpa"):
+                      attn_implementation: str = "auto"):
     """A model for scoring only: eval mode, no gradients."""
     from transformers import AutoModelForCausalLM
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device)
+    from sparsepo.config.device import attention_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention_kwargs(attn_implementation)).to(device)
     model.eval()
     model.requires_grad_(False)
     return model

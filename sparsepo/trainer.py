@@ -150,7 +150,7 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
     run.policy.backward(loss)
     run.policy.step()
     return {**step_metrics(out, fwd, batch.response_mask), **feature_metrics, **sample_metrics,
-            "tokens": batch.attention_mask.sum()}, wait
+            "loss": loss.detach(), "tokens": batch.attention_mask.sum()}, wait
 
 
 def step_metrics(out, fwd, mask) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ DeepSpeed JSON they produce (sparsepo/config/device.py, sparsepo/config/ds_json.
 import pytest
 
 from sparsepo.config import ConfigError, build_deepspeed_config, load_config
-from sparsepo.config.device import check_attention, check_device, check_precision, optimizer_kernel
+from sparsepo.config.device import attention_kwargs, check_attention, check_device, check_precision, optimizer_kernel
 
 pytestmark = pytest.mark.unit
 
@@ -62,7 +62,8 @@ def test_precision_and_attention_checks():
 
 def test_run_config_keys_and_defaults():
     cfg = load_config(None, [])
-    assert cfg.model.attn_implementation == "sdpa" and cfg.optim.implementation == "auto"
+    assert cfg.model.attn_implementation == "auto" and cfg.optim.implementation == "auto"
+    assert attention_kwargs("auto") == {} and attention_kwargs("eager") == {"attn_implementation": "eager"}
     with pytest.raises(ConfigError, match="choose one of"):
         load_config(None, ["model.attn_implementation=flash"])
     with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA device"):

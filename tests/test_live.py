@@ -60,7 +60,7 @@ def test_mpirun_launch(tiny_world, tmp_path, live_run):
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "4", "-x", "OMP_NUM_THREADS=1",
            "-x", "DS_ACCELERATOR=cpu", "-x", f"MASTER_PORT={free_port()}", sys.executable, "-m", "sparsepo.train",
            "--config", str(RECIPE), f"model.path={tiny_world.sft_dir}", f"data.path={tiny_world.train_path}",
-           f"logging.output_dir={tmp_path}", "logging.progress=false", *COMMON, *LIVE]
+           f"logging.output_dir={tmp_path}", "logging.progress=false", "logging.log_every=1", *COMMON, *LIVE]
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     mpi, live = read_scalars(tmp_path, "train/loss"), read_scalars(live_run[0], "train/loss")

@@ -395,6 +395,6 @@ def test_sae_load_failure_on_the_last_stage_fails_every_stage(saved_model, tmp_p
                      sae=(tmp_path / "no-such-sae", 1), timeout=90)
     text = str(err.value)
     cause = "pipeline reference: the last stage (rank 1) could not load the SAE: FileNotFoundError"
-    assert f"[rank1]: sparsepo.reference.partition.PipelineConfigError: {cause}" in text, text[-3000:]
+    assert f"[rank1]: sparsepo.logprobs.families.PipelineConfigError: {cause}" in text, text[-3000:]
     assert f"[rank0]: RuntimeError: pipeline reference: loading the SAE on the last stage: rank 1 failed: " \
            f"PipelineConfigError: {cause}" in text, text[-3000:]

@@ -54,16 +54,21 @@ def precision_entries(precision: str) -> dict:
     return {"bf16": {"enabled": precision == "bf16"}, "fp16": fp16}
 
 
+def attention_kwargs(implementation: str) -> dict:
+    """`from_pretrained`'s keyword for model.attn_implementation: none for auto (transformers chooses)."""
+    return {} if implementation == "auto" else {"attn_implementation": implementation}
+
+
 def check_attention(implementation: str, *, cuda: bool, flash_attn: bool) -> None:
     """flash_attention_2 needs CUDA and the flash-attn package; sdpa and eager run everywhere."""
     if implementation != "flash_attention_2":
         return
     if not cuda:
-        raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device: use sdpa (the default; "
-                          "torch picks its flash kernel on GPUs by itself) or eager")
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device: use auto (the default), "
+                          "sdpa (torch picks its flash kernel on GPUs by itself) or eager")
     if not flash_attn:
         raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package "
-                          "(pip install flash-attn --no-build-isolation), or use sdpa (the default)")
+                          "(pip install flash-attn --no-build-isolation), or use auto (the default) or sdpa")
 
 
 def machine() -> dict:

@@ -22,10 +22,11 @@ class ModelConfig:
     """Tokenizer directory; defaults to `path`."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel of the policy and every reference model: sdpa (torch's scaled-dot-product
-    attention: flash/memory-efficient kernels on CUDA, the default), flash_attention_2 (needs the
-    flash-attn package and a CUDA device; refused otherwise) or eager (the plain matmul path)."""
+    attn_implementation: str = "auto"
+    """Attention kernel of the policy and every reference model: auto (transformers' own choice for the
+    family: sdpa where the family supports it — flash/memory-efficient kernels on CUDA —, else eager, e.g.
+    Gemma 2's soft-capped attention), sdpa, flash_attention_2 (needs the flash-attn package and a CUDA
+    device; refused otherwise) or eager (the plain matmul path)."""
     logits_chunk: int = 128
     """Lean log-probs (`sparsepo.logprobs`): the policy forward and every reference path (inline,
     precompute, the live pipeline's last stage, SePO's oracle) run the LM head on this many response
@@ -266,7 +267,7 @@ _CHOICES = {
     ("topology", "placement"): ("last", "interleaved"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
-    ("model", "attn_implementation"): ("sdpa", "flash_attention_2", "eager"),
+    ("model", "attn_implementation"): ("auto", "sdpa", "flash_attention_2", "eager"),
     ("optim", "implementation"): ("auto", "torch", "torch_fused", "deepspeed_fused"),
     ("generation", "params"): PARAM_PATHS,
 }

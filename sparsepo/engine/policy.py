@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sparsepo.config.device import attention_kwargs
 from sparsepo.engine.dist import deepspeed
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class PolicyEngine:
 
     @classmethod
     def build(cls, model_path: str, ds_config: dict, *, schedule: tuple[str, dict], precision: str = "fp32",
-              gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
+              gradient_checkpointing: bool = False, attn_implementation: str = "auto",
               lora: Any = None) -> "PolicyEngine":
         """With ZeRO-3 the weights are loaded straight into partitions; `schedule` = (transformers
         scheduler name, its kwargs), handed to DeepSpeed so it is checkpointed with the engine.
@@ -75,7 +76,7 @@ class PolicyEngine:
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must live while the model is built)
         quant = lora_mod.quantization_config(lora)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(precision),
-                                                     attn_implementation=attn_implementation,
+                                                     **attention_kwargs(attn_implementation),
                                                      **({"quantization_config": quant} if quant else {}))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
