@@ -153,12 +153,14 @@ def profile_mode(a) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = profile(activities=acts, schedule=schedule(wait=max(a.skip - 1, 0), warmup=1 if a.skip else 0, active=1,
                                                       repeat=1), record_shapes=False)
-    log = metrics_mod.MetricsLogger.log
-
+    advance = metrics_mod.MetricsLogger.advance  # called once per optimiser step (log steps or not)
+    done = [0]
     finder = SyncFinder()
 
-    def log_then_step(self, step, scalars):
-        log(self, step, scalars)
+    def advance_then_step(self):
+        advance(self)
+        done[0] += 1
+        step = done[0]
         if cuda:
             torch.cuda.synchronize()
         prof.step()
@@ -167,7 +169,7 @@ def profile_mode(a) -> dict:
         elif step == a.skip + 2:
             finder.__exit__(None, None, None)
 
-    metrics_mod.MetricsLogger.log = log_then_step
+    metrics_mod.MetricsLogger.advance = advance_then_step
     prof.start()
     trainer.train(cfg)
     prof.stop()
