@@ -60,7 +60,8 @@ def cleanup(procs):
 
 
 @pytest.mark.parametrize("stopped, name", [(2, "reference group (stage 0, rank 2)"),
-                                           (1, "policy rank 1 (global rank 1)"),
+                                           pytest.param(1, "policy rank 1 (global rank 1)",  # as rank 0: slow
+                                                        marks=pytest.mark.slow),
                                            (0, "policy rank 0 (global rank 0)")])  # hosts the bridge store
 def test_stalled_rank_fails_every_other_rank_in_bounded_time_naming_it(tiny_world, tmp_path, stopped, name):
     procs = start(tiny_world, tmp_path, free_port(), "train.epochs=50")
