@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sparsepo.demo.run import DEMO_LIVE, demo_reference, last_override as _last, print_eval as _print_eval  # noqa: F401
+from sparsepo.demo.run import demo_reference, last_override as _last, print_eval as _print_eval
 from sparsepo.launch.ports import free_port
 
 RECIPES = Path(__file__).resolve().parent / "recipes"

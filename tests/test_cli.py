@@ -10,6 +10,7 @@ import typing
 import pytest
 import yaml
 
+from sparsepo.demo.run import DEMO_LIVE
 from sparsepo import cli
 from sparsepo.train import parse_args
 
@@ -170,7 +171,7 @@ def test_demo_spo_is_a_live_launch_with_its_reference_ranks_on_top(demo_launch):
     through the deepspeed launcher; what the user sets on the command line wins."""
     got = demo_launch("--method", "spo")
     assert got["nproc"] == 3
-    for o in cli.DEMO_LIVE:
+    for o in DEMO_LIVE:
         assert o in got["overrides"]
     assert "reference.mode=live" in got["overrides"] and "generation.staleness=1" in got["overrides"]
     cmd = cli.train_command("recipe.yaml", got["overrides"], nproc=got["nproc"])
