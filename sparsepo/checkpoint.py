@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from typing import NamedTuple
 from pathlib import Path
 
@@ -195,11 +196,23 @@ def _write_shards(engine, tag_dir: Path, step: int, samples: int, rank: int, ran
                               f"some space or point logging.output_dir at a larger disk.") from e
 
 
+class Unsealed(NamedTuple):
+    """A checkpoint whose files are being written in the background (checkpoint.async_write): sealed by
+    `seal_written` once DeepSpeed has committed it (after the next optimiser step)."""
+    tag_dir: Path
+    step: int
+    samples: int
+    data_fingerprint: str
+
+
 def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data_fingerprint: str, ctx,
-         rank_state: dict | None = None) -> Path:
+         rank_state: dict | None = None, wait: bool = True) -> Path | Unsealed:
     """Write checkpoint `step` on every rank; rank 0 seals it with sparsepo.json, then points
     `latest` at it, then prunes. Killed at any moment, `latest` names a complete checkpoint.
-    `rank_state`: {name: this rank's state} saved as {name}-rank{r}.pt (see `load_rank_state`)."""
+    `rank_state`: {name: this rank's state} saved as {name}-rank{r}.pt (see `load_rank_state`).
+    `wait=False` with checkpoint.async_write: return at once, `Unsealed`; the caller seals it with
+    `seal_written` after the next optimiser step (DeepSpeed commits the files at that step's boundary)."""
+    started = time.perf_counter()
     ckpt_root = root(cfg)
     tag = tag_for(step)
     tag_dir = ckpt_root / tag
@@ -214,6 +227,23 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
     dist.barrier()
     on_every_rank(lambda: _write_shards(engine, tag_dir, step, samples, ctx.rank, rank_state or {}),
                   what=f"checkpoint {tag}")
+    unsealed = Unsealed(tag_dir, step, samples, data_fingerprint)
+    if not wait and cfg.checkpoint.async_write:
+        if ctx.is_main:
+            log.info("checkpoint %s: handed to the writer in %.2f s", tag, time.perf_counter() - started)
+        return unsealed
+    engine.commit_checkpoint()
+    seal_written(unsealed, cfg, ctx)
+    if ctx.is_main:
+        log.info("checkpoint %s: written and sealed in %.2f s", tag, time.perf_counter() - started)
+    return tag_dir
+
+
+def seal_written(unsealed: Unsealed, cfg: RunConfig, ctx) -> Path:
+    """Hash the written checkpoint (each rank the files it owns), write sparsepo.json, point `latest` at it
+    and prune (rank 0). Its files must be complete: after `save`, or after the optimiser step that
+    committed an async write."""
+    tag_dir, ckpt_root = unsealed.tag_dir, unsealed.tag_dir.parent
     rels = [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != META]
     # each rank hashes the files it owns (see `owner`), in parallel; rank 0 records them all
     mine = {rel: sha256_file(tag_dir / rel) for rel in rels if owner(rel, ctx.world_size) == ctx.rank}
@@ -222,12 +252,12 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
         hashes = {rel: sha for share in shares for rel, sha in share.items()}
         files = {rel: (tag_dir / rel).stat().st_size for rel in rels}
         hashes = {rel: hashes.get(rel) or sha256_file(tag_dir / rel) for rel in rels}
-        meta = {"step": step, "samples": samples, "world_size": ctx.world_size,
+        meta = {"step": unsealed.step, "samples": unsealed.samples, "world_size": ctx.world_size,
                 "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size,
-                "data": data_fingerprint, "config": to_dict(cfg), "files": files,
+                "data": unsealed.data_fingerprint, "config": to_dict(cfg), "files": files,
                 "sha256": dict(sorted(hashes.items()))}
         atomic_write(tag_dir / META, seal(meta))  # with the checksum of its own body
-        atomic_write(ckpt_root / "latest", tag)
+        atomic_write(ckpt_root / "latest", tag_dir.name)
         for old in list_tags(ckpt_root)[:-cfg.checkpoint.keep_last]:
             _remove(old)
     dist.barrier()

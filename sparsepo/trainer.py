@@ -171,6 +171,7 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     preempt = preempt or PreemptionFlag()
     accum, last, window, evals = cfg.train.grad_accum, {}, MetricWindow(), {}
     guard = NonFiniteGuard.for_engine(cfg.train.max_nonfinite_steps, run.policy, cfg.train.precision)  # no NaN model published
+    unsealed = None  # checkpoint.async_write: the checkpoint DeepSpeed writes during this step
     for step, slots in run.schedule.steps(run.start, run.total, run.ctx.rank):
         t_step, wait, sums = time.perf_counter(), 0.0, {}
         lr = run.policy.lr()  # the rate this step uses
@@ -179,6 +180,12 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
             wait += w
             for k, v in metrics.items():  # device tensors: summed where they are
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v / accum)
+        if unsealed is not None:  # this step's optimiser boundary committed it
+            t_seal = time.perf_counter()
+            ckpt.seal_written(unsealed, cfg, run.ctx)
+            if run.ctx.is_main:
+                log.info("checkpoint %s: sealed in %.2f s", unsealed.tag_dir.name, time.perf_counter() - t_seal)
+            unsealed = None
         window.add({**sums, "step_time": time.perf_counter() - t_step, "ref_wait": wait})
         run.metrics.advance()
         stop = preempt.any_rank()
@@ -194,8 +201,10 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
             evals = run_eval(run, step + 1)
         if stop or ckpt.due(cfg, step + 1, run.total):
             guard.check_weights(run.policy, f"at step {step + 1}, before its checkpoint")
-            ckpt.save(run.policy, cfg, run.data.run_dir, step=step + 1, samples=(step + 1) * run.schedule.global_batch,
-                      data_fingerprint=run.data.fingerprint, ctx=run.ctx, rank_state=rank_state(run))
+            saved = ckpt.save(run.policy, cfg, run.data.run_dir, step=step + 1, samples=(step + 1) * run.schedule.global_batch,
+                              data_fingerprint=run.data.fingerprint, ctx=run.ctx, rank_state=rank_state(run),
+                              wait=stop or step + 1 == run.total)
+            unsealed = saved if isinstance(saved, ckpt.Unsealed) else None
         if stop:
             run.metrics.close()
             raise Preempted(f"preempted at step {step + 1}: checkpoint written; resume with --resume auto")

@@ -248,8 +248,10 @@ def test_torch_dist_env_for_every_launcher(name, env, want):
     launcher, rank, world, local_rank, local_size, _, addr, port = want
     got = torch_dist_env(env, lone_port=lambda: 45678)
     lone = launcher == "single"
+    node = LaunchEnv.from_environ(env)
     assert got == {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
-                   "LOCAL_WORLD_SIZE": str(local_size), "LOCAL_SIZE": str(local_size), "MASTER_ADDR": addr,
+                   "LOCAL_WORLD_SIZE": str(local_size), "LOCAL_SIZE": str(local_size),
+                   "CROSS_RANK": str(node.node_rank), "CROSS_SIZE": str(node.num_nodes), "MASTER_ADDR": addr,
                    "MASTER_PORT": "45678" if lone else str(port)}
     # the shell gets exactly these (python -m sparsepo.launch --print-env under srun / mpirun)
     if launch_mode(env) != "local":

@@ -95,6 +95,12 @@ def build_deepspeed_config(cfg: RunConfig, *, dp_size: int, cuda: bool | None = 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     })
+    if ((stage.get("checkpoint") or {}).get("writer") or {}).get("decoupled"):
+        raise ConfigError(f"deepspeed.stage_file {cfg.deepspeed.stage_file}: checkpoint.writer.decoupled is set there; "
+                          f"sparsepo seals a checkpoint only once its files are written, so ask for it with "
+                          f"checkpoint.async_write=true instead (and remove the writer entry)")
+    if cfg.checkpoint.async_write:  # DeepSpeed's decoupled engine with its plain-Python file writer
+        ds["checkpoint"] = {**stage.get("checkpoint", {}), "writer": {"type": "python", "decoupled": True}}
     return ds
 
 

@@ -205,6 +205,11 @@ class CheckpointConfig:
     """Save a sharded checkpoint after the last step (fp32 master weights + Adam moments: ~12-16
     bytes per parameter, ~15 GB at 0.94 B). Benchmarks set false; the final model is written either way."""
     keep_last: int = 2
+    async_write: bool = False
+    """Write checkpoints in the background (DeepSpeed's decoupled checkpoint engine: a writer process per
+    rank) while the next step's forward and backward run; the checkpoint is sealed (sha256s,
+    sparsepo.json, `latest`) after that step, when DeepSpeed has committed it. The checkpoint at the
+    last step and at a preemption is waited for. Costs host memory for the state in flight."""
     resume: str | None = None
     """None | auto (latest valid checkpoint in the run directory) | a checkpoint path."""
 

@@ -43,6 +43,32 @@ class DistContext:
 
 
 _SHM_BUFFER: Path | None = None
+_CHILDREN: list = []  # processes of ours to stop at shutdown (os._exit runs no atexit handler)
+
+
+def stop_at_shutdown(process) -> None:
+    """Kill `process` (a multiprocessing.Process) when this rank shuts down: DeepSpeed's decoupled
+    checkpoint writer waits on its queue forever otherwise (and, forked from a rank, it inherits the
+    rank's SIGTERM handler). Whatever it was still writing belongs to a checkpoint that was never
+    sealed, which no resume uses."""
+    _CHILDREN.append(process)
+
+
+def children_die_with_rank() -> None:
+    """Processes this rank forks from now on are killed when it dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG, set in each child), so a killed rank leaves no writer behind."""
+    def in_child() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() == 1:  # the rank died before the line above
+            os._exit(0)
+
+    import ctypes
+    import signal
+
+    os.register_at_fork(after_in_child=in_child)
 _TIMEOUT_S = 1800.0  # torch's default; live mode lowers it (set_group_timeout) before the world starts
 
 
@@ -108,6 +134,9 @@ def shutdown(code: int = 0) -> None:
 
 
 def _release_and_flush() -> None:
+    for child in _CHILDREN:
+        if child.is_alive():
+            child.kill()
     if _SHM_BUFFER is not None:  # 66 MB of /dev/shm per rank per run otherwise (peers keep their mapping)
         _SHM_BUFFER.unlink(missing_ok=True)
     logging.shutdown()

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sparsepo.config.device import attention_kwargs
-from sparsepo.engine.dist import deepspeed
+from sparsepo.engine.dist import children_die_with_rank, deepspeed, stop_at_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,15 @@ class PolicyEngine:
                      total, 100.0 * trainable / max(total, 1))
         name, kwargs = schedule
         import_muon_eagerly()
+        if (ds_config.get("checkpoint") or {}).get("writer"):  # checkpoint.async_write: a writer process
+            children_die_with_rank()
         engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                          if p.requires_grad],
                                           config=ds_config,
                                           lr_scheduler=lambda optimizer: get_scheduler(name, optimizer, **kwargs))
+        writer = getattr(engine.checkpoint_engine, "ckpt_process", None)  # checkpoint.async_write's process
+        if writer is not None:
+            stop_at_shutdown(writer)
         return cls(engine, peft_model=peft_model, lora=lora if peft_model is not None else None,
                    base_path=model_path)
 
@@ -234,17 +239,31 @@ class PolicyEngine:
         self._engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False,
                                      exclude_frozen_parameters=self.peft_model is not None)
 
+    def commit_checkpoint(self) -> None:
+        """Wait until the last `save` is on disk. DeepSpeed's decoupled engine (checkpoint.async_write)
+        commits by itself at the next optimiser step's boundary; this commits now (a no-op otherwise)."""
+        if self._engine.checkpoint_engine.is_decoupled():
+            self._engine._commit_decoupled_checkpoint()
+
     def load(self, ckpt_root: str | Path, tag: str, *, universal: bool = False) -> dict:
         """Engine, optimiser and LR-scheduler state; returns the client state saved with it."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
         # deepspeed 0.19.8 reads this flag at load time, so setting it after initialize works; reset it after.
         previous = self._engine._config.load_universal_checkpoint
         self._engine._config.load_universal_checkpoint = universal
+        # the decoupled writer (checkpoint.async_write) loads with torch's weights_only default, which refuses
+        # DeepSpeed's own files (ZeroStageEnum); the files are the same, so read them as the default engine does
+        writer = self._engine.checkpoint_engine
+        if writer.is_decoupled():
+            self._engine.checkpoint_engine = TorchCheckpointEngine(self._engine._config)
         try:
             _, client_state = self._engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
                                                            load_lr_scheduler_states=True,
                                                            load_module_strict=self.peft_model is None)
         finally:
             self._engine._config.load_universal_checkpoint = previous
+            self._engine.checkpoint_engine = writer
         if client_state is None:
             raise RuntimeError(f"checkpoint {Path(ckpt_root) / tag} could not be loaded by DeepSpeed")
         return client_state

@@ -336,8 +336,10 @@ def master_port_from(env: Mapping[str, str]) -> int:
 
 
 def torch_dist_env(env: Mapping[str, str], *, lone_port: Callable[[], int] = free_port) -> dict[str, str]:
-    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR and MASTER_PORT for
-    torch.distributed's env:// start-up, from whatever launcher started this process.
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, LOCAL_SIZE, CROSS_RANK, CROSS_SIZE, MASTER_ADDR and
+    MASTER_PORT for torch.distributed's env:// start-up, from whatever launcher started this process.
+    CROSS_RANK / CROSS_SIZE (the node's index and the node count) are the deepspeed launcher's names,
+    read by DeepSpeed's checkpoint writer (checkpoint.async_write) whatever the launcher.
 
     Apply with ``os.environ.update(torch_dist_env(os.environ))`` before the process group starts.
     LOCAL_SIZE is DeepSpeed's CPU accelerator's name for LOCAL_WORLD_SIZE (its device count). A
@@ -351,8 +353,8 @@ def torch_dist_env(env: Mapping[str, str], *, lone_port: Callable[[], int] = fre
         port = lone_port()
     return {"RANK": str(launch.rank), "WORLD_SIZE": str(launch.world_size),
             "LOCAL_RANK": str(launch.local_rank), "LOCAL_WORLD_SIZE": str(launch.local_world_size),
-            "LOCAL_SIZE": str(launch.local_world_size), "MASTER_ADDR": launch.master_addr,
-            "MASTER_PORT": str(port)}
+            "LOCAL_SIZE": str(launch.local_world_size), "CROSS_RANK": str(launch.node_rank),
+            "CROSS_SIZE": str(launch.num_nodes), "MASTER_ADDR": launch.master_addr, "MASTER_PORT": str(port)}
 
 
 def launch_mode(env: Mapping[str, str]) -> str:
