@@ -203,13 +203,15 @@ class Unsealed(NamedTuple):
     step: int
     samples: int
     data_fingerprint: str
+    num_tokens: float = 0.0
 
 
 def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data_fingerprint: str, ctx,
-         rank_state: dict | None = None, wait: bool = True) -> Path | Unsealed:
+         rank_state: dict | None = None, wait: bool = True, num_tokens: float = 0.0) -> Path | Unsealed:
     """Write checkpoint `step` on every rank; rank 0 seals it with sparsepo.json, then points
     `latest` at it, then prunes. Killed at any moment, `latest` names a complete checkpoint.
     `rank_state`: {name: this rank's state} saved as {name}-rank{r}.pt (see `load_rank_state`).
+    `num_tokens`: TRL's metric so far, recorded in sparsepo.json for the resume.
     `wait=False` with checkpoint.async_write: return at once, `Unsealed`; the caller seals it with
     `seal_written` after the next optimiser step (DeepSpeed commits the files at that step's boundary)."""
     started = time.perf_counter()
@@ -227,7 +229,7 @@ def save(engine, cfg: RunConfig, run_dir: Path, *, step: int, samples: int, data
     dist.barrier()
     on_every_rank(lambda: _write_shards(engine, tag_dir, step, samples, ctx.rank, rank_state or {}),
                   what=f"checkpoint {tag}")
-    unsealed = Unsealed(tag_dir, step, samples, data_fingerprint)
+    unsealed = Unsealed(tag_dir, step, samples, data_fingerprint, num_tokens)
     if not wait and cfg.checkpoint.async_write:
         if ctx.is_main:
             log.info("checkpoint %s: handed to the writer in %.2f s", tag, time.perf_counter() - started)
@@ -254,7 +256,7 @@ def seal_written(unsealed: Unsealed, cfg: RunConfig, ctx) -> Path:
         hashes = {rel: hashes.get(rel) or sha256_file(tag_dir / rel) for rel in rels}
         meta = {"step": unsealed.step, "samples": unsealed.samples, "world_size": ctx.world_size,
                 "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size,
-                "data": unsealed.data_fingerprint, "config": to_dict(cfg), "files": files,
+                "data": unsealed.data_fingerprint, "num_tokens": unsealed.num_tokens, "config": to_dict(cfg), "files": files,
                 "sha256": dict(sorted(hashes.items()))}
         atomic_write(tag_dir / META, seal(meta))  # with the checksum of its own body
         atomic_write(ckpt_root / "latest", tag_dir.name)

@@ -61,7 +61,7 @@ class Run:
     total: int
     head: Any = None  # the policy's log-prob Head (sparsepo.logprobs.head), bound where the engine is built
     evaluator: Evaluator | None = None  # held-out pairs (eval.path / eval.fraction), or None
-    num_tokens: float = 0.0  # tokens seen by all ranks since this process's first step (TRL's num_tokens)
+    num_tokens: float = 0.0  # tokens seen by all ranks since the run's first step (TRL's num_tokens; kept in checkpoints)
 
 
 def setup(cfg: RunConfig, live=None) -> Run:
@@ -107,7 +107,8 @@ def setup(cfg: RunConfig, live=None) -> Run:
                  total, schedule.global_batch, ctx.world_size)
     return Run(cfg=cfg, ctx=ctx, spec=spec, data=data, schedule=schedule, policy=policy, source=source,
                features=features, samples=samples, metrics=metrics, start=start, total=total,
-               head=head, evaluator=evaluator)
+               head=head, evaluator=evaluator,
+               num_tokens=0.0 if resume is None else float(ckpt.read_meta(resume).get("num_tokens", 0.0)))
 
 
 def open_samples(cfg: RunConfig, ctx: DistContext, data: RunData, source, resume, head) -> PolicySamples:
@@ -189,7 +190,10 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
         window.add({**sums, "step_time": time.perf_counter() - t_step, "ref_wait": wait})
         run.metrics.advance()
         stop = preempt.any_rank()
-        log_step = run.metrics.due(step + 1) or step + 1 == run.total or stop
+        saving = stop or ckpt.due(cfg, step + 1, run.total)
+        # a checkpoint step is a log step: num_tokens is then whole in the checkpoint, and a resumed run's
+        # windows start where the uninterrupted run's do
+        log_step = run.metrics.due(step + 1) or step + 1 == run.total or saving
         logged = window_means(run, window, step + 1, lr) if log_step else {}
         guard.step(step + 1, logged, run.policy)  # loss / grad norm on log steps; DeepSpeed's skip count every step
         if log_step:
@@ -199,10 +203,11 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
             run.source.follow(run.policy, cfg.reference.sync_alpha)
         if run.evaluator is not None and run.evaluator.due(step + 1, run.total):
             evals = run_eval(run, step + 1)
-        if stop or ckpt.due(cfg, step + 1, run.total):
+        if saving:
             guard.check_weights(run.policy, f"at step {step + 1}, before its checkpoint")
             saved = ckpt.save(run.policy, cfg, run.data.run_dir, step=step + 1, samples=(step + 1) * run.schedule.global_batch,
                               data_fingerprint=run.data.fingerprint, ctx=run.ctx, rank_state=rank_state(run),
+                              num_tokens=run.num_tokens,
                               wait=stop or step + 1 == run.total)
             unsealed = saved if isinstance(saved, ckpt.Unsealed) else None
         if stop:
@@ -236,7 +241,7 @@ def restore_reference(source, resume, ctx) -> None:
 def window_means(run: Run, window: MetricWindow, step: int, lr: float) -> dict[str, float]:
     """The log step's scalars: the window's means over steps and ranks (one host transfer, one all-reduce),
     with TRL's `learning_rate`, `grad_norm` (of this step), `epoch` and `num_tokens` (all ranks,
-    counted from this process's first step)."""
+    counted from the run's first step, across resumes)."""
     n = window.counts.get("step_time", 1)
     scalars = reduce_mean(window.flush())
     tokens = scalars.pop("tokens") * run.ctx.world_size  # per step, all ranks

@@ -270,6 +270,9 @@ def test_resume_at_half_is_exact(tiny_world, full, half):
     assert_losses_match(read_scalars(half.run, "train/loss"), want, range(1, STEPS + 1), EXACT)
     # the LR scheduler's position round-tripped (a fresh scheduler would restart the warmup)
     assert_losses_match(read_scalars(half.run, "train/lr"), read_scalars(full, "train/lr"), range(1, STEPS + 1), 0)
+    # TRL's num_tokens continues from the checkpoint (it restarted at 0 before it was recorded there)
+    assert_losses_match(read_scalars(half.run, "train/num_tokens"), read_scalars(full, "train/num_tokens"),
+                        range(HALF + 1, STEPS + 1), 0)
     assert_same_weights(half.run / "final", full / "final", EXACT)
     assert tags(half.run) == tags(full) and latest(half.run) == latest(full)
 
