@@ -1,5 +1,7 @@
-"""Liveness in live mode: no rank of either role waits on a stalled or dead peer for more than
-reference.timeout_s, and every rank says which peer it lost.
+"""Liveness: no rank waits on a stalled or dead peer for more than a limit, and every rank says which
+peer it lost. In live mode the limit is reference.timeout_s and the watchdog runs on the bridge's store;
+a cache / inline run on several ranks watches its policy ranks alike, on its process group's own store,
+with train.peer_timeout_s (sparsepo.trainer.watch_peers).
 
 Why: the two roles run in separate worlds joined by the bridge, so a stalled peer (SIGSTOP, a hung
 collective, a dead node) leaves the other role's healthy ranks blocked in their own collectives,
@@ -41,8 +43,10 @@ def group_timeout_s(timeout_s: float) -> float:
 
 class Watchdog:
     def __init__(self, store, rank: int, world_size: int, *, limit_s: float, names: Callable[[int], str],
-                 exit_fn: Callable[[int], None], interval_s: float = 1.0, hosts_store: bool = False):
+                 exit_fn: Callable[[int], None], interval_s: float = 1.0, hosts_store: bool = False,
+                 limit_name: str = "reference.timeout_s"):
         self.store, self.rank, self.world_size = store, rank, world_size
+        self.limit_name = limit_name  # the config key of limit_s, for the messages
         self.limit_s, self.interval_s, self.names, self.exit_fn = limit_s, interval_s, names, exit_fn
         self.hosts_store = hosts_store
         self.store_lost: str | None = None  # why, once any store call failed: no further calls then
@@ -55,8 +59,9 @@ class Watchdog:
 
     @classmethod
     def start(cls, addr: str, port: int, rank: int, world_size: int, *, limit_s: float, names, exit_fn,
-              interval_s: float = 1.0) -> "Watchdog":
-        """Connect a store client of its own (the bridge's store must exist: call after bridge.connect)."""
+              interval_s: float = 1.0, limit_name: str = "reference.timeout_s") -> "Watchdog":
+        """Connect a store client of its own to the store at addr:port (the bridge's in live mode, after
+        bridge.connect; the process group's own otherwise, after it started)."""
         import torch.distributed as dist
 
         store = dist.TCPStore(addr, port, None, False, datetime.timedelta(seconds=limit_s),
@@ -64,7 +69,7 @@ class Watchdog:
         store.add(f"hb/{rank}", 1)
         global _active
         _active = cls(store, rank, world_size, limit_s=limit_s, names=names, exit_fn=exit_fn,
-                      interval_s=interval_s, hosts_store=rank == 0)
+                      interval_s=interval_s, hosts_store=rank == 0, limit_name=limit_name)
         _active.thread.start()
         return _active
 
@@ -131,7 +136,7 @@ class Watchdog:
 
     def _lost(self, r: int) -> str:
         return (f"lost {self.names(r)}: no sign of life for {self.silent_for(r):.0f}s (stopped, hung or dead; "
-                f"limit reference.timeout_s={self.limit_s:g})")
+                f"limit {self.limit_name}={self.limit_s:g})")
 
     def _run(self) -> None:
         while not self.stopping.wait(self.interval_s):

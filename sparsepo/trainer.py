@@ -24,7 +24,7 @@ from sparsepo import bridge as br
 from sparsepo import checkpoint as ckpt
 from sparsepo.config import RunConfig, config_fingerprint, lr_schedule
 from sparsepo.engine.collectives import gather
-from sparsepo.engine.dist import DistContext, init_distributed
+from sparsepo.engine.dist import DistContext, abort, init_distributed
 from sparsepo.engine.policy import PolicyEngine
 from sparsepo.logprobs.head import Head, head_chunk
 from sparsepo.guard import NonFiniteGuard
@@ -36,7 +36,7 @@ from sparsepo.pair_loss import forward_loss
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
 from sparsepo.preflight import preflight, resume_point
-from sparsepo import follow
+from sparsepo import follow, liveness
 from sparsepo.reference_role.sources import ReferenceSource, open_eval_source, open_source
 from sparsepo.rundata import RunData, load_run_data, load_run_prompts
 from sparsepo.rundir import release_run_dir
@@ -67,6 +67,8 @@ class Run:
 def setup(cfg: RunConfig, live=None) -> Run:
     """Everything before the first step. `live` = (ProcessPlan, bridge) on a policy rank of a live job."""
     ctx = init_distributed()
+    if live is None and ctx.world_size > 1:  # a live job's watchdog already runs on the bridge (train.run_live)
+        watch_peers(cfg.train.peer_timeout_s, ctx)
     spec = get_method(cfg.method.name, cfg.method.params)  # with the flags its knobs add (DPO's ld_alpha, wpo)
     pre = preflight(cfg, spec, ctx)  # stage file, batch split, SAE: before the data and the cache
     data = load_run_data(cfg, ctx)
@@ -217,6 +219,16 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
     guard.check_weights(run.policy, "before the final model")
     run.source.finish()  # live: the reference group has finished its write-through
     return finish(run, last, evals)
+
+
+def watch_peers(limit_s: float, ctx: DistContext) -> None:
+    """The liveness watchdog of a cache / inline run on several ranks, on the store its process group
+    started from (rank 0 hosts it): a lost rank is named and the others leave within `limit_s`."""
+    import os
+
+    liveness.Watchdog.start(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.rank, ctx.world_size,
+                            limit_s=limit_s, names=lambda r: f"policy rank {r}", exit_fn=abort,
+                            limit_name="train.peer_timeout_s")
 
 
 def rank_state(run: Run) -> dict:

@@ -183,6 +183,10 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32 | bf16 | fp16. fp16 runs on CUDA only (DeepSpeed's dynamic loss scaling; refused on CPU,
     whose kernels lack half-precision matmuls and DeepSpeed's CPU accelerator has no fp16 support)."""
+    peer_timeout_s: float = 300.0
+    """Several policy ranks outside live mode: a rank silent this long (stopped, hung or dead) makes the
+    others leave with exit 1, the first error line naming it (sparsepo.liveness, on the job's own
+    store). Live mode watches both roles with reference.timeout_s."""
     max_nonfinite_steps: int = 2
     """Fail the run (exit 1, no final/ published, the last good checkpoint kept) once more optimiser
     steps than this had a non-finite loss or gradient norm or were skipped by DeepSpeed's overflow
