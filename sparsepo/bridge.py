@@ -91,7 +91,7 @@ def listen_on(addr: str, port: int) -> int | None:
         sock.close()
         if e.errno != errno.EADDRNOTAVAIL:
             raise
-        log.warning("bridge store: %s is not an address of this host; listening on every interface", addr)
+        log.warning("store: %s is not an address of this host; listening on every interface", addr)
         return None
     return sock.detach()
 

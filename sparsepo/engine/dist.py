@@ -92,6 +92,7 @@ def init_distributed(timeout_s: float | None = None) -> DistContext:
                            int(os.environ.get("SPARSEPO_GLOBAL_LOCAL_RANK", local_rank)))
     if not dist.is_initialized():
         backend = backend_for(cuda=torch.cuda.is_available(), shared=os.environ.get(SHARED_VAR) == "1")
+        _start_group_on_own_store(backend, datetime.timedelta(seconds=timeout_s), local_rank)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     global _SHM_BUFFER
@@ -112,6 +113,22 @@ def init_distributed(timeout_s: float | None = None) -> DistContext:
         device = torch.device("cpu")
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                        device=device)
+
+
+def _start_group_on_own_store(backend: str, timeout: datetime.timedelta, local_rank: int) -> None:
+    """The process group, on a TCPStore that rank 0 serves on MASTER_ADDR only (torch's env:// start-up
+    listens on every interface); DeepSpeed's init then finds the group started. Under torchrun the
+    agent's store already serves MASTER_PORT (torchrun's own, on every interface): left to env://."""
+    from sparsepo.bridge import listen_on
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout, use_libuv=False,
+                          master_listen_fd=listen_on(addr, port) if rank == 0 else None)
+    device = {"device_id": torch.device("cuda", local_rank)} if torch.cuda.is_available() and world > 1 else {}
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **device)
 
 
 def shutdown(code: int = 0) -> None:
