@@ -42,7 +42,7 @@ class RunData:
     length: int | None = None
     """Every batch's fixed padded length (`sparsepo.padding.batch_length`), or None: the longest row."""
     eval_dataset: Any = None
-    """Held-out pairs (eval.path, or eval.fraction of the training pairs), or None."""
+    """Held-out pairs (eval.path, eval.split of data.path, or eval.fraction of the training pairs), or None."""
     eval_fingerprint: str | None = None
 
     def collate(self, rows: list[dict]):
@@ -88,7 +88,7 @@ def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
         dist.barrier()
     dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None,
                                                     pair_filter=pair_filter_for(cfg))
-    held = load_eval_pairs(cfg, tokenizer) if cfg.eval.path else None
+    held = load_eval_pairs(cfg, tokenizer) if cfg.eval.path or cfg.eval.split else None
     if ctx.is_main:
         dist.barrier()
     if cfg.eval.fraction:  # every role splits alike: the training fingerprint (cache key) is the split's
@@ -99,10 +99,17 @@ def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
 
 
 def load_eval_pairs(cfg: RunConfig, tokenizer):
-    """eval.path, read and tokenised like data.path (its skipped rows are logged, not reported to a file)."""
+    """eval.path, or the split eval.split of data.path, read and tokenised like data.path (its skipped rows are
+    logged, not reported to a file)."""
     from dataclasses import replace
 
-    held, _ = pdata.load_preference_dataset(replace(cfg.data, path=cfg.eval.path), tokenizer,
+    from sparsepo.data.sources import resolve_format
+
+    if cfg.eval.split and resolve_format(cfg.data.path, cfg.data.format) not in ("disk", "hub"):
+        raise pdata.DataError(f"eval.split={cfg.eval.split!r}: data.path {cfg.data.path} is one file, which has no "
+                              f"splits; give the held-out file as eval.path, or hold out eval.fraction of it")
+    source = {"path": cfg.eval.path} if cfg.eval.path else {"split": cfg.eval.split}
+    held, _ = pdata.load_preference_dataset(replace(cfg.data, **source), tokenizer,
                                             pair_filter=pair_filter_for(cfg))
     return held
 

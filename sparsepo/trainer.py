@@ -60,7 +60,7 @@ class Run:
     start: int
     total: int
     head: Any = None  # the policy's log-prob Head (sparsepo.logprobs.head), bound where the engine is built
-    evaluator: Evaluator | None = None  # held-out pairs (eval.path / eval.fraction), or None
+    evaluator: Evaluator | None = None  # held-out pairs (eval.path / split / fraction), or None
     num_tokens: float = 0.0  # tokens seen by all ranks since the run's first step (TRL's num_tokens; kept in checkpoints)
 
 

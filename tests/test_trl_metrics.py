@@ -70,7 +70,9 @@ def test_holdout_split_is_disjoint_seeded_and_keyed_apart():
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["eval.path=x.jsonl", "eval.fraction=0.1"], "both set"),
+    (["eval.path=x.jsonl", "eval.fraction=0.1"], "eval.path and eval.fraction are all set"),
+    (["eval.split=test", "eval.fraction=0.1"], "eval.split and eval.fraction are all set"),
+    (["eval.split=train"], "the pairs it trains on"),
     (["eval.fraction=1.0"], "must be in [0, 1)"),
     (["eval.every_steps=5"], "no eval pairs"),
     (["eval.fraction=0.1", "eval.batch_size=0"], "eval.batch_size=0"),
@@ -81,6 +83,30 @@ def test_eval_section_refusals_name_the_keys(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert needle in str(e.value)
+
+
+def test_eval_split_reads_another_split_of_the_training_source(tiny_world, tmp_path):
+    """TRL's eval_dataset=ds["test"]: eval.split takes the held-out pairs from data.path's other split; a
+    single file has no splits (refused naming the key), a missing split names the ones there are."""
+    import datasets
+
+    from sparsepo.data import DataError, load_preference_dataset
+    from sparsepo.rundata import load_eval_pairs, load_run_tokenizer
+
+    rows = datasets.load_dataset("json", data_files=str(tiny_world.train_path), split="train")
+    datasets.DatasetDict({"train": rows.select(range(8)), "test": rows.select(range(8, 11))}).save_to_disk(
+        str(tmp_path / "dd"))
+    cfg = load_config(None, [f"model.path={tiny_world.sft_dir}", f"data.path={tmp_path / 'dd'}", "eval.split=test"])
+    tokenizer = load_run_tokenizer(cfg)
+    held = list(load_eval_pairs(cfg, tokenizer)["example_id"])
+    trained = set(load_preference_dataset(cfg.data, tokenizer)[0]["example_id"])
+    assert len(held) == 3 and len(trained) == 8 and not trained & set(held)
+    with pytest.raises(DataError, match="splits \\['test', 'train'\\], none named 'dev'"):
+        load_eval_pairs(load_config(None, [f"model.path={tiny_world.sft_dir}", f"data.path={tmp_path / 'dd'}",
+                                           "eval.split=dev"]), load_run_tokenizer(cfg))
+    with pytest.raises(DataError, match="eval.split='test'.*one file"):
+        load_eval_pairs(load_config(None, [f"model.path={tiny_world.sft_dir}", f"data.path={tiny_world.train_path}",
+                                           "eval.split=test"]), load_run_tokenizer(cfg))
 
 
 def test_eval_section_defaults_to_no_evaluation():

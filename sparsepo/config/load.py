@@ -334,26 +334,30 @@ def check_trl_options(cfg: RunConfig, spec, source: str) -> None:
     if unknown:
         raise ConfigError(f"logging.report_to in {source} lists {unknown}; choose from tensorboard, wandb, mlflow")
     e = cfg.eval
-    if e.path and e.fraction:
-        raise ConfigError(f"eval.path and eval.fraction are both set ({source}): held-out pairs come from "
-                          f"one of them; set the other to null / 0")
+    given = [k for k, v in (("eval.path", e.path), ("eval.split", e.split), ("eval.fraction", e.fraction)) if v]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} are all set ({source}): held-out pairs come from one of them; "
+                          f"unset the others (null / 0)")
+    if e.split and e.split == cfg.data.split:
+        raise ConfigError(f"eval.split={e.split!r} is data.split ({source}): the model would be evaluated on the "
+                          f"pairs it trains on; name another split (e.g. test) or use eval.fraction")
     if not 0.0 <= e.fraction < 1.0:
         raise ConfigError(f"eval.fraction={e.fraction} in {source} must be in [0, 1)")
     if e.batch_size < 1 or e.every_steps < 0:
         raise ConfigError(f"eval.batch_size={e.batch_size} must be >= 1 and eval.every_steps={e.every_steps} "
                           f">= 0 ({source})")
-    if not (e.path or e.fraction):
+    if not given:
         if e.every_steps:
-            raise ConfigError(f"eval.every_steps={e.every_steps} but no eval pairs ({source}): set eval.path or "
-                              f"eval.fraction")
+            raise ConfigError(f"eval.every_steps={e.every_steps} but no eval pairs ({source}): set eval.path, "
+                              f"eval.split or eval.fraction")
         return
     if cfg.reference.mode == "live":
-        raise ConfigError(f"evaluation (eval.path / eval.fraction) is not served in reference.mode=live "
+        raise ConfigError(f"evaluation ({given[0]}) is not served in reference.mode=live "
                           f"({source}): the reference group walks the training schedule only. Evaluate with "
-                          f"reference.mode=cache or inline, or unset eval.path / eval.fraction")
+                          f"reference.mode=cache or inline, or unset {given[0]}")
     if spec.needs_policy_samples:
         raise ConfigError(f"method '{spec.name}' ({source}) has a KL term on samples the policy draws while "
-                          f"training, which held-out pairs do not define; unset eval.path / eval.fraction")
+                          f"training, which held-out pairs do not define; unset {given[0]}")
 
 
 def to_dict(cfg: RunConfig) -> dict:

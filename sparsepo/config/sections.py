@@ -240,12 +240,15 @@ class EvalConfig:
     path: str | None = None
     """Held-out preference pairs, any shape and format `data.path` takes (read with data.format when
     it is not auto, data.split, data.max_length, ...); or null."""
+    split: str | None = None
+    """Instead of `path`: this split of data.path (a save_to_disk DatasetDict, or a Hub dataset in the
+    local cache), e.g. "test" beside data.split "train" (TRL's eval_dataset=ds["test"])."""
     fraction: float = 0.0
-    """Instead of `path`: hold out this fraction of the training pairs (at least one pair), drawn
+    """Instead of `path` / `split`: hold out this fraction of the training pairs (at least one pair), drawn
     with train.seed; the model never trains on them. 0: no held-out split."""
     every_steps: int = 0
-    """Evaluate after every N optimiser steps (0: only after the last step); with neither path nor
-    fraction set, no evaluation."""
+    """Evaluate after every N optimiser steps (0: only after the last step); with none of path, split
+    and fraction set, no evaluation."""
     batch_size: int = 8
     """Pairs per rank per eval forward."""
 

@@ -86,7 +86,9 @@ def load_preference_dataset(cfg, tokenizer, *, run_dir: str | Path | None = None
     key = rows.settings_key(tokenizer, settings)
     # The source's bytes, not datasets' fingerprint: that one keys a local file on path + mtime.
     source_key = src.sha256 or raw._fingerprint
-    fp = hashlib.sha256(json.dumps({"source": source_key, **key}, sort_keys=True).encode())
+    # a save_to_disk DatasetDict's bytes cover every split: the split read is part of the key
+    split = {"split": cfg.split} if src.format == "disk" else {}
+    fp = hashlib.sha256(json.dumps({"source": source_key, **split, **key}, sort_keys=True).encode())
     # One place for every source (a save_to_disk directory may be read-only or shared).
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
     cache_file = root / "sparsepo_tokenised" / f"{fp.hexdigest()[:32]}.arrow"

@@ -165,7 +165,7 @@ def _load_disk(p: Path, split: str) -> datasets.Dataset:
     if isinstance(obj, datasets.DatasetDict):
         if split not in obj:
             raise DataError(f"{p}: a DatasetDict with splits {sorted(obj)}, none named {split!r}; "
-                            f"set data.split")
+                            f"set data.split (or eval.split, for held-out pairs) to one of them")
         obj = obj[split]
     return obj
 
