@@ -44,6 +44,7 @@ class PendingRound:
     ids: torch.Tensor  # (S,T,K) the policy's support ids, chosen when the round was drawn
     ticket: Any = None  # what source.collect redeems (None when restored from a checkpoint: ref is set)
     ref: dict | None = None  # the reference's scores, once collected
+    old: torch.Tensor | None = None  # (S,T) the drawing policy's token log-probs (π_old of the k1/k3 ratio)
 
     def wait(self, source) -> dict:
         """The reference's scores, collected from `source` on first use (live answers in request order)."""
@@ -73,6 +74,7 @@ class PolicySamples:
         self.staleness = staleness
         self.head = head
         self.rounds: dict[int, object] = {}
+        self.round_logps: dict[int, torch.Tensor] = {}  # per micro-slot: the drawing policy's token log-probs
         self.pending: dict[int, deque[PendingRound]] = {}
         self.logged_path = False
 
@@ -106,9 +108,10 @@ class PolicySamples:
         return head.forward(samples.input_ids, samples.attention_mask)
 
     def _support_ids(self, out, samples):
-        """The policy's top-K ids at each sample position (the KL's support), no gradient."""
+        """(the policy's top-K ids at each sample position (the KL's support), its token log-probs), no gradient."""
         with torch.no_grad():
-            return head_fields(out, samples.input_ids, samples.sample_mask, topk=self.topk)["topk_ids"]
+            got = head_fields(out, samples.input_ids, samples.sample_mask, topk=self.topk)
+            return got["topk_ids"], got["token_logps"]
 
     @staticmethod
     def _policy_side(out, samples, ids):
@@ -126,8 +129,10 @@ class PolicySamples:
         for _, _, entry in entries:
             entry.wait(self.source)
         return {"grad_accum": self.grad_accum, "dp": self.dp, "rounds": {m: _plain(r) for m, r in self.rounds.items()},
+                "round_logps": {m: v.cpu() for m, v in self.round_logps.items()},
                 "pending": {m: [{"step": e.step, "samples": _plain(e.samples), "ids": e.ids.cpu(),
-                                 "ref": {k: v.cpu() for k, v in e.ref.items()}} for e in q]
+                                 "ref": {k: v.cpu() for k, v in e.ref.items()},
+                                 **({} if e.old is None else {"old": e.old.cpu()})} for e in q]
                             for m, q in self.pending.items()}}
 
     def load_state_dict(self, state: dict, device="cpu") -> bool:
@@ -139,35 +144,48 @@ class PolicySamples:
                         self.grad_accum, self.dp)
             return False
         self.rounds = {int(m): _batch(r, device) for m, r in state["rounds"].items()}
+        self.round_logps = {int(m): v.to(device) for m, v in state.get("round_logps", {}).items()}
         self.pending = {int(m): deque(PendingRound(e["step"], _batch(e["samples"], device), e["ids"].to(device),
-                                                   ref={k: v.to(device) for k, v in e["ref"].items()}) for e in q)
+                                                   ref={k: v.to(device) for k, v in e["ref"].items()},
+                                                   old=e["old"].to(device) if "old" in e else None) for e in q)
                         for m, q in state["pending"].items()}
+        if "round_logps" not in state and (self.rounds or self.pending):
+            log.warning("SPO sample state written by an older sparsepo keeps no log-probs of the policy that drew "
+                        "its rounds: k1/k3 regularise those rounds without the importance ratio until they are redrawn")
         return True
 
     def fields(self, policy, batch, *, step: int, micro: int) -> tuple[dict, dict]:
         """(LossInputs fields for needs_policy_samples, metrics) for this micro-batch."""
-        if step % self.gen.every_steps == 0 or micro not in self.rounds:
+        fresh = step % self.gen.every_steps == 0 or micro not in self.rounds
+        if fresh:
             samples, metrics = self._draw(policy, batch, step, micro)
         else:
             samples, metrics = self.rounds[micro], {"gen_time": 0.0, "samples_fresh": 0.0}
         outputs = ("token_logps", "request_logps") + (("topk_ids", "topk_logps") if self.support == "union" else ())
         if self.staleness == 0:  # synchronous: one forward gives the support ids and the loss's log-probs
             out = self._forward(policy, samples)
-            request_ids = self._support_ids(out, samples)
+            request_ids, token_logps = self._support_ids(out, samples)
+            if fresh:
+                self.round_logps[micro] = token_logps
+            # reused rounds (every_steps > 1) were drawn by an older policy: k1/k3 weight them by πθ/π_old
+            old = None if self.gen.every_steps == 1 else self.round_logps.get(micro)
             t0 = time.perf_counter()
             ref = self.source.collect(self.source.request(samples, request_ids, outputs))
             metrics.update(staleness=0.0, sample_ref_wait=time.perf_counter() - t0)
         else:  # samples drawn now regularise step + s; this step uses the round drawn at max(0, step - s)
             with torch.no_grad():
-                ids_now = self._support_ids(self._forward(policy, samples), samples)
+                ids_now, token_logps = self._support_ids(self._forward(policy, samples), samples)
+            if fresh:
+                self.round_logps[micro] = token_logps
             queue = self.pending.setdefault(micro, deque())
-            queue.append(PendingRound(step, samples, ids_now, ticket=self.source.request(samples, ids_now, outputs)))
+            queue.append(PendingRound(step, samples, ids_now, ticket=self.source.request(samples, ids_now, outputs),
+                                      old=self.round_logps.get(micro)))
             entry, t0 = queue[0], time.perf_counter()
             ref = entry.wait(self.source)
             metrics["sample_ref_wait"] = time.perf_counter() - t0
             if len(queue) == self.staleness + 1:
                 queue.popleft()
-            drawn, samples, request_ids = entry.step, entry.samples, entry.ids
+            drawn, samples, request_ids, old = entry.step, entry.samples, entry.ids, entry.old
             out = self._forward(policy, samples)
             metrics["staleness"] = float(step - drawn)
         mask = samples.sample_mask
@@ -178,6 +196,7 @@ class PolicySamples:
         keep = keep & (mask.unsqueeze(-1) != 0)
         fields = dict(sample_mask=mask, policy_sample_token_logps=policy_tok,
                       ref_sample_token_logps=ref["token_logps"].to(policy_tok.dtype),
+                      old_sample_token_logps=old,
                       policy_sample_topk_logps=mask_support(policy_support, keep),
                       ref_sample_topk_logps=mask_support(ref_support.to(policy_support.dtype), keep))
         metrics.update(sample_entropy=float(entropy.sum() / mask.sum().clamp(min=1)),

@@ -15,6 +15,7 @@ from sparsepo.losses import (
     BASE_FIELDS,
     FLAG_FIELDS,
     METHODS,
+    SITUATIONAL_FIELDS,
     SUBSTITUTE_FIELDS,
     BCOParams,
     DPOParams,
@@ -261,7 +262,8 @@ def test_each_promised_field_is_read_and_its_absence_is_named(name):
 def test_flags_cover_every_optional_input_field():
     optional = {f.name for f in dataclasses.fields(LossInputs)} - set(BASE_FIELDS)
     promised = {name for names in FLAG_FIELDS.values() for name in names}
-    assert promised | set(SUBSTITUTE_FIELDS.values()) == optional and set(SUBSTITUTE_FIELDS) <= promised
+    assert promised | set(SUBSTITUTE_FIELDS.values()) | set(SITUATIONAL_FIELDS) == optional
+    assert set(SUBSTITUTE_FIELDS) <= promised and set(SITUATIONAL_FIELDS.values()) <= set(FLAG_FIELDS)
 
 
 def test_table_rows_are_as_designed():

@@ -1,13 +1,15 @@
 """SPO's KL estimators (sparsepo.losses.kl) against the dense full-vocabulary KL, and SPO's
 preference term at its limits. Pure tensor tests, float64."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from sparsepo.losses import LossInputs, SPOParams, spo_loss
-from sparsepo.losses.kl import EMPTY_BIN, k1, k3, mask_support, token_kl, topk_tail_kl, union_support
+from sparsepo.losses.kl import (EMPTY_BIN, importance_ratio, k1, k3, mask_support, token_kl, topk_tail_kl,
+                                union_support)
 
 pytestmark = pytest.mark.unit
 F64 = torch.float64
@@ -138,3 +140,66 @@ def test_kl_term_is_beta_times_estimate_on_every_pair(estimator):
     assert torch.allclose(out.losses - base.losses, 0.25 * kl.expand(2), atol=1e-12)
     assert out.metrics["kl_term"].item() == pytest.approx(0.25 * kl.item(), abs=1e-12)
     assert out.metrics["preference_loss"].item() == pytest.approx(base.losses.mean().item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("name,fn", [("k1", k1), ("k3", k3)])
+def test_stale_draws_weighted_by_the_ratio_are_unbiased(name, fn):
+    """y ~ π_old (not πθ): the plain mean of k(y) misses the dense KL(πθ‖πref); weighted by
+    ρ = πθ(y)/π_old(y) (`importance_ratio`, no cap reached) it is within 5 standard errors of it."""
+    p, q = dists(3, seed=5, sharp=1.0)
+    old = (0.5 * p + 0.5 * torch.randn(3, V, dtype=F64, generator=torch.Generator().manual_seed(8))).log_softmax(-1)
+    g = torch.Generator().manual_seed(12)
+    for row in range(3):
+        y = torch.multinomial(old[row].exp(), 200_000, replacement=True, generator=g)
+        rho = importance_ratio(p[row][y], old[row][y], float("inf"))
+        values = token_kl(name, policy_support_logps=p[None], ref_support_logps=q[None], policy_token_logps=p[row][y],
+                          ref_token_logps=q[row][y], ratio=rho)
+        stderr = values.std().item() / math.sqrt(len(y))
+        dense = dense_kl(p[row], q[row]).item()
+        assert abs(values.mean().item() - dense) < 5 * stderr, (name, row, stderr)
+        assert abs(fn(p[row][y], q[row][y]).mean().item() - dense) > 5 * stderr  # without the ratio: biased
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_ratio_weighted_score_function_gradient_is_exact_under_the_old_policy(estimator):
+    """Σ_y π_old(y)·∇[ρ(y)·surrogate(y)], summed exactly over the vocabulary, equals ∇KL(πθ ‖ πref)."""
+    logits = torch.randn(V, dtype=F64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    q = torch.randn(V, dtype=F64, generator=torch.Generator().manual_seed(3)).log_softmax(-1)
+    old = torch.randn(V, dtype=F64, generator=torch.Generator().manual_seed(4)).log_softmax(-1)
+    p = logits.log_softmax(-1)
+    per_token = token_kl(estimator, policy_support_logps=p[None], ref_support_logps=q[None], policy_token_logps=p,
+                         ref_token_logps=q, ratio=importance_ratio(p, old, float("inf")))
+    got = torch.autograd.grad((old.exp() * per_token).sum(), logits)[0]
+    want = torch.autograd.grad(dense_kl(logits.log_softmax(-1), q), logits)[0]
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+def _stale_inputs(old):
+    base = _spo_inputs([-3.0, -6.0], [-4.5, -4.5])
+    return dataclasses.replace(base, old_sample_token_logps=old)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_spo_weights_a_stale_round_by_the_capped_ratio(estimator):
+    """The policy's own log-probs as π_old give ratio 1: the loss of fresh samples bit for bit. π_old
+    log-probs lower by (log 2, log 8) give ratios (2, 8): the KL is Σ_t ρ_t·KL_t with ρ capped at is_clip=5
+    → (2, 5), one token of two capped; topk_tail ignores the ratio."""
+    fresh = _spo_inputs([-3.0, -6.0], [-4.5, -4.5])
+    pol = fresh.policy_sample_token_logps
+    params = SPOParams(beta=0.5, kl_estimator=estimator)
+    same = spo_loss(_stale_inputs(pol.clone()), params)
+    assert torch.equal(same.losses, spo_loss(fresh, params).losses)
+    assert same.metrics["sample_is_ratio"].item() == 1.0 and same.metrics["sample_is_clipped"].item() == 0.0
+    per_token = token_kl(estimator, policy_support_logps=fresh.policy_sample_topk_logps,
+                         ref_support_logps=fresh.ref_sample_topk_logps, policy_token_logps=pol,
+                         ref_token_logps=fresh.ref_sample_token_logps)
+    old = pol - torch.tensor([[math.log(2), math.log(8)]], dtype=F64)
+    out = spo_loss(_stale_inputs(old), params)
+    want = 2.0 * per_token[0, 0] + 5.0 * per_token[0, 1]
+    assert out.metrics["sample_kl"].item() == pytest.approx(want.item(), abs=1e-12)
+    assert out.metrics["sample_is_ratio"].item() == pytest.approx(5.0, abs=1e-12)  # mean of (2, 8) before the cap
+    assert out.metrics["sample_is_clipped"].item() == 0.5
+    tail = SPOParams(beta=0.5, kl_estimator="topk_tail")
+    assert torch.equal(spo_loss(_stale_inputs(old), tail).losses, spo_loss(fresh, tail).losses)
+    with pytest.raises(ValueError, match="is_clip must be >= 1"):
+        SPOParams(is_clip=0.5)

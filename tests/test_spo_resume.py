@@ -16,7 +16,7 @@ SPO = ("method.name=spo", "generation.max_new_tokens=8", "optim.lr=1e-2",
        "generation.staleness=1", "generation.every_steps=2", f"checkpoint.every_steps={HALF}")
 
 
-MODES = {"inline": (("reference.mode=inline",), 1),
+MODES = {"inline": (("reference.mode=inline", "method.kl_estimator=k3"), 1),  # k3: the π_old ratio resumes too
          # live: the save waits for the reference group's pending answers (collected in request order)
          "live": (("reference.mode=live", "topology.reference_ranks=1"), 2)}
 
@@ -34,12 +34,15 @@ def test_spo_with_staleness_resumes_exactly(tiny_world, tmp_path, mode):
     proc = run_training(tiny_world, part, *SPO, *extra, f"train.max_steps={STEPS}", resume="auto", nproc=nproc)
     assert f"continuing at step {HALF}" in proc.stdout + proc.stderr
     assert "SPO sample state restored" in proc.stdout + proc.stderr
-    for tag in ("loss", "sample_kl", "sample_length", "staleness"):
+    ratio = ("sample_is_ratio",) if "method.kl_estimator=k3" in extra else ()
+    for tag in ("loss", "sample_kl", "sample_length", "staleness", *ratio):
         want, got = read_scalars(full, f"train/{tag}"), read_scalars(part, f"train/{tag}")
         assert sorted(got) == sorted(want) == list(range(1, STEPS + 1)), tag
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), (tag, step, got, want)
     assert read_scalars(full, "train/sample_kl")[HALF + 1] > 1e-4  # the KL term sees the drifted policy
+    if ratio:  # stale rounds: the policy has moved since they were drawn
+        assert any(abs(v - 1.0) > 1e-4 for v in read_scalars(full, "train/sample_is_ratio").values())
 
 
 class InOrderSource:
@@ -100,6 +103,7 @@ def test_sample_state_round_trips_the_pending_rounds_in_request_order(tmp_path):
         for k in wf:
             assert torch.equal(wf[k], gf[k]), k
     assert other[0][1]["staleness"] == 0.0
+    assert all(f["old_sample_token_logps"] is not None for f, _ in want)  # π_old of each stale round, restored
     assert not torch.equal(other[0][0]["policy_sample_token_logps"], want[0][0]["policy_sample_token_logps"])
     wrong = make()
     wrong.grad_accum = 1

@@ -246,7 +246,6 @@ def validate(cfg: RunConfig, *, source: str = "<config>", sources: dict[str, str
     key was set (the file, or the command-line override), so a one-key refusal names its origin."""
     from sparsepo.losses import get_method
     from sparsepo.losses.fpo import mode_problem as fpo_mode_problem
-    from sparsepo.losses.spo import stale_sample_problem
     from sparsepo.follow import sync_problem
 
     def at(key: str) -> str:
@@ -304,9 +303,6 @@ def validate(cfg: RunConfig, *, source: str = "<config>", sources: dict[str, str
                           f"train.max_steps={t.max_steps}: every step would regularise on the samples of step 0. "
                           f"Lower the staleness (0 = synchronous) or train longer.")
     if spec.needs_policy_samples and (problem := check_generation(cfg.generation)):
-        raise ConfigError(f"{problem} ({source})")
-    if spec.needs_policy_samples and (problem := stale_sample_problem(
-            cfg.method.params, staleness=cfg.generation.staleness, every_steps=cfg.generation.every_steps)):
         raise ConfigError(f"{problem} ({source})")
     if problem := sync_problem(cfg, spec):
         raise ConfigError(f"{problem} ({source})")

@@ -58,12 +58,13 @@ from sparsepo.losses.pairwise import (
 from sparsepo.losses.sepo import SePOParams, sepo_loss, sepo_selection
 from sparsepo.losses.simpo import SimPOParams, simpo_loss
 from sparsepo.losses.spo import SPOParams, spo_loss
-from sparsepo.losses.table import BASE_FIELDS, FLAG_FIELDS, METHODS, SUBSTITUTE_FIELDS, MethodSpec, combined_method, get_method
+from sparsepo.losses.table import (BASE_FIELDS, FLAG_FIELDS, METHODS, SITUATIONAL_FIELDS, SUBSTITUTE_FIELDS, MethodSpec,
+                                   combined_method, get_method)
 from sparsepo.losses.tdpo import TDPOParams, tdpo1_loss, tdpo2_loss
 from sparsepo.losses.types import LossInputs, LossOutput
 
 __all__ = [
-    "BASE_FIELDS", "FLAG_FIELDS", "SUBSTITUTE_FIELDS", "METHODS", "MethodSpec", "get_method", "combined_method",
+    "BASE_FIELDS", "FLAG_FIELDS", "SITUATIONAL_FIELDS", "SUBSTITUTE_FIELDS", "METHODS", "MethodSpec", "get_method", "combined_method",
     "LossInputs", "LossOutput",
     "DPOParams", "dpo_loss", "IPOParams", "ipo_loss", "SimPOParams", "simpo_loss",
     "TDPOParams", "tdpo1_loss", "tdpo2_loss", "FPOParams", "fpo_loss",

@@ -14,10 +14,18 @@ whole output distribution is E_{y~πθ} Σ_t KL_t. Three ways to estimate KL_t, 
 - "k3": (r − 1) − log r with r = πref(y_t|h)/πθ(y_t|h) (Schulman 2020); unbiased when y_t ~ πθ(·|h),
   ≥ 0 per token, lower variance than k1 when the two are close.
 
-k1 and k3 are unbiased only on fresh samples: a round drawn by an older policy π_old (SPO with
-`generation.staleness` ≥ 1 or `every_steps` > 1) would need the ratio πθ(y_t)/π_old(y_t) in the value
-and the gradient; SPO refuses that combination (`spo.stale_sample_problem`). topk_tail needs no sampled
-token and stays KL_t at each visited prefix.
+k1 and k3 are unbiased as they stand only on fresh samples. On a round drawn by an older policy π_old
+(SPO with `generation.staleness` ≥ 1 or `every_steps` > 1) y_t ~ π_old(·|h), and `token_kl` weights
+each token's estimate (value and score-function term alike) by the importance ratio
+ρ_t = πθ(y_t|h)/π_old(y_t|h), detached and capped at `is_clip`:
+E_{y_t~π_old}[ρ_t·(v + sg(v)·(lp − sg(lp)))] = E_{y_t~πθ}[…], so value and gradient are those of fresh
+samples at each visited prefix, exactly when no ratio exceeds the cap (a capped token is under-weighted:
+a bias towards 0 traded for bounded variance, the truncated importance sampling of Ionides 2008). The
+ratio is per token, not per sequence: KL_t is a conditional expectation at a fixed prefix, so the token's
+own ratio is the exact correction, and the product over a sequence's tokens (which would also reweight
+the prefixes) has variance exponential in its length. The prefixes still come from π_old (as for
+topk_tail, which needs no sampled token and stays KL_t at each visited prefix): a bias of the order
+of the policy's drift over the staleness, not corrected.
 
 Gradients. For topk_tail, autograd at the fixed prefix is ∇KL_t exactly (up to the coarsening).
 For the sampled estimators the value depends on which token was drawn, so plain autograd is not
@@ -91,12 +99,20 @@ def with_score_function(value: Tensor, policy_token_logps: Tensor) -> Tensor:
     return value + value.detach() * (lp - lp.detach())
 
 
+def importance_ratio(policy_token_logps: Tensor, old_token_logps: Tensor, clip: float) -> Tensor:
+    """ρ_t = πθ(y_t)/π_old(y_t), detached, capped at `clip`: (…), (…) -> (…)."""
+    return (policy_token_logps.detach() - old_token_logps.to(policy_token_logps.dtype)).exp().clamp(max=clip)
+
+
 def token_kl(estimator: str, *, policy_support_logps: Tensor, ref_support_logps: Tensor,
-             policy_token_logps: Tensor, ref_token_logps: Tensor, gradient: str = "score_function") -> Tensor:
+             policy_token_logps: Tensor, ref_token_logps: Tensor, gradient: str = "score_function",
+             ratio: Tensor | None = None) -> Tensor:
     """The per-token KL_t estimate (S,T') by `estimator`, with the gradient `gradient` asks for.
 
     policy_/ref_support_logps (S,T',K): both sides' log-probs at the same support ids (slots that do
-    not count hold `EMPTY_BIN` on both sides); policy_/ref_token_logps (S,T'): at the sampled token."""
+    not count hold `EMPTY_BIN` on both sides); policy_/ref_token_logps (S,T'): at the sampled token.
+    `ratio` (S,T'): k1/k3 on a stale round, the detached importance ratio (`importance_ratio`) that
+    weights each token's estimate; None on fresh samples (and ignored by topk_tail)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"token_kl: estimator must be one of {', '.join(ESTIMATORS)} (got {estimator!r})")
     if gradient not in GRADIENTS:
@@ -106,4 +122,5 @@ def token_kl(estimator: str, *, policy_support_logps: Tensor, ref_support_logps:
     lp = _upcast(policy_token_logps)
     ref = ref_token_logps.to(lp.dtype)
     value = k1(lp, ref) if estimator == "k1" else k3(lp, ref)
-    return with_score_function(value, lp) if gradient == "score_function" else value
+    value = with_score_function(value, lp) if gradient == "score_function" else value
+    return value if ratio is None else ratio.to(value.dtype) * value

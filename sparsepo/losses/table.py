@@ -72,6 +72,9 @@ FLAG_FIELDS: dict[str, tuple[str, ...]] = {
 }
 """The optional LossInputs fields each flag promises. A loss reads every field its flags promise and
 no optional field they do not (tests/test_losses.py checks both directions)."""
+SITUATIONAL_FIELDS: dict[str, str] = {"old_sample_token_logps": "needs_policy_samples"}
+"""Fields a flag's loss reads when they are given and does without when they are None: SPO's π_old
+log-probs exist only for a stale sample round (generation.staleness ≥ 1 or every_steps > 1)."""
 SUBSTITUTE_FIELDS: dict[str, str] = {"chosen_oracle_scores": "chosen_oracle_selection",
                                      "rejected_oracle_scores": "rejected_oracle_selection"}
 """Promised fields that another field may stand in for: live mode hands SePO the oracle's selection

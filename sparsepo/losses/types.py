@@ -85,6 +85,9 @@ class LossInputs:
     """(S,T') the reference's log-prob of each sampled token (k1/k3)."""
     policy_sample_token_logps: Tensor | None = None
     """(S,T') the policy's log-prob of each sampled token."""
+    old_sample_token_logps: Tensor | None = None
+    """(S,T') the log-prob of each sampled token under the policy that drew it (π_old), when the round is
+    stale (generation.staleness ≥ 1 or every_steps > 1); None: fresh samples. k1/k3 weight by πθ/π_old."""
 
     def require(self, method: str, *names: str) -> tuple[Tensor, ...]:
         """The named fields, or a ValueError naming the first missing one and the method that needs it."""
