@@ -45,7 +45,7 @@ def run(name, params, fields, **override):
 
 
 def test_which_rows_take_which_knob():
-    """The table in the README's "DPO's knobs": an accidental mixin (or a lost one) fails here."""
+    """The table in docs/methods.md, "DPO's knobs": an accidental mixin (or a lost one) fails here."""
     for name, spec in METHODS.items():
         params = spec.params_cls()
         taken = {key for key, mixin in MIXIN.items() if isinstance(params, mixin)}

@@ -1,4 +1,5 @@
-"""Every `--config my_run.yaml` / `run.yaml` command (and sbatch line) in the README's code blocks resolves to a valid
+"""Every `--config my_run.yaml` / `run.yaml` command (and sbatch line) in the README's code blocks (and in
+the docs pages moved out of it) resolves to a valid
 config with the README's own my_run.yaml (`load_config`, the check every launch starts with): the
 README's SePO line used to be refused (`unknown key 'method.beta'`). Training itself is covered
 elsewhere; this catches a README command that cannot start as written."""
@@ -12,11 +13,14 @@ import yaml
 
 from sparsepo.config import load_config
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+GUIDES = (README, ROOT / "docs" / "methods.md", ROOT / "docs" / "families.md", ROOT / "docs" / "memory.md",
+          ROOT / "docs" / "lora.md")  # the README and the reference pages moved out of it
 
 
 def blocks(kind: str) -> list[str]:
-    return re.findall(rf"```{kind}\n(.*?)```", README.read_text(), flags=re.S)
+    return [b for page in GUIDES for b in re.findall(rf"```{kind}\n(.*?)```", page.read_text(), flags=re.S)]
 
 
 def config_commands() -> list[str]:

@@ -78,7 +78,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class MethodConfig:
     name: str | list[str] = "dpo"
-    """A row of the loss table (`sparsepo.losses.METHODS`; README "Methods"), or a list of rows whose
+    """A row of the loss table (`sparsepo.losses.METHODS`; docs/methods.md), or a list of rows whose
     losses are summed with `method.weights` (e.g. [dpo, sft] with weights [1.0, 0.1])."""
     params: Any = None
     """That method's hyper-parameter dataclass (filled from the YAML keys beside `name`)."""
