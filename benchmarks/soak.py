@@ -42,7 +42,8 @@ from sparsepo.cli import train_command  # noqa: E402
 STEPS, EVERY = 24, 4
 COMMON = ["method.name=dpo", "optim.schedule=constant", "optim.warmup_steps=3", "optim.lr=1e-3",
           f"checkpoint.every_steps={EVERY}", f"train.max_steps={STEPS}", "train.micro_batch_size=2",
-          "checkpoint.keep_last=2", "reference.timeout_s=20", "logging.log_every=1", "logging.progress=false"]
+          "checkpoint.keep_last=2", "reference.timeout_s=20", "train.peer_timeout_s=20", "logging.log_every=1",
+          "logging.progress=false"]
 MODES = {"cache": ([], 2, 0), "live": (["reference.mode=live", "topology.reference_ranks=1"], 3, 1)}
 MOMENTS = ("random", "shard_write", "end")
 
