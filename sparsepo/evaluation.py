@@ -1,7 +1,7 @@
 """Evaluation during training: held-out pairs (`eval.path`, `eval.split` of data.path, or `eval.fraction`
 of the training data) scored by the policy as it is at that step, with the training loss (`pair_loss.forward_loss`)
 and the reference outputs of the run's own source kind (cache: an eval cache beside the training
-one; inline: the same scorer). Metrics under TRL's names with `eval/` in front: `eval/loss`,
+one; inline: the same scorer; live: the same eval cache, written by the reference group first). Metrics under TRL's names with `eval/` in front: `eval/loss`,
 `eval/rewards/{chosen,rejected,accuracies,margins}`, `eval/logps/{chosen,rejected}`, each the mean
 over every eval pair (not a mean of batch means), at `eval.every_steps` and after the last step.
 

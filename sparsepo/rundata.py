@@ -88,14 +88,21 @@ def load_run_data(cfg: RunConfig, ctx: DistContext) -> RunData:
         dist.barrier()
     dataset, report = pdata.load_preference_dataset(cfg.data, tokenizer, run_dir=run_dir if ctx.is_main else None,
                                                     pair_filter=pair_filter_for(cfg))
-    held = load_eval_pairs(cfg, tokenizer) if cfg.eval.path or cfg.eval.split else None
+    dataset, held = with_eval_pairs(cfg, tokenizer, dataset)
     if ctx.is_main:
         dist.barrier()
-    if cfg.eval.fraction:  # every role splits alike: the training fingerprint (cache key) is the split's
-        dataset, held = pdata.holdout_split(dataset, cfg.eval.fraction, cfg.train.seed)
     return RunData(run_dir, tokenizer, dataset, report, with_prompts(cfg, pdata.dataset_fingerprint(dataset)),
                    length=batch_length(cfg, announce=ctx.is_main), eval_dataset=held,
                    eval_fingerprint=None if held is None else pdata.dataset_fingerprint(held))
+
+
+def with_eval_pairs(cfg: RunConfig, tokenizer, dataset):
+    """(training pairs, held-out pairs or None): eval.path / eval.split read like data.path, or
+    eval.fraction held out of `dataset` with train.seed. Every role calls it alike (the live reference
+    group too), so the training fingerprint (the cache key) is the split's on both sides."""
+    if cfg.eval.fraction:
+        return pdata.holdout_split(dataset, cfg.eval.fraction, cfg.train.seed)
+    return dataset, (load_eval_pairs(cfg, tokenizer) if cfg.eval.path or cfg.eval.split else None)
 
 
 def load_eval_pairs(cfg: RunConfig, tokenizer):

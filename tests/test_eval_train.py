@@ -84,3 +84,20 @@ def test_eval_at_every_steps_and_the_end_equals_dpo_by_hand_on_the_held_out_pair
     assert final["rewards/accuracies"] == pytest.approx(sum(acc) / 16)
     assert final["logps/chosen"] == pytest.approx(sum(chosen) / 16, abs=1e-3)
     assert read_scalars(eval_run, "eval/loss")[2] != pytest.approx(final["loss"], abs=1e-7)  # the model moved
+
+
+@pytest.mark.distributed
+def test_live_mode_eval_equals_cache_mode_eval(eval_run, tiny_world, tmp_path):
+    """The same run with a live reference group (2 policy ranks + 1 reference rank): the group scores
+    the held-out pairs into the eval cache before the first step, and every eval metric equals the
+    cache-mode run's; the training curve too (eval.fraction splits the group's data alike)."""
+    run = tmp_path / "live"
+    run_training(tiny_world, run, "method.name=dpo", "method.beta=0.5", "train.micro_batch_size=2",
+                 f"train.max_steps={STEPS}", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
+                 "model.logits_chunk=0", "eval.fraction=0.25", "eval.every_steps=2", "eval.batch_size=6",
+                 "reference.mode=live", "topology.reference_ranks=1", nproc=3)
+    assert (run / "ref_cache_eval" / "index.json").is_file()
+    for tag in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen", "train/loss"):
+        want, got = read_scalars(eval_run, tag), read_scalars(run, tag)
+        assert sorted(got) == sorted(want), tag
+        assert all(got[s] == pytest.approx(want[s], abs=1e-5) for s in want), (tag, got, want)

@@ -76,7 +76,6 @@ def test_holdout_split_is_disjoint_seeded_and_keyed_apart():
     (["eval.fraction=1.0"], "must be in [0, 1)"),
     (["eval.every_steps=5"], "no eval pairs"),
     (["eval.fraction=0.1", "eval.batch_size=0"], "eval.batch_size=0"),
-    (["eval.fraction=0.1", "reference.mode=live", "topology.reference_ranks=1"], "reference.mode=live"),
     (["eval.fraction=0.1", "method.name=spo", "reference.mode=inline"], "method 'spo'"),
 ])
 def test_eval_section_refusals_name_the_keys(overrides, needle):

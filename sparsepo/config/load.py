@@ -347,10 +347,6 @@ def check_trl_options(cfg: RunConfig, spec, source: str) -> None:
             raise ConfigError(f"eval.every_steps={e.every_steps} but no eval pairs ({source}): set eval.path, "
                               f"eval.split or eval.fraction")
         return
-    if cfg.reference.mode == "live":
-        raise ConfigError(f"evaluation ({given[0]}) is not served in reference.mode=live "
-                          f"({source}): the reference group walks the training schedule only. Evaluate with "
-                          f"reference.mode=cache or inline, or unset {given[0]}")
     if spec.needs_policy_samples:
         raise ConfigError(f"method '{spec.name}' ({source}) has a KL term on samples the policy draws while "
                           f"training, which held-out pairs do not define; unset {given[0]}")

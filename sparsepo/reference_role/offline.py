@@ -22,6 +22,29 @@ def cache_dir(cfg) -> Path:
     return Path(cfg.reference.cache_dir or Path(cfg.logging.output_dir) / "ref_cache")
 
 
+def eval_cache_cfg(cfg):
+    """`cfg` with the eval pairs' cache directory (`<cache dir>_eval`, beside the training one) in place of
+    the training one: cache mode fills it on the policy ranks, live mode in the reference group."""
+    from dataclasses import replace
+
+    directory = cache_dir(cfg)
+    return replace(cfg, reference=replace(cfg.reference, cache_dir=str(directory.with_name(directory.name + "_eval"))))
+
+
+def wait_for_cache(directory: Path, expected: dict, *, timeout_s: float, progress: bool = False) -> CacheReader:
+    """Open a cache another role is writing (live mode's eval cache, written by the reference group before
+    it serves the first step) once its index exists; collective like `open_cache`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (directory / INDEX).is_file():
+        if time.monotonic() > deadline:
+            raise CacheError(f"{directory}: the reference group wrote no eval cache within reference.timeout_s="
+                             f"{timeout_s:g}s (the eval pairs are scored before the first training step)")
+        time.sleep(0.2)
+    return open_cache(directory, expected, progress=progress)
+
+
 def cache_settings(cfg, outputs: tuple[str, ...], features=None) -> dict:
     """Every option that changes the cached numbers (data/tokenisation settings are in the data part)."""
     settings = {"outputs": list(outputs), "precision": cfg.train.precision}

@@ -36,7 +36,7 @@ from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.padding import batch_length
 from sparsepo.reference_role import offline
-from sparsepo.rundata import load_run_tokenizer, model_fingerprint
+from sparsepo.rundata import load_run_tokenizer, model_fingerprint, with_eval_pairs
 from sparsepo.reference.cache import INDEX, write_index, write_shard
 from sparsepo.reference_role.scorers import scorer_for
 from sparsepo.schedule import Schedule
@@ -143,6 +143,7 @@ def serve(cfg, plan, bridge) -> None:
     check_handshake(hs, cfg, outputs)
     tokenizer = load_run_tokenizer(cfg)  # the policy's rule: both roles must tokenise the pairs alike
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
+    dataset, held = with_eval_pairs(cfg, tokenizer, dataset)  # eval.fraction: the policy's training split
     length = batch_length(cfg)  # the policy's own padding (sparsepo.padding)
     features = uses_features(outputs)
     samples = get_method(cfg.method.name).needs_policy_samples
@@ -170,6 +171,8 @@ def serve(cfg, plan, bridge) -> None:
         _serve_samples(cfg, bridge, topo, role, scorer, schedule, hs, sample_outputs)
         br.broadcast(bridge, br.Finish(pairs_scored=0, cache_indexed=False), src=topo.reference_ranks()[0])
         return
+    if held is not None:
+        write_eval_cache(cfg, held, scorer, outputs, role, tokenizer.pad_token_id, length)
     for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
         reuse = cache is not None or all(i in seen for slot in round_slots for i in slot.rows)
         seen.update(i for slot in round_slots for i in slot.rows)
@@ -192,6 +195,29 @@ def serve(cfg, plan, bridge) -> None:
     indexed = _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)
     br.broadcast(bridge, br.Finish(pairs_scored=len(seen), cache_indexed=bool(indexed or cache)),
                  src=topo.reference_ranks()[0])
+
+
+def write_eval_cache(cfg, held, scorer, outputs: tuple[str, ...], role, pad_id: int, length) -> None:
+    """Live evaluation: score the held-out pairs once, before the first training round, into the eval
+    cache the policy waits for (`sources.open_eval_source`), keyed as cache mode keys it. Every replica
+    runs the same batches (the pipelines move in lockstep); replica 0's last stage writes the shard and
+    the index (last). An existing eval cache is left to the policy's check."""
+    eval_cfg = offline.eval_cache_cfg(cfg)
+    directory = offline.cache_dir(eval_cfg)
+    expected = cache_components(eval_cfg, scorer, pdata.dataset_fingerprint(held), outputs)
+    if (directory / INDEX).is_file():
+        return
+    records, ids, size = [], [], cfg.eval.batch_size
+    for start in range(0, len(held), size):
+        batch = pdata.collate_pairs(pdata.gather_rows(held, list(range(start, min(start + size, len(held))))),
+                                    pad_id, length=length)
+        out = scorer.score(batch)
+        if role.is_last_stage:
+            records += out.to_records(batch.response_mask)
+            ids += list(batch.example_ids)
+    if role.is_last_stage and role.replica == 0:
+        write_index(directory, expected, [write_shard(directory, 0, ids, records)])
+        log.info("reference group: %d eval pairs scored into %s", len(ids), directory)
 
 
 def sample_fields(cfg) -> tuple[str, ...]:

@@ -238,19 +238,19 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
 def open_eval_source(cfg, spec, train_source, *, ctx, dataset, collate, data_fingerprint: str, features=None):
     """The reference outputs for the held-out pairs, from the training source's kind: the same object
     when it scores any batch (inline, none); in cache mode an eval cache beside the training one
-    (`<cache dir>_eval`, keyed by the eval pairs' fingerprint, computed when missing). Live mode is
-    refused by the config check (`config.load.check_eval`)."""
-    from dataclasses import replace
-
+    (`<cache dir>_eval`, keyed by the eval pairs' fingerprint, computed when missing); in live mode the
+    same eval cache, written by the reference group before it serves the first step
+    (`server.write_eval_cache`), waited for here."""
     from sparsepo.reference_role import offline
 
-    if isinstance(train_source, LiveSource):
-        raise ValueError("evaluation is not served in reference.mode=live (the reference group walks the training "
-                         "schedule only): use reference.mode=cache or inline")
-    if not isinstance(train_source, CacheSource):
+    if not isinstance(train_source, (CacheSource, LiveSource)):
         return train_source
-    directory = offline.cache_dir(cfg)
-    eval_cfg = replace(cfg, reference=replace(cfg.reference, cache_dir=str(directory.with_name(directory.name + "_eval"))))
-    reader = offline.ensure_cache(eval_cfg, spec.reference_outputs, dataset, collate, data_fingerprint=data_fingerprint,
-                                  ctx=ctx, features=features)
+    eval_cfg = offline.eval_cache_cfg(cfg)
+    if isinstance(train_source, LiveSource):
+        expected = offline.components(eval_cfg, data_fingerprint, spec.reference_outputs, features)
+        reader = offline.wait_for_cache(offline.cache_dir(eval_cfg), expected, timeout_s=cfg.reference.timeout_s,
+                                        progress=cfg.logging.progress)
+    else:
+        reader = offline.ensure_cache(eval_cfg, spec.reference_outputs, dataset, collate,
+                                      data_fingerprint=data_fingerprint, ctx=ctx, features=features)
     return CacheSource(reader, spec.reference_outputs, ctx.device)
