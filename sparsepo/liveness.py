@@ -130,7 +130,7 @@ class Watchdog:
         return None
 
     def _store_lost(self, e: Exception) -> str:
-        self.store_lost = self.store_lost or (f"lost {self.names(0)}, which hosts the bridge store "
+        self.store_lost = self.store_lost or (f"lost {self.names(0)}, which hosts the store the job meets on "
                                               f"({type(e).__name__}: {str(e)[:200]}): stopped, hung or dead")
         return self.store_lost
 
