@@ -83,8 +83,10 @@ def parse_specs(a) -> dict[str, tuple[str, list[str]]]:
             for b in [x for x in a.dpo_betas.split(",") if x]:
                 specs[f"dpo β={b}"] = ("dpo", [f"method.beta={b}"])
         elif m == "spo" and a.spo_alphas:
-            for x in [x for x in a.spo_alphas.split(",") if x]:
-                specs[f"spo α={x}"] = ("spo", [f"method.alpha={x}"])
+            for x in [x for x in a.spo_alphas.split(",") if x]:  # "α" or "α:β" (β: the KL weight)
+                alpha, _, beta = x.partition(":")
+                specs[f"spo α={alpha}" + (f" β={beta}" if beta else "")] = (
+                    "spo", [f"method.alpha={alpha}"] + ([f"method.beta={beta}"] if beta else []))
         else:
             specs[m] = (m, [])
     return specs
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="dpo,simpo,sepo,spo")
     p.add_argument("--dpo-betas", default="0.05,0.1,0.3")
-    p.add_argument("--spo-alphas", default="", help="SPO's α sweep, e.g. 0.5,1,2,4 (default: one row at α=1)")
+    p.add_argument("--spo-alphas", default="", help="SPO's α sweep, e.g. 0.5,1,2,4, each optionally α:β with its KL weight "
+                   "(0.5:0.3; default β 0.1); default: one row at α=1")
     p.add_argument("--eval-samples", type=int, default=1, help="samples per held-out prompt")
     p.add_argument("--sae-steps", type=int, default=300, help="FPO's SAE training steps (only with fpo)")
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks_quality.md"))

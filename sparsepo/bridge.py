@@ -8,8 +8,10 @@ separate from the roles' own DeepSpeed worlds. It carries:
   **finish** (`Finish`, broadcast by the first reference rank after its write-through);
 * **messages** (`Message`) in either direction: `OUTPUTS` (reference -> policy, the reference
   outputs of one scheduled micro-batch) and `REQUEST` (policy -> reference: records to score on
-  request, e.g. SPO's policy samples). Every message carries its kind, its sequence number and its
-  example ids; the receiver checks all three.
+  request, e.g. SPO's policy samples); for TR-DPO, `MANIFEST` (reference -> policy: the parameters a
+  stage holds) and `WEIGHTS` (policy -> reference: one parameter of the moved reference, its name in
+  place of the example ids). Every message carries its kind, its sequence number and its example ids;
+  the receiver checks all three.
 
 Window and back-pressure: an `Inbox` thread receives one peer's messages into a bounded queue (W);
 when it is full it stops receiving, so the sender's `Outbox` (at most W sends in flight per
@@ -38,8 +40,8 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("sparsepo")
-OUTPUTS, REQUEST = 1, 2
-KINDS = {OUTPUTS: "outputs", REQUEST: "request"}
+OUTPUTS, REQUEST, MANIFEST, WEIGHTS = 1, 2, 3, 4
+KINDS = {OUTPUTS: "outputs", REQUEST: "request", MANIFEST: "manifest", WEIGHTS: "weights"}
 
 
 class BridgeError(RuntimeError):

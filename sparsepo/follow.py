@@ -6,10 +6,12 @@ for Real Good Alignment", arXiv 2404.09656, §3): every τ = `reference.sync_ste
 
 TRL's `sync_ref_model` with `ref_model_mixup_alpha` / `ref_model_sync_steps` (its defaults 0.6 / 512;
 here off unless `reference.sync_alpha` is set). Inline mode updates the frozen copy on each policy rank
-from the policy's parameters, gathered one at a time under ZeRO-3 (`PolicyEngine.mix_into`); a cache
-cannot serve a moving reference and the live group does not receive the policy's weights (yet), so
-both are refused (`sync_problem`). The reference's weights go into each checkpoint (`reference-rank{r}.pt`)
-so that a resume continues from the reference the run had, not from the initial one.
+from the policy's parameters, gathered one at a time under ZeRO-3 (`PolicyEngine.mix_into`). Live mode
+(`sparsepo.reference_role.follow_live`) keeps the moving reference on the policy ranks, each rank a
+1/P slice, mixes it there and streams each mixed parameter to the stages that hold it. A cache cannot
+serve a moving reference and is refused (`sync_problem`). The reference's weights (inline) or this
+rank's slice of them (live) go into each checkpoint (`reference-rank{r}.pt`) so that a resume
+continues from the reference the run had, not from the initial one.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ def sync_problem(cfg, spec) -> str | None:
     if r.mode in ("cache", "precompute"):
         return (f"reference.sync_alpha (TR-DPO) moves the reference during training, and a reference.mode={r.mode} "
                 f"cache holds one fixed reference's outputs: use reference.mode=inline, or reference.sync_alpha=null")
-    if r.mode == "live":
-        return ("reference.sync_alpha (TR-DPO) needs the reference to receive the policy's weights; the live group "
-                "does not (streaming them over the bridge is not built): use reference.mode=inline")
+    if r.mode == "live" and spec.needs_policy_samples:
+        return (f"reference.sync_alpha (TR-DPO) with a live group serves pair batches only; method '{spec.name}' "
+                f"sends its samples as requests, which the group does not yet interleave with the policy's "
+                f"weights: use reference.mode=inline")
+    if r.mode == "live" and (cfg.eval.path or cfg.eval.split or cfg.eval.fraction):
+        return ("reference.sync_alpha (TR-DPO) with a live group: the group scores the held-out pairs once, "
+                "against the starting reference, so the eval metrics would not use the reference the run has "
+                "moved to: evaluate in reference.mode=inline, or unset eval.path / eval.split / eval.fraction")
     if spec.needs_oracle_scores or not (spec.reference_outputs or spec.needs_policy_samples):
         return (f"reference.sync_alpha (TR-DPO) updates the reference model, and method '{spec.name}' reads "
                 f"{'an oracle pair, not the reference' if spec.needs_oracle_scores else 'no reference'}: "

@@ -201,8 +201,8 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
         if log_step:
             run.metrics.log(step + 1, logged)
             last = logged
-        if follow.due(cfg, step + 1):  # TR-DPO: the reference follows the policy (inline; collective)
-            run.source.follow(run.policy, cfg.reference.sync_alpha)
+        if follow.due(cfg, step + 1):  # TR-DPO: the reference follows the policy (collective)
+            run.source.follow(run.policy, cfg.reference.sync_alpha, step + 1)
         if run.evaluator is not None and run.evaluator.due(step + 1, run.total):
             evals = run_eval(run, step + 1)
         if saving:
@@ -235,7 +235,7 @@ def rank_state(run: Run) -> dict:
     """What each rank adds to a checkpoint besides DeepSpeed's: SPO's sample rounds, TR-DPO's moved reference."""
     state = {} if run.samples is None else {"samples": run.samples.state_dict()}
     if run.cfg.reference.sync_alpha is not None:
-        state["reference"] = run.source.model.state_dict()
+        state["reference"] = run.source.follow_state()
     return state
 
 
@@ -247,7 +247,7 @@ def restore_reference(source, resume, ctx) -> None:
         raise ckpt.CheckpointError(f"checkpoint {resume} holds no TR-DPO reference for this rank "
                                    f"(reference-rank{ctx.rank}.pt; another world size or an older sparsepo): "
                                    f"resume on its world size, or start a new run")
-    source.model.load_state_dict(state)
+    source.load_follow_state(state)
 
 
 def window_means(run: Run, window: MetricWindow, step: int, lr: float) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """TR-DPO (issue 24): a reference that follows the policy, `reference.sync_alpha` / `sync_steps`, in
-inline mode; the modes and methods that cannot serve a moving reference refuse it.
+inline mode (live mode: tests/test_tr_dpo_live.py); the modes and methods that cannot serve a moving
+reference refuse it.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_tr_dpo.py
 
@@ -47,11 +48,15 @@ def test_the_schedule_and_the_refusals():
     cfg = load_config(None, [*INLINE, "reference.sync_alpha=0.6", "reference.sync_steps=3"])
     assert [s for s in range(1, 10) if due(cfg, s)] == [3, 6, 9]
     assert not any(due(load_config(None, list(INLINE)), s) for s in range(1, 10))
-    for mode, word in (("cache", "cache holds one fixed reference"), ("precompute", "cache holds one fixed"),
-                       ("live", "live group")):
-        extra = ["topology.reference_ranks=1", "topology.pipeline_stages=1"] if mode == "live" else []
+    for mode, word in (("cache", "cache holds one fixed reference"), ("precompute", "cache holds one fixed")):
         with pytest.raises(ConfigError, match=word):
-            load_config(None, ["method.name=dpo", f"reference.mode={mode}", "reference.sync_alpha=0.5", *extra])
+            load_config(None, ["method.name=dpo", f"reference.mode={mode}", "reference.sync_alpha=0.5"])
+    live = ["reference.mode=live", "reference.sync_alpha=0.5", "topology.reference_ranks=1"]
+    load_config(None, ["method.name=dpo", *live])  # the group follows the policy (test_tr_dpo_live.py)
+    with pytest.raises(ConfigError, match="scores the held-out pairs once, against the starting reference"):
+        load_config(None, ["method.name=dpo", *live, "eval.fraction=0.1"])
+    with pytest.raises(ConfigError, match="method 'spo' sends its samples as requests"):
+        load_config(None, ["method.name=spo", *live])
     with pytest.raises(ConfigError, match=r"sync_alpha=1\.5 must be in \(0, 1\]"):
         load_config(None, [*INLINE, "reference.sync_alpha=1.5"])
     with pytest.raises(ConfigError, match="sync_steps=0 must be"):

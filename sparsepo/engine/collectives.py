@@ -83,3 +83,15 @@ def gather(value: Any) -> list[Any]:
 def barrier() -> None:
     if is_multi():
         dist.barrier()
+
+
+def gather_tensors(tensor, *, dst: int = 0):
+    """Every rank's `tensor` (the same shape and dtype everywhere) on rank `dst`, in rank order; None
+    on the others ([tensor] in a single process)."""
+    if not is_multi():
+        return [tensor]
+    import torch
+
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == dst else None
+    dist.gather(tensor, out, dst=dst)
+    return out

@@ -251,6 +251,12 @@ class PipelineScorer:
         return list(self.engine.sparsepo_parts)
 
     @property
+    def stage_block(self) -> StageBlock:
+        """This rank's stage (its `named_reference`: the parameters by the model's names)."""
+        (block,) = [m for m in self.engine.module.modules() if isinstance(m, StageBlock)]
+        return block
+
+    @property
     def needs_batch(self) -> bool:
         return self.is_first_stage or self.is_last_stage
 

@@ -200,24 +200,42 @@ class PolicyEngine:
             module.train(was_training)
 
     # --- TR-DPO: a reference that follows the policy ---
+    def gathered_parameters(self):
+        """(name, full tensor) for every parameter, in `named_parameters` order (tied ones once), each
+        gathered on its own under ZeRO-3, so at most one full parameter is held beyond the shards.
+        Collective under ZeRO-3: every rank must walk the whole generator."""
+        zero3 = self._engine.zero_optimization_partition_weights()
+        for name, p in self.module.named_parameters():
+            if not zero3:
+                yield name, p.data
+                continue
+            with deepspeed.zero.GatheredParameters([p]):
+                yield name, p.data
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> full shape of every parameter (tied ones once), without gathering anything."""
+        return {name: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+                for name, p in self.module.named_parameters()}
+
+    def tied_names(self) -> dict[str, str]:
+        """name -> the name `named_parameters` reports it under, for every parameter that is another's
+        alias (a tied head: lm_head.weight -> model.embed_tokens.weight)."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                aliases[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+        return aliases
+
     @torch.no_grad()
     def mix_into(self, target: torch.nn.Module, alpha: float) -> int:
         """target ← α·policy + (1 − α)·target, parameter by parameter (`reference.follow.mix_named`).
-        Collective under ZeRO-3 (every rank must call it): each parameter is gathered on its own, so at
-        most one full parameter is held beyond the shards. Returns the number of parameters mixed."""
+        Collective under ZeRO-3 (every rank must call it). Returns the number of parameters mixed."""
         from sparsepo.follow import mix_named
 
-        zero3 = self._engine.zero_optimization_partition_weights()
-
-        def gathered():
-            for name, p in self.module.named_parameters():
-                if not zero3:
-                    yield name, p.data
-                    continue
-                with deepspeed.zero.GatheredParameters([p]):
-                    yield name, p.data
-
-        return mix_named(target, gathered(), alpha)
+        return mix_named(target, self.gathered_parameters(), alpha)
 
     @contextmanager
     def _zero3_hooks_lifted(self):

@@ -237,4 +237,22 @@ class StageLoader:
         block = StageBlock(make_items(source, config, lo, hi, rotary, feature_layer, chunk), first_item=lo)
         block.eval()
         block.requires_grad_(False)
+        block.named_reference = _named(source)  # TR-DPO: what the stage receives, by the model's own names
         return block
+
+    def named_tensors(self):
+        """(model name, tensor) of every parameter, one pipeline item at a time (a tied head's weight
+        under its own name too): the reference's starting weights without building the whole model
+        where the checkpoint allows it."""
+        for i in range(self.num_items):
+            source, cause = self._load_items(i, i + 1)
+            if source is None:
+                full = self._full_model(cause)
+                source = {path: get_module(full, path) for path in self.item_paths(i)}
+            yield from _named(source).items()
+
+
+def _named(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """{"<module path>.<parameter>": parameter} over `modules` (by path), tied ones under every name."""
+    return {f"{path}.{name}": p for path, module in modules.items()
+            for name, p in module.named_parameters(remove_duplicate=False)}

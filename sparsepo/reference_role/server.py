@@ -36,6 +36,7 @@ from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.padding import batch_length
 from sparsepo.reference_role import offline
+from sparsepo.reference_role.follow_live import open_group_follower
 from sparsepo.rundata import load_run_tokenizer, model_fingerprint, with_eval_pairs
 from sparsepo.reference.cache import INDEX, write_index, write_shard
 from sparsepo.reference_role.scorers import scorer_for
@@ -157,8 +158,11 @@ def serve(cfg, plan, bridge) -> None:
     outbox = br.Outbox(bridge, cfg.reference.window)
     schedule = Schedule.from_config(cfg, num_rows=len(dataset), dp=topo.num_policy)
     expected = cache_components(cfg, scorer, pdata.dataset_fingerprint(dataset), outputs)
+    # TR-DPO: a moving reference is never read from, nor written through to, the cache
+    follower = None if cfg.reference.sync_alpha is None else open_group_follower(
+        cfg, bridge=bridge, scorer=scorer, topo=topo, role=role, start=hs.start_step)
     cache = (offline.open_cache(offline.cache_dir(cfg), expected, progress=cfg.logging.progress)
-             if (offline.cache_dir(cfg) / INDEX).is_file() else None)
+             if follower is None and (offline.cache_dir(cfg) / INDEX).is_file() else None)
     scored: dict[str, dict] = {}  # last stages: every record scored so far (a second epoch reuses them)
     seen: set[int] = set()  # rows scored by any replica: the same on every reference rank
     if role.is_last_stage and role.replica == 0:
@@ -174,9 +178,12 @@ def serve(cfg, plan, bridge) -> None:
     if held is not None:
         write_eval_cache(cfg, held, scorer, outputs, role, tokenizer.pad_token_id, length)
     for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
-        reuse = cache is not None or all(i in seen for slot in round_slots for i in slot.rows)
-        seen.update(i for slot in round_slots for i in slot.rows)
         slot = round_slots[role.replica]
+        if follower is not None and follower.due(slot.step):
+            follower.receive(slot.step)
+        rows = [i for s in round_slots for i in s.rows]
+        reuse = follower is None and (cache is not None or all(i in seen for i in rows))
+        seen.update(rows)
         batch = None
         if role.is_last_stage or (scorer.needs_batch and not reuse):
             batch = pdata.collate_pairs(pdata.gather_rows(dataset, list(slot.rows)), tokenizer.pad_token_id,
@@ -190,9 +197,10 @@ def serve(cfg, plan, bridge) -> None:
         if role.is_last_stage:
             outbox.send(policy_ranks[slot.policy_rank], br.OUTPUTS, list(batch.example_ids),
                         choice.wire(batch, records, tokenizer.eos_token_id))
-            scored.update(zip(batch.example_ids, records))
+            if follower is None:
+                scored.update(zip(batch.example_ids, records))
     outbox.flush()
-    indexed = _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)
+    indexed = follower is None and _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)
     br.broadcast(bridge, br.Finish(pairs_scored=len(seen), cache_indexed=bool(indexed or cache)),
                  src=topo.reference_ranks()[0])
 

@@ -96,9 +96,17 @@ class InlineSource:
         """The frozen reference model behind the head (TR-DPO moves it; its checkpoints hold it)."""
         return self.head.model
 
-    def follow(self, policy, alpha: float) -> None:
-        """TR-DPO: move the frozen reference towards the policy (`sparsepo.follow`; collective under ZeRO-3)."""
+    def follow(self, policy, alpha: float, step: int) -> None:
+        """TR-DPO: move the frozen reference towards the policy after optimiser step `step`
+        (`sparsepo.follow`; collective under ZeRO-3)."""
         policy.mix_into(self.model, alpha)
+
+    def follow_state(self) -> dict:
+        """TR-DPO: the moved reference, for this rank's checkpoint."""
+        return self.model.state_dict()
+
+    def load_follow_state(self, state: dict) -> None:
+        self.model.load_state_dict(state)
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
         """Inline: scored at once; the ticket is the result (see `LiveSource.request`)."""
@@ -128,9 +136,11 @@ class LiveSource:
 
     def __init__(self, bridge, *, src: int, window: int, timeout_s: float, outputs: tuple[str, ...] = (),
                  device="cpu", finish_src: int | None = None, request_dsts: tuple[int, ...] = (),
-                 serves_pairs: bool = True, stage: int | None = None, num_stages: int = 1):
+                 serves_pairs: bool = True, stage: int | None = None, num_stages: int = 1, follower=None):
         """`request_dsts`: where SPO's REQUESTs go; `serves_pairs=False`: no OUTPUTS per pair batch
-        (SPO's group only answers requests), so `get` returns None."""
+        (SPO's group only answers requests), so `get` returns None; `follower`: TR-DPO's
+        (`follow_live.PolicyFollower`)."""
+        self.follower = follower
         self.bridge, self.src, self.timeout_s, self.outputs, self.device = bridge, src, timeout_s, outputs, device
         # who it hears from: the last stage, which only relays what the earlier stages computed
         self.sender = f"reference rank {src}" + ("" if stage is None else f" (stage {stage} of {num_stages})")
@@ -144,6 +154,16 @@ class LiveSource:
         self.next_seq = 0
         self.last_served = "none yet"
         self.bytes_received = self.pairs_received = 0  # OUTPUTS for pair batches (SePO: the bit-packed selection)
+
+    def follow(self, policy, alpha: float, step: int) -> None:
+        """TR-DPO: the reference on the policy ranks moves, and the group receives it (`follow_live`)."""
+        self.follower.follow(policy, alpha, step)
+
+    def follow_state(self) -> dict:
+        return self.follower.state_dict()
+
+    def load_follow_state(self, state: dict) -> None:
+        self.follower.load_state_dict(state)
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> list[str]:
         """SPO: send the samples and the support ids to the replica's first and last stage (REQUEST);
@@ -214,11 +234,18 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
         plan, bridge = live
         topo = plan.topology
         br.broadcast(bridge, handshake, src=topo.policy_ranks()[0])
+        follower = None
+        if cfg.reference.sync_alpha is not None:  # TR-DPO: before the Inbox, which would take the manifests
+            from sparsepo.reference_role.follow_live import open_policy_follower
+
+            follower = open_policy_follower(cfg, bridge=bridge, topo=topo, policy=policy, ctx=ctx,
+                                            start=handshake.start_step, total=handshake.total_steps)
         stages = topo.stage_ranks(topo.reference_for_policy(ctx.rank))
         source = LiveSource(bridge, src=stages[-1], window=cfg.reference.window, timeout_s=cfg.reference.timeout_s,
                             outputs=outputs, device=ctx.device, finish_src=topo.reference_ranks()[0],
                             request_dsts=(stages[0], stages[-1]) if spec.needs_policy_samples else (),
-                            serves_pairs=bool(outputs), stage=topo.num_stages - 1, num_stages=topo.num_stages)
+                            serves_pairs=bool(outputs), stage=topo.num_stages - 1, num_stages=topo.num_stages,
+                            follower=follower)
         return source
     if not outputs and not spec.needs_policy_samples:
         return NoReference()
