@@ -65,6 +65,7 @@ def _run(model_dir, out, nproc, params):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 15 s; two ranks generating in the default run: test_spo_trainer.py::test_spo_two_ranks_match_one_rank
 def test_two_rank_generation_equals_one_rank(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

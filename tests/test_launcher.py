@@ -278,6 +278,7 @@ def test_mpirun_standin_sees_rank_env(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 47 s; mpirun in the default run: tests/test_live.py::test_mpirun_launch
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
 def test_mpirun_tiny_training_run(tiny_world, tmp_path):
     """A real 2-rank ZeRO-3 run through `mpirun ... launcher/launch.sh`: both ranks train and checkpoint."""

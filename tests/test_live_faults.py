@@ -59,7 +59,8 @@ def cleanup(procs):
             p.wait()
 
 
-@pytest.mark.parametrize("stopped, name", [(2, "reference group (stage 0, rank 2)"),
+@pytest.mark.parametrize("stopped, name", [pytest.param(2, "reference group (stage 0, rank 2)",  # a lost reference
+                                                        marks=pytest.mark.slow),  # rank: test_live.py, default
                                            pytest.param(1, "policy rank 1 (global rank 1)",  # as rank 0: slow
                                                         marks=pytest.mark.slow),
                                            (0, "policy rank 0 (global rank 0)")])  # hosts the bridge store

@@ -103,7 +103,7 @@ def test_live_fpo_write_through_is_keyed_and_filled_like_cache_mode(live_run, ca
             torch.testing.assert_close(got["seq_logps"][side], want["seq_logps"][side], atol=1e-5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["live", "inline"])
+@pytest.mark.parametrize("mode", [pytest.param("live", marks=pytest.mark.slow), "inline"])
 def test_an_sae_of_another_model_is_refused_in_every_mode(tiny_world, sae_dir, tmp_path, mode):
     """The SAE's sidecar names the model it was trained on; live and inline mode check it through the
     same `check_sae_compatible` as cache mode (live mode used to skip the check)."""

@@ -74,7 +74,7 @@ def test_lock_of_a_dead_process_is_stale_not_a_conflict(tmp_path, holder, caplog
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("nproc, mode", [(1, "cache"), (2, "cache"), (1, "precompute")])
+@pytest.mark.parametrize("nproc, mode", [(1, "cache"), pytest.param(2, "cache", marks=pytest.mark.slow), (1, "precompute")])
 def test_training_into_a_locked_run_dir_is_refused_and_touches_nothing(tiny_world, tmp_path, holder, nproc, mode):
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000002").mkdir(parents=True)

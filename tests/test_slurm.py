@@ -285,6 +285,7 @@ def test_preemption_requeue_resume_matches_uninterrupted(slurm_cluster, tiny_wor
         assert worst <= 1e-6, f"loss curves differ by up to {worst}"
 
 
+@pytest.mark.slow  # 20 s; SIGUSR1 in the default run: tests/test_live_faults.py, test_checkpoint.py
 def test_time_limit_warning_requeues_and_cancel_does_not(slurm_cluster):
     """The real `--signal=B:USR1@T` path (with the fast stand-in trainer): a 1-minute job gets Slurm's
     own USR1 warning 40 s before its limit, checkpoints, exits 3 and is requeued; a plain `scancel`

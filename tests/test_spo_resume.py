@@ -22,7 +22,7 @@ MODES = {"inline": (("reference.mode=inline", "method.kl_estimator=k3"), 1),  # 
 
 
 @pytest.mark.parametrize("mode", [pytest.param("inline", marks=pytest.mark.integration),
-                                  pytest.param("live", marks=pytest.mark.distributed)])
+                                  pytest.param("live", marks=[pytest.mark.distributed, pytest.mark.slow])])
 def test_spo_with_staleness_resumes_exactly(tiny_world, tmp_path, mode):
     """Step 4 (index 3) is the first after the resume: it trains on the round drawn at index 2 (s = 1)
     and, as 3 % every_steps != 0, draws no fresh round but re-requests index 2's samples: both from

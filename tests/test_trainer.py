@@ -20,7 +20,7 @@ def dpo_two_ranks(tiny_world, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("method", ["dpo", "simpo"])
+@pytest.mark.parametrize("method", ["dpo", pytest.param("simpo", marks=pytest.mark.slow)])  # a training per row: slow
 def test_loss_decreases_on_demo_pairs(tiny_world, tmp_path, method):
     # 8 demo pairs = one global batch (micro 4 x 2 ranks), seen once per epoch for 8 epochs: fit them.
     pairs = tmp_path / "pairs.jsonl"
