@@ -364,6 +364,13 @@ def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx
     return step
 
 
+def load_every_rank_state(tag_dir: Path, name: str) -> list | None:
+    """Every saved rank's `name` state, in rank order (for a resume on another world size that can
+    re-cut them), or None when any rank's file is missing."""
+    paths = [Path(tag_dir) / f"{name}-rank{r}.pt" for r in range(read_meta(Path(tag_dir))["world_size"])]
+    return [torch.load(p, weights_only=True) for p in paths] if all(p.is_file() for p in paths) else None
+
+
 def load_rank_state(tag_dir: Path, name: str, *, rank: int, world_size: int):
     """This rank's `name` state saved by `save(rank_state=...)`, or None (with a warning saying the resume
     is not exact) when the checkpoint has none or was written on another world size."""

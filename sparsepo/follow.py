@@ -11,7 +11,8 @@ from the policy's parameters, gathered one at a time under ZeRO-3 (`PolicyEngine
 1/P slice, mixes it there and streams each mixed parameter to the stages that hold it. A cache cannot
 serve a moving reference and is refused (`sync_problem`). The reference's weights (inline) or this
 rank's slice of them (live) go into each checkpoint (`reference-rank{r}.pt`) so that a resume
-continues from the reference the run had, not from the initial one.
+continues from the reference the run had, not from the initial one — on another world size too
+(`trainer.restore_reference`: inline reads any rank's copy, live re-cuts every rank's slices).
 """
 
 from __future__ import annotations

@@ -241,13 +241,17 @@ def rank_state(run: Run) -> dict:
 
 def restore_reference(source, resume, ctx) -> None:
     """TR-DPO: the reference as the checkpoint's run had moved it (else the resume would score against
-    the initial reference)."""
-    state = ckpt.load_rank_state(resume, "reference", rank=ctx.rank, world_size=ctx.world_size)
-    if state is None:
-        raise ckpt.CheckpointError(f"checkpoint {resume} holds no TR-DPO reference for this rank "
-                                   f"(reference-rank{ctx.rank}.pt; another world size or an older sparsepo): "
-                                   f"resume on its world size, or start a new run")
-    source.load_follow_state(state)
+    the initial reference); on another world size, from every saved rank's part."""
+    if ckpt.read_meta(resume)["world_size"] == ctx.world_size:
+        state = ckpt.load_rank_state(resume, "reference", rank=ctx.rank, world_size=ctx.world_size)
+        if state is not None:
+            return source.load_follow_state(state)
+    else:
+        states = ckpt.load_every_rank_state(resume, "reference")
+        if states is not None:
+            return source.load_follow_states(states)
+    raise ckpt.CheckpointError(f"checkpoint {resume} holds no TR-DPO reference (reference-rank<r>.pt, written "
+                               f"by sparsepo since TR-DPO): start a new run, or resume from a newer checkpoint")
 
 
 def window_means(run: Run, window: MetricWindow, step: int, lr: float) -> dict[str, float]:

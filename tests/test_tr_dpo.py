@@ -98,3 +98,21 @@ def test_a_resumed_soft_update_run_continues_from_the_moved_reference(tiny_world
     want, got = read_scalars(full, "train/loss"), read_scalars(part, "train/loss")
     for step in (3, 4):
         assert abs(got[step] - want[step]) < 1e-6, (step, got, want)
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+def test_a_soft_update_run_resumes_on_another_world_size_from_the_moved_reference(tiny_world, tmp_path):
+    """Written on 2 ranks at step 2 (α = 0.5 every step), resumed on 1: steps 3 and 4 log the
+    uninterrupted 2-rank run's losses (reference-rank0.pt is read on the new world; the policy comes
+    back through DeepSpeed's universal checkpoint), not those of a run whose reference restarted."""
+    soft = (*INLINE, "train.micro_batch_size=2", "reference.sync_alpha=0.5", "reference.sync_steps=1",
+            "checkpoint.every_steps=2")
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_training(tiny_world, full, *soft, "train.max_steps=4", nproc=2)
+    run_training(tiny_world, part, *soft, "train.max_steps=2", nproc=2)
+    run_training(tiny_world, part, *soft, "train.max_steps=4", "train.micro_batch_size=4", nproc=1,
+                 resume="auto")  # the same global batch of 4 pairs
+    want, got = read_scalars(full, "train/loss"), read_scalars(part, "train/loss")
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) < 1e-5, (step, got, want)

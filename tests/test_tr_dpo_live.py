@@ -40,7 +40,8 @@ def test_slices_cover_each_parameter_once():
 @pytest.mark.unit
 def test_the_mix_over_slices_is_the_mix_of_the_whole_tensor_bit_for_bit():
     """Three ranks' slices, mixed with α = 0.3 twice and put together, equal `mix_` on the whole
-    tensor (the update inline mode applies); a state dict comes back on its own rank only."""
+    tensor (the update inline mode applies); a state dict comes back on its own rank, and the three
+    re-cut for 1, 2 or 4 ranks (a resume on another world size) put together are the same tensor."""
     g = torch.Generator().manual_seed(0)
     ref = {"w": torch.randn(7, 5, generator=g), "b": torch.randn(3, generator=g)}
     shapes = {k: tuple(v.shape) for k, v in ref.items()}
@@ -60,8 +61,16 @@ def test_the_mix_over_slices_is_the_mix_of_the_whole_tensor_bit_for_bit():
     restored = Shadow(shapes, rank=1, world=3, dtype=torch.float32)
     restored.load_state_dict(shadows[1].state_dict())
     assert all(torch.equal(restored.shards[n], shadows[1].shards[n]) for n in ref)
-    with pytest.raises(FollowError, match="resume on 3 policy ranks"):
+    with pytest.raises(FollowError, match="rank 0 of 3 policy ranks, this is rank 0 of 2"):
         Shadow(shapes, rank=0, world=2, dtype=torch.float32).load_state_dict(shadows[0].state_dict())
+    for world in (1, 2, 4):  # another number of policy ranks: the three slices re-cut
+        recut = [Shadow(shapes, rank=r, world=world, dtype=torch.float32) for r in range(world)]
+        for s in recut:
+            s.load_resharded([t.state_dict() for t in shadows])
+        for name in ref:
+            assert torch.equal(torch.cat([s.shards[name] for s in recut]).view(shapes[name]), whole[name])
+    with pytest.raises(FollowError, match="not ranks 0..1 of 2"):
+        recut[0].load_resharded([shadows[0].state_dict(), shadows[2].state_dict()])
     with pytest.raises(FollowError, match=r"has no \['w'\]"):
         Shadow(shapes, rank=0, world=1, dtype=torch.float32).fill([("b", ref["b"])])
 
@@ -201,18 +210,22 @@ def test_live_tr_dpo_logs_inline_losses_and_checkpoints_the_same_reference(tiny_
 @pytest.mark.integration
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_resumed_live_run_sends_the_checkpoints_reference_and_continues_the_curve(tiny_world, tmp_path):
-    """α = 0.5 every step, 4 steps, a checkpoint at step 2: resumed from it, the policy sends the group
-    its checkpointed reference before step 3 (else the group would score with the starting one), and
-    steps 3 and 4 log the uninterrupted live run's losses."""
+@pytest.mark.parametrize("policy_ranks", [2, 1])
+def test_a_resumed_live_run_sends_the_checkpoints_reference_and_continues_the_curve(tiny_world, tmp_path,
+                                                                                     policy_ranks):
+    """α = 0.5 every step, 4 steps on 2 policy ranks, a checkpoint at step 2: resumed from it (on 2
+    policy ranks, or on 1 — the two slices re-cut), the policy sends the group its checkpointed
+    reference before step 3 (else the group would score with the starting one), and steps 3 and 4
+    log the uninterrupted live run's losses."""
     soft = (*LIVE, "method.name=dpo", "optim.lr=5e-3", "optim.schedule=constant", "optim.warmup_steps=0",
             "train.micro_batch_size=8", "reference.sync_alpha=0.5", "reference.sync_steps=1",
             "checkpoint.every_steps=2")
     full, part = tmp_path / "full", tmp_path / "part"
     run_training(tiny_world, full, *soft, "train.max_steps=4", nproc=4)
     run_training(tiny_world, part, *soft, "train.max_steps=2", nproc=4)
-    proc = run_training(tiny_world, part, *soft, "train.max_steps=4", nproc=4, resume="auto")
+    proc = run_training(tiny_world, part, *soft, "train.max_steps=4", f"train.micro_batch_size={16 // policy_ranks}",
+                        nproc=2 + policy_ranks, resume="auto")  # the same global batch of 16 pairs
     assert "the checkpoint's reference (step 2) sent" in proc.stdout + proc.stderr
     want, got = read_scalars(full, "train/loss"), read_scalars(part, "train/loss")
     for step in (3, 4):
-        assert abs(got[step] - want[step]) < 1e-6, (step, got, want)
+        assert abs(got[step] - want[step]) < (1e-6 if policy_ranks == 2 else 1e-5), (step, got, want)

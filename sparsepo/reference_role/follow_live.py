@@ -139,13 +139,22 @@ class Shadow:
     def load_state_dict(self, state: dict) -> None:
         if state.get("world") != self.world or state.get("rank") != self.rank:
             raise FollowError(f"TR-DPO live: the checkpoint's reference slice is rank {state.get('rank')} of "
-                              f"{state.get('world')} policy ranks, this is rank {self.rank} of {self.world}: resume on "
-                              f"{state.get('world')} policy ranks")
+                              f"{state.get('world')} policy ranks, this is rank {self.rank} of {self.world}: "
+                              f"load every rank's slice (`load_resharded`)")
         shards = state["shards"]
         if set(shards) != set(self.shards) or any(shards[n].numel() != self.shards[n].numel() for n in shards):
             raise FollowError("TR-DPO live: the checkpoint's reference slices do not match the policy's parameters")
         for name, value in shards.items():
             self.shards[name].copy_(value)
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Every rank's slices of another world size (in rank order), put together and cut for this one."""
+        if [s.get("rank") for s in states] != list(range(len(states))) or \
+                any(s.get("world") != len(states) for s in states):
+            raise FollowError(f"TR-DPO live: the checkpoint's reference slices are not ranks 0..{len(states) - 1} of "
+                              f"{len(states)}")
+        self.fill((name, torch.cat([s["shards"][name] for s in states]).view(shape))
+                  for name, shape in self.shapes.items())
 
 
 class PolicyFollower:
@@ -191,6 +200,14 @@ class PolicyFollower:
     def load_state_dict(self, state: dict) -> None:
         """The checkpoint's slice; sent to the group at once when the run had moved its reference."""
         self.shadow.load_state_dict(state)
+        self._restored()
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """A checkpoint of another number of policy ranks: every rank's slices, re-cut; then as above."""
+        self.shadow.load_resharded(states)
+        self._restored()
+
+    def _restored(self) -> None:
         if syncs_before(self.start, self.sync_steps):
             self.send_all()
             if self.outbox is not None:

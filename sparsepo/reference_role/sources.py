@@ -108,6 +108,10 @@ class InlineSource:
     def load_follow_state(self, state: dict) -> None:
         self.model.load_state_dict(state)
 
+    def load_follow_states(self, states: list[dict]) -> None:
+        """Another world size's checkpoint: every rank saved the same whole reference."""
+        self.model.load_state_dict(states[0])
+
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
         """Inline: scored at once; the ticket is the result (see `LiveSource.request`)."""
         return self.score_samples(samples, request_ids, outputs)
@@ -164,6 +168,9 @@ class LiveSource:
 
     def load_follow_state(self, state: dict) -> None:
         self.follower.load_state_dict(state)
+
+    def load_follow_states(self, states: list[dict]) -> None:
+        self.follower.load_resharded(states)
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> list[str]:
         """SPO: send the samples and the support ids to the replica's first and last stage (REQUEST);
