@@ -145,7 +145,6 @@ def serve(cfg, plan, bridge) -> None:
     tokenizer = load_run_tokenizer(cfg)  # the policy's rule: both roles must tokenise the pairs alike
     dataset, _ = pdata.load_preference_dataset(cfg.data, tokenizer, pair_filter=pair_filter_for(cfg))
     dataset, held = with_eval_pairs(cfg, tokenizer, dataset)  # eval.fraction: the policy's training split
-    length = batch_length(cfg)  # the policy's own padding (sparsepo.padding)
     features = uses_features(outputs)
     samples = get_method(cfg.method.name).needs_policy_samples
     sample_outputs = sample_fields(cfg) if samples else ()
@@ -154,8 +153,6 @@ def serve(cfg, plan, bridge) -> None:
     if scorer.replica_index != role.replica or scorer.stage_id != role.stage:
         raise RuntimeError(f"pipeline placed global rank {role.global_rank} at stage {scorer.stage_id} replica "
                            f"{scorer.replica_index}, topology says stage {role.stage} replica {role.replica}")
-    policy_ranks = topo.policy_ranks()
-    outbox = br.Outbox(bridge, cfg.reference.window)
     schedule = Schedule.from_config(cfg, num_rows=len(dataset), dp=topo.num_policy)
     expected = cache_components(cfg, scorer, pdata.dataset_fingerprint(dataset), outputs)
     # TR-DPO: a moving reference is never read from, nor written through to, the cache
@@ -163,8 +160,6 @@ def serve(cfg, plan, bridge) -> None:
         cfg, bridge=bridge, scorer=scorer, topo=topo, role=role, start=hs.start_step)
     cache = (offline.open_cache(offline.cache_dir(cfg), expected, progress=cfg.logging.progress)
              if follower is None and (offline.cache_dir(cfg) / INDEX).is_file() else None)
-    scored: dict[str, dict] = {}  # last stages: every record scored so far (a second epoch reuses them)
-    seen: set[int] = set()  # rows scored by any replica: the same on every reference rank
     if role.is_last_stage and role.replica == 0:
         log.info("reference group: %d stage(s) x %d replica(s) serving %d policy ranks, steps %d..%d, window %d%s%s",
                  topo.num_stages, topo.num_replicas, topo.num_policy, hs.start_step, hs.total_steps,
@@ -176,33 +171,55 @@ def serve(cfg, plan, bridge) -> None:
         br.broadcast(bridge, br.Finish(pairs_scored=0, cache_indexed=False), src=topo.reference_ranks()[0])
         return
     if held is not None:
-        write_eval_cache(cfg, held, scorer, outputs, role, tokenizer.pad_token_id, length)
+        write_eval_cache(cfg, held, scorer, outputs, role, tokenizer.pad_token_id, batch_length(cfg))
+    walk = _PairRounds(cfg, bridge, dataset=dataset, tokenizer=tokenizer, scorer=scorer, choice=choice, topo=topo,
+                       role=role, cache=cache, follower=follower)
     for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
-        slot = round_slots[role.replica]
-        if follower is not None and follower.due(slot.step):
-            follower.receive(slot.step)
+        walk.serve(round_slots)
+    walk.outbox.flush()
+    indexed = follower is None and _write_through(cfg, expected, len(dataset), walk.scored if cache is None else {},
+                                                  role)
+    br.broadcast(bridge, br.Finish(pairs_scored=len(walk.seen), cache_indexed=bool(indexed or cache)),
+                 src=topo.reference_ranks()[0])
+
+
+class _PairRounds:
+    """The walk over pair batches (every method but SPO): each round's batch is scored, or reused (the
+    cache; an earlier epoch's records, kept by the last stages), and the last stage sends it to the
+    policy rank it belongs to. TR-DPO (`follower`): the moved reference arrives before the first round
+    of a step after a sync, and nothing is reused."""
+
+    def __init__(self, cfg, bridge, *, dataset, tokenizer, scorer, choice, topo, role, cache, follower):
+        self.dataset, self.tokenizer, self.scorer, self.choice = dataset, tokenizer, scorer, choice
+        self.role, self.cache, self.follower = role, cache, follower
+        self.policy_ranks = topo.policy_ranks()
+        self.length = batch_length(cfg)  # the policy's own padding (sparsepo.padding)
+        self.outbox = br.Outbox(bridge, cfg.reference.window)
+        self.scored: dict[str, dict] = {}  # last stages: every record scored so far (a second epoch reuses them)
+        self.seen: set[int] = set()  # rows scored by any replica: the same on every reference rank
+
+    def serve(self, round_slots) -> None:
+        role, slot = self.role, round_slots[self.role.replica]
+        if self.follower is not None and self.follower.due(slot.step):
+            self.follower.receive(slot.step)
         rows = [i for s in round_slots for i in s.rows]
-        reuse = follower is None and (cache is not None or all(i in seen for i in rows))
-        seen.update(rows)
+        reuse = self.follower is None and (self.cache is not None or all(i in self.seen for i in rows))
+        self.seen.update(rows)
         batch = None
-        if role.is_last_stage or (scorer.needs_batch and not reuse):
-            batch = pdata.collate_pairs(pdata.gather_rows(dataset, list(slot.rows)), tokenizer.pad_token_id,
-                                        length=length)
+        if role.is_last_stage or (self.scorer.needs_batch and not reuse):
+            batch = pdata.collate_pairs(pdata.gather_rows(self.dataset, list(slot.rows)),
+                                        self.tokenizer.pad_token_id, length=self.length)
         if reuse:
-            records = (cache.get(batch.example_ids) if cache is not None
-                       else [scored[i] for i in batch.example_ids]) if role.is_last_stage else None
+            records = (self.cache.get(batch.example_ids) if self.cache is not None
+                       else [self.scored[i] for i in batch.example_ids]) if role.is_last_stage else None
         else:
-            out = scorer.score(batch)
+            out = self.scorer.score(batch)
             records = out.to_records(batch.response_mask) if role.is_last_stage else None
         if role.is_last_stage:
-            outbox.send(policy_ranks[slot.policy_rank], br.OUTPUTS, list(batch.example_ids),
-                        choice.wire(batch, records, tokenizer.eos_token_id))
-            if follower is None:
-                scored.update(zip(batch.example_ids, records))
-    outbox.flush()
-    indexed = follower is None and _write_through(cfg, expected, len(dataset), scored if cache is None else {}, role)
-    br.broadcast(bridge, br.Finish(pairs_scored=len(seen), cache_indexed=bool(indexed or cache)),
-                 src=topo.reference_ranks()[0])
+            self.outbox.send(self.policy_ranks[slot.policy_rank], br.OUTPUTS, list(batch.example_ids),
+                             self.choice.wire(batch, records, self.tokenizer.eos_token_id))
+            if self.follower is None:
+                self.scored.update(zip(batch.example_ids, records))
 
 
 def write_eval_cache(cfg, held, scorer, outputs: tuple[str, ...], role, pad_id: int, length) -> None:
