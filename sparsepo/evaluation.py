@@ -30,6 +30,12 @@ def eval_rounds(num_rows: int, batch_size: int, rank: int, world_size: int) -> l
     return rounds
 
 
+def eval_due(step: int, total: int, every_steps: int) -> bool:
+    """Whether the run evaluates after optimiser step `step` (1-based): after every `every_steps`-th
+    step (0: never in between) and after the last."""
+    return step == total or (every_steps > 0 and step % every_steps == 0)
+
+
 @dataclass
 class Evaluator:
     batch: Callable[[list[int]], Any]
@@ -44,8 +50,7 @@ class Evaluator:
     device: Any = "cpu"
 
     def due(self, step: int, total: int) -> bool:
-        """After every `every_steps`-th step (0: never in between) and after the last."""
-        return step == total or (self.every_steps > 0 and step % self.every_steps == 0)
+        return eval_due(step, total, self.every_steps)
 
     @torch.no_grad()
     def run(self, loss_step: Callable, module: torch.nn.Module | None = None) -> dict[str, float]:

@@ -42,10 +42,6 @@ def sync_problem(cfg, spec) -> str | None:
         return (f"reference.sync_alpha (TR-DPO) with a live group serves pair batches only; method '{spec.name}' "
                 f"sends its samples as requests, which the group does not yet interleave with the policy's "
                 f"weights: use reference.mode=inline")
-    if r.mode == "live" and (cfg.eval.path or cfg.eval.split or cfg.eval.fraction):
-        return ("reference.sync_alpha (TR-DPO) with a live group: the group scores the held-out pairs once, "
-                "against the starting reference, so the eval metrics would not use the reference the run has "
-                "moved to: evaluate in reference.mode=inline, or unset eval.path / eval.split / eval.fraction")
     if spec.needs_oracle_scores or not (spec.reference_outputs or spec.needs_policy_samples):
         return (f"reference.sync_alpha (TR-DPO) updates the reference model, and method '{spec.name}' reads "
                 f"{'an oracle pair, not the reference' if spec.needs_oracle_scores else 'no reference'}: "

@@ -22,7 +22,7 @@ from sparsepo.reference_role.follow_live import FollowError, Shadow, routes, sha
 
 BASE = ("method.name=dpo", "optim.lr=5e-3", "optim.schedule=constant", "optim.warmup_steps=0",
         "train.micro_batch_size=8", "train.max_steps=6", "reference.sync_alpha=0.5", "reference.sync_steps=2",
-        "checkpoint.every_steps=6")
+        "checkpoint.every_steps=6", "eval.fraction=0.25", "eval.every_steps=3")
 LIVE = ("reference.mode=live", "topology.reference_ranks=2", "topology.pipeline_stages=2")
 
 
@@ -185,15 +185,21 @@ def test_a_two_stage_group_receives_exactly_the_mixed_weights(tiny_world):
                          ids=["2-stages", "2-replicas"])
 def test_live_tr_dpo_logs_inline_losses_and_checkpoints_the_same_reference(tiny_world, tmp_path, group):
     """α = 0.5 every 2 steps over 6 steps of 16 pairs, 2 policy ranks: live (a 2-stage group; slow: two
-    1-stage replicas, each serving one policy rank and receiving the weights) = inline,
-    step for step (steps 3 and 5 are scored by the moved reference; steps 5 and 6 are the 64 pairs'
-    second epoch, rescored, not reused); the live run's two checkpointed slices put together are
-    inline's moved reference; nothing went into the reference cache."""
+    1-stage replicas, each serving one policy rank and receiving the weights) = inline, step for step
+    (steps 3 and 5 are scored by the moved reference; steps 4-6 are the 48 training pairs' second
+    epoch, rescored, not reused), and so are the evaluations of the 16 held-out pairs at step 3 (by the
+    reference of the sync at step 2) and step 6 (by the one moved at the last step, sent for it); the
+    live run's two checkpointed slices put together are inline's moved reference; nothing went into
+    the training reference cache."""
     inline, live = tmp_path / "inline", tmp_path / "live"
     run_training(tiny_world, inline, *BASE, "reference.mode=inline", nproc=2)
     proc = run_training(tiny_world, live, *BASE, *group, nproc=4)
     want, got = read_scalars(inline, "train/loss"), read_scalars(live, "train/loss")
     assert sorted(got) == sorted(want) == list(range(1, 7))
+    for step in want:
+        assert abs(got[step] - want[step]) < 1e-6, (step, got, want)
+    want, got = read_scalars(inline, "eval/rewards/margins"), read_scalars(live, "eval/rewards/margins")
+    assert sorted(got) == sorted(want) == [3, 6]
     for step in want:
         assert abs(got[step] - want[step]) < 1e-6, (step, got, want)
     assert "TR-DPO live" in proc.stdout + proc.stderr

@@ -19,8 +19,12 @@ When: the group scores the rows of step k with the reference after every sync st
 of the policy as usual, but before the first round of a step k that follows a sync (k a multiple of
 `reference.sync_steps`) it waits for the policy's weights — so the policy's first batch after a sync is
 not overlapped (one reference scoring per sync); a resume from step k ≥ sync_steps starts by sending the
-checkpoint's reference (`send_all`). A moving reference is never read from, or written through to, the
-reference cache.
+checkpoint's reference (`send_all`); on another number of policy ranks every rank's saved slices are
+put together and re-cut (`load_resharded`). A moving reference is never read from, or written through
+to, the training reference cache. Evaluation: right after each sync an evaluation will use
+(`eval_syncs`), the group scores the held-out pairs into that reference's own eval cache
+(`eval_version`, `server.follow_evals`), which the policy's `sources.FollowingEvalSource` waits for;
+the last step's reference is sent as well when the last evaluation needs it (`last_eval_moves`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,22 @@ def syncs_before(start: int, sync_steps: int) -> bool:
     """Whether a run starting at optimiser step `start` (0-based) has moved its reference already
     (a sync after step sync_steps, 2·sync_steps, ... ≤ start)."""
     return start >= sync_steps
+
+
+def eval_version(cfg, step: int) -> str:
+    """The name of the reference a live TR-DPO run evaluates with after step `step`: the run's config
+    and how many syncs it has had (`step // sync_steps`); the group writes that eval cache."""
+    from sparsepo.config import config_fingerprint
+
+    return f"trdpo-{config_fingerprint(cfg)[:12]}-v{step // cfg.reference.sync_steps}"
+
+
+def eval_syncs(cfg, start: int, total: int) -> set[int]:
+    """The sync counts (step // sync_steps) at which a live TR-DPO run from `start` to `total` evaluates."""
+    from sparsepo.evaluation import eval_due
+
+    return {s // cfg.reference.sync_steps for s in range(start + 1, total + 1)
+            if eval_due(s, total, cfg.eval.every_steps)}
 
 
 def routes(manifests: dict[int, dict[str, tuple]], shapes: dict[str, tuple], aliases: dict[str, str]
@@ -161,16 +181,20 @@ class PolicyFollower:
     """The policy side: the shadow, and (on the first policy rank) where each parameter goes."""
 
     def __init__(self, shadow: Shadow, *, bridge, routes: dict | None, stage_ranks: dict[int, list[int]],
-                 device, window: int, start: int, total: int, sync_steps: int):
+                 device, window: int, start: int, total: int, sync_steps: int, send_last: bool = False):
+        """`send_last`: the group needs the reference of the last step too (an evaluation after it)."""
         self.shadow, self.bridge, self.routes, self.stage_ranks = shadow, bridge, routes, stage_ranks
         self.device, self.start, self.total, self.sync_steps = device, start, total, sync_steps
         self.outbox = br.Outbox(bridge, window) if routes is not None else None
+        self.send_last = send_last
         self.syncs = 0
+        self.step = start  # the last step the reference followed the policy at (or the start)
 
     def follow(self, policy, alpha: float, step: int) -> None:
         """After optimiser step `step` (1-based): mix every slice, and send the mixed parameters unless
-        the group has no step left to score. Collective over the policy ranks."""
-        t0, send = time.perf_counter(), step < self.total
+        the group has nothing left to score with them. Collective over the policy ranks."""
+        t0, send = time.perf_counter(), step < self.total or self.send_last
+        self.step = step
         for name, value in policy.gathered_parameters():
             self.shadow.mix_(name, value, alpha)
             if send:
@@ -244,7 +268,14 @@ def open_policy_follower(cfg, *, bridge, topo, policy, ctx, start: int, total: i
                  len(shapes), topo.num_stages, ctx.world_size)
     return PolicyFollower(shadow, bridge=bridge, routes=table if first else None, stage_ranks=stage_ranks,
                           device=ctx.device, window=cfg.reference.window, start=start, total=total,
-                          sync_steps=cfg.reference.sync_steps)
+                          sync_steps=cfg.reference.sync_steps, send_last=last_eval_moves(cfg, start, total))
+
+
+def last_eval_moves(cfg, start: int, total: int) -> bool:
+    """Whether the run evaluates with the reference moved at its very last step (so the group must
+    receive it after serving every round)."""
+    has_eval = bool(cfg.eval.path or cfg.eval.split or cfg.eval.fraction)
+    return has_eval and total > start and total % cfg.reference.sync_steps == 0
 
 
 class GroupFollower:
@@ -255,6 +286,7 @@ class GroupFollower:
         self.params = dict(block.named_reference)
         self.synced = start
         self.seq = 0
+        self.on_sync = None  # called with the step after each receive (the eval cache of that reference)
 
     def announce(self) -> None:
         """Replica 0: tell the first policy rank what this stage holds."""
@@ -282,6 +314,8 @@ class GroupFollower:
             got.add(name)
             self.seq += 1
         self.synced = step
+        if self.on_sync is not None:
+            self.on_sync(step)
 
 
 def open_group_follower(cfg, *, bridge, scorer, topo, role, start: int) -> GroupFollower:

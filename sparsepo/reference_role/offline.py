@@ -22,13 +22,15 @@ def cache_dir(cfg) -> Path:
     return Path(cfg.reference.cache_dir or Path(cfg.logging.output_dir) / "ref_cache")
 
 
-def eval_cache_cfg(cfg):
+def eval_cache_cfg(cfg, version: str | None = None):
     """`cfg` with the eval pairs' cache directory (`<cache dir>_eval`, beside the training one) in place of
-    the training one: cache mode fills it on the policy ranks, live mode in the reference group."""
+    the training one: cache mode fills it on the policy ranks, live mode in the reference group.
+    `version`: one moved reference's (TR-DPO in live mode, `follow_live.eval_version`), `<cache dir>_eval-<version>`."""
     from dataclasses import replace
 
     directory = cache_dir(cfg)
-    return replace(cfg, reference=replace(cfg.reference, cache_dir=str(directory.with_name(directory.name + "_eval"))))
+    name = directory.name + "_eval" + (f"-{version}" if version else "")
+    return replace(cfg, reference=replace(cfg.reference, cache_dir=str(directory.with_name(name))))
 
 
 def wait_for_cache(directory: Path, expected: dict, *, timeout_s: float, progress: bool = False) -> CacheReader:
@@ -40,7 +42,7 @@ def wait_for_cache(directory: Path, expected: dict, *, timeout_s: float, progres
     while not (directory / INDEX).is_file():
         if time.monotonic() > deadline:
             raise CacheError(f"{directory}: the reference group wrote no eval cache within reference.timeout_s="
-                             f"{timeout_s:g}s (the eval pairs are scored before the first training step)")
+                             f"{timeout_s:g}s (the group scores them before the first training step; with TR-DPO, after each sync the run evaluates with)")
         time.sleep(0.2)
     return open_cache(directory, expected, progress=progress)
 

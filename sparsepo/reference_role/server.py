@@ -36,7 +36,7 @@ from sparsepo.engine.collectives import gather, on_one_rank
 from sparsepo.losses import get_method
 from sparsepo.padding import batch_length
 from sparsepo.reference_role import offline
-from sparsepo.reference_role.follow_live import open_group_follower
+from sparsepo.reference_role.follow_live import eval_syncs, eval_version, last_eval_moves, open_group_follower
 from sparsepo.rundata import load_run_tokenizer, model_fingerprint, with_eval_pairs
 from sparsepo.reference.cache import INDEX, write_index, write_shard
 from sparsepo.reference_role.scorers import scorer_for
@@ -171,12 +171,21 @@ def serve(cfg, plan, bridge) -> None:
         br.broadcast(bridge, br.Finish(pairs_scored=0, cache_indexed=False), src=topo.reference_ranks()[0])
         return
     if held is not None:
-        write_eval_cache(cfg, held, scorer, outputs, role, tokenizer.pad_token_id, batch_length(cfg))
+        def write_eval(version: str | None = None) -> None:
+            write_eval_cache(offline.eval_cache_cfg(cfg, version), held, scorer, outputs, role,
+                             tokenizer.pad_token_id, batch_length(cfg))
+
+        if follower is None:
+            write_eval()
+        else:  # TR-DPO: an eval cache for each reference the policy evaluates with
+            follow_evals(cfg, follower, write_eval, hs.start_step, hs.total_steps)
     walk = _PairRounds(cfg, bridge, dataset=dataset, tokenizer=tokenizer, scorer=scorer, choice=choice, topo=topo,
                        role=role, cache=cache, follower=follower)
     for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
         walk.serve(round_slots)
     walk.outbox.flush()
+    if follower is not None and held is not None and last_eval_moves(cfg, hs.start_step, hs.total_steps):
+        follower.receive(hs.total_steps)  # the last step's reference, for the last evaluation
     indexed = follower is None and _write_through(cfg, expected, len(dataset), walk.scored if cache is None else {},
                                                   role)
     br.broadcast(bridge, br.Finish(pairs_scored=len(walk.seen), cache_indexed=bool(indexed or cache)),
@@ -222,17 +231,30 @@ class _PairRounds:
                 self.scored.update(zip(batch.example_ids, records))
 
 
-def write_eval_cache(cfg, held, scorer, outputs: tuple[str, ...], role, pad_id: int, length) -> None:
-    """Live evaluation: score the held-out pairs once, before the first training round, into the eval
-    cache the policy waits for (`sources.open_eval_source`), keyed as cache mode keys it. Every replica
-    runs the same batches (the pipelines move in lockstep); replica 0's last stage writes the shard and
-    the index (last). An existing eval cache is left to the policy's check."""
-    eval_cfg = offline.eval_cache_cfg(cfg)
+def follow_evals(cfg, follower, write_eval, start: int, total: int) -> None:
+    """TR-DPO: the eval cache of every reference the policy evaluates with (`follow_live.eval_syncs`),
+    written as soon as the group holds it: now for the starting one, else after the sync that makes it."""
+    wanted = eval_syncs(cfg, start, total)
+
+    def on_sync(step: int) -> None:
+        if step // cfg.reference.sync_steps in wanted:
+            write_eval(eval_version(cfg, step))
+
+    follower.on_sync = on_sync
+    on_sync(start)
+
+
+def write_eval_cache(eval_cfg, held, scorer, outputs: tuple[str, ...], role, pad_id: int, length) -> None:
+    """Live evaluation: score the held-out pairs once into the eval cache `eval_cfg` names
+    (`offline.eval_cache_cfg`: before the first training round; TR-DPO: after each sync the policy
+    evaluates with), which the policy waits for (`sources.open_eval_source`), keyed as cache mode keys
+    it. Every replica runs the same batches (the pipelines move in lockstep); replica 0's last stage
+    writes the shard and the index (last). An existing eval cache is left to the policy's check."""
     directory = offline.cache_dir(eval_cfg)
     expected = cache_components(eval_cfg, scorer, pdata.dataset_fingerprint(held), outputs)
     if (directory / INDEX).is_file():
         return
-    records, ids, size = [], [], cfg.eval.batch_size
+    records, ids, size = [], [], eval_cfg.eval.batch_size
     for start in range(0, len(held), size):
         batch = pdata.collate_pairs(pdata.gather_rows(held, list(range(start, min(start + size, len(held))))),
                                     pad_id, length=length)

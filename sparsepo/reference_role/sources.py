@@ -269,6 +269,30 @@ def open_source(cfg, spec, *, ctx, dataset, collate, data_fingerprint: str, feat
     return CacheSource(reader, outputs, ctx.device)
 
 
+class FollowingEvalSource:
+    """TR-DPO in live mode: the held-out pairs scored by the reference the run has moved to — at each
+    evaluation, the eval cache the group wrote for it (`follow_live.eval_version`), waited for and kept."""
+
+    def __init__(self, cfg, outputs: tuple[str, ...], follower, *, device, expected):
+        self.cfg, self.outputs, self.follower, self.device, self.expected = cfg, outputs, follower, device, expected
+        self.readers: dict[str, CacheSource] = {}
+
+    def get(self, batch) -> ReferenceOutputs:
+        from sparsepo.reference_role import offline
+        from sparsepo.reference_role.follow_live import eval_version
+
+        version = eval_version(self.cfg, self.follower.step)
+        if version not in self.readers:
+            eval_cfg = offline.eval_cache_cfg(self.cfg, version)
+            reader = offline.wait_for_cache(offline.cache_dir(eval_cfg), self.expected(eval_cfg),
+                                            timeout_s=self.cfg.reference.timeout_s, progress=self.cfg.logging.progress)
+            self.readers = {version: CacheSource(reader, self.outputs, self.device)}  # one reference at a time
+        return self.readers[version].get(batch)
+
+    def finish(self) -> None:
+        pass
+
+
 def open_eval_source(cfg, spec, train_source, *, ctx, dataset, collate, data_fingerprint: str, features=None):
     """The reference outputs for the held-out pairs, from the training source's kind: the same object
     when it scores any batch (inline, none); in cache mode an eval cache beside the training one
@@ -279,6 +303,10 @@ def open_eval_source(cfg, spec, train_source, *, ctx, dataset, collate, data_fin
 
     if not isinstance(train_source, (CacheSource, LiveSource)):
         return train_source
+    if isinstance(train_source, LiveSource) and train_source.follower is not None:
+        return FollowingEvalSource(cfg, spec.reference_outputs, train_source.follower, device=ctx.device,
+                                   expected=lambda eval_cfg: offline.components(eval_cfg, data_fingerprint,
+                                                                                spec.reference_outputs, features))
     eval_cfg = offline.eval_cache_cfg(cfg)
     if isinstance(train_source, LiveSource):
         expected = offline.components(eval_cfg, data_fingerprint, spec.reference_outputs, features)
