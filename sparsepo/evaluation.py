@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from sparsepo.metrics import pair_values, reduce_mean
+from sparsepo.schedule import eval_due
 
 
 def eval_rounds(num_rows: int, batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], int]]:
@@ -28,12 +29,6 @@ def eval_rounds(num_rows: int, batch_size: int, rank: int, world_size: int) -> l
         mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, num_rows)))
         rounds.append((mine, len(mine)) if mine else ([0], 0))
     return rounds
-
-
-def eval_due(step: int, total: int, every_steps: int) -> bool:
-    """Whether the run evaluates after optimiser step `step` (1-based): after every `every_steps`-th
-    step (0: never in between) and after the last."""
-    return step == total or (every_steps > 0 and step % every_steps == 0)
 
 
 @dataclass

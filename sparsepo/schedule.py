@@ -80,3 +80,9 @@ class Schedule:
         if len({len(r) for r in replicas}) > 1:
             raise ValueError(f"replicas serve unequal numbers of policy ranks: {[list(r) for r in replicas]}")
         return zip(*(self.slots(start, total, served) for served in replicas))
+
+
+def eval_due(step: int, total: int, every_steps: int) -> bool:
+    """Whether the run evaluates after optimiser step `step` (1-based): after every `every_steps`-th
+    step (0: never in between) and after the last (`eval.every_steps`)."""
+    return step == total or (every_steps > 0 and step % every_steps == 0)

@@ -70,7 +70,7 @@ def eval_version(cfg, step: int) -> str:
 
 def eval_syncs(cfg, start: int, total: int) -> set[int]:
     """The sync counts (step // sync_steps) at which a live TR-DPO run from `start` to `total` evaluates."""
-    from sparsepo.evaluation import eval_due
+    from sparsepo.schedule import eval_due
 
     return {s // cfg.reference.sync_steps for s in range(start + 1, total + 1)
             if eval_due(s, total, cfg.eval.every_steps)}
