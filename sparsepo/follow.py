@@ -38,10 +38,6 @@ def sync_problem(cfg, spec) -> str | None:
     if r.mode in ("cache", "precompute"):
         return (f"reference.sync_alpha (TR-DPO) moves the reference during training, and a reference.mode={r.mode} "
                 f"cache holds one fixed reference's outputs: use reference.mode=inline, or reference.sync_alpha=null")
-    if r.mode == "live" and spec.needs_policy_samples:
-        return (f"reference.sync_alpha (TR-DPO) with a live group serves pair batches only; method '{spec.name}' "
-                f"sends its samples as requests, which the group does not yet interleave with the policy's "
-                f"weights: use reference.mode=inline")
     if spec.needs_oracle_scores or not (spec.reference_outputs or spec.needs_policy_samples):
         return (f"reference.sync_alpha (TR-DPO) updates the reference model, and method '{spec.name}' reads "
                 f"{'an oracle pair, not the reference' if spec.needs_oracle_scores else 'no reference'}: "

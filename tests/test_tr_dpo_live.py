@@ -235,3 +235,24 @@ def test_a_resumed_live_run_sends_the_checkpoints_reference_and_continues_the_cu
     want, got = read_scalars(full, "train/loss"), read_scalars(part, "train/loss")
     for step in (3, 4):
         assert abs(got[step] - want[step]) < (1e-6 if policy_ranks == 2 else 1e-5), (step, got, want)
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+def test_live_spo_follows_like_inline(tiny_world, tmp_path):
+    """SPO (KL on the policy's own samples) with α = 0.5 every step, 1 policy rank + a 2-stage group:
+    each step's samples are scored by the reference after the syncs before it, as inline mode scores
+    them when they are drawn — the moved weights reach both stages through the inbox that carries the
+    policy's requests, in order; loss and sample KL equal inline's step for step."""
+    spo = ("method.name=spo", "generation.max_new_tokens=8", "optim.lr=1e-2", "optim.schedule=constant",
+           "optim.warmup_steps=0", "train.micro_batch_size=2", "train.max_steps=3", "method.kl_support=union",
+           "reference.sync_alpha=0.5", "reference.sync_steps=1")
+    inline, live = tmp_path / "inline", tmp_path / "live"
+    run_training(tiny_world, inline, *spo, "reference.mode=inline")
+    run_training(tiny_world, live, *spo, *LIVE[:1], "topology.reference_ranks=2", "topology.pipeline_stages=2",
+                 nproc=3)
+    for tag in ("train/loss", "train/sample_kl"):
+        want, got = read_scalars(inline, tag), read_scalars(live, tag)
+        assert sorted(got) == sorted(want) == [1, 2, 3], tag
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), (tag, step, got, want)

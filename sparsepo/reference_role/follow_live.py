@@ -287,6 +287,7 @@ class GroupFollower:
         self.synced = start
         self.seq = 0
         self.on_sync = None  # called with the step after each receive (the eval cache of that reference)
+        self.recv = lambda: br.recv(bridge, src)  # SPO: the inbox of the first policy rank's requests, where one is
 
     def announce(self) -> None:
         """Replica 0: tell the first policy rank what this stage holds."""
@@ -304,7 +305,7 @@ class GroupFollower:
         """Every parameter of this stage, once each, from the first policy rank."""
         got = set()
         while len(got) < len(self.params):
-            msg = br.recv(self.bridge, self.src)
+            msg = self.recv()
             (name,) = msg.example_ids or [None]
             if msg.kind != br.WEIGHTS or msg.seq != self.seq or name not in self.params or name in got:
                 raise br.BridgeError(f"TR-DPO live: policy rank {self.src} sent {br.KINDS.get(msg.kind)} #{msg.seq} for "

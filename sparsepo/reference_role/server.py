@@ -167,7 +167,7 @@ def serve(cfg, plan, bridge) -> None:
                  f", SAE features of layer {cfg.sae.layer} (top {scorer.features.k})" if features else "",
                  ", from the existing cache" if cache else "")
     if samples:
-        _serve_samples(cfg, bridge, topo, role, scorer, schedule, hs, sample_outputs)
+        _serve_samples(cfg, bridge, topo, role, scorer, schedule, hs, sample_outputs, follower)
         br.broadcast(bridge, br.Finish(pairs_scored=0, cache_indexed=False), src=topo.reference_ranks()[0])
         return
     if held is not None:
@@ -283,21 +283,32 @@ class _SampleRequest:
         self.response_mask, self.request_ids = body["sample_mask"], body["request_ids"]
 
 
-def _serve_samples(cfg, bridge, topo, role, scorer, schedule, hs, outputs) -> None:
+def _serve_samples(cfg, bridge, topo, role, scorer, schedule, hs, outputs, follower=None) -> None:
     """SPO: one REQUEST per policy micro-step (samples + support ids), in the schedule's rounds; the
-    first and last stage of the serving replica receive it, the last stage returns OUTPUTS."""
+    first and last stage of the serving replica receive it, the last stage returns OUTPUTS.
+    TR-DPO (`follower`): a REQUEST of step k is scored by the reference after the syncs ≤ k, as inline
+    mode scores it when it is made; where this rank hears the first policy rank's REQUESTs, the moved
+    weights come through the same inbox, in the order that rank sent them."""
     policy_ranks = topo.policy_ranks()
     outbox = br.Outbox(bridge, cfg.reference.window) if role.is_last_stage else None
     inboxes: dict[int, br.Inbox] = {}
+
+    def inbox_of(src: int) -> br.Inbox:
+        if src not in inboxes:
+            inboxes[src] = br.Inbox(bridge, src=src, window=cfg.reference.window)
+        return inboxes[src]
+
+    if follower is not None and scorer.needs_batch and 0 in topo.policies_for_replica(role.replica):
+        first = inbox_of(policy_ranks[0])
+        follower.recv = lambda: first.get(cfg.reference.timeout_s)
     for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
         slot = round_slots[role.replica]
+        if follower is not None and follower.due(slot.step):
+            follower.receive(slot.step)
         src = policy_ranks[slot.policy_rank]
         request = None
         if scorer.needs_batch:
-            if src not in inboxes:
-                inboxes[src] = br.Inbox(bridge, src=src, window=cfg.reference.window)
-            inbox = inboxes[src]
-            msg = inbox.get(cfg.reference.timeout_s)
+            msg = inbox_of(src).get(cfg.reference.timeout_s)
             if msg.kind != br.REQUEST:
                 raise br.BridgeError(f"policy rank {src} sent {br.KINDS.get(msg.kind)} #{msg.seq}, not a request")
             request = _SampleRequest(msg)
