@@ -202,7 +202,11 @@ def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> d
             run.metrics.log(step + 1, logged)
             last = logged
         if follow.due(cfg, step + 1):  # TR-DPO: the reference follows the policy (collective)
+            t_sync = time.perf_counter()
             run.source.follow(run.policy, cfg.reference.sync_alpha, step + 1)
+            if run.ctx.is_main:
+                log.info("TR-DPO: step %d: the reference followed the policy in %.3f s", step + 1,
+                         time.perf_counter() - t_sync)
         if run.evaluator is not None and run.evaluator.due(step + 1, run.total):
             evals = run_eval(run, step + 1)
         if saving:

@@ -106,3 +106,14 @@ def test_bench_methods_names_any_rows_reference_side():
     assert methods_report.reference_side("hinge") == "cache: seq_logps"  # a TRL-family row: sequence log-probs
     assert methods_report.reference_side("orpo") == "none"  # reference-free
     assert methods_report.reference_side("fpo").startswith("offline cache")
+
+
+@pytest.mark.slow
+def test_bench_tr_dpo_live_times_the_sync_and_the_step_after(tiny_world, tmp_path):
+    out = tmp_path / "trdpo.json"
+    run_bench("bench_tr_dpo_live.py", "--world", str(tiny_world.root), "--repeats", "1", "--steps", "3",
+              "--vocab", "2000", "--out", str(out))
+    table = json.loads(out.read_text())["table"]
+    assert set(table) == {"live, frozen reference", "live, TR-DPO", "inline, TR-DPO"}
+    assert table["live, TR-DPO"]["sync_s"] > 0 and table["inline, TR-DPO"]["sync_s"] > 0
+    assert table["live, frozen reference"]["sync_s"] is None
