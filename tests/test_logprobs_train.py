@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 STEPS = 4
 
 
-@pytest.mark.parametrize("method", ["dpo", "tdpo2"])
+@pytest.mark.parametrize("method", ["dpo", pytest.param("tdpo2", marks=pytest.mark.slow)])  # a training per row
 def test_loss_curve_is_the_same_with_and_without_chunks(tiny_world, tmp_path, method):
     import subprocess
 

@@ -100,6 +100,7 @@ def test_a_resumed_soft_update_run_continues_from_the_moved_reference(tiny_world
 
 @pytest.mark.integration
 @pytest.mark.distributed
+@pytest.mark.slow  # 25 s; re-cutting in the default run: test_tr_dpo_live.py (slices, by hand)
 def test_a_soft_update_run_resumes_on_another_world_size_from_the_moved_reference(tiny_world, tmp_path):
     """Written on 2 ranks at step 2 (α = 0.5 every step), resumed on 1: steps 3 and 4 log the
     uninterrupted 2-rank run's losses (reference-rank0.pt is read on the new world; the policy comes
