@@ -122,3 +122,20 @@ def test_an_sae_of_another_model_is_refused_in_every_mode(tiny_world, sae_dir, t
     assert proc.returncode != 0
     assert "was trained on activations of model 0123456789abcdef" in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
+def test_fpo_with_a_reference_that_follows_the_policy_equals_inline(tiny_world, sae_dir, tmp_path):
+    """TR-DPO's moving reference under FPO (α = 0.5 every 2 steps, 4 steps): the group's last stage
+    reads the SAE features of its moved weights, as inline reads its moved copy's — losses and the
+    feature term equal inline's step for step."""
+    follow = (*COMMON, f"sae.path={sae_dir}", "train.max_steps=4", "optim.lr=1e-2",
+              "reference.sync_alpha=0.5", "reference.sync_steps=2")
+    inline, live = tmp_path / "inline", tmp_path / "live"
+    run_training(tiny_world, inline, *follow, "reference.mode=inline", nproc=2)
+    run_training(tiny_world, live, *follow, *LIVE, nproc=4)
+    for tag in ("train/loss", "train/rewards/margins"):
+        want, got = read_scalars(inline, tag), read_scalars(live, tag)
+        assert sorted(got) == sorted(want) == [1, 2, 3, 4], tag
+        for step in want:
+            assert got[step] == pytest.approx(want[step], abs=1e-5), (tag, step, got, want)
