@@ -364,11 +364,14 @@ def restore(engine, tag_dir: Path, cfg: RunConfig, *, data_fingerprint: str, ctx
     return step
 
 
-def load_every_rank_state(tag_dir: Path, name: str) -> list | None:
-    """Every saved rank's `name` state, in rank order (for a resume on another world size that can
-    re-cut them), or None when any rank's file is missing."""
+def every_rank_state(tag_dir: Path, name: str):
+    """(load, world): `load(r)` reads saved rank r's `name` state, for r < world (the checkpoint's world
+    size) — for a resume on another world size that can re-cut them, reading only what it needs — or
+    None when any rank's file is missing."""
     paths = [Path(tag_dir) / f"{name}-rank{r}.pt" for r in range(read_meta(Path(tag_dir))["world_size"])]
-    return [torch.load(p, weights_only=True) for p in paths] if all(p.is_file() for p in paths) else None
+    if not all(p.is_file() for p in paths):
+        return None
+    return (lambda r: torch.load(paths[r], weights_only=True)), len(paths)
 
 
 def load_rank_state(tag_dir: Path, name: str, *, rank: int, world_size: int):

@@ -251,9 +251,9 @@ def restore_reference(source, resume, ctx) -> None:
         if state is not None:
             return source.load_follow_state(state)
     else:
-        states = ckpt.load_every_rank_state(resume, "reference")
-        if states is not None:
-            return source.load_follow_states(states)
+        saved = ckpt.every_rank_state(resume, "reference")
+        if saved is not None:
+            return source.load_follow_states(*saved)
     raise ckpt.CheckpointError(f"checkpoint {resume} holds no TR-DPO reference (reference-rank<r>.pt, written "
                                f"by sparsepo since TR-DPO): start a new run, or resume from a newer checkpoint")
 

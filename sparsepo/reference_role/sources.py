@@ -108,9 +108,10 @@ class InlineSource:
     def load_follow_state(self, state: dict) -> None:
         self.model.load_state_dict(state)
 
-    def load_follow_states(self, states: list[dict]) -> None:
-        """Another world size's checkpoint: every rank saved the same whole reference."""
-        self.model.load_state_dict(states[0])
+    def load_follow_states(self, load, world: int) -> None:
+        """Another world size's checkpoint (`load(r)`: saved rank r's state): every rank saved the same
+        whole reference, so rank 0's is read."""
+        self.model.load_state_dict(load(0))
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> dict:
         """Inline: scored at once; the ticket is the result (see `LiveSource.request`)."""
@@ -169,8 +170,9 @@ class LiveSource:
     def load_follow_state(self, state: dict) -> None:
         self.follower.load_state_dict(state)
 
-    def load_follow_states(self, states: list[dict]) -> None:
-        self.follower.load_resharded(states)
+    def load_follow_states(self, load, world: int) -> None:
+        """Another world size's checkpoint: every saved rank's slices, re-cut for this one."""
+        self.follower.load_resharded([load(r) for r in range(world)])
 
     def request(self, samples, request_ids, outputs: tuple[str, ...]) -> list[str]:
         """SPO: send the samples and the support ids to the replica's first and last stage (REQUEST);
