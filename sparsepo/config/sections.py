@@ -116,7 +116,9 @@ class ReferenceConfig:
     sync_alpha: float | None = None
     """TR-DPO (arXiv 2404.09656): every sync_steps optimiser steps the reference moves towards the
     policy, θ_ref ← α·θ + (1 − α)·θ_ref; 1 is the hard update (θ_ref ← θ), null (default) a frozen
-    reference. Inline mode only (`sparsepo.follow`); TRL's ref_model_mixup_alpha (its default 0.6)."""
+    reference. Inline mode, or live mode, where the policy streams the moved reference to the group's
+    stages (`sparsepo.follow`, `reference_role.follow_live`); a cache refuses it. TRL's
+    ref_model_mixup_alpha (its default 0.6)."""
     sync_steps: int = 512
     """TR-DPO's τ: optimiser steps between reference updates (TRL's ref_model_sync_steps, default 512)."""
 
