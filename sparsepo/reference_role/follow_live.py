@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import torch
 
@@ -187,23 +186,17 @@ class PolicyFollower:
         self.device, self.start, self.total, self.sync_steps = device, start, total, sync_steps
         self.outbox = br.Outbox(bridge, window) if routes is not None else None
         self.send_last = send_last
-        self.syncs = 0
         self.step = start  # the last step the reference followed the policy at (or the start)
 
     def follow(self, policy, alpha: float, step: int) -> None:
         """After optimiser step `step` (1-based): mix every slice, and send the mixed parameters unless
         the group has nothing left to score with them. Collective over the policy ranks."""
-        t0, send = time.perf_counter(), step < self.total or self.send_last
+        send = step < self.total or self.send_last
         self.step = step
         for name, value in policy.gathered_parameters():
             self.shadow.mix_(name, value, alpha)
             if send:
                 self._send(name)
-        self.syncs += 1
-        if self.outbox is not None:
-            log.info("TR-DPO live: step %d: the reference moved (α = %s)%s in %.2f s", step, alpha,
-                     f" and {self.shadow.nbytes() / 2**20:.1f} MiB sent to the group" if send else "",
-                     time.perf_counter() - t0)
 
     def send_all(self) -> None:
         """A resumed run's reference, as its checkpoint holds it (collective over the policy ranks)."""
@@ -264,8 +257,9 @@ def open_policy_follower(cfg, *, bridge, topo, policy, ctx, start: int, total: i
     shadow.fill(StageLoader(reference_path(cfg), cfg.train.precision).named_tensors())
     if first:
         log.info("TR-DPO live: the reference follows the policy every %d step(s) (α = %s); %d parameters over "
-                 "%d stage(s), this rank holds 1/%d of them", cfg.reference.sync_steps, cfg.reference.sync_alpha,
-                 len(shapes), topo.num_stages, ctx.world_size)
+                 "%d stage(s), %.1f MiB sent to the group per sync, this rank holds 1/%d of them",
+                 cfg.reference.sync_steps, cfg.reference.sync_alpha, len(shapes), topo.num_stages,
+                 shadow.nbytes() / 2**20, ctx.world_size)
     return PolicyFollower(shadow, bridge=bridge, routes=table if first else None, stage_ranks=stage_ranks,
                           device=ctx.device, window=cfg.reference.window, start=start, total=total,
                           sync_steps=cfg.reference.sync_steps, send_last=last_eval_moves(cfg, start, total))

@@ -184,7 +184,7 @@ def serve(cfg, plan, bridge) -> None:
     for round_slots in rounds(schedule, topo, hs.start_step, hs.total_steps):
         walk.serve(round_slots)
     walk.outbox.flush()
-    if follower is not None and held is not None and last_eval_moves(cfg, hs.start_step, hs.total_steps):
+    if follower is not None and last_eval_moves(cfg, hs.start_step, hs.total_steps):  # the policy's own rule
         follower.receive(hs.total_steps)  # the last step's reference, for the last evaluation
     indexed = follower is None and _write_through(cfg, expected, len(dataset), walk.scored if cache is None else {},
                                                   role)
