@@ -29,7 +29,7 @@ ADAPTER_INFIXES = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding
 
 
 class LoraUnavailable(RuntimeError):
-    """A LoRA setting this machine cannot run (4-bit without CUDA or bitsandbytes)."""
+    """A LoRA setting this machine cannot run (4-bit without a bitsandbytes that runs NF4 here)."""
 
 
 def enabled(lcfg) -> bool:
@@ -45,38 +45,87 @@ def peft_config(lcfg):
                       modules_to_save=list(lcfg.modules_to_save) or None, task_type=TaskType.CAUSAL_LM)
 
 
+def import_bitsandbytes():
+    """bitsandbytes, imported with its CPU backend's log muted: on a CPU with AVX512-bf16 it tries to
+    fetch an optional kernel from the Hugging Face Hub (for its inference-only packed weight format,
+    which ``portable_4bit`` turns off) and warns when it cannot — every offline run would."""
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        quiet.setLevel(level)
+    return bitsandbytes
+
+
+def qlora_problem(device: str) -> str | None:
+    """Why 4-bit NF4 cannot run on ``device`` ("cpu" or "cuda") here, or None: bitsandbytes missing,
+    or one it cannot quantise and dequantise a block with (before 0.48 it had no CPU backend)."""
+    try:
+        bnb = import_bitsandbytes()
+    except ImportError:
+        return "lora.load_in_4bit=true needs the bitsandbytes package: pip install bitsandbytes (or set lora.load_in_4bit=false)"
+    try:
+        x = torch.linspace(-1, 1, 64, dtype=torch.bfloat16, device=device)
+        q, state = bnb.functional.quantize_4bit(x, quant_type="nf4", quant_storage=torch.bfloat16)
+        bnb.functional.dequantize_4bit(q, state)
+    except Exception as e:  # noqa: BLE001 - any failure means this bitsandbytes cannot run NF4 on this device
+        return (f"lora.load_in_4bit=true: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run 4-bit NF4 on "
+                f"{device} ({type(e).__name__}: {str(e)[:200]}); install bitsandbytes>=0.48 (CPU support) or set "
+                f"lora.load_in_4bit=false")
+    return None
+
+
 def check_runnable(cfg) -> str | None:
-    """Why this machine cannot run cfg.lora (QLoRA needs CUDA and bitsandbytes), or None. Called before
-    anything loads, so the refusal is a config error naming the key."""
+    """Why this machine cannot run cfg.lora (QLoRA: bitsandbytes able to run NF4 on the run's device), or
+    None. Called before anything loads, so the refusal is a config error naming the key."""
     lo = getattr(cfg, "lora", None)
     if not enabled(lo) or not lo.load_in_4bit:
         return None
     import os
 
-    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
-        return ("lora.load_in_4bit=true needs a CUDA GPU: bitsandbytes' 4-bit (NF4) kernels do not run on CPU. "
-                "Set lora.load_in_4bit=false (plain LoRA over a bf16/fp32 base) on this machine")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return ("lora.load_in_4bit=true needs the bitsandbytes package: pip install bitsandbytes "
-                "(or set lora.load_in_4bit=false)")
-    return None
+    cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+    return qlora_problem("cpu" if cpu else "cuda")
 
 
-def quantization_config(lcfg):
-    """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation, bf16 compute), or None."""
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def quantization_config(lcfg, precision: str = "bf16"):
+    """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation), or None. The layers compute
+    in the run's ``precision`` and the 4-bit codes are stored in tensors of that dtype, so ZeRO-3
+    partitions them like the model's other weights and a dtype cast never touches them."""
     if not enabled(lcfg) or not lcfg.load_in_4bit:
         return None
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()
     except ImportError as e:
-        raise LoraUnavailable("lora.load_in_4bit=true needs bitsandbytes (pip install bitsandbytes) and a CUDA "
-                              "GPU; or set lora.load_in_4bit=false") from e
+        raise LoraUnavailable("lora.load_in_4bit=true needs bitsandbytes (pip install bitsandbytes); or set "
+                              "lora.load_in_4bit=false") from e
     from transformers import BitsAndBytesConfig
 
+    dtype = PRECISION_DTYPES[precision]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def count_4bit(model) -> int:
+    """How many of ``model``'s layers hold 4-bit weights (bitsandbytes' ``Linear4bit``)."""
+    linear4bit = import_bitsandbytes().nn.Linear4bit
+    return sum(isinstance(m, linear4bit) for m in model.modules())
+
+
+def portable_4bit(model):
+    """Keep every 4-bit layer of ``model`` in the one weight layout it was loaded in. On a CPU with
+    AVX512-bf16, bitsandbytes re-packs a 4-bit weight in place the first time it runs in eval mode
+    without gradients (an inference-only layout). Under ZeRO-3 the re-packed tensor is thrown away when
+    the parameter is released while its quant state keeps saying "re-packed": every later forward read
+    garbage (measured: logits off by 0.8 after one reference forward). Returns ``model``."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def wrap(model, lcfg, *, gradient_checkpointing: bool = False):
@@ -136,8 +185,10 @@ def peft_from_state(base_path: str, lcfg, state: dict, *, dtype: torch.dtype = t
     are ignored: the base is frozen). Refuses a state that lacks an adapter or holds foreign ones."""
     from transformers import AutoModelForCausalLM
 
+    from dataclasses import replace
+
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-    peft_model = wrap(base, lcfg)
+    peft_model = wrap(base, replace(lcfg, load_in_4bit=False))  # QLoRA's adapters go onto the unquantised base
     inner = peft_model.get_base_model()
     wanted = {n for n, p in inner.named_parameters() if p.requires_grad}
     adapters = {k: v for k, v in state.items() if is_adapter_key(k)}

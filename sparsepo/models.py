@@ -74,14 +74,22 @@ def check_same_tokens(role: str, path: str, run_tokenizer: str, run_model: str, 
 
 
 def load_frozen_model(path: str, *, device: torch.device | str = "cpu", precision: str = "fp32",
-                      attn_implementation: str = "auto"):
-    """A model for scoring only: eval mode, no gradients."""
+                      attn_implementation: str = "auto", quantization=None):
+    """A model for scoring only: eval mode, no gradients. ``quantization``: a transformers quantization
+    config (QLoRA's 4-bit reference, ``lora.quantization_config``), loaded straight onto ``device``."""
     from transformers import AutoModelForCausalLM
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     from sparsepo.config.device import attention_kwargs
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention_kwargs(attn_implementation)).to(device)
+    if quantization is not None:
+        from sparsepo.lora import portable_4bit
+
+        model = portable_4bit(AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization, device_map={"": torch.device(device)},
+            **attention_kwargs(attn_implementation)))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention_kwargs(attn_implementation)).to(device)
     model.eval()
     model.requires_grad_(False)
     return model

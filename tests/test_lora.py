@@ -163,18 +163,38 @@ def test_config_section():
                              (["lora.r=4", "lora.target_modules=7"], "must be a list"),
                              (["lora.r=-1"], "lora.r=-1"),
                              (["lora.target_modules=[q_proj]"], "lora.r=0"),
-                             (["lora.r=4", "lora.dropout=1.0"], "lora.dropout"),
-                             (["lora.r=4", "lora.load_in_4bit=true"], "train.precision=bf16")):
+                             (["lora.r=4", "lora.dropout=1.0"], "lora.dropout")):
         with pytest.raises(ConfigError, match=match):
             load_config(None, overrides)
 
 
-def test_qlora_refused_on_cpu_with_the_reason(monkeypatch, capsys):
+def test_qlora_refused_without_a_bitsandbytes_that_runs_nf4(monkeypatch, capsys):
+    """QLoRA runs on CPU (bitsandbytes >= 0.50 has a CPU backend, tests/test_qlora_train.py); a machine
+    without bitsandbytes, or with one that cannot quantise a block on the run's device, gets a one-line
+    config error with the reason before anything loads."""
+    import sys
+
     from sparsepo import train
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert lora.qlora_problem("cpu") is None  # the installed bitsandbytes runs NF4 on this CPU
+    args = ["lora.r=8", "lora.load_in_4bit=true", "train.precision=bf16", "model.path=.", "data.path=."]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
     with pytest.raises(SystemExit) as e:
-        train.main(["lora.r=8", "lora.load_in_4bit=true", "train.precision=bf16", "model.path=.", "data.path=."])
+        train.main(args)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "config error" in err and "lora.load_in_4bit=true needs a CUDA GPU" in err and "\n" not in err.strip()
+    assert "config error" in err and "needs the bitsandbytes package" in err and "\n" not in err.strip()
+    monkeypatch.undo()
+
+    import bitsandbytes
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", broken)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot run 4-bit NF4 on cpu (RuntimeError: no kernel for this device)" in err

@@ -72,9 +72,10 @@ def ds_inference_config(*, steps_per_print: int = 10**9) -> dict:
 
 def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precision: str = "fp32",
                    partition: str = "uniform", ds_config: dict | None = None, feature_layer: int | None = None,
-                   features=None, requests: bool = False, chunk: int = 0):
+                   features=None, requests: bool = False, chunk: int = 0, quantization=None):
     """A DeepSpeed PipelineEngine (eval only, no optimizer) over the current torch.distributed world.
     ``requests``: batches carry ``request_ids`` and the last stage adds request_logps (SPO's samples).
+    ``quantization``: QLoRA's 4-bit reference (``StageLoader``).
     ``chunk`` > 0: the last stage scores by the lean log-prob path (model.logits_chunk, ``HeadStage``).
 
     World = num_stages x R data-parallel replicas (global rank = stage * R + replica). Initialises
@@ -97,7 +98,7 @@ def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precis
         raise PipelineConfigError(f"pipeline partition {partition!r} is not one of {PARTITIONS}")
     if topk is not None and topk < 0:
         raise PipelineConfigError(f"pipeline reference: topk={topk} must be >= 0")
-    loader = StageLoader(model_path, precision)
+    loader = StageLoader(model_path, precision, quantization)
     if topk and topk > loader.config.vocab_size:
         raise PipelineConfigError(f"pipeline reference: topk={topk} > vocab size {loader.config.vocab_size}")
     load_features = None
@@ -198,12 +199,12 @@ class PipelineScorer:
     def from_pretrained(cls, model_path: str, *, num_stages: int, topk: int | None, precision: str = "fp32",
                         partition: str = "uniform", micro_batches: int = 1,
                         outputs: Sequence[str] | None = None, feature_layer: int | None = None,
-                        features=None, requests: bool = False, chunk: int = 0) -> "PipelineScorer":
+                        features=None, requests: bool = False, chunk: int = 0, quantization=None) -> "PipelineScorer":
         """``features``/``feature_layer``/``requests``: see ``build_pipeline`` (a loader callable keeps
         the SAE off every stage but the last)."""
         engine = build_pipeline(model_path, num_stages=num_stages, topk=topk, precision=precision,
                                 partition=partition, feature_layer=feature_layer, features=features,
-                                requests=requests, chunk=chunk)
+                                requests=requests, chunk=chunk, quantization=quantization)
         return cls(engine, micro_batches=micro_batches, outputs=outputs)
 
     @property

@@ -74,10 +74,14 @@ class PolicyEngine:
         from sparsepo import lora as lora_mod
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must live while the model is built)
-        quant = lora_mod.quantization_config(lora)
+        quant = lora_mod.quantization_config(lora, precision)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(precision),
                                                      **attention_kwargs(attn_implementation),
                                                      **({"quantization_config": quant} if quant else {}))
+        if quant:
+            lora_mod.portable_4bit(model)
+            log.info("QLoRA: the base in 4-bit NF4 (bitsandbytes %s, double quantisation, bf16 compute): %d linear "
+                     "layers", lora_mod.import_bitsandbytes().__version__, lora_mod.count_4bit(model))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -142,10 +146,12 @@ class PolicyEngine:
 
     @torch.no_grad()
     def nonfinite_weights(self) -> int:
-        """Non-finite elements among the weights this rank holds (its ZeRO-3 partitions). Local: sum
-        it over the ranks for the verdict (sparsepo.guard)."""
+        """Non-finite elements among the trained weights this rank holds (its ZeRO-3 partitions). Frozen
+        ones are skipped: training cannot change them, and a QLoRA base's 4-bit codes are stored in bf16
+        tensors whose bytes read as NaN here and there. Local: sum it over the ranks for the verdict
+        (sparsepo.guard)."""
         return sum(int((~torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p)).sum())
-                   for p in self.module.parameters())
+                   for p in self.module.parameters() if p.requires_grad)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(elements this rank holds, elements of the full model): under ZeRO-3 the first is ~1/N."""

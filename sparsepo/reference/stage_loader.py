@@ -43,13 +43,14 @@ class StageLoader:
     ``tensors_read`` lists the checkpoint keys read so far (a test checks a stage reads only its
     own); ``fallback_cause`` is None unless a build had to load the full model."""
 
-    def __init__(self, model_path: str, precision: str = "fp32"):
+    def __init__(self, model_path: str, precision: str = "fp32", quantization=None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if precision not in PRECISIONS:
             raise PipelineConfigError(f"pipeline reference: precision={precision!r} is not one of {sorted(PRECISIONS)}")
         self.model_path = str(model_path)
         self.precision = precision
+        self.quantization = quantization  # QLoRA's 4-bit reference: transformers' loading quantises it
         self.dtype = PRECISIONS[precision]
         config = AutoConfig.from_pretrained(self.model_path)
         check_live_supported(config)
@@ -143,7 +144,7 @@ class StageLoader:
             log.warning("pipeline reference: loading the full model from %s on CPU to keep one stage, because %s",
                         self.model_path, cause)
             self.fallback_cause = cause
-            self._full = load_frozen_model(self.model_path, precision=self.precision)
+            self._full = load_frozen_model(self.model_path, precision=self.precision, quantization=self.quantization)
         return self._full
 
     def _checkpoint_key(self, path: str, key: str) -> str | None:
@@ -204,6 +205,8 @@ class StageLoader:
         return module.to(self.dtype), None
 
     def _load_items(self, lo: int, hi: int) -> tuple[dict[str, nn.Module] | None, str | None]:
+        if self.quantization is not None:
+            return None, "the reference is 4-bit (lora.load_in_4bit): transformers' loading quantises it"
         if self.weight_map is None:
             return None, f"{self.model_path} has no model.safetensors or model.safetensors.index.json"
         modules: dict[str, nn.Module] = {}

@@ -38,14 +38,30 @@ class ReferenceScorer:
         return [self.path]
 
     def fingerprints(self) -> dict:
-        """Nothing beyond the cache key's model part (the reference weights, ``offline.local_components``)."""
-        return {}
+        """QLoRA's 4-bit reference (``quantized``); else nothing beyond the cache key's model part (the
+        reference weights, ``offline.local_components``)."""
+        return {"reference_quantized": "nf4-double-quant"} if self.quantized else {}
+
+    @property
+    def quantized(self) -> bool:
+        """QLoRA (``lora.load_in_4bit``): the reference is loaded in 4-bit like the policy's base, so it
+        is exactly the policy at step 0 in every mode (inline's adapters-off view is that base too)."""
+        from sparsepo.lora import enabled
+
+        return enabled(self.cfg.lora) and self.cfg.lora.load_in_4bit
+
+    def quantization_config(self):
+        """transformers' 4-bit config when ``quantized``, else None."""
+        from sparsepo.lora import quantization_config
+
+        return quantization_config(self.cfg.lora, self.cfg.train.precision) if self.quantized else None
 
     def load(self, device) -> Head:
         from sparsepo.models import load_frozen_model
 
         model = load_frozen_model(self.path, device=device, precision=self.cfg.train.precision,
-                                  attn_implementation=self.cfg.model.attn_implementation)
+                                  attn_implementation=self.cfg.model.attn_implementation,
+                                  quantization=self.quantization_config())
         return Head.for_model(model, head_chunk(self.cfg))
 
     def pipelines(self, *, num_stages: int, topk: int | None, feature_layer: int | None, load_features):
@@ -55,7 +71,7 @@ class ReferenceScorer:
         return PipelineScorer.from_pretrained(self.path, num_stages=num_stages, precision=self.cfg.train.precision,
                                               outputs=self.outputs, topk=topk, feature_layer=feature_layer,
                                               features=load_features, requests=self.samples,
-                                              chunk=head_chunk(self.cfg))
+                                              chunk=head_chunk(self.cfg), quantization=self.quantization_config())
 
     def wire(self, batch, records: list[dict], eos_id: int) -> list[dict]:
         """What the last stage sends the policy per batch: the records as scored."""
