@@ -38,11 +38,11 @@ def widened_model(world, out: Path, vocab: int) -> Path:
     return out
 
 
-def measure(world, work: Path, name: str, overrides: list[str], repeats: int) -> dict:
+def measure(world, work: Path, name: str, overrides: list[str], repeats: int, settings: dict = SETTINGS) -> dict:
     """setting -> {"step_s": [...], "rss_mib": [...], "trainable": n, "total": n}, runs interleaved."""
-    got = {s: {"step_s": [], "rss_mib": []} for s in SETTINGS}
+    got = {s: {"step_s": [], "rss_mib": []} for s in settings}
     for i in range(repeats):
-        for setting, extra in SETTINGS.items():
+        for setting, extra in settings.items():
             run = work / f"{name}-{setting.replace(' ', '').replace('=', '')}-{i}"
             train(world, run, [*overrides, *extra], 1)
             step = scalars(run, "train/step_time")
@@ -53,15 +53,16 @@ def measure(world, work: Path, name: str, overrides: list[str], repeats: int) ->
     return got
 
 
-def counts(model_dir: Path) -> dict:
-    """setting -> (trainable, total) parameters, as the trainer logs them (sparsepo.lora.parameter_counts)."""
+def counts(model_dir: Path, settings: dict = SETTINGS) -> dict:
+    """setting -> (trainable, total) parameters of the unquantised model, as the trainer counts them
+    (sparsepo.lora.parameter_counts)."""
     from transformers import AutoModelForCausalLM
 
     from sparsepo import lora
     from sparsepo.config.lora import LoraConfig
 
     out = {"full": (sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()),) * 2}
-    for setting, extra in SETTINGS.items():
+    for setting, extra in settings.items():
         if extra:
             r = int(extra[0].split("=")[1])
             out[setting] = lora.parameter_counts(lora.wrap(AutoModelForCausalLM.from_pretrained(model_dir),

@@ -61,6 +61,9 @@ from method_costs import (cache_stats, fpo_policy_overhead, payload_bytes_per_pa
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 METHODS = ("fpo", "simpo", "dpo", "tdpo2")
+LOG_EVERY = 10
+"""Steps per logged window: each logged value is the mean over its window (loss_first10 / loss_last10: the
+first and last windows; step time: the windows after the first, which holds the warm-up steps)."""
 EXTENSIONS_DIR: Path | None = None
 
 
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[bench] SAE ready ({sae_s:.0f}s)", flush=True)
 
     base = [f"model.path={world.sft_dir}", f"data.path={world.train_path}", "logging.progress=false",
-            "logging.log_every=10", "logging.overwrite=true", f"train.micro_batch_size={a.micro_batch}",
+            f"logging.log_every={LOG_EVERY}", "logging.overwrite=true", f"train.micro_batch_size={a.micro_batch}",
             f"train.max_steps={a.steps}", *a.overrides]
 
     def overrides_for(method: str, run_dir: Path, variant: list[str] = ()) -> list[str]:
@@ -272,19 +275,21 @@ def main(argv: list[str] | None = None) -> dict:
                             work / f"train-{slug(label)}-r{rep}.log", launcher=multi)
             method = label  # results below are keyed by label
             cpu_per_step[method].append((r["cpu_s"] - short["cpu_s"]) / (a.steps - a.short_steps))
+            # the trainer logs window means every LOG_EVERY steps (and at the last): the windows after the
+            # first (which holds the warm-up steps) give the step time; the first and last, the loss
             st = scalars(run_dir, "train/step_time")
-            if sorted(st) != list(range(1, a.steps + 1)):
-                raise SystemExit(f"{run_dir}: expected step_time for steps 1..{a.steps}, got {sorted(st)}")
-            step_times[method] += [st[s] for s in range(3, a.steps + 1)]
+            logged = sorted(st)
+            if not logged or logged[-1] != a.steps:
+                raise SystemExit(f"{run_dir}: expected step_time logged through step {a.steps}, got {logged}")
+            timed = logged[1:] or logged
+            step_times[method] += [st[s] for s in timed]
             wait = scalars(run_dir, "train/ref_wait")
-            ref_waits[method] += [wait[s] for s in range(3, a.steps + 1)]
+            ref_waits[method] += [wait[s] for s in timed]
             loss = scalars(run_dir, "train/loss")
-            n10 = min(10, a.steps)
             runs.append({"method": method, "repeat": rep, "run_dir": str(run_dir), **r,
                          "short_cpu_s": short["cpu_s"], "cpu_ms_per_step": 1000 * cpu_per_step[method][-1],
-                         "step_time_mean_ms": 1000 * statistics.mean(st[s] for s in range(3, a.steps + 1)),
-                         "loss_first10": statistics.mean(loss[s] for s in range(1, n10 + 1)),
-                         "loss_last10": statistics.mean(loss[s] for s in range(a.steps - n10 + 1, a.steps + 1))})
+                         "step_time_mean_ms": 1000 * statistics.mean(st[s] for s in timed),
+                         "loss_first10": loss[logged[0]], "loss_last10": loss[logged[-1]]})
             print(f"[bench] {method}#{rep}: {runs[-1]['step_time_mean_ms']:.1f} ms/step wall, "
                   f"{runs[-1]['cpu_ms_per_step']:.1f} ms/step CPU, {r['peak_rss_mib']:.0f} MiB, loss "
                   f"{runs[-1]['loss_first10']:.4f} -> {runs[-1]['loss_last10']:.4f}", flush=True)

@@ -41,11 +41,15 @@ def render(res: dict) -> str:
              "train loss, mean of first 10 → last 10 steps |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     simpo = m["simpo"]
+
+    def ratio(value: float, base: float) -> str:  # a CPU-time difference of two short runs can be <= 0
+        return f"{value / base:.2f}" if base > 0 else "n/a"
+
     for name in res["order"]:
         s = m[name]
         lines.append(
             f"| {name} | {reference_side(s['method'])} | {s['cpu_ms_per_step']:.1f} | "
-            f"{s['cpu_ms_per_step'] / simpo['cpu_ms_per_step']:.2f} | "
+            f"{ratio(s['cpu_ms_per_step'], simpo['cpu_ms_per_step'])} | "
             f"{s['step_time_median_ms']:.1f} ({s['step_time_mean_ms']:.1f}) | "
             f"{s['step_time_median_ms'] / simpo['step_time_median_ms']:.2f} | {s['ref_wait_mean_ms']:.2f} | "
             f"{s['peak_rss_mib']:.0f} | {fmt(s['cache_bytes_per_pair'], ',.0f')} | {fmt(s['precompute_s'])} | "

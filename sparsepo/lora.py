@@ -46,16 +46,9 @@ def peft_config(lcfg):
 
 
 def import_bitsandbytes():
-    """bitsandbytes, imported with its CPU backend's log muted: on a CPU with AVX512-bf16 it tries to
-    fetch an optional kernel from the Hugging Face Hub (for its inference-only packed weight format,
-    which ``portable_4bit`` turns off) and warns when it cannot — every offline run would."""
-    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-    finally:
-        quiet.setLevel(level)
+    """bitsandbytes (its CPU backend's Hub-kernel warning is muted in ``sparsepo/__init__.py``)."""
+    import bitsandbytes
+
     return bitsandbytes
 
 

@@ -165,7 +165,8 @@ def step_metrics(out, fwd, mask) -> dict[str, torch.Tensor]:
     if fwd.logit_mean is not None:
         values.update({"logits/chosen": mean_logits(fwd.logit_mean[:b], mask[:b]),
                        "logits/rejected": mean_logits(fwd.logit_mean[b:], mask[b:])})
-    return {**out.metrics, **values}
+    own_logps = {k: out.metrics[k] for k in ("logps/chosen", "logps/rejected") if k in out.metrics}  # LD-DPO's
+    return {**out.metrics, **values, **own_logps}
 
 
 def train(cfg: RunConfig, live=None, preempt: PreemptionFlag | None = None) -> dict:

@@ -132,6 +132,34 @@ def test_chat_shape_applies_the_template(tmp_path, tok):
     assert ds[0]["example_id"] == example_id(p, c, recs[0]["rejected"])
 
 
+def test_chat_response_is_the_template_rendering_without_an_appended_eos(tmp_path):
+    """TRL 1.16: a conversational response is the template's text as is. A template that ends a turn
+    with something after eos (ChatML: "<|im_end|>\n") or without eos gets no eos appended (before:
+    one eos too many after ChatML's newline)."""
+    tok = make_tokenizer(TEMPLATE.replace(" </s> ", " <|user|> "))  # turns end with a marker that is not eos
+    recs = chat_pairs()
+    ds, _ = load(write_jsonl(tmp_path / "c.jsonl", recs), tmp_path, tok)
+    assert ds[0]["chosen_ids"] == ids(tok, "hello c0 <|user|>")
+    assert EOS not in ds[0]["chosen_ids"] + ds[0]["rejected_ids"]
+
+
+def test_tools_and_chat_template_kwargs_reach_the_template(tmp_path):
+    """TRL 1.16 hands a row's `tools` and `chat_template_kwargs` columns to apply_chat_template; so does
+    sparsepo (before: both columns were ignored without a word). Rows that differ only in them are
+    different pairs (their ids differ), not duplicates."""
+    template = ("{{ bos_token }}{% if tools %}<|system|> {% for t in tools %}{{ t['name'] }} {% endfor %}</s> "
+                "{% endif %}{% if think %}w9 {% endif %}" + TEMPLATE.split("}}", 1)[1])
+    tok = make_tokenizer(template)
+    base = chat_pairs(1)[0]
+    recs = [dict(base, tools=[{"name": "w1"}, {"name": "w2"}], chat_template_kwargs={"think": True}),
+            dict(base, tools=[{"name": "w3"}], chat_template_kwargs={"think": False})]
+    ds, report = load(write_jsonl(tmp_path / "t.jsonl", recs), tmp_path, tok)
+    assert len(ds) == 2 and ds[0]["example_id"] != ds[1]["example_id"]
+    assert ds[0]["prompt_ids"][:7] == [BOS] + ids(tok, "<|system|> w1 w2 </s> w9 <|system|>")
+    assert ds[1]["prompt_ids"][:5] == [BOS] + ids(tok, "<|system|> w3 </s> <|system|>")
+    assert ds[0]["chosen_ids"] == ids(tok, "hello c0 </s>")
+
+
 def test_implicit_prompt_is_the_shared_prefix(tmp_path, tok):
     explicit = chat_pairs()
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}

@@ -44,6 +44,28 @@ def test_ld_dpo_by_hand():
     assert dpo_loss(inputs, DPOParams()).losses.tolist() == pytest.approx([0.97407698, 0.55435524], abs=1e-8)
     ew, el = excess_masks(inputs.chosen_mask, inputs.rejected_mask)
     assert ew.nonzero().tolist() == [[0, 4]] and el.nonzero().tolist() == [[1, 3], [1, 4]]
+    # TRL 1.16 logs the desensitised policy log-probs as logps/*: pair 0's π̂θ(yw) = −4.5 and π̂θ(yl) of
+    # pair 1 = −4 (above); pair 1's chosen and pair 0's rejected have no excess: their plain sums
+    pw, pl = inputs.policy_chosen_logps, inputs.policy_rejected_logps
+    assert float(out.metrics["logps/chosen"]) == pytest.approx((-4.5 + float(pw[1])) / 2, abs=TOL)
+    assert float(out.metrics["logps/rejected"]) == pytest.approx((float(pl[0]) - 4.0) / 2, abs=TOL)
+    assert "logps/chosen" not in dpo_loss(inputs, DPOParams()).metrics
+
+
+def test_trainer_logs_the_losses_own_logps_under_ld_dpo():
+    """`trainer.step_metrics`: the LD-desensitised logps/* from the loss replace the plain sums (TRL's
+    values); without LD the plain sums are logged."""
+    from sparsepo.trainer import step_metrics
+
+    inputs = LossInputs(**ld_inputs())
+    fwd = SimpleNamespace(seq_logps=torch.cat([inputs.policy_chosen_logps, inputs.policy_rejected_logps]),
+                          logit_mean=None)
+    mask = torch.ones(4, 6)
+    got = step_metrics(dpo_loss(inputs, LD), fwd, mask)
+    assert float(got["logps/chosen"]) == pytest.approx(float(dpo_loss(inputs, LD).metrics["logps/chosen"]))
+    assert float(got["logps/chosen"]) != pytest.approx(float(inputs.policy_chosen_logps.mean()))
+    plain = step_metrics(dpo_loss(inputs, DPOParams()), fwd, mask)
+    assert float(plain["logps/chosen"]) == pytest.approx(float(inputs.policy_chosen_logps.mean()))
 
 
 def test_ld_alpha_one_is_dpo_bit_for_bit():

@@ -20,9 +20,12 @@ Tokenisation convention (the reference scorer and trainer read the ids; they nev
   chat:    prompt_text = apply_chat_template(prompt, add_generation_prompt=True)
            response_text = apply_chat_template(prompt + response) minus the prompt_text prefix
            both tokenised with add_special_tokens=False (the template writes its own specials);
-           eos is appended only when the rendered response does not already end with it.
-Prompt and response are tokenised separately, so ids at the boundary may differ from tokenising
-the concatenated text (the same choice as TRL).
+           no eos is appended: the response ends as the template closes the turn (TRL 1.16).
+Prompt and response are tokenised separately. TRL 1.16 tokenises prompt + completion together and
+splits where the ids diverge; the two agree whenever the response text starts at a token boundary
+(a string response that begins with its space, " blue.", or any chat template's turn), and differ
+for a string prompt that ends in a space ("The sky is " + "blue.": sparsepo gives the prompt a
+lone space token). Put the space at the start of the response, as TRL's documentation does.
 
 Truncation, when len(prompt) + len(response) > max_length for either response:
   prompt_first  a prompt longer than max_prompt_length is cut from the LEFT to max_prompt_length

@@ -14,11 +14,13 @@ import re
 from dataclasses import asdict, dataclass
 
 
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 """Bump when the output of `tokenise_batch` changes for the same input: it busts every cache.
 2: chat roles are validated (a cached dataset may hold rows that are now refused).
 3: the lengths before truncation are kept (prompt_tokens, chosen_tokens, rejected_tokens).
-4: string pairs without a prompt (TRL's implicit prompt) and content-part messages are accepted."""
+4: string pairs without a prompt (TRL's implicit prompt) and content-part messages are accepted.
+5: conversational responses are the chat template's rendering as is, no eos appended (TRL 1.16): a
+   ChatML turn ends "<|im_end|>\n", and the eos appended after the newline was one token too many."""
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 """Chat roles a message may have (the OpenAI / Hugging Face chat-template vocabulary)."""
@@ -197,12 +199,23 @@ def _check_response(field: str, messages: list, start: int) -> None:
                             f"{messages[-1]['role']!r} message, not an assistant one")
 
 
-def _render_chat(tokenizer, prompt: list, responses: tuple[list, list]) -> tuple[str, str, str]:
+CHAT_EXTRAS = ("tools", "chat_template_kwargs")
+"""Optional per-row columns handed to the chat template, as TRL 1.16 does: `tools` (a list of JSON
+schemas) and `chat_template_kwargs` (a dict of template variables, e.g. Qwen3's enable_thinking)."""
+
+
+def _render_chat(tokenizer, prompt: list, responses: tuple[list, list], extras: dict | None = None
+                 ) -> tuple[str, str, str]:
     if not tokenizer.chat_template:
         raise BadRow("prompt", "chat messages, but the tokenizer has no chat template")
+    extras = extras or {}
+    kwargs = extras.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise BadRow("chat_template_kwargs", f"must be a mapping of template variables, got {type(kwargs).__name__}")
+    kwargs = {**kwargs, **({"tools": extras["tools"]} if extras.get("tools") is not None else {})}
     try:
-        p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        fulls = [tokenizer.apply_chat_template(prompt + r, tokenize=False) for r in responses]
+        p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+        fulls = [tokenizer.apply_chat_template(prompt + r, tokenize=False, **kwargs) for r in responses]
     except Exception as e:  # jinja's raise_exception, e.g. "roles must alternate"
         raise BadRow("prompt", f"chat template failed: {type(e).__name__}: {e}") from e
     for name, full in zip(("chosen", "rejected"), fulls):
@@ -212,8 +225,10 @@ def _render_chat(tokenizer, prompt: list, responses: tuple[list, list]) -> tuple
     return p, fulls[0][len(p):], fulls[1][len(p):]
 
 
-def prepare(prompt, chosen, rejected, *, has_prompt: bool, tokenizer) -> tuple[str, bool, str, str, str]:
-    """Validate one row: (example_id, templated, prompt_text, chosen_text, rejected_text)."""
+def prepare(prompt, chosen, rejected, *, has_prompt: bool, tokenizer, extras: dict | None = None
+            ) -> tuple[str, bool, str, str, str]:
+    """Validate one row: (example_id, templated, prompt_text, chosen_text, rejected_text). ``extras``:
+    the row's ``CHAT_EXTRAS`` that are set (chat rows only; they are part of the row's id)."""
     if not has_prompt and isinstance(chosen, str):  # TRL's implicit prompt, string pairs
         _check_text("chosen", chosen)
         _check_text("rejected", rejected)
@@ -246,8 +261,10 @@ def prepare(prompt, chosen, rejected, *, has_prompt: bool, tokenizer) -> tuple[s
         start = len(p) if not has_prompt else 0
         _check_response("chosen", c, start)
         _check_response("rejected", r, start)
-        return (example_id(prompt if has_prompt else None, chosen, rejected), True,
-                *_render_chat(tokenizer, p, (c, r)))
+        extras = {k: v for k, v in (extras or {}).items() if v is not None}
+        keyed = prompt if has_prompt else None
+        return (example_id({"prompt": keyed, **extras} if extras else keyed, chosen, rejected), True,
+                *_render_chat(tokenizer, p, (c, r), extras))
     _check_text("prompt", prompt)
     _check_text("chosen", chosen)
     _check_text("rejected", rejected)
@@ -281,14 +298,16 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], *, 
     return prompt, chosen[:room], rejected[:room], True
 
 
-def _finish(prompt, chosen, rejected, tokenizer, settings: Settings):
+def _finish(prompt, chosen, rejected, tokenizer, settings: Settings, *, chat: bool = False):
+    """Append eos to string responses (conversational ones end as the chat template closes the turn, as
+    in TRL), truncate, check the pair still differs."""
     for name, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if not ids:
             raise BadRow(name, "empty after tokenisation")
     eos = tokenizer.eos_token_id
-    # A chat template usually closes the turn with eos already; never append a second one.
-    chosen = chosen if chosen[-1] == eos else chosen + [eos]
-    rejected = rejected if rejected[-1] == eos else rejected + [eos]
+    if not chat:
+        chosen = chosen if chosen[-1] == eos else chosen + [eos]
+        rejected = rejected if rejected[-1] == eos else rejected + [eos]
     out = truncate_pair(prompt, chosen, rejected, max_length=settings.max_length,
                         max_prompt_length=settings.max_prompt_length, mode=settings.truncation,
                         bos_id=tokenizer.bos_token_id)
@@ -305,10 +324,11 @@ def tokenise_batch(batch: dict[str, list], *, tokenizer, settings: Settings) -> 
     n = len(batch["chosen"])
     has_prompt = "prompt" in batch
     prompts = batch["prompt"] if has_prompt else [None] * n
+    extras = [{k: batch[k][i] for k in CHAT_EXTRAS if k in batch} for i in range(n)]
     prepared: list = []
-    for p, c, r in zip(prompts, batch["chosen"], batch["rejected"]):
+    for p, c, r, x in zip(prompts, batch["chosen"], batch["rejected"], extras):
         try:
-            prepared.append(prepare(p, c, r, has_prompt=has_prompt, tokenizer=tokenizer))
+            prepared.append(prepare(p, c, r, has_prompt=has_prompt, tokenizer=tokenizer, extras=x))
         except BadRow as b:
             prepared.append(b)
     ok = [i for i, x in enumerate(prepared) if not isinstance(x, BadRow)]
@@ -334,7 +354,7 @@ def tokenise_batch(batch: dict[str, list], *, tokenizer, settings: Settings) -> 
             row.update(prompt_tokens=len(prompt_ids[i]),
                        **{f"{side}_tokens": len(ids) - bool(ids and ids[-1] == eos)
                           for side, ids in (("chosen", chosen_ids[i]), ("rejected", rejected_ids[i]))})
-            p, c, r, cut = _finish(prompt_ids[i], chosen_ids[i], rejected_ids[i], tokenizer, settings)
+            p, c, r, cut = _finish(prompt_ids[i], chosen_ids[i], rejected_ids[i], tokenizer, settings, chat=x[1])
             row.update(example_id=x[0], prompt_ids=p, chosen_ids=c, rejected_ids=r, truncated=cut)
         except BadRow as b:
             row.update(bad_field=b.field, bad_reason=b.reason)

@@ -49,6 +49,26 @@ def import_muon_eagerly() -> None:
         compiler.compile = compile_fn
 
 
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+"""Parameter names the Hugging Face Trainer (so TRL) never decays: ``Trainer.get_decay_parameter_names``'
+patterns (transformers 5), applied with its own ``trainer_pt_utils.get_parameter_names``."""
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """The trainable parameters as the optimiser receives them. With ``weight_decay`` > 0 two groups, as
+    the HF Trainer makes them: biases and the weights of norm layers (``nn.LayerNorm`` instances and any
+    name matching ``NO_DECAY_PATTERNS``: RMSNorm's ``input_layernorm``, ``model.norm``) at 0, the rest
+    at ``weight_decay``; with 0 one plain list (the layout of every checkpoint written before)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if weight_decay <= 0:
+        return [p for _, p in trainable]
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], list(NO_DECAY_PATTERNS)))
+    return [{"params": [p for name, p in trainable if name in decay], "weight_decay": weight_decay},
+            {"params": [p for name, p in trainable if name not in decay], "weight_decay": 0.0}]
+
+
 def _dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
@@ -96,8 +116,8 @@ class PolicyEngine:
         import_muon_eagerly()
         if (ds_config.get("checkpoint") or {}).get("writer"):  # checkpoint.async_write: a writer process
             children_die_with_rank()
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                         if p.requires_grad],
+        decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, decay),
                                           config=ds_config,
                                           lr_scheduler=lambda optimizer: get_scheduler(name, optimizer, **kwargs))
         writer = getattr(engine.checkpoint_engine, "ckpt_process", None)  # checkpoint.async_write's process

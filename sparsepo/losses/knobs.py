@@ -263,6 +263,9 @@ def output_with_knobs(inputs: LossInputs, params: Knobs, method: str, losses: Te
     response's, not a preference term). w multiplies the NLL too, as TRL 1.16 weighs every term of
     `loss_type=[sigmoid, sft]` (its RPO): a row with sft_weight=α is `[row, sft]` with weights [1, α].
     Rewards and metrics are detached by `make_output`."""
+    if getattr(params, "desensitised", False):  # TRL logs LD-DPO's desensitised log-probs as logps/*
+        pw, pl, _, _ = ld_sequence_logps(inputs, params.ld_alpha, method)
+        metrics["logps/chosen"], metrics["logps/rejected"] = pw.mean(), pl.mean()
     nll = chosen_nll(inputs) if getattr(params, "sft_weight", 0.0) else None
     if nll is not None:
         losses, metrics["nll"] = losses + params.sft_weight * nll, nll.mean()
