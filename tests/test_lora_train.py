@@ -42,22 +42,8 @@ def test_one_lora_step_equals_the_step_by_hand_with_peft(tiny_world, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sparsepo import data as pdata
-    from sparsepo.config import load_config
-    from sparsepo.models import load_tokenizer
-
     lr, eps, beta = 1e-2, 1.0, 0.1
-    pairs = first_pairs(tiny_world, tmp_path / "pairs.jsonl", 2)
-    overrides = (f"data.path={pairs}", "method.name=dpo", f"method.beta={beta}", "train.micro_batch_size=2",
-                 "train.max_steps=1", f"optim.lr={lr}", f"optim.eps={eps}", "optim.grad_clip=0",
-                 "reference.mode=inline", *CONSTANT, *LORA)
-    run_training(tiny_world, tmp_path / "run", *overrides)
-    trained = adapter_params(tmp_path / "run")
-
-    cfg = load_config(RECIPE, [f"model.path={tiny_world.sft_dir}", *overrides])
-    tok = load_tokenizer(str(tiny_world.sft_dir))
-    dataset, _ = pdata.load_preference_dataset(cfg.data, tok, run_dir=None)
-    batch = pdata.collate_pairs(pdata.gather_rows(dataset, [0, 1]), tok.pad_token_id)
+    trained, batch = one_step_run(tiny_world, tmp_path, LORA, lr=lr, eps=eps, beta=beta)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_world.sft_dir, dtype=torch.float32),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     params = dict(model.named_parameters())
@@ -66,6 +52,34 @@ def test_one_lora_step_equals_the_step_by_hand_with_peft(tiny_world, tmp_path):
             key = name.replace(".weight", ".default.weight")
             params[key].copy_(value if ".lora_A." in name else torch.zeros_like(value))
 
+    grads = first_step_by_hand(model, batch, beta, trained, lr=lr, eps=eps)
+    logged = read_scalars(tmp_path / "run", "train/grad_norm")[1]
+    assert logged == pytest.approx(torch.sqrt(sum((g ** 2).sum() for g in grads.values())).item(), rel=1e-4)
+
+
+def one_step_run(tiny_world, tmp_path, lora_overrides, *, lr: float, eps: float, beta: float):
+    """One DPO step of the trainer on the first 2 pairs (ZeRO-3, inline, no clipping): the run's adapters
+    after it and the collated batch it trained on."""
+    from sparsepo import data as pdata
+    from sparsepo.config import load_config
+    from sparsepo.models import load_tokenizer
+
+    pairs = first_pairs(tiny_world, tmp_path / "pairs.jsonl", 2)
+    overrides = (f"data.path={pairs}", "method.name=dpo", f"method.beta={beta}", "train.micro_batch_size=2",
+                 "train.max_steps=1", f"optim.lr={lr}", f"optim.eps={eps}", "optim.grad_clip=0",
+                 "reference.mode=inline", *CONSTANT, *lora_overrides)
+    run_training(tiny_world, tmp_path / "run", *overrides)
+    cfg = load_config(RECIPE, [f"model.path={tiny_world.sft_dir}", *overrides])
+    tok = load_tokenizer(str(tiny_world.sft_dir))
+    dataset, _ = pdata.load_preference_dataset(cfg.data, tok, run_dir=None)
+    return adapter_params(tmp_path / "run"), pdata.collate_pairs(pdata.gather_rows(dataset, [0, 1]), tok.pad_token_id)
+
+
+def first_step_by_hand(model, batch, beta: float, trained: dict, *, lr: float, eps: float) -> dict:
+    """The DPO loss of `batch` written out on a peft `model` (whose lora_A are the run's and lora_B zero),
+    the reference under disable_adapter; checks it is ln 2 and that the run's adapters after one step are
+    AdamW's first step from its gradient: lora_A untouched (B = 0 gives it no gradient), lora_B moved by
+    -lr·g/(|g|+eps). Returns the gradients by the run's adapter names."""
     def seq_logps(m):
         logits = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
@@ -79,6 +93,7 @@ def test_one_lora_step_equals_the_step_by_hand_with_peft(tiny_world, tmp_path):
     loss = -torch.nn.functional.logsigmoid(margin).mean()
     loss.backward()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)  # B = 0: policy = reference
+    params = dict(model.named_parameters())
     grads = {name: params[name.replace(".weight", ".default.weight")].grad for name in trained}
     for name, value in trained.items():
         g = grads[name]
@@ -88,8 +103,7 @@ def test_one_lora_step_equals_the_step_by_hand_with_peft(tiny_world, tmp_path):
         want = -lr * g / (g.abs() + eps)
         assert torch.count_nonzero(want) > 0, name
         torch.testing.assert_close(value, want, rtol=1e-4, atol=1e-9, msg=name)
-    logged = read_scalars(tmp_path / "run", "train/grad_norm")[1]
-    assert logged == pytest.approx(torch.sqrt(sum((g ** 2).sum() for g in grads.values())).item(), rel=1e-4)
+    return grads
 
 
 @pytest.fixture(scope="module")
