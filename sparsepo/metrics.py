@@ -36,6 +36,17 @@ def mean_logits(logit_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (logit_mean * mask).sum() / mask.sum().clamp(min=1)
 
 
+def token_stats(fwd, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL 1.16's `entropy` (the policy's mean entropy over the response tokens of every row, chosen and
+    rejected) and `mean_token_accuracy` (the share of the chosen responses' tokens that are the policy's
+    argmax), from a forward's `entropy` and `top1_ids` (N,T, position t describes x_t), `input_ids` and
+    the response mask (N,T), chosen rows first -> 0-dim tensors, no host sync."""
+    b = mask.shape[0] // 2
+    hit = (fwd.top1_ids[:b] == input_ids[:b]).to(mask.dtype) * mask[:b]
+    return {"entropy": (fwd.entropy * mask).sum() / mask.sum().clamp(min=1),
+            "mean_token_accuracy": hit.sum() / mask[:b].sum().clamp(min=1)}
+
+
 def reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Average scalar metrics over all ranks (one all-reduce for the whole dict)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

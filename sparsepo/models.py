@@ -105,16 +105,20 @@ class PairForward:
     log_sq_mass: torch.Tensor | None = None  # (2B,T) log Σ_v p(v|x_<t)², no gradient, zero outside (sq_mass=True)
     aux_loss: torch.Tensor | None = None  # () an MoE router's load-balancing loss, with gradient (router_aux=True)
     logit_mean: torch.Tensor | None = None  # (2B,T) mean logit predicting each response token (plain path only)
+    entropy: torch.Tensor | None = None  # (2B,T) entropy of p(·|x_<t) at response positions, no gradient (stats=True)
+    top1_ids: torch.Tensor | None = None  # (2B,T) argmax of p(·|x_<t) at response positions (stats=True)
 
 
 def pair_forward(head: Head, batch, *, ids: torch.Tensor | None = None, sq_mass: bool = False,
-                 router_aux: bool = False, logit_mean: bool = False) -> PairForward:
+                 router_aux: bool = False, logit_mean: bool = False, stats: bool = False) -> PairForward:
     """The policy's forward of a collated batch through its `head` (`sparsepo.logprobs.head.Head`: the
     plain or the lean path, chosen when the model was loaded). `ids` (2B,T,K): also the log-probs at
     those ids (TDPO: the reference's top-K). `sq_mass`: also log Σ_v p(v|x_<t)² at each response
     position (WPO's weights; `logprobs.plain.log_sq_mass`), without gradient. `router_aux`: an MoE
     model's router load-balancing loss too (`aux_loss`), from the model's own forward (the plain path).
-    `logit_mean`: TRL's `logits/*` input where the path holds full logits (`plain.Logits.fields`)."""
+    `logit_mean`: TRL's `logits/*` input where the path holds full logits (`plain.Logits.fields`).
+    `stats`: also the entropy and the top-1 id at each response position (TRL's `entropy` and
+    `mean_token_accuracy`; no gradient, both paths)."""
     aux = None
     if router_aux:
         out = head.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
@@ -124,9 +128,12 @@ def pair_forward(head: Head, batch, *, ids: torch.Tensor | None = None, sq_mass:
             inner = getattr(head.model, "module", head.model)
             raise ValueError(f"model.router_aux_loss_coef > 0 but {type(inner).__name__} returns no router "
                              f"aux_loss (not a mixture-of-experts model)")
-        got = fields(out.logits, batch.input_ids, batch.response_mask, ids=ids, sq_mass=sq_mass, logit_mean=logit_mean)
+        got = fields(out.logits, batch.input_ids, batch.response_mask, ids=ids, sq_mass=sq_mass, logit_mean=logit_mean,
+                     entropy=stats, topk=int(stats))
     else:
         got = head(batch.input_ids, batch.attention_mask, batch.response_mask, ids=ids, sq_mass=sq_mass,
-                   logit_mean=logit_mean)
+                   logit_mean=logit_mean, entropy=stats, topk=int(stats))
+    top1 = got.get("topk_ids")
     return PairForward(token_logps=got["token_logps"], seq_logps=got["seq_logps"], logps_at_ids=got.get("logps_at"),
-                       log_sq_mass=got.get("log_sq_mass"), aux_loss=aux, logit_mean=got.get("logit_mean"))
+                       log_sq_mass=got.get("log_sq_mass"), aux_loss=aux, logit_mean=got.get("logit_mean"),
+                       entropy=got.get("entropy"), top1_ids=None if top1 is None else top1[..., 0])

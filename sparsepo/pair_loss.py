@@ -17,11 +17,12 @@ def forward_loss(head, batch, ref, spec, params, *, eos_id: int, features=None, 
     """The policy's forward of `batch` (chosen rows first) through its `head` (`logprobs.head.Head`;
     `router_aux`: an MoE policy's router loss too, `models.pair_forward`), and `spec.loss_fn` fed exactly what the
     method's flags ask for. `ref`: the reference outputs of this batch (None when reference-free);
-    `features`: the SAE features object (FPO) or None, `stats`: also its reconstruction statistics;
+    `features`: the SAE features object (FPO) or None, `stats` (log steps): also its reconstruction
+    statistics and the policy's entropy / top-1 ids (`models.pair_forward`);
     `sample_fields`: SPO's sample fields. Returns (LossOutput, PairForward, SAE metrics)."""
     with features.capture(head.model) if features is not None else nullcontext() as cap:
         fwd = pair_forward(head, batch, sq_mass=spec.needs_sq_mass, router_aux=router_aux, logit_mean=True,
-                           ids=ref.topk_ids if "topk_ids" in spec.reference_outputs else None)
+                           ids=ref.topk_ids if "topk_ids" in spec.reference_outputs else None, stats=stats)
     pooled, feature_metrics = features.policy(cap, batch, stats=stats) if features is not None else (None, {})
     eos = eos_positions(batch.input_ids, batch.response_mask, eos_id)
     out = spec.loss_fn(build_loss_inputs(spec, fwd, batch.response_mask, ref, pooled, sample_fields, eos), params)

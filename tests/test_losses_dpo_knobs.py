@@ -59,7 +59,7 @@ def test_trainer_logs_the_losses_own_logps_under_ld_dpo():
 
     inputs = LossInputs(**ld_inputs())
     fwd = SimpleNamespace(seq_logps=torch.cat([inputs.policy_chosen_logps, inputs.policy_rejected_logps]),
-                          logit_mean=None)
+                          logit_mean=None, entropy=None)
     mask = torch.ones(4, 6)
     got = step_metrics(dpo_loss(inputs, LD), fwd, mask)
     assert float(got["logps/chosen"]) == pytest.approx(float(dpo_loss(inputs, LD).metrics["logps/chosen"]))

@@ -55,6 +55,7 @@ def test_the_4bit_reference_keys_its_own_cache(tiny_world):
     assert "reference_quantized" not in plain and quant["reference_quantized"] == "nf4-double-quant"
 
 
+@pytest.mark.slow  # the default suite keeps the LoRA by-hand step (same trainer path) and the 4-bit cache test
 def test_one_qlora_step_equals_the_step_by_hand(tiny_world, tmp_path):
     """DPO, 2 pairs, one step, ZeRO-3, inline reference. As tests/test_lora_train.py's LoRA step: B = 0 at
     init, so the step moves lora_B by AdamW's first step -lr·g/(|g|+eps); g by hand from transformers'

@@ -4,6 +4,8 @@ These launch real processes (a few seconds each after DeepSpeed's one-off op bui
 
 import json
 
+import math
+
 import pytest
 
 from conftest import read_scalars, run_training
@@ -57,9 +59,12 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tiny_world, dpo_two_ran
 def test_tensorboard_has_the_named_scalars(dpo_two_ranks):
     for tag in ["loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected", "lr", "learning_rate", "grad_norm", "epoch",
-                "num_tokens", "tokens_per_s", "step_time", "ref_wait"]:
+                "num_tokens", "tokens_per_s", "step_time", "ref_wait", "entropy", "mean_token_accuracy"]:
         values = read_scalars(dpo_two_ranks, f"train/{tag}")
         assert len(values) == STEPS, tag
+    vocab_log = math.log(400)  # the tiny world's vocabulary: entropy is between 0 and log V
+    assert all(0 < v < vocab_log for v in read_scalars(dpo_two_ranks, "train/entropy").values())
+    assert all(0 <= v <= 1 for v in read_scalars(dpo_two_ranks, "train/mean_token_accuracy").values())
 
 
 def test_final_model_loads_with_transformers(dpo_two_ranks, tiny_world):

@@ -29,6 +29,22 @@ def test_mean_logits_reads_the_positions_that_predict_response_tokens():
     assert float(mean_logits(logit_mean, mask)) == pytest.approx(4.0)
 
 
+def test_token_stats_are_trls_entropy_and_mean_token_accuracy():
+    """entropy: token mean over the response positions of all rows; mean_token_accuracy: the chosen rows'
+    response tokens that are the argmax. Rows: 2 chosen, 2 rejected; position 0 is prompt."""
+    from types import SimpleNamespace
+
+    from sparsepo.metrics import token_stats
+
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 0, 1]], dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7], [5, 8, 9], [5, 6, 7], [5, 1, 2]])
+    top1 = torch.tensor([[9, 6, 3], [9, 8, 9], [9, 6, 7], [9, 1, 2]])  # chosen hits: (0,1), (1,1); (0,2) misses
+    entropy = torch.tensor([[9.0, 1.0, 2.0], [9.0, 3.0, 9.0], [9.0, 4.0, 5.0], [9.0, 9.0, 6.0]])
+    got = token_stats(SimpleNamespace(entropy=entropy, top1_ids=top1), ids, mask)
+    assert float(got["entropy"]) == pytest.approx((1 + 2 + 3 + 4 + 5 + 6) / 6)
+    assert float(got["mean_token_accuracy"]) == pytest.approx(2 / 3)
+
+
 def test_window_means_each_name_over_the_steps_that_reported_it_and_empties():
     w = MetricWindow()
     w.add({"loss": torch.tensor(1.0), "sae_ev": 0.5, "step_time": 2.0})
