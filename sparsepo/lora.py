@@ -54,11 +54,14 @@ def import_bitsandbytes():
 
 def qlora_problem(device: str) -> str | None:
     """Why 4-bit NF4 cannot run on ``device`` ("cpu" or "cuda") here, or None: bitsandbytes missing,
-    or one it cannot quantise and dequantise a block with (before 0.48 it had no CPU backend)."""
+    or, on CPU, one that cannot quantise and dequantise a block there (older ones had no CPU backend).
+    On CUDA only the import is checked: a trial there would open a CUDA context in the launcher."""
     try:
         bnb = import_bitsandbytes()
     except ImportError:
         return "lora.load_in_4bit=true needs the bitsandbytes package: pip install bitsandbytes (or set lora.load_in_4bit=false)"
+    if device != "cpu":
+        return None
     try:
         x = torch.linspace(-1, 1, 64, dtype=torch.bfloat16, device=device)
         q, state = bnb.functional.quantize_4bit(x, quant_type="nf4", quant_storage=torch.bfloat16)
