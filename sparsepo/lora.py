@@ -68,7 +68,7 @@ def qlora_problem(device: str) -> str | None:
         bnb.functional.dequantize_4bit(q, state)
     except Exception as e:  # noqa: BLE001 - any failure means this bitsandbytes cannot run NF4 on this device
         return (f"lora.load_in_4bit=true: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run 4-bit NF4 on "
-                f"{device} ({type(e).__name__}: {str(e)[:200]}); install bitsandbytes>=0.48 (CPU support) or set "
+                f"{device} ({type(e).__name__}: {str(e)[:200]}); install bitsandbytes>=0.50 (CPU support) or set "
                 f"lora.load_in_4bit=false")
     return None
 

@@ -79,9 +79,7 @@ class PolicyEngine:
     def __init__(self, engine: Any, *, peft_model: Any = None, lora: Any = None, base_path: str = ""):
         """`peft_model`: the PeftModel around `engine.module` when LoRA is on (`sparsepo.lora`), else None."""
         self._engine, self.peft_model, self.lora, self.base_path = engine, peft_model, lora, base_path
-        opt = getattr(engine, "optimizer", None)
-        self._group_decay = [g.get("weight_decay", 0.0) for g in getattr(getattr(opt, "optimizer", opt),
-                                                                          "param_groups", [])]
+        self._group_decay = [g.get("weight_decay", 0.0) for g in getattr(self._inner_optimizer(), "param_groups", [])]
 
     @classmethod
     def build(cls, model_path: str, ds_config: dict, *, schedule: tuple[str, dict], precision: str = "fp32",
@@ -103,8 +101,8 @@ class PolicyEngine:
                                                      **({"quantization_config": quant} if quant else {}))
         if quant:
             lora_mod.portable_4bit(model)
-            log.info("QLoRA: the base in 4-bit NF4 (bitsandbytes %s, double quantisation, bf16 compute): %d linear "
-                     "layers", lora_mod.import_bitsandbytes().__version__, lora_mod.count_4bit(model))
+            log.info("QLoRA: the base in 4-bit NF4 (bitsandbytes %s, double quantisation, %s compute): %d linear "
+                     "layers", lora_mod.import_bitsandbytes().__version__, precision, lora_mod.count_4bit(model))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -334,7 +332,7 @@ class PolicyEngine:
 
     def _inner_optimizer(self):
         """The torch optimiser inside DeepSpeed's ZeRO wrapper (whose param_groups hold the hyper-parameters)."""
-        opt = self._engine.optimizer
+        opt = getattr(self._engine, "optimizer", None)
         return getattr(opt, "optimizer", opt)
 
     def save_hf(self, tokenizer: Any, out_dir: str | Path, *, is_main: bool) -> None:
