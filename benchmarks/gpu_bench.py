@@ -174,6 +174,12 @@ def run_mode(mode: str, w: Workload, built: dict, a, ngpu: int, trl_ok: bool):
         nproc, ovs = live_layout(ngpu)
         return "sparsepo", "live", sparsepo_run("live", nproc, nproc - 1, w, built, a,
                                                 ["reference.mode=live", *ovs]), nproc - 1, False
+    if mode in ("lora", "qlora"):  # issue 20's GPU figures: r=16 adapters, the adapters-off policy as reference.
+        # FLOPs as full fine-tuning without a reference (6·N·T): policy forward, activation gradients and the
+        # reference forward, each 2·N·T; the frozen base has no weight gradients.
+        extra = ["reference.mode=inline", "lora.r=16", "lora.alpha=32", *(["lora.load_in_4bit=true"] if mode == "qlora"
+                                                                          else [])]
+        return "sparsepo", mode, sparsepo_run(mode, ngpu, ngpu, w, built, a, extra), ngpu, False
     if mode in ("trl-precompute", "trl-inline"):
         if not trl_ok:
             return None
@@ -233,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=0, help="override the preset's step count")
     p.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--attn", default="sdpa")
-    p.add_argument("--modes", default="cache,inline,live,trl-precompute,trl-inline",
-                   help="also: cache-zero3 (the cached run under zero3.json)")
+    p.add_argument("--modes", default="cache,inline,live,trl-precompute,trl-inline,lora,qlora",
+                   help="also: cache-zero3 (the cached run under zero3.json); lora / qlora: r=16 adapters, inline")
     p.add_argument("--trl-python", default=sys.executable, help="interpreter that imports trl ('none': skip TRL)")
     p.add_argument("--out", default="runs/gpu-bench")
     p.add_argument("--work", default=None, help="workload directory (default <out>/work)")

@@ -9,7 +9,7 @@
 #   GPU_BENCH_ALLOW_CPU=1 PRESET=tiny OUT=/tmp/gb JSON=/tmp/gb/g.json MD=none benchmarks/gpu_bench.sh   # CPU smoke
 #
 # Environment: SPARSEPO_PYTHON (default .venv/bin/python, else python3), PRESET (issue19), MODES
-# (cache,inline,live,trl-precompute,trl-inline), STEPS (the preset's), OUT (runs/gpu-bench), JSON, MD,
+# (cache,inline,live,trl-precompute,trl-inline,lora,qlora), STEPS (the preset's), OUT (runs/gpu-bench), JSON, MD,
 # TRL_PYTHON (an interpreter that imports trl; default the same one). Packages the machine lacks (deepspeed,
 # datasets, trl, ... as wheels in .whl/, ../shared/GPU.md) are installed into a temporary directory first.
 # Nothing here writes a checkpoint (checkpoint.at_end=false); each run's log is in $OUT/<run>.log.
@@ -40,7 +40,7 @@ if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import deepspeed, datasets"
 fi
 "$PY" -c "import torch, deepspeed; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| deepspeed', deepspeed.__version__)" 2>&1 | grep -v real_accelerator
 
-ARGS=(--preset "${PRESET:-issue19}" --out "$OUT" --modes "${MODES:-cache,inline,live,trl-precompute,trl-inline}"
+ARGS=(--preset "${PRESET:-issue19}" --out "$OUT" --modes "${MODES:-cache,inline,live,trl-precompute,trl-inline,lora,qlora}"
       --trl-python "${TRL_PYTHON:-$PY}" --json "${JSON:-docs/gpu_bench.json}" --md "${MD:-docs/benchmarks.md}")
 [[ -n "${STEPS:-}" ]] && ARGS+=(--steps "$STEPS")
 exec "$PY" benchmarks/gpu_bench.py "${ARGS[@]}" "$@"

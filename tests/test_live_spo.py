@@ -33,6 +33,7 @@ def test_live_synchronous_equals_inline(tiny_world, inline_run, tmp_path):
     assert read_scalars(inline_run, "train/sample_kl")[STEPS] > 1e-3  # the KL term is not trivially 0
 
 
+@pytest.mark.slow  # default-time budget; the default keeps staleness (test_spo_resume[inline]) and the live transport (above)
 def test_live_with_staleness_uses_older_rounds(tiny_world, inline_run, tmp_path):
     run_training(tiny_world, tmp_path, *SPO, "reference.mode=live", "topology.reference_ranks=1",
                  "generation.staleness=1", nproc=2)
