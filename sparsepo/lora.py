@@ -85,9 +85,6 @@ def check_runnable(cfg) -> str | None:
     return qlora_problem("cpu" if cpu else "cuda")
 
 
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def quantization_config(lcfg, precision: str = "bf16"):
     """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation), or None. The layers compute
     in the run's ``precision`` and the 4-bit codes are stored in tensors of that dtype, so ZeRO-3
@@ -101,7 +98,9 @@ def quantization_config(lcfg, precision: str = "bf16"):
                               "lora.load_in_4bit=false") from e
     from transformers import BitsAndBytesConfig
 
-    dtype = PRECISION_DTYPES[precision]
+    from sparsepo.config.device import precision_dtype
+
+    dtype = precision_dtype(precision)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 

@@ -79,8 +79,9 @@ def load_frozen_model(path: str, *, device: torch.device | str = "cpu", precisio
     config (QLoRA's 4-bit reference, ``lora.quantization_config``), loaded straight onto ``device``."""
     from transformers import AutoModelForCausalLM
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    from sparsepo.config.device import attention_kwargs
+    from sparsepo.config.device import attention_kwargs, precision_dtype
+
+    dtype = precision_dtype(precision)
 
     if quantization is not None:
         from sparsepo.lora import portable_4bit

@@ -54,6 +54,13 @@ def precision_entries(precision: str) -> dict:
     return {"bf16": {"enabled": precision == "bf16"}, "fp16": fp16}
 
 
+def precision_dtype(precision: str):
+    """train.precision -> the torch dtype the model is loaded and computes in (fp32 for anything else)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def attention_kwargs(implementation: str) -> dict:
     """`from_pretrained`'s keyword for model.attn_implementation: none for auto (transformers chooses)."""
     return {} if implementation == "auto" else {"attn_implementation": implementation}

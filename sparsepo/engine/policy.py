@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sparsepo.config.device import attention_kwargs
+from sparsepo.config.device import attention_kwargs, precision_dtype
 from sparsepo.engine.dist import children_die_with_rank, deepspeed, stop_at_shutdown
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list:
 
 
 def _dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return precision_dtype(precision)
 
 
 class PolicyEngine:
