@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from statistics import mean
 
-from sparsepo.cli import train_command
-
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "sparsepo" / "recipes" / "demo.yaml"
 
@@ -27,6 +25,8 @@ def world_at(path: str | Path):
 def command(world, run_dir: Path, overrides: list[str], nproc: int, *, pin: bool = False) -> list[str]:
     """The command line of one training job on the demo world. `pin`: one core per process
     (1 process: `taskset -c 0`; more: the deepspeed launcher's --bind_cores_to_rank, numactl)."""
+    from sparsepo.cli import train_command  # here: bench_trl's TRL worker imports this module without sparsepo
+
     cmd = train_command(RECIPE, [f"model.path={world.sft_dir}", f"data.path={world.train_path}",
                                  f"logging.output_dir={run_dir}", "logging.progress=false", "logging.overwrite=true",
                                  "checkpoint.at_end=false", *overrides], nproc=nproc)  # no checkpoint unless asked

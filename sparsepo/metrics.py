@@ -36,15 +36,29 @@ def mean_logits(logit_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (logit_mean * mask).sum() / mask.sum().clamp(min=1)
 
 
-def token_stats(fwd, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """TRL 1.16's `entropy` (the policy's mean entropy over the response tokens of every row, chosen and
-    rejected) and `mean_token_accuracy` (the share of the chosen responses' tokens that are the policy's
-    argmax), from a forward's `entropy` and `top1_ids` (N,T, position t describes x_t), `input_ids` and
-    the response mask (N,T), chosen rows first -> 0-dim tensors, no host sync."""
+def token_sums(fwd, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """TRL 1.16's token-level statistics of a forward as (numerator, token count) pairs, 0-dim tensors, no
+    host sync, so that callers pool them over micro-batches, batches or ranks before dividing:
+    `entropy` (the policy's entropy over the response tokens of every row, chosen and rejected) and
+    `mean_token_accuracy` (the chosen responses' tokens that are the policy's argmax) where the forward has
+    `entropy` / `top1_ids` (its `stats`); `logits/chosen` / `logits/rejected` (`mean_logits`) where it has
+    `logit_mean` (the plain path). `input_ids` and the response mask (N,T), chosen rows first (a mask may
+    carry row weights: 0 drops a row)."""
     b = mask.shape[0] // 2
-    hit = (fwd.top1_ids[:b] == input_ids[:b]).to(mask.dtype) * mask[:b]
-    return {"entropy": (fwd.entropy * mask).sum() / mask.sum().clamp(min=1),
-            "mean_token_accuracy": hit.sum() / mask[:b].sum().clamp(min=1)}
+    out = {}
+    if fwd.entropy is not None:
+        hit = (fwd.top1_ids[:b] == input_ids[:b]).to(mask.dtype) * mask[:b]
+        out["entropy"] = ((fwd.entropy * mask).sum(), mask.sum())
+        out["mean_token_accuracy"] = (hit.sum(), mask[:b].sum())
+    if fwd.logit_mean is not None:
+        for name, rows in (("logits/chosen", slice(None, b)), ("logits/rejected", slice(b, None))):
+            out[name] = ((fwd.logit_mean[rows] * mask[rows]).sum(), mask[rows].sum())
+    return out
+
+
+def token_stats(fwd, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`token_sums` of one micro-batch as means (0-dim tensors; 0 where a statistic has no token)."""
+    return {k: num / den.clamp(min=1) for k, (num, den) in token_sums(fwd, input_ids, mask).items()}
 
 
 def reduce_mean(values: dict[str, float]) -> dict[str, float]:

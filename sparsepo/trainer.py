@@ -31,7 +31,7 @@ from sparsepo.guard import NonFiniteGuard
 from sparsepo.losses import MethodSpec, get_method
 from sparsepo.config.load import to_dict
 from sparsepo.evaluation import Evaluator
-from sparsepo.metrics import MetricsLogger, MetricWindow, mean_logits, pair_values, reduce_mean, token_stats
+from sparsepo.metrics import MetricsLogger, MetricWindow, pair_values, reduce_mean, token_stats
 from sparsepo.pair_loss import forward_loss
 from sparsepo.policy_samples import PolicySamples
 from sparsepo.preemption import Preempted, PreemptionFlag
@@ -156,18 +156,14 @@ def micro_step(run: Run, rows, step: int = 0, micro: int = 0) -> tuple[dict[str,
             "loss": loss.detach(), "tokens": batch.attention_mask.sum()}, wait
 
 
-def step_metrics(out, fwd, mask, batch_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def step_metrics(out, fwd, mask, batch_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """A micro-batch's means: the method's own metrics and TRL's names (`metrics.pair_values`),
     `logits/chosen|rejected` where the forward held full logits (model.logits_chunk=0), and on log
     steps `entropy` and `mean_token_accuracy` (`metrics.token_stats`; `batch_ids` the input ids)."""
     b = mask.shape[0] // 2
     values = {k: v.mean() for k, v in pair_values(out.losses, out.chosen_rewards, out.rejected_rewards,
                                                   fwd.seq_logps[:b], fwd.seq_logps[b:]).items()}
-    if fwd.logit_mean is not None:
-        values.update({"logits/chosen": mean_logits(fwd.logit_mean[:b], mask[:b]),
-                       "logits/rejected": mean_logits(fwd.logit_mean[b:], mask[b:])})
-    if fwd.entropy is not None and batch_ids is not None:  # log steps (forward_loss's stats)
-        values.update(token_stats(fwd, batch_ids, mask))
+    values.update(token_stats(fwd, batch_ids, mask))
     own_logps = {k: out.metrics[k] for k in ("logps/chosen", "logps/rejected") if k in out.metrics}  # LD-DPO's
     return {**out.metrics, **values, **own_logps}
 
@@ -280,7 +276,7 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
     """The held-out pairs scored by the policy as it is now, with the same loss (`forward_loss`)."""
     scalars = run.evaluator.run(lambda batch, ref: forward_loss(
         run.head, batch, ref, run.spec, run.cfg.method.params, eos_id=run.data.tokenizer.eos_token_id,
-        features=run.features)[:2], run.policy.module)
+        features=run.features, stats=True)[:2], run.policy.module)
     run.metrics.log(step, scalars, prefix="eval")
     return scalars
 

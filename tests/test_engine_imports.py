@@ -1,4 +1,4 @@
-"""What the policy engine costs before its first step: DeepSpeed's ZeRO path imports its Muon
+"""What a training process imports and never uses (`sparsepo.lean_imports`). DeepSpeed's ZeRO path imports its Muon
 optimizer module, which runs torch.compile at import (torch._inductor, sympy, networkx: ~50 MB RSS);
 `import_muon_eagerly` imports it with DeepSpeed's compile a no-op (docs/benchmarks.md, "Lean log-probs")."""
 
@@ -31,3 +31,56 @@ def test_deepspeeds_muon_module_is_imported_without_torch_compile(call):
     inductor, compile_restored, muon = map(int, out.stdout.split()[-3:])
     assert compile_restored == 1 and muon == 1
     assert inductor == (0 if call else 1)  # without it the import pulls in torch._inductor (the control)
+
+
+TRANSFORMERS_PROBE = """
+import sys
+import transformers.utils as tu
+real = tu.is_scipy_available
+from sparsepo.lean_imports import transformers_without_scipy
+{call}
+import transformers.models.llama.modeling_llama
+print(int("scipy.optimize" in sys.modules), int(tu.is_scipy_available is real))
+"""
+
+BNB_PROBE = """
+import sys
+import torch
+real = torch.compile
+from sparsepo.lean_imports import bitsandbytes_without_compile
+{call}
+import peft
+import bitsandbytes as bnb
+x = torch.linspace(-1, 1, 64, dtype=torch.bfloat16)
+q, state = bnb.functional.quantize_4bit(x, quant_type="nf4", quant_storage=torch.bfloat16)
+err = float((bnb.functional.dequantize_4bit(q, state) - x).abs().max())
+print(int("torch._functorch.partitioners" in sys.modules), int(torch.compile is real), int(err < 0.2))
+"""
+
+
+def probe(code: str) -> list[int]:
+    out = subprocess.run([sys.executable, "-c", code], env=train_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [int(v) for v in out.stdout.split()[-3:]]
+
+
+@pytest.mark.parametrize("call", [True, False])
+def test_transformers_models_are_imported_without_scipy_optimize(call):
+    """transformers' object-detection losses import scipy.optimize (+40 MiB) whenever scipy is installed
+    (sae-lens installs it); `transformers_without_scipy` imports them with scipy reported missing, and puts
+    transformers' own check back."""
+    pytest.importorskip("scipy")
+    scipy_optimize, restored = probe(TRANSFORMERS_PROBE.format(call="transformers_without_scipy()" if call else ""))[-2:]
+    assert restored == 1
+    assert scipy_optimize == (0 if call else 1)  # the control: without it the model import pulls scipy.optimize
+
+
+@pytest.mark.parametrize("call", [True, False])
+def test_bitsandbytes_is_imported_without_torch_compile_and_still_quantises(call):
+    """peft imports bitsandbytes, which runs torch.compile at import (functorch, sympy, networkx: +51 MiB);
+    `bitsandbytes_without_compile` imports it eagerly first: torch.compile is put back and NF4 still works."""
+    pytest.importorskip("bitsandbytes")
+    functorch, restored, works = probe(BNB_PROBE.format(call="bitsandbytes_without_compile()" if call else ""))
+    assert restored == 1 and works == 1
+    assert functorch == (0 if call else 1)

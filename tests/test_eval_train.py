@@ -84,6 +84,24 @@ def test_eval_at_every_steps_and_the_end_equals_dpo_by_hand_on_the_held_out_pair
     assert final["rewards/accuracies"] == pytest.approx(sum(acc) / 16)
     assert final["logps/chosen"] == pytest.approx(sum(chosen) / 16, abs=1e-3)
     assert read_scalars(eval_run, "eval/loss")[2] != pytest.approx(final["loss"], abs=1e-7)  # the model moved
+    # TRL's token statistics, pooled over every held-out response token (the pad pair of rank 1 excluded)
+    ent, hits, logit_sums, counts = 0.0, 0, [0.0, 0.0], [0, 0]
+    with torch.no_grad():
+        for row in held:
+            p = row["prompt_ids"]
+            for side, key in enumerate(("chosen_ids", "rejected_ids")):
+                ids = torch.tensor([p + row[key]])
+                logits = policy(input_ids=ids).logits[0, len(p) - 1:-1].float()  # the response's predictors
+                logp = logits.log_softmax(-1)
+                ent -= float((logp.exp() * logp).sum())
+                logit_sums[side] += float(logits.mean(-1).sum())
+                counts[side] += len(row[key])
+                if side == 0:
+                    hits += int((logits.argmax(-1) == ids[0, len(p):]).sum())
+    assert final["entropy"] == pytest.approx(ent / sum(counts), abs=1e-4)
+    assert final["mean_token_accuracy"] == pytest.approx(hits / counts[0])
+    assert final["logits/chosen"] == pytest.approx(logit_sums[0] / counts[0], abs=1e-4)
+    assert final["logits/rejected"] == pytest.approx(logit_sums[1] / counts[1], abs=1e-4)
 
 
 @pytest.mark.distributed

@@ -44,8 +44,29 @@ def seq_logp(model, prompt, response):
     return float(logps[len(prompt) - 1:].sum())
 
 
+def token_stats_by_hand(policy, data):
+    """TRL's token statistics pooled over every response token of `data`: entropy (chosen and rejected
+    rows), mean_token_accuracy (chosen), logits/chosen|rejected (the mean logit at each predicting position)."""
+    ent = hits = 0.0
+    logit_sums, counts = [0.0, 0.0], [0, 0]
+    with torch.no_grad():
+        for row in data:
+            p = row["prompt_ids"]
+            for side, key in enumerate(("chosen_ids", "rejected_ids")):
+                ids = torch.tensor([p + row[key]])
+                logits = policy(input_ids=ids).logits[0, len(p) - 1:-1]
+                logp = logits.log_softmax(-1)
+                ent -= float((logp.exp() * logp).sum())
+                logit_sums[side] += float(logits.mean(-1).sum())
+                counts[side] += len(row[key])
+                hits += float((logits.argmax(-1) == ids[0, len(p):]).sum()) if side == 0 else 0.0
+    return {"entropy": ent / sum(counts), "mean_token_accuracy": hits / counts[0],
+            "logits/chosen": logit_sums[0] / counts[0], "logits/rejected": logit_sums[1] / counts[1]}
+
+
 def by_hand(policy, ref, data):
-    """DPO: r = β(log πθ − log πref); loss = −log σ(r_w − r_l); TRL's statistics, mean over pairs."""
+    """DPO: r = β(log πθ − log πref); loss = −log σ(r_w − r_l); TRL's statistics, mean over pairs (the
+    token statistics: over tokens)."""
     stats = []
     for row in data:
         pw, pl = (seq_logp(policy, row["prompt_ids"], row[k]) for k in ("chosen_ids", "rejected_ids"))
@@ -54,7 +75,7 @@ def by_hand(policy, ref, data):
         stats.append({"loss": math.log1p(math.exp(-(cw - cl))), "rewards/chosen": cw, "rewards/rejected": cl,
                       "rewards/accuracies": float(cw > cl), "rewards/margins": cw - cl, "logps/chosen": pw,
                       "logps/rejected": pl})
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    return {**{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}, **token_stats_by_hand(policy, data)}
 
 
 def test_rounds_deal_every_pair_once_and_pad_with_weight_zero():
@@ -77,7 +98,8 @@ def test_eval_metrics_equal_the_loss_applied_by_hand(rank):
     ev = Evaluator(batch=lambda idx: collate_pairs([data[i] for i in idx], pad_id=0), num_rows=len(data),
                    source=source, batch_size=2, every_steps=0, rank=rank, world_size=2)
     policy.train()
-    got = ev.run(lambda batch, r: forward_loss(Head.for_model(policy, 0), batch, r, spec, params, eos_id=1)[:2], policy)
+    got = ev.run(lambda batch, r: forward_loss(Head.for_model(policy, 0), batch, r, spec, params, eos_id=1,
+                                                stats=True)[:2], policy)
     assert policy.training  # put back
     want = by_hand(policy.eval(), ref, [data[i] for i in mine])
     assert got.keys() == want.keys()

@@ -61,10 +61,11 @@ def test_trainer_logs_the_losses_own_logps_under_ld_dpo():
     fwd = SimpleNamespace(seq_logps=torch.cat([inputs.policy_chosen_logps, inputs.policy_rejected_logps]),
                           logit_mean=None, entropy=None)
     mask = torch.ones(4, 6)
-    got = step_metrics(dpo_loss(inputs, LD), fwd, mask)
+    ids = torch.zeros(4, 6, dtype=torch.long)
+    got = step_metrics(dpo_loss(inputs, LD), fwd, mask, ids)
     assert float(got["logps/chosen"]) == pytest.approx(float(dpo_loss(inputs, LD).metrics["logps/chosen"]))
     assert float(got["logps/chosen"]) != pytest.approx(float(inputs.policy_chosen_logps.mean()))
-    plain = step_metrics(dpo_loss(inputs, DPOParams()), fwd, mask)
+    plain = step_metrics(dpo_loss(inputs, DPOParams()), fwd, mask, ids)
     assert float(plain["logps/chosen"]) == pytest.approx(float(inputs.policy_chosen_logps.mean()))
 
 

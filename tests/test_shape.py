@@ -116,7 +116,7 @@ def test_importing_the_trainer_reaches_deepspeed_only_through_the_engine():
 
 
 ROOMS = (  # bottom to top: a module may import its own room and the rooms listed before it
-    ("logprobs",), ("losses",), ("atomic", "hashing", "rng_state", "follow", "trackers", "lora", "config", "launch"), ("data", "schedule", "padding"), ("models",),
+    ("lean_imports", "logprobs"), ("losses",), ("atomic", "hashing", "rng_state", "follow", "trackers", "lora", "config", "launch"), ("data", "schedule", "padding"), ("models",),
     ("reference",), ("sae",), ("bridge", "liveness", "preemption"), ("engine",),
     ("rundir", "rundata", "checkpoint_integrity", "checkpoint_config", "checkpoint", "preflight", "generation", "guard"),
     ("reference_role",), ("policy_samples", "metrics", "prelaunch", "pair_loss", "evaluation"), ("trainer",), ("train",),

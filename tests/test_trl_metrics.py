@@ -40,7 +40,7 @@ def test_token_stats_are_trls_entropy_and_mean_token_accuracy():
     ids = torch.tensor([[5, 6, 7], [5, 8, 9], [5, 6, 7], [5, 1, 2]])
     top1 = torch.tensor([[9, 6, 3], [9, 8, 9], [9, 6, 7], [9, 1, 2]])  # chosen hits: (0,1), (1,1); (0,2) misses
     entropy = torch.tensor([[9.0, 1.0, 2.0], [9.0, 3.0, 9.0], [9.0, 4.0, 5.0], [9.0, 9.0, 6.0]])
-    got = token_stats(SimpleNamespace(entropy=entropy, top1_ids=top1), ids, mask)
+    got = token_stats(SimpleNamespace(entropy=entropy, top1_ids=top1, logit_mean=None), ids, mask)
     assert float(got["entropy"]) == pytest.approx((1 + 2 + 3 + 4 + 5 + 6) / 6)
     assert float(got["mean_token_accuracy"]) == pytest.approx(2 / 3)
 

@@ -89,10 +89,13 @@ class PolicyEngine:
         scheduler name, its kwargs), handed to DeepSpeed so it is checkpointed with the engine.
         `lora` (the config's `lora:` section) with r > 0: peft adapters on a frozen base; DeepSpeed
         wraps the HF model with the adapters injected (`sparsepo.lora`), only they reach the optimiser."""
+        from sparsepo import lora as lora_mod
+        from sparsepo.lean_imports import bitsandbytes_without_compile
+
+        if not (lora_mod.enabled(lora) and lora.load_in_4bit):  # before transformers.optimization imports peft
+            bitsandbytes_without_compile()
         from transformers import AutoModelForCausalLM, get_scheduler
         from transformers.integrations import HfDeepSpeedConfig
-
-        from sparsepo import lora as lora_mod
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must live while the model is built)
         quant = lora_mod.quantization_config(lora, precision)
