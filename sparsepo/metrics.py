@@ -28,21 +28,13 @@ def pair_values(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected
             "logps/chosen": chosen_logps.detach(), "logps/rejected": rejected_logps.detach()}
 
 
-def mean_logits(logit_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """TRL's `logits/chosen` / `logits/rejected`: the mean logit over every vocabulary entry at the
-    positions that predict response tokens, from the head's `logit_mean` (N,T) (position t: the mean of
-    the logits that predict x_t, `logprobs.plain.Logits.fields`) and the response mask (N,T) -> ().
-    Arithmetic masking, no boolean indexing (which would wait for the device)."""
-    return (logit_mean * mask).sum() / mask.sum().clamp(min=1)
-
-
 def token_sums(fwd, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """TRL 1.16's token-level statistics of a forward as (numerator, token count) pairs, 0-dim tensors, no
     host sync, so that callers pool them over micro-batches, batches or ranks before dividing:
     `entropy` (the policy's entropy over the response tokens of every row, chosen and rejected) and
     `mean_token_accuracy` (the chosen responses' tokens that are the policy's argmax) where the forward has
-    `entropy` / `top1_ids` (its `stats`); `logits/chosen` / `logits/rejected` (`mean_logits`) where it has
-    `logit_mean` (the plain path). `input_ids` and the response mask (N,T), chosen rows first (a mask may
+    `entropy` / `top1_ids` (its `stats`); `logits/chosen` / `logits/rejected` (the mean logit over every
+    vocabulary entry at the positions that predict response tokens) where it has `logit_mean` (the plain path). `input_ids` and the response mask (N,T), chosen rows first (a mask may
     carry row weights: 0 drops a row)."""
     b = mask.shape[0] // 2
     out = {}

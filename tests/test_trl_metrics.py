@@ -8,7 +8,7 @@ import torch
 
 from sparsepo.config import ConfigError, load_config
 from sparsepo.logprobs.plain import Logits
-from sparsepo.metrics import MetricWindow, flat_config, mean_logits, pair_values
+from sparsepo.metrics import MetricWindow, flat_config, pair_values, token_stats
 
 
 def test_pair_values_are_trls_statistics_per_pair():
@@ -26,15 +26,17 @@ def test_mean_logits_reads_the_positions_that_predict_response_tokens():
     logits = torch.tensor([[[1.0, 3.0], [5.0, 7.0], [100.0, 100.0]], [[-50.0, -50.0], [0.0, 0.0], [9.0, 9.0]]])
     mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     logit_mean = Logits(logits).fields(torch.zeros(2, 3, dtype=torch.long), mask, logit_mean=True)["logit_mean"]
-    assert float(mean_logits(logit_mean, mask)) == pytest.approx(4.0)
+    from types import SimpleNamespace
+
+    got = token_stats(SimpleNamespace(entropy=None, logit_mean=logit_mean), torch.zeros(2, 3, dtype=torch.long), mask)
+    assert float(got["logits/chosen"]) == pytest.approx(4.0)  # row 0 is the chosen row, row 1 the rejected
+    assert float(got["logits/rejected"]) == 0.0
 
 
 def test_token_stats_are_trls_entropy_and_mean_token_accuracy():
     """entropy: token mean over the response positions of all rows; mean_token_accuracy: the chosen rows'
     response tokens that are the argmax. Rows: 2 chosen, 2 rejected; position 0 is prompt."""
     from types import SimpleNamespace
-
-    from sparsepo.metrics import token_stats
 
     mask = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 0, 1]], dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7], [5, 8, 9], [5, 6, 7], [5, 1, 2]])
