@@ -8,6 +8,11 @@ a fresh interpreter that has imported torch, transformers' Llama, datasets and D
 |---|---|---|
 | ``scipy.optimize``, from transformers' object-detection losses (``transformers.loss.loss_utils``, imported by every model) | +40 MiB | ``transformers_without_scipy`` |
 | bitsandbytes, imported by peft, imported by ``transformers.optimization`` (the LR schedule) | +51 MiB, +5 imported eagerly | ``bitsandbytes_without_compile`` |
+| peft (and with it bitsandbytes), imported by ``transformers.trainer_utils`` in a run without LoRA | +10 MiB | ``transformers_without_peft`` |
+| ``scipy.io``, imported by ``datasets``' streaming patch of every dataset builder (``load_dataset``) | +12 MiB | ``datasets_patch_imported_only`` |
+
+The last two answer a question exactly rather than skip work: "is this a PeftModel?" is False while peft
+was never imported, and a module nobody imported holds no attribute for datasets to patch.
 
 DeepSpeed's Muon module has the same problem as bitsandbytes (``engine.policy.import_muon_eagerly``,
 kept in ``engine`` with the other DeepSpeed imports). Each function is a no-op when its module is
@@ -68,3 +73,65 @@ def bitsandbytes_without_compile() -> None:
             del sys.modules[name]
     finally:
         torch.compile = compile_fn
+
+
+def transformers_without_peft() -> None:
+    """Import ``transformers.trainer_utils`` (imported by ``transformers.optimization``: the LR schedule)
+    without peft, and answer its "is peft available" as "has peft been imported".
+
+    trainer_utils imports ``PeftModel`` whenever peft is installed, only to ask ``isinstance(model,
+    PeftModel)``; no model is a PeftModel unless peft was imported. The answer it gets instead imports
+    the two names it needs the first time peft is in ``sys.modules`` (a LoRA run imports peft before
+    its model, ``sparsepo.lora``). A no-op when trainer_utils or peft is already imported."""
+    if "transformers.trainer_utils" in sys.modules or "peft" in sys.modules or not installed("peft") \
+            or not installed("transformers"):
+        return
+    import transformers.utils as tu
+
+    real = tu.is_peft_available
+    tu.is_peft_available = lambda: False
+    try:
+        import transformers.trainer_utils as trainer_utils
+    finally:
+        tu.is_peft_available = real
+
+    def peft_imported() -> bool:
+        if "peft" not in sys.modules or not real():
+            return False
+        from peft import PeftMixedModel, PeftModel
+
+        trainer_utils.PeftModel, trainer_utils.PeftMixedModel = PeftModel, PeftMixedModel
+        return True
+
+    trainer_utils.is_peft_available = peft_imported
+
+
+def datasets_patch_imported_only() -> None:
+    """Let ``datasets``' streaming patch (run on every dataset builder's module by ``load_dataset``, local
+    files included) look only at modules already imported.
+
+    To patch ``scipy.io.loadmat``, ``pandas.read_excel`` and kin in a builder's module it imports each
+    of those modules, then looks for a global of the builder's module that *is* it; a module never
+    imported cannot be such a global, so answering "not found" for it changes nothing patched."""
+    if not installed("datasets"):
+        return
+    import datasets.utils.patching as patching
+
+    if getattr(patching.import_module, "imported_only", False):
+        return
+
+    def imported_only(name: str, package: str | None = None):
+        if name in sys.modules:
+            return sys.modules[name]
+        raise ModuleNotFoundError(f"{name} is not imported", name=name)
+
+    imported_only.imported_only = True
+    patching.import_module = imported_only
+
+
+def lean_training_process() -> None:
+    """What ``sparsepo.train`` calls first, before any model class or dataset is imported: every
+    function above but ``bitsandbytes_without_compile`` (the policy engine's, which knows about QLoRA)."""
+    transformers_without_scipy()
+    transformers_without_peft()
+    datasets_patch_imported_only()

@@ -84,3 +84,52 @@ def test_bitsandbytes_is_imported_without_torch_compile_and_still_quantises(call
     functorch, restored, works = probe(BNB_PROBE.format(call="bitsandbytes_without_compile()" if call else ""))
     assert restored == 1 and works == 1
     assert functorch == (0 if call else 1)
+
+
+PEFT_PROBE = """
+import sys
+from sparsepo.lean_imports import transformers_without_peft
+{call}
+import transformers.optimization
+import transformers.trainer_utils as tu
+imported = int("peft" in sys.modules)
+import torch
+plain = tu._is_peft_model(torch.nn.Linear(2, 2))
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+wrapped = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"]))
+print(imported, int(not plain), int(tu._is_peft_model(wrapped)))
+"""
+
+DATASETS_PROBE = """
+import json, sys, tempfile
+from sparsepo.lean_imports import datasets_patch_imported_only
+{call}
+import datasets
+path = tempfile.mkdtemp() + "/rows.jsonl"
+open(path, "w").write(json.dumps({{"prompt": "a", "chosen": "b", "rejected": "c"}}) + "\\n")
+ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=tempfile.mkdtemp())
+print(int("scipy.io" in sys.modules), int(ds[0]["chosen"] == "b"), int(len(ds) == 1))
+"""
+
+
+@pytest.mark.parametrize("call", [True, False])
+def test_transformers_trainer_utils_is_imported_without_peft_and_still_knows_a_peft_model(call):
+    """transformers.optimization (the LR schedule) imports trainer_utils, which imports peft (+10 MiB, and
+    bitsandbytes) whenever it is installed; `transformers_without_peft` answers "is a PeftModel?" from what
+    was imported: False for a plain module, True for a peft model built afterwards."""
+    pytest.importorskip("peft")
+    imported, plain_ok, peft_ok = probe(PEFT_PROBE.format(call="transformers_without_peft()" if call else ""))
+    assert plain_ok == 1 and peft_ok == 1
+    assert imported == (0 if call else 1)  # the control: without it the schedule's import pulls peft
+
+
+@pytest.mark.parametrize("call", [True, False])
+def test_load_dataset_does_not_import_scipy_io(call):
+    """datasets' streaming patch imports scipy.io (+12 MiB) to patch its loadmat in every builder module;
+    `datasets_patch_imported_only` lets it see imported modules only, and a local JSON file still loads."""
+    pytest.importorskip("scipy")
+    scipy_io, value, rows = probe(DATASETS_PROBE.format(call="datasets_patch_imported_only()" if call else ""))
+    assert value == 1 and rows == 1
+    assert scipy_io == (0 if call else 1)

@@ -90,9 +90,10 @@ class PolicyEngine:
         `lora` (the config's `lora:` section) with r > 0: peft adapters on a frozen base; DeepSpeed
         wraps the HF model with the adapters injected (`sparsepo.lora`), only they reach the optimiser."""
         from sparsepo import lora as lora_mod
-        from sparsepo.lean_imports import bitsandbytes_without_compile
+        from sparsepo.lean_imports import bitsandbytes_without_compile, transformers_without_peft
 
-        if not (lora_mod.enabled(lora) and lora.load_in_4bit):  # before transformers.optimization imports peft
+        transformers_without_peft()  # without LoRA nothing imports peft (nor bitsandbytes through it)
+        if lora_mod.enabled(lora) and not lora.load_in_4bit:  # before sparsepo.lora imports peft
             bitsandbytes_without_compile()
         from transformers import AutoModelForCausalLM, get_scheduler
         from transformers.integrations import HfDeepSpeedConfig

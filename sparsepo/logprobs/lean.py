@@ -7,8 +7,8 @@ vocabulary 128k and T 2k the largest tensor of a training step, several times ov
 the head's input) keeps the last hidden state (N,T,H), and the model's own ``lm_head`` (plus the
 family's soft-capping, ``soft_cap``) runs on ``chunk`` response positions at a
 time, each chunk's log_softmax in float32. Prompt and padding positions never see the head. With
-gradients each chunk is checkpointed, so the backward recomputes one chunk's logits at a time and
-never holds them all.
+gradients the loop has its own backward (``logprobs.chunked.HeadLogps``: the seam for a fused
+kernel), which recomputes one chunk's logits at a time from the saved logsumexp and never holds them all.
 
 **One head call per scoring pass, whatever the chunk count.** All chunks run inside a single
 invocation of the ``lm_head`` module (``LeanHead``: its ``forward`` is swapped for the chunk loop
@@ -24,6 +24,7 @@ Alignment as ``logprobs.plain``: the value at position t describes x_t and comes
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from sparsepo.logprobs.chunked import HeadLogps, head_logps
 from sparsepo.logprobs.plain import log_sq_mass
 from sparsepo.logprobs.families import FAMILIES, get_module
 
@@ -106,31 +107,29 @@ class LeanHead:
 
     def _chunks(self, h: Tensor, targets: Tensor, ids: Tensor | None, chunk: int, topk: int,
                 entropy: bool, sq_mass: bool) -> tuple[Tensor, ...]:
-        grad = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
-        fn = self._chunk_fn(topk, entropy, sq_mass)
-        parts = []
-        for lo in range(0, max(int(h.shape[0]), 1), chunk):  # >= 1 chunk: every rank joins the backward
-            args = (h[lo:lo + chunk], targets[lo:lo + chunk], ids[lo:lo + chunk] if ids is not None else None)
-            parts.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
-        return tuple(torch.cat(field) for field in zip(*parts))
+        at = targets[:, None] if ids is None else torch.cat([targets[:, None], ids], dim=-1)
+        stats = functools.partial(chunk_stats, topk=topk, entropy=entropy, sq_mass=sq_mass)
+        if torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad):
+            return HeadLogps.apply(h, self.lm_head.weight, self.lm_head.bias, at, chunk, self.softcap,
+                                   self.logits, stats)
+        logps, _, extra = head_logps(self.logits, h, at, chunk, stats)
+        return (logps, *extra)
 
-    def _chunk_fn(self, topk: int, entropy: bool, sq_mass: bool):
-        def fn(h: Tensor, targets: Tensor, ids: Tensor | None) -> tuple[Tensor, ...]:
-            logits = self.logits(h).float()  # (C,V)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            at = targets[:, None] if ids is None else torch.cat([targets[:, None], ids], dim=-1)
-            out = [logits.gather(-1, at) - lse]
-            if topk:
-                values, top_ids = logits.detach().topk(topk, dim=-1)
-                out += [values - lse.detach(), top_ids]
-            if entropy:
-                with torch.no_grad():
-                    logp = logits - lse
-                    out.append(-(logp.exp() * logp).sum(-1))
-            if sq_mass:
-                out.append(log_sq_mass(logits))
-            return tuple(out)
-        return fn
+
+def chunk_stats(logits: Tensor, lse: Tensor, *, topk: int, entropy: bool, sq_mass: bool) -> list[Tensor]:
+    """One chunk's no-gradient fields from its float32 logits (C,V) and logsumexp (C,1): top-K
+    log-probs and ids, entropy, log Σ p², those asked, in that order."""
+    out = []
+    with torch.no_grad():
+        if topk:
+            values, top_ids = logits.topk(topk, dim=-1)
+            out += [values - lse, top_ids]
+        if entropy:
+            logp = logits - lse
+            out.append(-(logp.exp() * logp).sum(-1))
+        if sq_mass:
+            out.append(log_sq_mass(logits))
+    return out
 
 
 def lean_head(model) -> tuple[nn.Module, LeanHead] | None:
