@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, train_env
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # each test starts an interpreter that imports transformers (~5 s)
 
 PROBE = """
 import sys
