@@ -71,20 +71,9 @@ def assert_same_weights(a: Path, b: Path, tol: float) -> None:
     assert worst <= tol, f"weights of {a} and {b} differ by up to {worst}"
 
 
-def release_shm(cmd) -> None:
-    """DeepSpeed's CPU shm all-reduce never unlinks its /dev/shm buffers (2 x 66 MB per 2-rank run,
-    deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>): remove this launch's once it has ended."""
-    cmd = list(cmd)
-    if "--master_port" in cmd:
-        port = cmd[cmd.index("--master_port") + 1]
-        for buf in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-            buf.unlink(missing_ok=True)
-
-
 def launch(world, run: Path, *overrides, nproc: int, resume: str | None = None, check: bool = True):
-    """conftest.run_training, then release_shm."""
+    """conftest.run_training, failing with both outputs."""
     proc = run_training(world, run, *overrides, nproc=nproc, resume=resume, check=False)
-    release_shm(proc.args)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(proc.args)}\n"
                              f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
@@ -129,12 +118,10 @@ def wait_until(cond, proc, log: Path, timeout: float = 240.0, what: str = ""):
         if value:
             return value
         if proc.poll() is not None:
-            release_shm(proc.args)
             raise AssertionError(f"run exited ({proc.returncode}) before {what}:\n{log.read_text()[-5000:]}")
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    release_shm(proc.args)
     raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
 
 
@@ -172,7 +159,6 @@ def interrupted(tiny_world, tmp_path_factory):
     wait_until(lambda: (ckpts / "latest").is_file(), p, log1, what="the first checkpoint")
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(timeout=60)
-    release_shm(p.args)
     s.killed_log = log1.read_text()
     s.killed_last_step = max(logged_steps(s.killed_log))
     s.after_kill_tags, s.after_kill_latest = tags(run), latest(run)
@@ -194,7 +180,6 @@ def interrupted(tiny_world, tmp_path_factory):
                what="the second step after the resume")
     os.kill(rank_pid(p.pid, 1), signal.SIGUSR1)  # one rank only: the other must stop at the same step
     s.preempt_rc = p.wait(timeout=180)
-    release_shm(p.args)
     s.preempted_log = log2.read_text()
     s.preempted_steps = {int(r): int(k) for r, k in
                          re.findall(r"\[rank (\d)\] WARNING sparsepo: preempted at step (\d+)", s.preempted_log)}

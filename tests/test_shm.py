@@ -1,6 +1,8 @@
-"""DeepSpeed's CPU all-reduce buffer (66 MB of /dev/shm per rank) is never unlinked by DeepSpeed; a
-run must leave none behind, even when it dies by SIGKILL (as launchers and watchdogs end processes).
-A leak of one per test filled the 24 GB /dev/shm of a CI machine within one suite run."""
+"""DeepSpeed's CPU shared-memory all-reduce (deepspeed_shm_comm) makes a 66 MB /dev/shm buffer per rank
+that DeepSpeed never unlinks: a leak of one per test once filled the 24 GB /dev/shm of a CI machine
+within one suite run. Training never uses that op (`engine.dist._without_shm_all_reduce`), so a run
+must neither build it nor leave a buffer behind, even when it dies by SIGKILL (as launchers and
+watchdogs end processes)."""
 
 from __future__ import annotations
 
@@ -41,3 +43,4 @@ def test_a_killed_run_leaves_no_shared_memory_buffer(tiny_world, tmp_path):
             proc.kill()
         log.close()
     assert not buffer.exists(), f"{buffer} leaked"
+    assert "shm_comm_op built" not in (tmp_path / "log").read_text()  # DeepSpeed prints this when it builds the op

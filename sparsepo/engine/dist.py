@@ -8,11 +8,11 @@ a plain `python` run becomes a world of one, so every code path is the distribut
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,19 @@ import deepspeed  # noqa: E402
 
 from sparsepo.launch.devices import SHARED_VAR, backend_for, check_device_index  # noqa: E402
 from sparsepo.launch.environ import torch_dist_env  # noqa: E402
+
+
+def _without_shm_all_reduce() -> None:
+    """DeepSpeed's CPU backend builds its shared-memory all-reduce op (deepspeed_shm_comm: a C++ JIT
+    build at a machine's first launch, setuptools imported, a 66 MB /dev/shm buffer per rank that
+    DeepSpeed never unlinks) for `inference_all_reduce` only, which its inference and AutoTP layers
+    call and training never does (without the op that call falls back to torch.distributed's
+    all-reduce, the same sum). Not building it changes no collective of a training step."""
+    # by module name: the attribute `deepspeed.comm.torch` is the torch package, not that module
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+_without_shm_all_reduce()  # before any DeepSpeed backend starts, in every role
 
 
 log = logging.getLogger(__name__)
@@ -42,7 +55,6 @@ class DistContext:
         return self.rank == 0
 
 
-_SHM_BUFFER: Path | None = None
 _CHILDREN: list = []  # processes of ours to stop at shutdown (os._exit runs no atexit handler)
 
 
@@ -95,17 +107,6 @@ def init_distributed(timeout_s: float | None = None) -> DistContext:
         _start_group_on_own_store(backend, datetime.timedelta(seconds=timeout_s), local_rank)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
-    global _SHM_BUFFER
-    if not torch.cuda.is_available():
-        # deepspeed_shm_comm's all-reduce buffer (shm.cpp: <prefix>_<uid>_<addr>_<port>_<rank>, 66 MB, a
-        # world of one too) is never unlinked by DeepSpeed. shm_initialize opens every peer's buffer before
-        # init returns, so once all ranks are past init the names can go: the mappings stay valid, and a
-        # process that dies by SIGKILL (or a watchdog's os._exit) leaks nothing.
-        _SHM_BUFFER = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-                                          f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        _SHM_BUFFER.unlink(missing_ok=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -154,8 +155,6 @@ def _release_and_flush() -> None:
     for child in _CHILDREN:
         if child.is_alive():
             child.kill()
-    if _SHM_BUFFER is not None:  # 66 MB of /dev/shm per rank per run otherwise (peers keep their mapping)
-        _SHM_BUFFER.unlink(missing_ok=True)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

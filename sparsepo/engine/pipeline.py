@@ -90,7 +90,7 @@ def build_pipeline(model_path: str, *, num_stages: int, topk: int | None, precis
     returning one, called on the last stage only (so only the last stage loads the SAE). Given an
     object, ``feature_layer`` defaults to its layer. Every rank must pass the same ``feature_layer``.
     """
-    import deepspeed
+    from sparsepo.engine.dist import deepspeed  # its CPU backend without the shm op
     import torch.distributed as dist
     from deepspeed.pipe import PipelineModule
 
