@@ -54,8 +54,10 @@ class HeadLogps(torch.autograd.Function):
         h, weight, bias, at, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        # accumulated over chunks in the weight's dtype, as autograd accumulates a parameter's gradient:
+        # no float32 copy of a (V,H) head (2 GB at vocabulary 128k, hidden 4096)
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
         for lo in range(0, int(h.shape[0]), ctx.chunk):
             hc, g = h[lo:lo + ctx.chunk], grad[lo:lo + ctx.chunk].float()
             z = F.linear(hc, weight, bias)  # (C,V) in the model dtype, as the forward's
@@ -68,8 +70,7 @@ class HeadLogps(torch.autograd.Function):
             if need_h:
                 grad_h[lo:lo + ctx.chunk] = d @ weight
             if need_w:
-                grad_w.add_((d.t() @ hc).float())
+                grad_w.addmm_(d.t(), hc)
             if need_b:
-                grad_b.add_(d.float().sum(0))
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                grad_b.add_(d.sum(0))
+        return grad_h, grad_w, grad_b, None, None, None, None, None
