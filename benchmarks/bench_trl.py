@@ -6,9 +6,9 @@
 TRL is an optional extra (`pip install -e .[bench]`); it runs in its own interpreter (--trl-python),
 so nothing in sparsepo imports it. Setup, shared by every system:
 
-* model: a random-init Llama built from `LlamaConfig` (vocabulary 1000, hidden 64, 2 layers, 4 heads,
-  intermediate 128, seed 0) with the default demo world's BPE tokenizer (its trainer stopped at 696
-  ids: the embedding has 1000 rows, ids above 695 never occur), saved once to <workdir>/model;
+* model: a random-init Llama built from `LlamaConfig` (--size tiny: vocabulary 1000, hidden 64, 2 layers,
+  intermediate 128; small: vocabulary 8000, hidden 256, 4 layers, intermediate 688; 4 heads, seed 0) with
+  the default demo world's BPE tokenizer (696 ids: ids above 695 never occur), in <workdir>/model-<size>;
 * data: pairs whose prompt is 16 tokens (bos + 15 single-token words) and whose responses are 48
   tokens (47 words + eos), checked on both sides after tokenisation (the lengths are in the JSON);
 * DPO β 0.1 (sigmoid), AdamW lr 5e-4, betas (0.9, 0.999), no weight decay, constant schedule with
@@ -17,17 +17,15 @@ so nothing in sparsepo imports it. Setup, shared by every system:
 Systems: TRL inline (ref_model=None: TRL copies the model and runs it each step), TRL
 precompute_ref_log_probs=True (reference pass over the data at start), sparsepo DPO with
 reference.mode=inline (reference forward inside the step) and reference.mode=cache (the cache is
-filled once beforehand, in its own process, not timed). sparsepo runs its only training path:
-DeepSpeed ZeRO-3 (ds_configs/zero3.json) on one CPU rank.
+filled once beforehand, in its own process, not timed), DeepSpeed with --stage-file on one CPU rank.
 
 Per process: step time = wall time of each optimiser step measured inside the trainer (sparsepo:
 its `train/step_time`, collate + reference + forward + loss + backward + step; TRL: a callback from
 on_step_begin to on_step_end, which holds the same work); median over steps 3..N. Peak RSS = the
-process's VmHWM (polled from /proc). CPU ms/step = (CPU seconds of the --steps process - of a
---short-steps process of the same system) / (steps - short): user + sys of the process itself, which
-a busy neighbour barely moves (wall step times on a shared box do). --rounds interleaves the four systems; the table gives the
-median over rounds of each round's median, and the min-max spread. --profile-steps N runs cProfile on
-a sparsepo inline and a TRL inline run of N steps and lists where each one's step time goes.
+process's VmHWM (polled from /proc). CPU ms/step = (CPU s of the --steps process - of a --short-steps
+one) / (steps - short), which a busy neighbour barely moves. --rounds interleaves the four systems: the
+table gives the median over rounds of each round's median and the spread. --profile-steps N: cProfile
+of a sparsepo inline and a TRL inline run of N steps, where each one's step time goes.
 """
 
 from __future__ import annotations
@@ -47,7 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_methods as bm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT, RESPONSE, BATCH, LR, BETA, CLIP, VOCAB = 16, 48, 4, 5e-4, 0.1, 1.0, 1000
+PROMPT, RESPONSE, BATCH, LR, BETA, CLIP = 16, 48, 4, 5e-4, 0.1, 1.0
+SIZES = {"tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2),  # --size
+         "small": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4)}  # matmuls lead
+SIZE = ["tiny"]
 STAGE_FILE = ["zero3.json"]  # --stage-file (one_gpu.json: ZeRO-2 without overlap, the file for one process)
 ATTN = "sdpa"  # both sides: sparsepo's model.attn_implementation and TRL's from_pretrained
 SPARSEPO_SETTINGS = {"gradient_checkpointing": False, "bf16": False, "dtype": "torch.float32", "attn_implementation": ATTN,
@@ -67,15 +68,15 @@ def single_token_words(tok) -> list[str]:
     return words
 
 
-def build_inputs(work: Path, tokenizer_dir: Path, n_pairs: int) -> dict:
+def build_inputs(work: Path, tokenizer_dir: Path, n_pairs: int) -> dict:  # the model of --size, in <work>/model
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model_dir = work / "model"
+    model_dir = work / f"model-{SIZE[0]}"
     if not (model_dir / "config.json").is_file():
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=max(VOCAB, len(tok)), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = LlamaConfig(**{**SIZES[SIZE[0]], "vocab_size": max(SIZES[SIZE[0]]["vocab_size"], len(tok))},
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                           tie_word_embeddings=False)
@@ -89,7 +90,7 @@ def build_inputs(work: Path, tokenizer_dir: Path, n_pairs: int) -> dict:
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     n_params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(model_dir).parameters())
-    return {"model": str(model_dir), "data": str(data), "vocab": VOCAB, "tokenizer_vocab": len(tok), "words": len(words), "n_params": n_params}
+    return {"model": str(model_dir), "data": str(data), "size": SIZE[0], **SIZES[SIZE[0]], "vocab": SIZES[SIZE[0]]["vocab_size"], "tokenizer_vocab": len(tok), "words": len(words), "n_params": n_params}
 
 
 def sparsepo_lengths(inputs: dict) -> dict:
@@ -309,7 +310,8 @@ def targets(systems: dict, runs: list[dict]) -> dict:
 def render(res: dict) -> str:
     lines = [f"Measured {res['date']} on {res['machine']}; load average {res['load_before']} before, "
              f"{res['load_after']} after. Command:", "", "```", res["command"], "```", "",
-             f"Model: random-init Llama, hidden 64, 2 layers, vocabulary {res['inputs']['vocab']} "
+             f"Model: random-init Llama, hidden {res['inputs'].get('hidden_size', 64)}, "
+             f"{res['inputs'].get('num_hidden_layers', 2)} layers, vocabulary {res['inputs']['vocab']} "
              f"({res['inputs']['n_params']:,} parameters); batch {BATCH} pairs of prompt {PROMPT} + response "
              f"{RESPONSE} tokens (sparsepo tokenised {res['lengths']['sparsepo']}, TRL {res['lengths']['trl']}); "
              f"{res['steps']} steps per run, {res['rounds']} interleaved rounds; TRL {res['trl_version']}.", "",
@@ -347,8 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile-steps", type=int, default=30, help="0: no profile")
     p.add_argument("--json", default=str(REPO / "docs" / "bench_trl.json"))
     p.add_argument("--stage-file", default="zero3.json", help="sparsepo's deepspeed.stage_file")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="the model (one --workdir per size)")
     a = p.parse_args(argv)
-    STAGE_FILE[0] = a.stage_file
+    STAGE_FILE[0], SIZE[0] = a.stage_file, a.size
     if a.worker:
         return trl_worker(a)
     if a.profile_worker:
