@@ -54,7 +54,7 @@ sparsepo_common_env() {
   if [ -z "${DS_ACCELERATOR:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
     export DS_ACCELERATOR=cpu
   fi
-  # DeepSpeed compiles its ops (deepspeed_shm_comm, fused_adam) just in time, into torch's default
+  # DeepSpeed compiles its ops (fused_adam, cpu_adam) just in time, into torch's default
   # ~/.cache/torch_extensions. Where home is not shared between nodes, SPARSEPO_CACHE_DIR on a shared
   # file system makes it one compile per cluster instead of one per node.
   if [ -n "${SPARSEPO_CACHE_DIR:-}" ]; then
