@@ -23,10 +23,22 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from contextlib import contextmanager
 
 
 def installed(name: str) -> bool:
     return name in sys.modules or importlib.util.find_spec(name) is not None
+
+
+@contextmanager
+def _answering_false(module, check: str):
+    """``module.<check>()`` answers False inside the block; the real function is yielded and put back."""
+    real = getattr(module, check)
+    setattr(module, check, lambda: False)
+    try:
+        yield real
+    finally:
+        setattr(module, check, real)
 
 
 def transformers_without_scipy() -> None:
@@ -40,12 +52,8 @@ def transformers_without_scipy() -> None:
         return
     import transformers.utils as tu
 
-    real = tu.is_scipy_available
-    tu.is_scipy_available = lambda: False
-    try:
+    with _answering_false(tu, "is_scipy_available"):
         import transformers.loss.loss_utils  # noqa: F401
-    finally:
-        tu.is_scipy_available = real
 
 
 def bitsandbytes_without_compile() -> None:
@@ -88,12 +96,8 @@ def transformers_without_peft() -> None:
         return
     import transformers.utils as tu
 
-    real = tu.is_peft_available
-    tu.is_peft_available = lambda: False
-    try:
+    with _answering_false(tu, "is_peft_available") as real:
         import transformers.trainer_utils as trainer_utils
-    finally:
-        tu.is_peft_available = real
 
     def peft_imported() -> bool:
         if "peft" not in sys.modules or not real():
