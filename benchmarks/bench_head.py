@@ -1,11 +1,15 @@
 """The lean head's forward + backward: its own backward (`logprobs.chunked.HeadLogps`) against the same
 chunk loop differentiated by autograd under `torch.utils.checkpoint` (how the lean path ran before,
-2026-12-05): CPU time per call, median of interleaved repeats, 1 thread.
+2026-12-05): time per call, median of interleaved repeats (CPU: process time, 1 thread; CUDA: wall
+time between synchronisations, and the peak allocated memory of each).
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/bench_head.py [--json out.json]
+    PYTHONPATH=$PWD python benchmarks/bench_head.py --device cuda --dtype bf16     # one GPU
 
-Shapes: bench_trl.py's policy head (384 response positions, hidden 64, vocabulary 1000) and a larger one
-(1,024 positions, hidden 256, vocabulary 32,000); chunk 128 (the default `model.logits_chunk`).
+Shapes (chunk 128, the default `model.logits_chunk`): on CPU bench_trl.py's policy head (384 response
+positions, hidden 64, vocabulary 1000) and a larger one (1,024 positions, hidden 256, vocabulary 32,000);
+on CUDA GPU issue 19's policy head (6,144 response positions: 8 pairs of 384 + 384; hidden 2048,
+vocabulary 32,000) and a Llama-3-8B-like one (hidden 4096, vocabulary 128,256).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from sparsepo.logprobs.chunked import HeadLogps
 from sparsepo.logprobs.lean import chunk_stats
 
-SHAPES = ((384, 64, 1000, 128, 200), (1024, 256, 32000, 128, 5))  # M, H, V, chunk, calls per repeat
+SHAPES = {"cpu": ((384, 64, 1000, 128, 200), (1024, 256, 32000, 128, 5)),  # M, H, V, chunk, calls per repeat
+          "cuda": ((6144, 2048, 32000, 128, 5), (6144, 4096, 128256, 128, 2))}
 
 
 def replayed(h, w, at, chunk):
@@ -42,27 +47,38 @@ def own_backward(h, w, at, chunk):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(1)
+    cuda, dtype = a.device == "cuda", {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    clock = time.perf_counter if cuda else time.process_time
     rows = []
-    for m, hid, vocab, chunk, calls in SHAPES:
+    for m, hid, vocab, chunk, calls in SHAPES[a.device]:
         g = torch.Generator().manual_seed(0)
-        h = torch.randn(m, hid, generator=g).requires_grad_()
-        w = torch.randn(vocab, hid, generator=g).requires_grad_()
-        at = torch.randint(0, vocab, (m, 1), generator=g)
-        times = {"checkpoint": [], "HeadLogps": []}
+        h = torch.randn(m, hid, generator=g).to(a.device, dtype).requires_grad_()
+        w = (torch.randn(vocab, hid, generator=g) * hid ** -0.5).to(a.device, dtype).requires_grad_()
+        at = torch.randint(0, vocab, (m, 1), generator=g).to(a.device)
+        times, peak = {"checkpoint": [], "HeadLogps": []}, {}
         for _ in range(a.repeats):
             for name, fn in (("checkpoint", replayed), ("HeadLogps", own_backward)):
-                t0 = time.process_time()
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = clock()
                 for _ in range(calls):
                     fn(h, w, at, chunk).sum().backward()
-                times[name].append((time.process_time() - t0) / calls * 1000)
+                if cuda:
+                    torch.cuda.synchronize()
+                    peak[name] = torch.cuda.max_memory_allocated() / 2**20
+                times[name].append((clock() - t0) / calls * 1000)
         old, new = statistics.median(times["checkpoint"]), statistics.median(times["HeadLogps"])
-        rows.append({"positions": m, "hidden": hid, "vocab": vocab, "chunk": chunk, "checkpoint_ms": round(old, 3),
-                     "own_backward_ms": round(new, 3), "speedup": round(old / new, 3)})
-        print(f"M={m} H={hid} V={vocab} chunk={chunk}: checkpoint replay {old:.2f} ms, HeadLogps {new:.2f} ms "
-              f"(x{old / new:.2f})")
+        rows.append({"device": a.device, "dtype": a.dtype, "positions": m, "hidden": hid, "vocab": vocab, "chunk": chunk,
+                     "checkpoint_ms": round(old, 3), "own_backward_ms": round(new, 3), "speedup": round(old / new, 3),
+                     **({"peak_mib": {k: round(v, 1) for k, v in peak.items()}} if cuda else {})})
+        print(f"{a.device} {a.dtype} M={m} H={hid} V={vocab} chunk={chunk}: checkpoint replay {old:.2f} ms, "
+              f"HeadLogps {new:.2f} ms (x{old / new:.2f})" + (f"; peak {peak}" if cuda else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

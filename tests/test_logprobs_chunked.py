@@ -107,3 +107,19 @@ def test_bf16_gradients_stay_near_the_float32_ones():
     for g, wg in zip(got, want):
         assert g.dtype == torch.bfloat16
         assert (g.float() - wg).abs().max() <= 0.05 * max(1.0, float(wg.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_on_cuda_in_bf16_values_and_gradients_stay_near_float32_autograd(cap):
+    """The Function where a GPU run uses it: bf16 on CUDA against float32 autograd on the CPU."""
+    h, w, b, at, weights = inputs()
+    want_out = by_autograd(h, w, b, at, cap)
+    want = grads(want_out, weights, h, w, b)
+    hc, wc, bc = (t.detach().cuda().bfloat16().requires_grad_() for t in (h, w, b))
+    got_out = by_function(hc, wc, bc, at.cuda(), cap, 4)[0]
+    assert (got_out.cpu() - want_out.detach()).abs().max() <= 0.05
+    for g, wg in zip(grads(got_out, weights.cuda(), hc, wc, bc), want):
+        assert g.is_cuda and g.dtype == torch.bfloat16
+        assert (g.float().cpu() - wg).abs().max() <= 0.05 * max(1.0, float(wg.abs().max()))
