@@ -94,8 +94,11 @@ def test_killed_reference_rank_fails_the_policy_with_its_name(tiny_world, tmp_pa
         elapsed = time.time() - t0
         out = (tmp_path / "rank0.log").read_text() + (tmp_path / "rank1.log").read_text()
         assert codes == [1, 1], out[-3000:]
-        assert "reference rank 3" in out and "last served" in out.replace("last batch served", "last served"), \
-            out[-3000:]
+        # whichever notices first names rank 3: the policy's bridge (its sender and the last batch served) or the
+        # watchdog, told by the surviving stage whose gloo link to rank 3 broke (seen on a loaded CI box)
+        by_bridge = "reference rank 3" in out and "last served" in out.replace("last batch served", "last served")
+        by_watchdog = "watchdog: lost reference group (stage 1, rank 3)" in out
+        assert by_bridge or by_watchdog, out[-3000:]
         assert elapsed < 60
     finally:
         for p in procs:
