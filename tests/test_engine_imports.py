@@ -22,7 +22,7 @@ print(int("torch._inductor" in sys.modules), int(compiler.compile() is __import_
 """
 
 
-@pytest.mark.parametrize("call", [True, False])
+@pytest.mark.parametrize("call", [True, pytest.param(False, marks=pytest.mark.slow)])  # the control: slow (budget)
 def test_deepspeeds_muon_module_is_imported_without_torch_compile(call):
     code = PROBE.format(call="import_muon_eagerly()" if call else "")
     out = subprocess.run([sys.executable, "-c", code], env=train_env(), cwd=REPO, capture_output=True, text=True,
@@ -65,7 +65,7 @@ def probe(code: str) -> list[int]:
     return [int(v) for v in out.stdout.split()[-3:]]
 
 
-@pytest.mark.parametrize("call", [True, False])
+@pytest.mark.parametrize("call", [True, pytest.param(False, marks=pytest.mark.slow)])  # the control: slow (budget)
 def test_transformers_models_are_imported_without_scipy_optimize(call):
     """transformers' object-detection losses import scipy.optimize (+40 MiB) whenever scipy is installed
     (sae-lens installs it); `transformers_without_scipy` imports them with scipy reported missing, and puts
@@ -76,7 +76,7 @@ def test_transformers_models_are_imported_without_scipy_optimize(call):
     assert scipy_optimize == (0 if call else 1)  # the control: without it the model import pulls scipy.optimize
 
 
-@pytest.mark.parametrize("call", [True, False])
+@pytest.mark.parametrize("call", [True, pytest.param(False, marks=pytest.mark.slow)])  # the control: slow (budget)
 def test_bitsandbytes_is_imported_without_torch_compile_and_still_quantises(call):
     """peft imports bitsandbytes, which runs torch.compile at import (functorch, sympy, networkx: +51 MiB);
     `bitsandbytes_without_compile` imports it eagerly first: torch.compile is put back and NF4 still works."""
@@ -114,7 +114,7 @@ print(int("scipy.io" in sys.modules), int(ds[0]["chosen"] == "b"), int(len(ds) =
 """
 
 
-@pytest.mark.parametrize("call", [True, False])
+@pytest.mark.parametrize("call", [True, pytest.param(False, marks=pytest.mark.slow)])  # the control: slow (budget)
 def test_transformers_trainer_utils_is_imported_without_peft_and_still_knows_a_peft_model(call):
     """transformers.optimization (the LR schedule) imports trainer_utils, which imports peft (+10 MiB, and
     bitsandbytes) whenever it is installed; `transformers_without_peft` answers "is a PeftModel?" from what
@@ -125,7 +125,7 @@ def test_transformers_trainer_utils_is_imported_without_peft_and_still_knows_a_p
     assert imported == (0 if call else 1)  # the control: without it the schedule's import pulls peft
 
 
-@pytest.mark.parametrize("call", [True, False])
+@pytest.mark.parametrize("call", [True, pytest.param(False, marks=pytest.mark.slow)])  # the control: slow (budget)
 def test_load_dataset_does_not_import_scipy_io(call):
     """datasets' streaming patch imports scipy.io (+12 MiB) to patch its loadmat in every builder module;
     `datasets_patch_imported_only` lets it see imported modules only, and a local JSON file still loads."""

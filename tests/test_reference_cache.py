@@ -168,6 +168,7 @@ def test_every_shard_is_verified_when_the_cache_is_opened(tmp_path, dirs):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # default-time budget (2026-12-05: the default run was 18 min on an idle box); the verification itself: the unit tests above
 def test_damaged_shard_is_refused_before_training_starts(tiny_world, tmp_path):
     from conftest import run_training
 

@@ -36,7 +36,8 @@ def uninterrupted(tiny_world, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("precision, before, after", [("fp32", 1, 2),  # 2 -> 4 and bf16: slow (the same path)
+@pytest.mark.parametrize("precision, before, after", [pytest.param("fp32", 1, 2, marks=pytest.mark.slow),  # default:
+                                                      # test_checkpoint.py's universal resume (budget)
                                                       pytest.param("fp32", 2, 4, marks=pytest.mark.slow),
                                                       pytest.param("bf16", 1, 2, marks=pytest.mark.slow)])
 def test_resume_on_more_ranks_matches_the_uninterrupted_run(tiny_world, uninterrupted, tmp_path, precision,

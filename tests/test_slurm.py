@@ -216,6 +216,7 @@ def _preempted_step(text: str) -> int:
     raise AssertionError("no 'preempted at step N' line in the job log")
 
 
+@pytest.mark.slow  # default-time budget (2026-12-05: the default run was 18 min on an idle box); the Slurm smoke runs by default, preemption resume: test_checkpoint.py
 def test_preemption_requeue_resume_matches_uninterrupted(slurm_cluster, tiny_world):
     """train_multinode.sbatch: USR1 to the batch shell (what `--signal=B:USR1@120` delivers before the
     time limit) -> every rank checkpoints and exits 3 -> the script requeues the job -> the rerun

@@ -21,7 +21,7 @@ MODES = {"inline": (("reference.mode=inline", "method.kl_estimator=k3"), 1),  # 
          "live": (("reference.mode=live", "topology.reference_ranks=1"), 2)}
 
 
-@pytest.mark.parametrize("mode", [pytest.param("inline", marks=pytest.mark.integration),
+@pytest.mark.parametrize("mode", [pytest.param("inline", marks=[pytest.mark.integration, pytest.mark.slow]),
                                   pytest.param("live", marks=[pytest.mark.distributed, pytest.mark.slow])])
 def test_spo_with_staleness_resumes_exactly(tiny_world, tmp_path, mode):
     """Step 4 (index 3) is the first after the resume: it trains on the round drawn at index 2 (s = 1)

@@ -239,6 +239,7 @@ def test_a_resumed_live_run_sends_the_checkpoints_reference_and_continues_the_cu
 
 @pytest.mark.integration
 @pytest.mark.distributed
+@pytest.mark.slow  # default-time budget (2026-12-05: the default run was 18 min on an idle box); live TR-DPO runs by default above
 def test_live_spo_follows_like_inline(tiny_world, tmp_path):
     """SPO (KL on the policy's own samples) with α = 0.5 every step, 1 policy rank + a 2-stage group:
     each step's samples are scored by the reference after the syncs before it, as inline mode scores
