@@ -53,8 +53,9 @@ part() {  # part NAME ESTIMATE_S COMMAND...: run it if wanted and the budget all
   echo "$name rc=$? $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.txt"
 }
 
-bench() {  # bench PART MODES: the gpu_bench.sh command for those rows, into $OUT/bench-PART/gpu_bench.json
-  echo env OUT="$OUT/bench-$1" JSON="$OUT/bench-$1/gpu_bench.json" MD=none MODES="$2" PRESET="$PRESET" STEPS="$STEPS" \
+bench() {  # bench PART MODES: the gpu_bench.sh command for those rows, into $OUT/gpu_bench-PART.json; the parts
+  # share $OUT/bench (one model built, one reference cache; OUT must not hold spaces)
+  echo env OUT="$OUT/bench" JSON="$OUT/gpu_bench-$1.json" MD=none MODES="$2" PRESET="$PRESET" STEPS="$STEPS" \
     bash benchmarks/gpu_bench.sh
 }
 
