@@ -41,7 +41,8 @@ def family_config(case: str, vocab: int):
 
 
 @pytest.mark.parametrize("case", [pytest.param("mistral-sliding", marks=pytest.mark.slow),  # sliding: gemma2
-                                  "gemma2", pytest.param("mixtral-sliding", marks=pytest.mark.slow),  # default-time budget
+                                  pytest.param("gemma2", marks=pytest.mark.slow),  # budget: lean = plain in-process
+                                  pytest.param("mixtral-sliding", marks=pytest.mark.slow),  # default-time budget
                                   pytest.param("granite", marks=pytest.mark.slow)])
 def test_live_equals_cache_beyond_the_window(case, tiny_world, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -63,7 +63,8 @@ def cleanup(procs):
                                                         marks=pytest.mark.slow),  # rank: test_live.py, default
                                            pytest.param(1, "policy rank 1 (global rank 1)",  # as rank 0: slow
                                                         marks=pytest.mark.slow),
-                                           (0, "policy rank 0 (global rank 0)")])  # hosts the bridge store
+                                           pytest.param(0, "policy rank 0 (global rank 0)",  # hosts the bridge store
+                                                        marks=pytest.mark.slow)])  # budget: test_peer_watchdog.py
 def test_stalled_rank_fails_every_other_rank_in_bounded_time_naming_it(tiny_world, tmp_path, stopped, name):
     procs = start(tiny_world, tmp_path, free_port(), "train.epochs=50")
     try:

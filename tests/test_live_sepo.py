@@ -229,7 +229,7 @@ def oracle_dir(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("nproc,stages", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("nproc,stages", [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow)])  # 4-2: budget
 def test_oracle_pipelines_equal_the_single_process_pair(oracle_dir, tmp_path, nproc, stages):
     root, pair = oracle_dir
     rows = [sepo_batch(seed, pairs=2 + seed % 2)[0] for seed in range(4)]

@@ -350,7 +350,7 @@ def check_sae_placement(infos: dict, layer: int) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("layer", [0, pytest.param(1, marks=pytest.mark.slow)])  # 1 (on the last stage): budget
 def test_two_stage_pipeline_serves_sae_features(saved_model, sae_dirs, tmp_path, layer):
     """Layer 0 lives on stage 0 (its output crosses to stage 1), layer 1 on the last stage itself."""
     model_dir, model = saved_model

@@ -180,7 +180,7 @@ def test_a_two_stage_group_receives_exactly_the_mixed_weights(tiny_world):
 
 @pytest.mark.integration
 @pytest.mark.distributed
-@pytest.mark.parametrize("group", [LIVE, pytest.param(("reference.mode=live", "topology.reference_ranks=2",
+@pytest.mark.parametrize("group", [pytest.param(LIVE, marks=pytest.mark.slow), pytest.param(("reference.mode=live", "topology.reference_ranks=2",
                                                        "topology.pipeline_stages=1"), marks=pytest.mark.slow)],
                          ids=["2-stages", "2-replicas"])
 def test_live_tr_dpo_logs_inline_losses_and_checkpoints_the_same_reference(tiny_world, tmp_path, group):
@@ -239,7 +239,7 @@ def test_a_resumed_live_run_sends_the_checkpoints_reference_and_continues_the_cu
 
 @pytest.mark.integration
 @pytest.mark.distributed
-@pytest.mark.slow  # default-time budget (2026-12-05: the default run was 18 min on an idle box); live TR-DPO runs by default above
+@pytest.mark.slow  # default-time budget (2026-12-05: the default run was 18 min on an idle box), as the test above
 def test_live_spo_follows_like_inline(tiny_world, tmp_path):
     """SPO (KL on the policy's own samples) with α = 0.5 every step, 1 policy rank + a 2-stage group:
     each step's samples are scored by the reference after the syncs before it, as inline mode scores
