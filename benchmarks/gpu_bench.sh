@@ -33,11 +33,7 @@ else
 fi
 
 # wheels carried to a machine without network (../shared/GPU.md): installed beside, never over, its torch
-if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
-  SITE=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
-  export PYTHONPATH="$SITE:$PYTHONPATH"
-fi
+source benchmarks/use_wheels.sh
 "$PY" -c "import torch, deepspeed; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| deepspeed', deepspeed.__version__)" 2>&1 | grep -v real_accelerator
 
 ARGS=(--preset "${PRESET:-issue19}" --out "$OUT" --modes "${MODES:-cache,inline,live,trl-precompute,trl-inline,lora,qlora}"

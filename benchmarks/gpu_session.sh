@@ -34,11 +34,7 @@ else
   exit 1
 fi
 # wheels the machine lacks (GPU.md), installed once beside its torch for every part
-if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
-  SITE=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
-  export PYTHONPATH="$SITE:$PYTHONPATH"
-fi
+source benchmarks/use_wheels.sh
 
 part() {  # part NAME ESTIMATE_S COMMAND...: run it if wanted and the budget allows, time-boxed, logged
   local name=$1 estimate=$2; shift 2
