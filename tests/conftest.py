@@ -21,12 +21,13 @@ ROLE_MARKERS = ("unit", "integration", "distributed", "slurm", "gpu")
 
 def pytest_collection_modifyitems(config, items):
     """Every test gets one role marker, so `pytest -m unit` is the sub-minute loop: tests marked by
-    their module keep theirs; a test that builds the tiny demo world (tens of seconds, once) is
-    `integration`; everything else is a pure `unit` test."""
+    their module keep theirs; a test that builds a demo world (`tiny_world`, or test_demo's own
+    `world`: seconds to tens of seconds, once) is `integration`; everything else is a pure `unit` test."""
     for item in items:
         if any(item.get_closest_marker(m) for m in ROLE_MARKERS):
             continue
-        item.add_marker(pytest.mark.integration if "tiny_world" in item.fixturenames else pytest.mark.unit)
+        builds_world = bool({"tiny_world", "world"} & set(item.fixturenames))
+        item.add_marker(pytest.mark.integration if builds_world else pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,7 @@ def test_bench_logprobs_measures_plain_and_chunked(tmp_path):
     assert all(r["peak_rss_mb"] > 0 for r in res["results"])
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_bench_spo_kl_writes_estimator_errors(tmp_path):
     out = tmp_path / "kl.json"
     run_bench("bench_spo_kl.py", "--n", "64", "--vocab", "20", "--out", str(out))

@@ -97,6 +97,7 @@ def _store_listens_on_loopback_only_and_a_crafted_message_is_refused():
     assert not os.path.exists(marker)
 
 
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_over_a_real_bridge(tmp_path):
     # a process of its own: gloo's threads may abort an interpreter at exit (FIELD_NOTES), so it leaves by os._exit
     code = (f"import os, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_bridge_safety as m\n"

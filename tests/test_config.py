@@ -206,6 +206,7 @@ def test_model_dir_without_tokenizer_files_names_dir_and_files(tmp_path):
                                               f"reference.path={tmp_path / 'ref'}"]))
 
 
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_train_entry_point_refuses_a_missing_model_path_with_exit_2(tmp_path):
     """`python -m sparsepo.train model.path=/x/y` used to end in transformers' "Repo id must be in the
     form ..." from the tokenizer loader; it must stop at the config check, naming the key and path."""

@@ -134,6 +134,7 @@ def test_policy_engine_counts_non_finite_weights_of_its_partitions():
     assert engine.nonfinite_weights() == 1
 
 
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_train_entry_point_exits_2_on_lr_1e400_before_anything_runs(tmp_path):
     import subprocess
     import sys

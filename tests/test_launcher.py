@@ -157,6 +157,7 @@ def test_launch_env_is_read_by_python():
     assert out.returncode == 64 and "SPARSEPO_LAUNCH_MODE must be one of" in out.stderr
 
 
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_resume_args(tmp_path):
     run = tmp_path / "run"
     cfg = f"--config {RECIPE} logging.output_dir={run}"

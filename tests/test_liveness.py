@@ -12,7 +12,6 @@ import torch.distributed as dist
 from conftest import free_port
 from sparsepo.liveness import DONE, FAILED, PREEMPTED, Watchdog, group_timeout_s
 
-pytestmark = pytest.mark.unit
 LIMIT, BEAT = 1.0, 0.1
 
 
@@ -66,6 +65,7 @@ def test_a_preempted_peer_makes_the_others_leave_with_3(trio, caplog):
     assert exits == {0: 3, 2: 3} and "peer 1 was preempted (preempted at step 4)" in caplog.text
 
 
+@pytest.mark.integration  # waits out the liveness limit: out of the -m unit loop
 def test_a_done_peer_is_not_lost(trio):
     dogs, exits, done = trio
     dogs[2].end(DONE)

@@ -332,6 +332,7 @@ def test_select_tokens_rejects_bad_settings(kwargs, word):
 # isolation
 
 
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_import_leaves_heavy_packages_out():
     """`import sparsepo.losses` in a clean interpreter imports neither deepspeed, transformers nor sae_lens."""
     code = ("import sys, sparsepo.losses; "

@@ -54,7 +54,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, holder):
     assert "choose another logging.output_dir" in msg
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_lock_of_a_dead_process_is_stale_not_a_conflict(tmp_path, holder, caplog):
     run = tmp_path / "run"
     pid = holder(run)

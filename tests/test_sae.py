@@ -77,6 +77,7 @@ def saved(trained, tmp_path_factory):
     return path
 
 
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_import_is_light():
     code = ("import sys, sparsepo.sae; heavy = [m for m in sys.modules if m.split('.')[0] in "
             "('sae_lens', 'transformers', 'transformer_lens', 'deepspeed')]; print(heavy); assert not heavy")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
 
 PKG = Path(__file__).resolve().parent.parent / "sparsepo"
 MAX_LINES = 400
@@ -105,6 +104,7 @@ def test_no_file_over_the_limit():
     assert long == {}
 
 
+@pytest.mark.integration  # a subprocess: out of the -m unit loop
 def test_importing_the_trainer_reaches_deepspeed_only_through_the_engine():
     code = ("import sys, sparsepo.trainer, sparsepo.train, sparsepo.reference_role.server\n"
             "print('\\n'.join(m for m in sys.modules if m.startswith('sparsepo')))")
