@@ -58,4 +58,4 @@ fi
 export PIP_CONSTRAINT="$constraint" PIP_DISABLE_PIP_VERSION_CHECK=1
 [ ${#torch_args[@]} -eq 0 ] || "$VENV/bin/pip" install -q "${torch_args[@]}"
 "$VENV/bin/pip" install -q -e ".[test]"
-"$VENV/bin/python" -c "import torch, deepspeed, transformers, datasets, mpi4py, sae_lens; print('sparsepo installed: torch', torch.__version__, '| CUDA', torch.cuda.is_available(), '| deepspeed', deepspeed.__version__)" 2>&1 | grep -v "real_accelerator"
+"$VENV/bin/python" -c "from sparsepo.lean_imports import bitsandbytes_offline; bitsandbytes_offline(); import torch, deepspeed, transformers, datasets, mpi4py, sae_lens; print('sparsepo installed: torch', torch.__version__, '| CUDA', torch.cuda.is_available(), '| deepspeed', deepspeed.__version__)" 2>&1 | grep -v "real_accelerator"

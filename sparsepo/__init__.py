@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 import logging as _logging
 
-# bitsandbytes (QLoRA; peft imports it whenever it is installed) tries, on a CPU with AVX512-bf16, to fetch an
-# optional kernel from the Hugging Face Hub for an inference-only weight layout that sparsepo turns off
-# (`sparsepo.lora.portable_4bit`), and warns in every process when it cannot: offline, always.
+# bitsandbytes (QLoRA; peft imports it whenever it is installed) asks, on a CPU with AVX512-bf16, the Hugging
+# Face Hub for an optional kernel of an inference-only weight layout that sparsepo turns off
+# (`sparsepo.lora.portable_4bit`); sparsepo refuses the request (`lean_imports.bitsandbytes_offline`) and
+# this mutes bitsandbytes' warning that it could not have it.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

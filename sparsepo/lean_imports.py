@@ -7,7 +7,7 @@ a fresh interpreter that has imported torch, transformers' Llama, datasets and D
 | import | RSS | avoided by |
 |---|---|---|
 | ``scipy.optimize``, from transformers' object-detection losses (``transformers.loss.loss_utils``, imported by every model) | +40 MiB | ``transformers_without_scipy`` |
-| bitsandbytes, imported by peft, imported by ``transformers.optimization`` (the LR schedule) | +51 MiB, +5 imported eagerly | ``bitsandbytes_without_compile`` |
+| bitsandbytes, imported by peft, imported by ``transformers.optimization`` (the LR schedule) | +51 MiB, +5 imported eagerly | ``bitsandbytes_offline(eager=True)`` |
 | peft (and with it bitsandbytes), imported by ``transformers.trainer_utils`` in a run without LoRA | +10 MiB | ``transformers_without_peft`` |
 | ``scipy.io``, imported by ``datasets``' streaming patch of every dataset builder (``load_dataset``) | +12 MiB | ``datasets_patch_imported_only`` |
 
@@ -56,27 +56,61 @@ def transformers_without_scipy() -> None:
         import transformers.loss.loss_utils  # noqa: F401
 
 
-def bitsandbytes_without_compile() -> None:
-    """Import bitsandbytes with ``torch.compile`` the identity.
+@contextmanager
+def _hub_kernels_refused():
+    """Inside the block ``kernels.get_kernel`` fails at once, as it does offline. bitsandbytes' CPU backend
+    calls it *at import* on a CPU with AVX512-bf16, asking the Hugging Face Hub for an optional 4-bit
+    GEMM (an inference-only layout sparsepo turns off: ``lora.portable_4bit``): with a network that is a
+    request to the Hub from every training process, and on a compute node whose DNS drops packets a
+    stall. Refused, bitsandbytes keeps its own kernel."""
+    kernels = sys.modules.get("kernels")
+    if kernels is None:
+        sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError
+        try:
+            yield
+        finally:
+            if sys.modules.get("kernels", 0) is None:
+                del sys.modules["kernels"]
+        return
 
-    It wraps its fallback kernels in ``torch.compile`` at import, which loads torch._dynamo's backends,
-    functorch, sympy and networkx; peft imports it whenever it is installed, and transformers imports
-    peft whenever *that* is installed (``transformers.trainer_utils``, imported by the LR schedule's
+    def refused(*_args, **_kwargs):
+        raise RuntimeError("sparsepo fetches no kernel from the Hugging Face Hub")
+
+    real = kernels.get_kernel
+    kernels.get_kernel = refused
+    try:
+        yield
+    finally:
+        kernels.get_kernel = real
+
+
+def bitsandbytes_offline(*, eager: bool = False) -> None:
+    """Import bitsandbytes (when installed and not yet imported) without its Hub request
+    (``_hub_kernels_refused``). Call it before peft is imported: peft imports bitsandbytes whenever it
+    is installed.
+
+    ``eager=True`` (a run without 4-bit layers): ``torch.compile`` is the identity meanwhile.
+    bitsandbytes wraps its fallback kernels in ``torch.compile`` at import, which loads torch._dynamo's
+    backends, functorch, sympy and networkx; peft imports it, and transformers imports peft whenever
+    *that* is installed (``transformers.trainer_utils``, imported by the LR schedule's
     ``transformers.optimization``). A run without 4-bit layers never calls those kernels; a QLoRA run
-    imports bitsandbytes as it is (the caller, ``engine.policy.PolicyEngine.build``, skips this)."""
+    (``engine.policy.PolicyEngine.build`` knows which) keeps them compiled. A broken bitsandbytes is left
+    for peft or QLoRA's check (``lora.qlora_problem``) to report."""
     if "bitsandbytes" in sys.modules or not installed("bitsandbytes"):
         return
     import torch
 
     compile_fn = torch.compile
 
-    def eager(fn=None, **_kwargs):
+    def identity(fn=None, **_kwargs):
         return fn if fn is not None else (lambda f: f)
 
-    torch.compile = eager
+    if eager:
+        torch.compile = identity
     try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken bitsandbytes is left for peft / QLoRA's check to report
+        with _hub_kernels_refused():
+            import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001
         for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
             del sys.modules[name]
     finally:
@@ -135,7 +169,7 @@ def datasets_patch_imported_only() -> None:
 
 def lean_training_process() -> None:
     """What ``sparsepo.train`` calls first, before any model class or dataset is imported: every
-    function above but ``bitsandbytes_without_compile`` (the policy engine's, which knows about QLoRA)."""
+    function above but ``bitsandbytes_offline`` (the policy engine's, which knows about QLoRA)."""
     transformers_without_scipy()
     transformers_without_peft()
     datasets_patch_imported_only()

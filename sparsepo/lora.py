@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import torch
 
+from sparsepo.lean_imports import bitsandbytes_offline
+
 log = logging.getLogger("sparsepo")
 
 ADAPTER_INFIXES = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector",
@@ -38,6 +40,7 @@ def enabled(lcfg) -> bool:
 
 def peft_config(lcfg):
     """The `peft.LoraConfig` of a `lora:` section (empty target_modules: every linear layer but the head)."""
+    bitsandbytes_offline()  # before peft imports it
     from peft import LoraConfig, TaskType
 
     return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias="none",
@@ -46,7 +49,8 @@ def peft_config(lcfg):
 
 
 def import_bitsandbytes():
-    """bitsandbytes (its CPU backend's Hub-kernel warning is muted in ``sparsepo/__init__.py``)."""
+    """bitsandbytes, imported without its CPU backend's Hub request (``lean_imports.bitsandbytes_offline``)."""
+    bitsandbytes_offline()
     import bitsandbytes
 
     return bitsandbytes
@@ -126,6 +130,7 @@ def portable_4bit(model):
 def wrap(model, lcfg, *, gradient_checkpointing: bool = False):
     """peft's `get_peft_model` around `model`: the base frozen, the adapters (and modules_to_save)
     trainable. QLoRA first prepares the 4-bit base (peft's prepare_model_for_kbit_training)."""
+    bitsandbytes_offline()  # before peft imports it
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if lcfg.load_in_4bit:

@@ -47,22 +47,30 @@ BNB_PROBE = """
 import sys
 import torch
 real = torch.compile
-from sparsepo.lean_imports import bitsandbytes_without_compile
+import kernels
+hub = []  # every request bitsandbytes makes for a Hub kernel, answered as offline
+def get_kernel(*args, **kwargs):
+    hub.append(args)
+    raise RuntimeError("offline")
+kernels.get_kernel = get_kernel
+from sparsepo.lean_imports import bitsandbytes_offline
 {call}
 import peft
 import bitsandbytes as bnb
+from bitsandbytes.functional import has_avx512bf16
 x = torch.linspace(-1, 1, 64, dtype=torch.bfloat16)
 q, state = bnb.functional.quantize_4bit(x, quant_type="nf4", quant_storage=torch.bfloat16)
 err = float((bnb.functional.dequantize_4bit(q, state) - x).abs().max())
-print(int("torch._functorch.partitioners" in sys.modules), int(torch.compile is real), int(err < 0.2))
+print(int(has_avx512bf16()), len(hub), int(kernels.get_kernel is get_kernel),
+      int("torch._functorch.partitioners" in sys.modules), int(torch.compile is real), int(err < 0.2))
 """
 
 
-def probe(code: str) -> list[int]:
+def probe(code: str, n: int = 3) -> list[int]:
     out = subprocess.run([sys.executable, "-c", code], env=train_env(), cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return [int(v) for v in out.stdout.split()[-3:]]
+    return [int(v) for v in out.stdout.split()[-n:]]
 
 
 @pytest.mark.parametrize("call", [True, pytest.param(False, marks=pytest.mark.slow)])  # the control: slow (budget)
@@ -78,12 +86,16 @@ def test_transformers_models_are_imported_without_scipy_optimize(call):
 
 @pytest.mark.parametrize("call", [True, pytest.param(False, marks=pytest.mark.slow)])  # the control: slow (budget)
 def test_bitsandbytes_is_imported_without_torch_compile_and_still_quantises(call):
-    """peft imports bitsandbytes, which runs torch.compile at import (functorch, sympy, networkx: +51 MiB);
-    `bitsandbytes_without_compile` imports it eagerly first: torch.compile is put back and NF4 still works."""
+    """peft imports bitsandbytes, which runs torch.compile at import (functorch, sympy, networkx: +51 MiB)
+    and, on a CPU with AVX512-bf16, asks the Hub for a kernel; `bitsandbytes_offline(eager=True)` imports it
+    first, eagerly and without the request: torch.compile and kernels.get_kernel are put back, NF4 still works."""
     pytest.importorskip("bitsandbytes")
-    functorch, restored, works = probe(BNB_PROBE.format(call="bitsandbytes_without_compile()" if call else ""))
-    assert restored == 1 and works == 1
+    pytest.importorskip("kernels")
+    avx512bf16, requests, get_kernel_back, functorch, restored, works = probe(
+        BNB_PROBE.format(call="bitsandbytes_offline(eager=True)" if call else ""), n=6)
+    assert restored == 1 and works == 1 and get_kernel_back == 1
     assert functorch == (0 if call else 1)
+    assert requests == (0 if call else avx512bf16)  # the control asks the Hub exactly where the CPU has it
 
 
 PEFT_PROBE = """

@@ -90,11 +90,11 @@ class PolicyEngine:
         `lora` (the config's `lora:` section) with r > 0: peft adapters on a frozen base; DeepSpeed
         wraps the HF model with the adapters injected (`sparsepo.lora`), only they reach the optimiser."""
         from sparsepo import lora as lora_mod
-        from sparsepo.lean_imports import bitsandbytes_without_compile, transformers_without_peft
+        from sparsepo.lean_imports import bitsandbytes_offline, transformers_without_peft
 
         transformers_without_peft()  # without LoRA nothing imports peft (nor bitsandbytes through it)
-        if lora_mod.enabled(lora) and not lora.load_in_4bit:  # before sparsepo.lora imports peft
-            bitsandbytes_without_compile()
+        if lora_mod.enabled(lora):  # before sparsepo.lora imports peft
+            bitsandbytes_offline(eager=not lora.load_in_4bit)
         from transformers import AutoModelForCausalLM, get_scheduler
         from transformers.integrations import HfDeepSpeedConfig
 
