@@ -20,7 +20,7 @@ reference.mode=inline (reference forward inside the step) and reference.mode=cac
 filled once beforehand, in its own process, not timed), DeepSpeed with --stage-file on one CPU rank.
 
 Per process: step time = wall time of each optimiser step measured inside the trainer (sparsepo:
-its `train/step_time`, collate + reference + forward + loss + backward + step; TRL: a callback from
+its `train/step_time` from metrics.jsonl, collate + reference + forward + loss + backward + step; TRL: a callback from
 on_step_begin to on_step_end, which holds the same work); median over steps 3..N. Peak RSS = the
 process's VmHWM (polled from /proc). CPU ms/step = (CPU s of the --steps process - of a --short-steps
 one) / (steps - short), which a busy neighbour barely moves. --rounds interleaves the four systems: the
@@ -54,7 +54,8 @@ ATTN = "sdpa"  # both sides: sparsepo's model.attn_implementation and TRL's from
 SPARSEPO_SETTINGS = {"gradient_checkpointing": False, "bf16": False, "dtype": "torch.float32", "attn_implementation": ATTN,
                      "optim": "torch AdamW (fused, optim.implementation=auto) through DeepSpeed (1 rank)", "torch_threads": 1,
                      "step_timer": "train/step_time: collate + reference (cache read or inline forward) + forward + "
-                                   "loss + backward + clip + AdamW step (metrics logging not timed)"}
+                                   "loss + backward + clip + AdamW step (metrics logging not timed)",
+                     "report_to": "[] (metrics.jsonl only; TRL: report_to=[])"}
 SYSTEMS = ("trl-inline", "trl-precompute", "sparsepo-inline", "sparsepo-cache")
 
 
@@ -110,7 +111,8 @@ def sparsepo_overrides(inputs: dict, run_dir: Path, mode: str, steps: int) -> li
             "model.gradient_checkpointing=false", "checkpoint.at_end=false", "optim.weight_decay=0.0", f"optim.grad_clip={CLIP}",
             f"train.micro_batch_size={BATCH}", f"train.max_steps={steps}", "train.seed=0",
             f"reference.mode={mode}", f"reference.cache_dir={run_dir.parent / 'sparsepo-cache'}",
-            f"logging.output_dir={run_dir}", "logging.log_every=1", "logging.overwrite=true", "logging.progress=false",
+            f"logging.output_dir={run_dir}", "logging.log_every=1", "logging.report_to=[]", "logging.overwrite=true",
+            "logging.progress=false",
             f"deepspeed.stage_file={STAGE_FILE[0]}"]
 
 

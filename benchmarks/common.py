@@ -48,14 +48,15 @@ def train(world, run_dir: Path, overrides: list[str], nproc: int, *, pin: bool =
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    """step -> value of `tag` ("train/step_time") from the run's metrics.jsonl (written whatever
+    logging.report_to says; a resumed run's file holds one curve, so the last line of a step wins);
+    {} for a run that logged nothing (a precompute)."""
     out: dict[int, float] = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        row = json.loads(line)
+        if tag in row:
+            out[row["step"]] = row[tag]
     return out
 
 

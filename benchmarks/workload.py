@@ -120,12 +120,14 @@ def build(w: Workload, out: Path, *, seed: int = 0) -> dict:
 
 def sparsepo_overrides(w: Workload, built: dict, *, precision: str = "fp32") -> list[str]:
     """The run settings both benchmark scripts use: AdamW lr 1e-5 constant, clip 1.0, no warm-up, no
-    checkpoint at the end, log every step (the per-step times), data lengths that keep every token."""
+    checkpoint at the end, log every step (the per-step times, read from metrics.jsonl) and nothing to
+    TensorBoard (TRL's side runs report_to=[]), data lengths that keep every token."""
     return [f"model.path={built['model']}", f"data.path={built['data']}", f"data.max_length={w.seq}",
             f"data.max_prompt_length={w.prompt}", "method.name=dpo", "optim.lr=1e-5", "optim.schedule=constant",
             "optim.warmup_steps=0", "optim.grad_clip=1.0", f"train.micro_batch_size={w.batch}",
             f"train.max_steps={w.steps}", "train.epochs=1000", f"train.precision={precision}",
-            "checkpoint.at_end=false", "logging.log_every=1", "logging.overwrite=true", "logging.progress=false"]
+            "checkpoint.at_end=false", "logging.log_every=1", "logging.report_to=[]", "logging.overwrite=true",
+            "logging.progress=false"]
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sparsepo.trackers import close_trackers, flat_config, open_trackers
+from sparsepo.trackers import JsonlSink, close_trackers, flat_config, open_trackers
 
 log = logging.getLogger("sparsepo")
 
@@ -105,7 +105,8 @@ class MetricsLogger:
         self.trackers: list = []
         if not enabled:
             return
-        self.trackers = open_trackers(report_to, run_dir, config=config)  # wandb, mlflow (accelerate's)
+        self.trackers = [JsonlSink(Path(run_dir), start_step),  # metrics.jsonl, whatever report_to says
+                         *open_trackers(report_to, run_dir, config=config)]  # wandb, mlflow
         if tensorboard and "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 

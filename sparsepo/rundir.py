@@ -109,7 +109,7 @@ def prepare_run_dir(cfg: RunConfig, *, is_main: bool) -> Path:
     on_one_rank(lambda: acquire_run_lock(run_dir))  # before anything below touches the directory
     if is_main:
         if cfg.logging.overwrite and not resuming and run_dir.is_dir():
-            for name in ("checkpoints", "tensorboard", "final", "summary.json", "skipped_rows.jsonl"):
+            for name in ("checkpoints", "tensorboard", "final", "summary.json", "skipped_rows.jsonl", "metrics.jsonl"):
                 path = run_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Experiment trackers beside TensorBoard (`logging.report_to`): wandb and mlflow through their own
-client APIs, behind one small interface (`log(values, step)`, `finish()`), on rank 0 only.
+client APIs, behind one small interface (`log(values, step)`, `finish()`), on rank 0 only; and
+`<run_dir>/metrics.jsonl`, written whatever report_to says (`JsonlSink`).
 
     trackers = open_trackers(["wandb"], run_dir, config=to_dict(cfg))   # [] for tensorboard alone
     for t in trackers: t.log({"train/loss": 0.69}, step=1)
@@ -14,8 +15,11 @@ which would take over torch.distributed set-up inside a DeepSpeed job.)
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+from sparsepo.atomic import atomic_write
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow")
 """logging.report_to's choices; TensorBoard is written by `metrics.MetricsLogger` itself."""
@@ -60,6 +64,38 @@ class MlflowSink:
 
     def finish(self) -> None:
         self.mlflow.end_run()
+
+
+class JsonlSink:
+    """`<run_dir>/metrics.jsonl`: one JSON object per log call, `{"step": 3, "train/loss": 0.69, ...}`,
+    flushed as it is written (TRL's `trainer_state.json` log history, for scripts and CI; no package
+    needed). A run that starts at step 0 begins the file afresh; a resumed one first drops the lines of
+    steps after its checkpoint (and a line torn by a preemption), as TensorBoard's purge does, so the
+    file holds one curve."""
+
+    NAME = "metrics.jsonl"
+
+    def __init__(self, run_dir: Path, start_step: int = 0):
+        path = Path(run_dir) / self.NAME
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step] \
+            if start_step and path.exists() else []
+        atomic_write(path, "".join(line + "\n" for line in kept))
+        self.file = path.open("a", encoding="utf-8")
+
+    def log(self, values: dict, step: int) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+
+    def finish(self) -> None:
+        self.file.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not whole."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 SINKS = {"wandb": WandbSink, "mlflow": MlflowSink}

@@ -253,6 +253,11 @@ def test_resume_at_half_is_exact(tiny_world, full, half):
     assert f"continuing at step {HALF}" in output(proc)
     want = read_scalars(full, "train/loss")
     assert_losses_match(read_scalars(half.run, "train/loss"), want, range(1, STEPS + 1), EXACT)
+    # metrics.jsonl holds each step once, the resumed run's values (TensorBoard's last write)
+    lines = [json.loads(line) for line in (half.run / "metrics.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if "train/loss" in line]
+    assert {line["step"]: line["train/loss"] for line in lines} == pytest.approx(read_scalars(half.run, "train/loss"))
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     # the LR scheduler's position round-tripped (a fresh scheduler would restart the warmup)
     assert_losses_match(read_scalars(half.run, "train/lr"), read_scalars(full, "train/lr"), range(1, STEPS + 1), 0)
     # TRL's num_tokens continues from the checkpoint (it restarted at 0 before it was recorded there)

@@ -72,3 +72,39 @@ def test_report_to_refuses_unknown_names_and_missing_packages(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
     with pytest.raises(ValueError, match="lists 'mlflow', but the mlflow package is not installed"):
         MetricsLogger(tmp_path, total_steps=1, enabled=True, progress=False, report_to=("mlflow",))
+
+
+def jsonl(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_jsonl_holds_every_logged_scalar_without_any_tracker(tmp_path):
+    m = MetricsLogger(tmp_path, total_steps=2, enabled=True, progress=False, report_to=())
+    m.log(1, {"loss": 0.75, "rewards/chosen": 0.125})
+    m.log(2, {"loss": 0.5})
+    m.log(2, {"loss": 0.625}, prefix="eval")
+    m.close()
+    assert jsonl(tmp_path) == [{"step": 1, "train/loss": 0.75, "train/rewards/chosen": 0.125},
+                               {"step": 2, "train/loss": 0.5}, {"step": 2, "eval/loss": 0.625}]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_metrics_jsonl_of_a_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path):
+    first = MetricsLogger(tmp_path, total_steps=6, enabled=True, progress=False, report_to=())
+    for step in range(1, 6):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "train/lo')  # a line torn by a preemption
+    resumed = MetricsLogger(tmp_path, total_steps=6, start_step=3, enabled=True, progress=False, report_to=())
+    resumed.log(4, {"loss": 40.0})
+    resumed.close()
+    assert jsonl(tmp_path) == [{"step": s, "train/loss": float(s)} for s in (1, 2, 3)] + [{"step": 4, "train/loss": 40.0}]
+    fresh = MetricsLogger(tmp_path, total_steps=6, enabled=True, progress=False, report_to=())  # start 0: a new run
+    fresh.close()
+    assert jsonl(tmp_path) == []
+
+
+def test_only_the_main_rank_writes_metrics_jsonl(tmp_path):
+    MetricsLogger(tmp_path, total_steps=1, enabled=False, progress=False).log(1, {"loss": 1.0})
+    assert not (tmp_path / "metrics.jsonl").exists()
