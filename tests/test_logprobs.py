@@ -1,7 +1,7 @@
 """The lean log-prob path (sparsepo.logprobs) against the plain one (full float32 logits), on every
 family of the table (tiny random models from tests/test_families.py, sequences longer than the
 sliding window, right- and left-padded): every field the scorer and the policy read, in float32 to
-1e-6 and in bf16 to a stated bound, gradients in float32, and the head never sees a prompt or
+1e-6 (plus 1e-6 relative: with several BLAS threads a sum of ~5 nats lands a few ulps away) and in bf16 to a stated bound, gradients in float32, and the head never sees a prompt or
 padding position."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_lean_scores_equal_the_plain_ones_in_float32(case):
             if name == "topk_ids":
                 assert torch.equal(lean[name], plain[name]), (case, i)
             else:
-                torch.testing.assert_close(lean[name], plain[name], atol=1e-6, rtol=0, msg=f"{case} {i} {name}")
+                torch.testing.assert_close(lean[name], plain[name], atol=1e-6, rtol=1e-6, msg=f"{case} {i} {name}")  # rtol: BLAS threads
 
 
 @pytest.mark.parametrize("case", ["llama", "gemma2"])
@@ -162,7 +162,7 @@ def test_lean_sq_mass_equals_the_plain_one_and_is_computed_only_when_asked(case)
     for batch in batches():
         plain = pair_forward(Head.for_model(model, 0), batch, sq_mass=True)
         lean = pair_forward(Head.for_model(model, CHUNK), batch, sq_mass=True)
-        torch.testing.assert_close(lean.log_sq_mass, plain.log_sq_mass, atol=1e-6, rtol=0)
+        torch.testing.assert_close(lean.log_sq_mass, plain.log_sq_mass, atol=1e-6, rtol=1e-6)
         assert not lean.log_sq_mass.requires_grad and not plain.log_sq_mass.requires_grad
         assert float(plain.log_sq_mass[batch.response_mask == 0].abs().sum()) == 0
         assert float(plain.log_sq_mass[batch.response_mask != 0].max()) < 0
@@ -185,7 +185,7 @@ def test_the_pipeline_head_hands_the_lean_path_its_input(case):
         plain = score(logits, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
         lean = score(src, batch.input_ids, batch.response_mask, FIELDS, topk=K, request_ids=ids)
         for name in FIELDS:
-            torch.testing.assert_close(lean[name], plain[name], atol=1e-6, rtol=0, msg=f"{case} {i} {name}")
+            torch.testing.assert_close(lean[name], plain[name], atol=1e-6, rtol=1e-6, msg=f"{case} {i} {name}")  # rtol: BLAS threads
 
 
 def test_the_config_default_is_the_measured_chunk():

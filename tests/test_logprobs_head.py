@@ -41,7 +41,7 @@ def test_one_call_gives_the_same_keys_and_numbers_on_both_paths(case):
                 assert torch.equal(a[name], b[name]), case
             else:
                 tol = 1e-5 if name == "entropy" else 1e-6
-                torch.testing.assert_close(b[name], a[name], atol=tol, rtol=0, msg=f"{case} {name}")
+                torch.testing.assert_close(b[name], a[name], atol=tol, rtol=1e-6, msg=f"{case} {name}")
 
 
 def test_the_plain_fields_equal_a_hand_computation():
