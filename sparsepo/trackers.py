@@ -83,7 +83,7 @@ class JsonlSink:
         self.file = path.open("a", encoding="utf-8")
 
     def log(self, values: dict, step: int) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.write(json.dumps({"step": step, **values}, default=float) + "\n")  # a 0-d tensor too
         self.file.flush()
 
     def finish(self) -> None:

@@ -108,3 +108,13 @@ def test_metrics_jsonl_of_a_resumed_run_drops_the_steps_after_its_checkpoint(tmp
 def test_only_the_main_rank_writes_metrics_jsonl(tmp_path):
     MetricsLogger(tmp_path, total_steps=1, enabled=False, progress=False).log(1, {"loss": 1.0})
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_metrics_jsonl_takes_the_scalar_types_tensorboard_takes(tmp_path):
+    import numpy as np
+    import torch
+
+    m = MetricsLogger(tmp_path, total_steps=1, enabled=True, progress=False, report_to=())
+    m.log(1, {"loss": torch.tensor(0.5), "grad_norm": np.float32(0.25), "steps": 3})
+    m.close()
+    assert jsonl(tmp_path) == [{"step": 1, "train/loss": 0.5, "train/grad_norm": 0.25, "train/steps": 3}]
