@@ -106,7 +106,7 @@ def open_trackers(names, run_dir: str | Path, *, config: dict | None = None) -> 
     `section.key`) as their hyper-parameters. A tracker whose package is missing is refused naming it."""
     trackers = []
     for name in names:
-        if name == "tensorboard":
+        if name in ("tensorboard", "none"):  # TensorBoard: MetricsLogger's own; none: no tracker
             continue
         try:
             __import__(name)

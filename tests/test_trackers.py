@@ -67,6 +67,9 @@ def test_report_to_refuses_unknown_names_and_missing_packages(tmp_path, monkeypa
                                           r"wandb, mlflow"):
         load_config(None, ["logging.report_to=[tensorboard, wandbb]"])
     assert load_config(None, ["logging.report_to=wandb"]).logging.report_to == ["wandb"]
+    assert load_config(None, ["logging.report_to=none"]).logging.report_to == ["none"]  # TRL's spelling
+    with pytest.raises(ConfigError, match=r"'none' \(no tracker; metrics.jsonl is still written\) goes alone"):
+        load_config(None, ["logging.report_to=[none, wandb]"])
     import sys
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
@@ -103,6 +106,13 @@ def test_metrics_jsonl_of_a_resumed_run_drops_the_steps_after_its_checkpoint(tmp
     fresh = MetricsLogger(tmp_path, total_steps=6, enabled=True, progress=False, report_to=())  # start 0: a new run
     fresh.close()
     assert jsonl(tmp_path) == []
+
+
+def test_report_to_none_writes_metrics_jsonl_alone(tmp_path):
+    m = MetricsLogger(tmp_path, total_steps=1, enabled=True, progress=False, report_to=("none",))
+    m.log(1, {"loss": 0.5})
+    m.close()
+    assert jsonl(tmp_path) == [{"step": 1, "train/loss": 0.5}] and not (tmp_path / "tensorboard").exists()
 
 
 def test_only_the_main_rank_writes_metrics_jsonl(tmp_path):

@@ -326,9 +326,13 @@ def check_trl_options(cfg: RunConfig, spec, source: str) -> None:
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0 or (cfg.optim.warmup_ratio and cfg.optim.warmup_steps):
         raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} in {source} must be in [0, 1) and "
                           f"optim.warmup_steps={cfg.optim.warmup_steps} 0 when it is set: warm up by one of them")
-    unknown = [t for t in cfg.logging.report_to if t not in ("tensorboard", "wandb", "mlflow")]
+    unknown = [t for t in cfg.logging.report_to if t not in ("tensorboard", "wandb", "mlflow", "none")]
     if unknown:
-        raise ConfigError(f"logging.report_to in {source} lists {unknown}; choose from tensorboard, wandb, mlflow")
+        raise ConfigError(f"logging.report_to in {source} lists {unknown}; choose from tensorboard, wandb, mlflow "
+                          f"(or none)")
+    if "none" in cfg.logging.report_to and len(cfg.logging.report_to) > 1:
+        raise ConfigError(f"logging.report_to={cfg.logging.report_to} in {source}: 'none' (no tracker; metrics.jsonl "
+                          f"is still written) goes alone")
     e = cfg.eval
     given = [k for k, v in (("eval.path", e.path), ("eval.split", e.split), ("eval.fraction", e.fraction)) if v]
     if len(given) > 1:

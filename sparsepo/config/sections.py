@@ -230,8 +230,9 @@ class LoggingConfig:
     tokens/s and lr go to TensorBoard every step. 1: everything every step (the tests, benchmarks)."""
     tensorboard: bool = True
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Where metrics go besides the log line: any of tensorboard, wandb, mlflow (accelerate's trackers;
-    WANDB_MODE=offline without a network). TensorBoard also needs logging.tensorboard=true."""
+    """Where metrics go besides the log line and <run>/metrics.jsonl: any of tensorboard, wandb, mlflow
+    (WANDB_MODE=offline without a network), or none (TRL's report_to="none"; [] says the same).
+    TensorBoard also needs logging.tensorboard=true."""
     progress: bool = True
     overwrite: bool = False
     """Allow training into a run directory that already holds a finished run."""
