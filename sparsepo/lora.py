@@ -40,12 +40,19 @@ def enabled(lcfg) -> bool:
 
 def peft_config(lcfg):
     """The `peft.LoraConfig` of a `lora:` section (empty target_modules: every linear layer but the head)."""
-    bitsandbytes_offline()  # before peft imports it
-    from peft import LoraConfig, TaskType
+    peft = import_peft()
+    return peft.LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias="none",
+                           target_modules=list(lcfg.target_modules) or "all-linear",
+                           modules_to_save=list(lcfg.modules_to_save) or None, task_type=peft.TaskType.CAUSAL_LM)
 
-    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias="none",
-                      target_modules=list(lcfg.target_modules) or "all-linear",
-                      modules_to_save=list(lcfg.modules_to_save) or None, task_type=TaskType.CAUSAL_LM)
+
+def import_peft():
+    """peft, with bitsandbytes imported first without its Hub request (peft imports it whenever it is
+    installed: ``lean_imports.bitsandbytes_offline``)."""
+    bitsandbytes_offline()
+    import peft
+
+    return peft
 
 
 def import_bitsandbytes():
@@ -130,13 +137,11 @@ def portable_4bit(model):
 def wrap(model, lcfg, *, gradient_checkpointing: bool = False):
     """peft's `get_peft_model` around `model`: the base frozen, the adapters (and modules_to_save)
     trainable. QLoRA first prepares the 4-bit base (peft's prepare_model_for_kbit_training)."""
-    bitsandbytes_offline()  # before peft imports it
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
+    peft = import_peft()
     if lcfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
-        peft_model = get_peft_model(model, peft_config(lcfg))
+        peft_model = peft.get_peft_model(model, peft_config(lcfg))
     except ValueError as e:  # peft names the target modules it could not find
         raise ValueError(f"lora.target_modules / lora.modules_to_save do not fit {type(model).__name__}: {e}") from e
     if gradient_checkpointing:  # the frozen embeddings give no input that requires grad: checkpointed blocks need one

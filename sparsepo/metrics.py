@@ -105,7 +105,7 @@ class MetricsLogger:
         self.trackers: list = []
         if not enabled:
             return
-        self.trackers = [JsonlSink(Path(run_dir), start_step),  # metrics.jsonl, whatever report_to says
+        self.trackers = [JsonlSink(run_dir, start_step),  # metrics.jsonl, whatever report_to says
                          *open_trackers(report_to, run_dir, config=config)]  # wandb, mlflow
         if tensorboard and "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter

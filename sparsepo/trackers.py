@@ -21,8 +21,8 @@ from pathlib import Path
 
 from sparsepo.atomic import atomic_write
 
-REPORT_TO = ("tensorboard", "wandb", "mlflow")
-"""logging.report_to's choices; TensorBoard is written by `metrics.MetricsLogger` itself."""
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+"""logging.report_to's choices ("none" alone: no tracker); TensorBoard is written by `metrics.MetricsLogger` itself."""
 
 
 def flat_config(raw: dict) -> dict[str, object]:
@@ -75,7 +75,7 @@ class JsonlSink:
 
     NAME = "metrics.jsonl"
 
-    def __init__(self, run_dir: Path, start_step: int = 0):
+    def __init__(self, run_dir: str | Path, start_step: int = 0):
         path = Path(run_dir) / self.NAME
         kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step] \
             if start_step and path.exists() else []

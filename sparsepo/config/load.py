@@ -20,6 +20,7 @@ from sparsepo.config.generation import check_generation
 from sparsepo.config.lora import check_lora
 from sparsepo.config.paths import absolute_local_paths
 from sparsepo.config.sections import _CHOICES, ConfigError, MethodConfig, RunConfig
+from sparsepo.trackers import REPORT_TO
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 
@@ -326,7 +327,7 @@ def check_trl_options(cfg: RunConfig, spec, source: str) -> None:
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0 or (cfg.optim.warmup_ratio and cfg.optim.warmup_steps):
         raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} in {source} must be in [0, 1) and "
                           f"optim.warmup_steps={cfg.optim.warmup_steps} 0 when it is set: warm up by one of them")
-    unknown = [t for t in cfg.logging.report_to if t not in ("tensorboard", "wandb", "mlflow", "none")]
+    unknown = [t for t in cfg.logging.report_to if t not in REPORT_TO]
     if unknown:
         raise ConfigError(f"logging.report_to in {source} lists {unknown}; choose from tensorboard, wandb, mlflow "
                           f"(or none)")
